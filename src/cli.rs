@@ -1,0 +1,249 @@
+//! The `stepgate` command line: `run` (the default), `check` and `explain`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{self, Snapshot};
+use crate::routing::Miss;
+use crate::server::Gateway;
+
+const EXAMPLES: &str = "\
+Examples:
+  stepgate                                  run the gateway on ./gateway.yaml
+  stepgate run -c /etc/stepgate/gateway.yaml --log-format json
+  stepgate check -c gateway.yaml            validate; print every error as file:line:column
+  stepgate explain GET /orders/7            which route, upstream and policy apply
+  stepgate explain POST /orders --host api.example.com
+  RUST_LOG=stepgate=debug stepgate run      more detail in the logs";
+
+#[derive(Debug, Parser)]
+#[command(name = "stepgate", version, about = "An API gateway that puts a second factor in front of API calls", after_help = EXAMPLES)]
+struct Cli {
+    /// Path to gateway.yaml; policies are read from `policies_dir` beside it.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "STEPGATE_CONFIG",
+        default_value = "gateway.yaml"
+    )]
+    config: PathBuf,
+    /// Log format for `run`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve traffic (the default). SIGINT or SIGTERM drain in-flight requests and exit 0.
+    Run,
+    /// Validate the configuration and policies; exit 0 when valid, 1 with every error.
+    Check,
+    /// Show the route, upstream and policy a request would get, or why none matches.
+    Explain {
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Request path (and optional query), e.g. /orders/7.
+        path: String,
+        /// Host the request is sent to (routes may match on it).
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.config, cli.log_format),
+        Command::Check => check(&cli.config),
+        Command::Explain { method, path, host } => {
+            explain(&cli.config, &method, &path, host.as_deref())
+        }
+    }
+}
+
+fn load_or_report(path: &Path) -> Option<Snapshot> {
+    match config::load(path) {
+        Ok(snapshot) => Some(snapshot),
+        Err(errors) => {
+            for error in errors.errors() {
+                eprintln!("{error}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.errors().len());
+            None
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load_or_report(path) {
+        Some(snapshot) => {
+            println!(
+                "{}: ok ({} routes, {} upstreams, {} policies)",
+                path.display(),
+                snapshot.routes.len(),
+                snapshot.upstreams.len(),
+                snapshot.policies.len()
+            );
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn explain(path: &Path, method: &str, target: &str, host: Option<&str>) -> ExitCode {
+    let Some(snapshot) = load_or_report(path) else {
+        return ExitCode::FAILURE;
+    };
+    let Ok(method) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+        eprintln!("`{method}` is not an HTTP method");
+        return ExitCode::FAILURE;
+    };
+    let (raw_path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let canonical = match crate::path::normalize(raw_path) {
+        Ok(p) => p,
+        Err(error) => {
+            println!("400 bad_request: {error}; refused before routing");
+            return ExitCode::FAILURE;
+        }
+    };
+    let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
+    match snapshot
+        .routes
+        .explain(host.as_deref(), &method, &canonical)
+    {
+        Ok(route) => {
+            let forwarded = route.forward_path(&canonical);
+            println!(
+                "route:     {} ({}:{})",
+                route.name,
+                snapshot.source.display(),
+                route.line
+            );
+            println!("upstream:  {:?}", route.upstream);
+            println!(
+                "policy:    {} (api_key: {}, second_factor: {})",
+                route.policy.name, route.policy.api_key, route.policy.second_factor
+            );
+            println!("caller must present: nothing (public route)");
+            match query {
+                Some(q) => println!("forwards:  {method} {forwarded}?{q}"),
+                None => println!("forwards:  {method} {forwarded}"),
+            }
+            println!("body limit: {} bytes", route.body_bytes);
+            ExitCode::SUCCESS
+        }
+        Err(Miss::NoPath) => {
+            println!("404 no_route: no route's path is a prefix of {canonical}");
+            ExitCode::FAILURE
+        }
+        Err(Miss::Near(near)) => {
+            println!("404 no_route: these routes match the path but not the request:");
+            for route in near {
+                let mut why = Vec::new();
+                if let Some(want) = &route.host
+                    && host.as_deref() != Some(want.as_str())
+                {
+                    why.push(format!("needs host {want}"));
+                }
+                if let Some(methods) = &route.methods
+                    && !methods.contains(&method)
+                {
+                    let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+                    why.push(format!("accepts only {}", list.join(", ")));
+                }
+                println!("  {} (line {}): {}", route.name, route.line, why.join("; "));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run(path: &Path, format: LogFormat) -> ExitCode {
+    init_logging(format);
+    let Some(snapshot) = load_or_report(path) else {
+        return ExitCode::FAILURE;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let scheme = if snapshot.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let gateway = match Gateway::bind(snapshot).await {
+            Ok(gateway) => gateway,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            address = %gateway.local_addr(),
+            "stepgate listening on {scheme}://{}",
+            gateway.local_addr()
+        );
+        let token = gateway.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            token.cancel();
+        });
+        match gateway.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT will stop the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Configuration: `gateway.yaml` and `policies/*.yaml` are parsed into [`raw`] structs, then
+//! validated as a whole into an immutable [`Snapshot`]. A snapshot is only ever published when
+//! every part of it is valid, so a running gateway can swap one in atomically.
+
+pub mod raw;
+mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use raw::Requirement;
+pub use validate::load;
+
+use crate::proxy::upstream::Upstream;
+use crate::routing::RouteTable;
+
+/// One complete, validated configuration. Cheap to share: requests hold an `Arc` of the snapshot
+/// they started with, so a reload never changes the rules under an in-flight request.
+pub struct Snapshot {
+    /// The `gateway.yaml` this snapshot was read from.
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    /// rustls server configuration when the listener terminates TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub limits: Limits,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
+    pub routes: RouteTable,
+}
+
+/// Protocol limits of the public listener. Defaults sit close to nginx's and Envoy's.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sum of header name and value bytes (431 over it).
+    pub header_bytes: usize,
+    /// Number of header fields (431 over it).
+    pub header_count: usize,
+    /// Length of the request target (414 over it).
+    pub uri_bytes: usize,
+    /// Request body bytes (413 over it); a route may override it.
+    pub body_bytes: u64,
+    /// Time a client has to send a complete request head (and the TLS handshake).
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes moving for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// Accepted connections at once; further clients wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long a shutdown waits for in-flight requests before cutting them.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_bytes: 32 * 1024,
+            header_count: 100,
+            uri_bytes: 8 * 1024,
+            body_bytes: 10 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A route policy, from `policies/<name>.yaml`.
+#[derive(Debug)]
+pub struct Policy {
+    pub name: String,
+    pub file: PathBuf,
+    pub api_key: Requirement,
+    pub second_factor: Requirement,
+}
+
+/// One problem in the configuration, pointing at the file, line and column it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is about the file as a whole (e.g. it cannot be read).
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, line: u64, column: u64, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in one load; never empty.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Snapshot {
+    /// The snapshot a request was admitted under (inserted by the outermost layer).
+    pub fn of<B>(request: &http::Request<B>) -> Result<&Arc<Snapshot>, crate::error::Refusal> {
+        request
+            .extensions()
+            .get::<Arc<Snapshot>>()
+            .ok_or(crate::error::Refusal::Internal(
+                "request has no configuration snapshot",
+            ))
+    }
+}

@@ -1,0 +1,135 @@
+//! serde structs that mirror the YAML files one to one. No logic lives here: `validate` turns
+//! them into a [`super::Snapshot`]. `Spanned` fields keep their `line:column` so a value that
+//! parses but makes no sense can be pointed at.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde_saphyr::Spanned;
+
+/// A scalar read as text whatever its YAML type (`30s`, `4096`), so that durations and sizes get
+/// our own error messages rather than serde's "invalid type".
+#[derive(Debug, Clone)]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+        impl Visitor<'_> for ScalarVisitor {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number or a string such as 30s or 10MiB")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    pub listen: Spanned<String>,
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    #[serde(default)]
+    pub policies_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub limits: Limits,
+    pub upstreams: BTreeMap<String, Spanned<Upstream>>,
+    pub routes: Vec<Spanned<Route>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub header_bytes: Option<Spanned<Scalar>>,
+    pub header_count: Option<Spanned<Scalar>>,
+    pub uri_bytes: Option<Spanned<Scalar>>,
+    pub body_bytes: Option<Spanned<Scalar>>,
+    pub header_read_timeout: Option<Spanned<Scalar>>,
+    pub idle_timeout: Option<Spanned<Scalar>>,
+    pub max_connections: Option<Spanned<Scalar>>,
+    pub drain_timeout: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub url: Option<Spanned<String>>,
+    pub echo: Option<Echo>,
+    pub connect_timeout: Option<Spanned<Scalar>>,
+    pub timeout: Option<Spanned<Scalar>>,
+    pub idle_timeout: Option<Spanned<Scalar>>,
+    pub retries: Option<Spanned<u32>>,
+    pub ca_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Echo {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    pub upstream: Spanned<String>,
+    pub policy: Spanned<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub body_bytes: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub host: Option<Spanned<String>>,
+    pub path: Spanned<String>,
+    pub methods: Option<Vec<Spanned<String>>>,
+}
+
+/// `policies/<name>.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub api_key: Spanned<Requirement>,
+    pub second_factor: Spanned<Requirement>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Requirement {
+    Required,
+    Off,
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Requirement::Required => "required",
+            Requirement::Off => "off",
+        })
+    }
+}

@@ -1,0 +1,147 @@
+//! Errors. [`Refusal`] is every way the gateway can decline a request, one variant per
+//! condition; [`problem`] is the one place that turns them into HTTP (RFC 9457
+//! problem+json with the stable `code` of DESIGN.md §2). [`Error`] is for start-up and the CLI.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::ConfigErrors;
+use crate::routing::Route;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the gateway sends.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Wraps bytes as a [`Body`].
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Start-up and CLI failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the gateway declined a request. The `Display` text is the problem's `detail`: it is
+/// shown to clients, so it never contains a secret or an upstream's internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("the request path is ambiguous: {0}")]
+    BadPath(crate::path::PathError),
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request target exceeds the limit of {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("the request headers exceed the limit of {limit} {unit}")]
+    HeadersTooLarge { limit: usize, unit: &'static str },
+    #[error("the upstream is unavailable")]
+    UpstreamUnavailable { source: Option<BoxError> },
+    #[error("the upstream did not answer within {}ms", timeout.as_millis())]
+    UpstreamTimeout { timeout: Duration },
+    /// A bug: the stack was assembled wrongly. Logged, answered with 500.
+    #[error("internal error")]
+    Internal(&'static str),
+}
+
+impl Refusal {
+    /// Status and stable `code`.
+    pub fn status_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Refusal::BadRequest(_) | Refusal::BadPath(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            Refusal::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            Refusal::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Refusal::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "too_large"),
+            Refusal::HeadersTooLarge { .. } => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too_large")
+            }
+            Refusal::UpstreamUnavailable { .. } => {
+                (StatusCode::BAD_GATEWAY, "upstream_unavailable")
+            }
+            Refusal::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Refusal::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// A refusal with the route it happened on, when routing got that far (for the access log).
+#[derive(Debug)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub route: Option<Arc<Route>>,
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self {
+            refusal,
+            route: None,
+        }
+    }
+}
+
+/// Marks a response the gateway generated itself, with its problem `code`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemCode(pub &'static str);
+
+/// The one rescue: a refusal as an `application/problem+json` response.
+pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<Body> {
+    let Refused { refusal, route } = refused;
+    let (status, code) = refusal.status_code();
+    if let Refusal::UpstreamUnavailable {
+        source: Some(source),
+    } = &refusal
+    {
+        tracing::warn!(
+            route = route.as_ref().map(|r| r.name.as_str()),
+            upstream = route.as_ref().map(|r| r.upstream.name.as_str()),
+            error = %source,
+            "upstream request failed"
+        );
+    }
+    if let Refusal::Internal(what) = &refusal {
+        tracing::error!(what, "internal error");
+    }
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": refusal.to_string(),
+        "request_id": request_id.and_then(|v| v.to_str().ok()),
+    });
+    let mut response = Response::new(full_body(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response.extensions_mut().insert(ProblemCode(code));
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}

@@ -1,0 +1,37 @@
+//! # stepgate
+//!
+//! An API gateway that puts a second factor in front of API calls. This crate is the whole
+//! gateway; `main.rs` only calls [`cli::main`].
+//!
+//! ## Layout: a request's path
+//! - [`server`]: TCP accept, TLS termination (rustls), HTTP/1.1 + HTTP/2 (hyper), connection
+//!   limits, idle and header-read timeouts, graceful drain.
+//! - [`stack`]: the tower stack, assembled in one function, in request order:
+//!   - [`observe`]: request id, configuration snapshot, access log;
+//!   - [`rescue`]: refusals ([`error::Refusal`]) become problem+json, in one place;
+//!   - [`limits`]: URI and header limits;
+//!   - [`path`]: canonical path, ambiguous encodings refused;
+//!   - [`routing`]: route table and the routing layer;
+//!   - [`identity`]: client-sent identity headers removed;
+//!   - [`proxy`]: forwarding to http(s) upstreams or the built-in echo upstream.
+//! - Beside the path: [`config`] (YAML to validated [`config::Snapshot`]), [`tls`], [`cli`].
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod guard;
+pub mod identity;
+pub mod limits;
+pub mod observe;
+pub mod path;
+pub mod proxy;
+pub mod rescue;
+pub mod routing;
+pub mod server;
+pub mod stack;
+pub mod tls;
+
+pub use error::Error;
+pub use server::Gateway;

@@ -1,0 +1,137 @@
+//! The outermost layer: gives each request its id and configuration snapshot, and writes one
+//! access event per request when the response head is ready (target `stepgate::access`).
+//! Only method, path (never the query), route, upstream, status, problem code, duration and
+//! request id are logged: no header value, so no credential, can reach the log.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::config::Snapshot;
+use crate::error::ProblemCode;
+use crate::routing::Route;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Shared handle to the configuration in force; a reload stores a new snapshot into it.
+pub type ConfigHandle = Arc<ArcSwap<Snapshot>>;
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    config: ConfigHandle,
+}
+
+impl ObserveLayer {
+    pub fn new(config: ConfigHandle) -> Self {
+        Self { config }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            config: self.config.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    config: ConfigHandle,
+    inner: S,
+}
+
+impl<S, B, R> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
+{
+    type Response = Response<R>;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let id = match request.headers().get(&X_REQUEST_ID) {
+            Some(id) if is_sane_request_id(id) => id.clone(),
+            _ => generate_request_id(),
+        };
+        request
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), id.clone());
+        // Read the configuration once; the request keeps this snapshot to the end.
+        request.extensions_mut().insert(self.config.load_full());
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        ObserveFuture {
+            inner: self.inner.call(request),
+            start,
+            method,
+            path,
+            id,
+        }
+    }
+}
+
+/// A client's id is kept if it is short printable ASCII, so it can be logged verbatim.
+fn is_sane_request_id(id: &HeaderValue) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+fn generate_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+pin_project! {
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        method: Method,
+        path: String,
+        id: HeaderValue,
+    }
+}
+
+impl<F, R> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<R>, Infallible>>,
+{
+    type Output = Result<Response<R>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let route = response.extensions().get::<Arc<Route>>();
+        tracing::info!(
+            target: "stepgate::access",
+            method = %this.method,
+            path = %this.path,
+            route = route.map(|r| r.name.as_str()),
+            upstream = route.map(|r| r.upstream.name.as_str()),
+            status = response.status().as_u16(),
+            code = response.extensions().get::<ProblemCode>().map(|c| c.0),
+            duration_ms = this.start.elapsed().as_secs_f64() * 1000.0,
+            request_id = this.id.to_str().unwrap_or(""),
+        );
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), this.id.clone());
+        Poll::Ready(Ok(response))
+    }
+}

@@ -1,0 +1,214 @@
+//! Request path normalisation (DESIGN.md §5). Routing, authorisation and forwarding all see the
+//! same canonical path, so a path cannot mean one thing to stepgate and another to the upstream.
+//!
+//! Canonical form: every percent-escape is decoded, then only bytes in [`ENCODE`] are re-encoded
+//! (upper-case hex). Inputs whose meaning depends on who decodes them are refused instead:
+//! encoded `/` or `\`, a raw `\`, `.` and `..` segments (also encoded), NUL, invalid escapes and
+//! empty segments in the middle of the path.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::Request;
+use http::uri::{PathAndQuery, Uri};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
+use crate::error::Refusal;
+use crate::guard::Guard;
+
+/// Bytes that stay percent-encoded in the canonical form: everything that is not allowed raw in
+/// a path segment, plus `%` itself.
+const ENCODE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// True for the bytes of [`ENCODE`] and non-ASCII: a path without them is canonical already
+/// when its segments are fine.
+fn stays_encoded(b: u8) -> bool {
+    b.is_ascii_control() || !b.is_ascii() || b" \"#%<>?[\\]^`{|}".contains(&b)
+}
+
+/// Why a path was refused. Shown to the client in the 400 body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    NotAbsolute,
+    EncodedSlash,
+    Backslash,
+    DotSegment,
+    Nul,
+    BadEscape,
+    EmptySegment,
+    NotUtf8,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PathError::NotAbsolute => "path must start with `/`",
+            PathError::EncodedSlash => "path contains an encoded `/` or `\\`",
+            PathError::Backslash => "path contains a `\\`",
+            PathError::DotSegment => "path contains a `.` or `..` segment",
+            PathError::Nul => "path contains a NUL byte",
+            PathError::BadEscape => "path contains an invalid percent-escape",
+            PathError::EmptySegment => "path contains an empty segment (`//`)",
+            PathError::NotUtf8 => "path decodes to invalid UTF-8",
+        })
+    }
+}
+
+/// Returns the canonical form of `path`, borrowing when it already is canonical (the usual case).
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let needs_rewrite = path.bytes().any(stays_encoded);
+    let canonical = if needs_rewrite {
+        Cow::Owned(rewrite(path)?)
+    } else {
+        Cow::Borrowed(path)
+    };
+    check_segments(&canonical)?;
+    Ok(canonical)
+}
+
+/// Guard that refuses ambiguous paths and rewrites the request URI to the canonical path, so
+/// every later layer and the upstream see the path that was routed and authorised.
+#[derive(Clone, Copy, Default)]
+pub struct NormalizePath;
+
+impl<B> Guard<B> for NormalizePath {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        let canonical = match normalize(request.uri().path()) {
+            Ok(Cow::Borrowed(_)) => return Ok(()),
+            Ok(Cow::Owned(canonical)) => canonical,
+            Err(error) => return Err(Refusal::BadPath(error)),
+        };
+        let path_and_query = match request.uri().query() {
+            Some(query) => format!("{canonical}?{query}"),
+            None => canonical,
+        };
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(
+            PathAndQuery::try_from(path_and_query)
+                .map_err(|_| Refusal::BadRequest("the request target is malformed"))?,
+        );
+        *request.uri_mut() = Uri::from_parts(parts)
+            .map_err(|_| Refusal::BadRequest("the request target is malformed"))?;
+        Ok(())
+    }
+}
+
+fn rewrite(path: &str) -> Result<String, PathError> {
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    let bytes = path.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(PathError::BadEscape);
+            }
+            match (hex[0].to_ascii_uppercase(), hex[1].to_ascii_uppercase()) {
+                (b'2', b'F') | (b'5', b'C') => return Err(PathError::EncodedSlash),
+                (b'0', b'0') => return Err(PathError::Nul),
+                _ => {}
+            }
+        }
+    }
+    let decoded = percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| PathError::NotUtf8)?;
+    Ok(utf8_percent_encode(&decoded, ENCODE).to_string())
+}
+
+fn check_segments(path: &str) -> Result<(), PathError> {
+    // The first item is the empty string before the leading `/`; a trailing `/` is allowed.
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(segment) = segments.next() {
+        match segment {
+            "." | ".." => return Err(PathError::DotSegment),
+            "" if segments.peek().is_some() => return Err(PathError::EmptySegment),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_paths_are_borrowed() {
+        for p in [
+            "/",
+            "/orders",
+            "/orders/7",
+            "/orders/",
+            "/a:b@c!$&'()*+,;=-._~",
+        ] {
+            assert!(
+                matches!(normalize(p), Ok(Cow::Borrowed(q)) if q == p),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_are_decoded_and_reencoded() {
+        assert_eq!(normalize("/%6Frders").unwrap(), "/orders");
+        assert_eq!(normalize("/a%3ab").unwrap(), "/a:b");
+        assert_eq!(normalize("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(normalize("/a%2541").unwrap(), "/a%2541");
+        assert_eq!(normalize("/caf%c3%a9").unwrap(), "/caf%C3%A9");
+        assert_eq!(normalize("/a%7Bb").unwrap(), "/a%7Bb");
+    }
+
+    #[test]
+    fn canonical_form_is_stable() {
+        for p in ["/%6Frders", "/a%20b", "/a%2541", "/caf%c3%a9", "/x%3F%23y"] {
+            let once = normalize(p).unwrap().into_owned();
+            assert_eq!(normalize(&once).unwrap(), once, "{p}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        let cases = [
+            ("/a%2Fb", PathError::EncodedSlash),
+            ("/a%2fb", PathError::EncodedSlash),
+            ("/a%5Cb", PathError::EncodedSlash),
+            ("/a\\b", PathError::Backslash),
+            ("/a/../b", PathError::DotSegment),
+            ("/a/./b", PathError::DotSegment),
+            ("/a/..", PathError::DotSegment),
+            ("/a/%2E%2E/b", PathError::DotSegment),
+            ("/a/%2e", PathError::DotSegment),
+            ("/a%00", PathError::Nul),
+            ("/a%G1", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("/a%", PathError::BadEscape),
+            ("/a//b", PathError::EmptySegment),
+            ("//", PathError::EmptySegment),
+            ("/a%FF", PathError::NotUtf8),
+            ("a", PathError::NotAbsolute),
+        ];
+        for (path, want) in cases {
+            assert_eq!(normalize(path), Err(want), "{path}");
+        }
+    }
+}

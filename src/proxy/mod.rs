@@ -1,0 +1,100 @@
+//! Forwarding: the innermost service. Builds the upstream request from the authorised one
+//! (canonical path after `strip_prefix`, query untouched, hop-by-hop headers removed,
+//! `X-Forwarded-*` set) and streams it to the route's upstream.
+
+pub mod body;
+pub mod echo;
+pub mod headers;
+pub mod upstream;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version, header};
+use http_body_util::BodyExt;
+use tower::Service;
+
+use crate::error::{Body, BoxError, Refusal};
+use crate::observe::X_REQUEST_ID;
+use crate::routing::Route;
+use crate::server::ConnInfo;
+use upstream::Target;
+
+/// The forwarding service. Expects the [`Route`] and [`ConnInfo`] request extensions.
+#[derive(Clone, Copy, Default)]
+pub struct Forward;
+
+impl<B> Service<Request<B>> for Forward
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Refusal;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Refusal>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        Box::pin(forward(request))
+    }
+}
+
+async fn forward<B>(request: Request<B>) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let route: Arc<Route> =
+        request
+            .extensions()
+            .get::<Arc<Route>>()
+            .cloned()
+            .ok_or(Refusal::Internal(
+                "request reached forwarding without a route",
+            ))?;
+    let conn = *request
+        .extensions()
+        .get::<ConnInfo>()
+        .ok_or(Refusal::Internal(
+            "request reached forwarding without connection info",
+        ))?;
+
+    let (mut parts, body) = request.into_parts();
+    let original_host = match parts.uri.authority() {
+        Some(authority) => authority.as_str().parse().ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    };
+    let target = match parts.uri.query() {
+        Some(query) => format!("{}?{query}", route.forward_path(parts.uri.path())),
+        None => route.forward_path(parts.uri.path()).to_owned(),
+    };
+    parts.uri = Uri::from(
+        PathAndQuery::try_from(target)
+            .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))?,
+    );
+
+    let request_id = parts.headers.remove(&X_REQUEST_ID);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // The upstream gets its own authority as Host (set by the client); the original is in
+    // X-Forwarded-Host.
+    parts.headers.remove(header::HOST);
+    headers::set_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls, original_host);
+    if let Some(id) = request_id {
+        parts.headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+
+    let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
+    match &route.upstream.target {
+        Target::Echo => echo::respond(Request::from_parts(parts, body)).await,
+        Target::Http(http) => http.send(parts, body).await,
+    }
+}

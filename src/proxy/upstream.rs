@@ -1,0 +1,242 @@
+//! Upstreams: a pooled hyper-util client per configured `url` (http, or https through rustls),
+//! or the built-in `echo` upstream.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, Uri, request};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::{Instant, timeout_at};
+
+use super::body::limit_exceeded;
+use super::headers::strip_hop_by_hop;
+use crate::error::{Body, Refusal};
+
+/// A named upstream.
+pub struct Upstream {
+    pub name: String,
+    pub target: Target,
+}
+
+pub enum Target {
+    /// The built-in upstream that describes the request it received.
+    Echo,
+    Http(Box<HttpUpstream>),
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Target::Echo => write!(f, "{} (echo)", self.name),
+            Target::Http(http) => write!(f, "{} ({})", self.name, http.url),
+        }
+    }
+}
+
+/// Tunables of an http(s) upstream.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the response head.
+    pub timeout: Duration,
+    /// Pooled connections idle this long are closed; keep it below the upstream's own
+    /// keep-alive timeout so the pool never reuses a connection the upstream is closing.
+    pub idle_timeout: Duration,
+    /// Extra attempts after a connect failure (idempotent requests without a body only).
+    pub retries: u32,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            retries: 1,
+            ca_file: None,
+        }
+    }
+}
+
+pub struct HttpUpstream {
+    /// As configured, for display.
+    pub url: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the url without trailing `/`; empty for none.
+    base_path: String,
+    pub settings: HttpSettings,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    Url(String),
+    CaFile(String),
+}
+
+impl Upstream {
+    pub fn echo(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            target: Target::Echo,
+        }
+    }
+
+    pub fn http(name: &str, url: &str, settings: HttpSettings) -> Result<Self, UpstreamError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| UpstreamError::Url(format!("`{url}` is not a URL: {e}")))?;
+        let scheme = uri
+            .scheme()
+            .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
+            .cloned()
+            .ok_or_else(|| {
+                UpstreamError::Url(format!("`{url}` must start with http:// or https://"))
+            })?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamError::Url(format!("`{url}` has no host")))?;
+        if authority.as_str().contains('@') {
+            return Err(UpstreamError::Url(format!(
+                "`{url}`: credentials in the URL are not supported"
+            )));
+        }
+        if uri.query().is_some() {
+            return Err(UpstreamError::Url(format!("`{url}` must not have a query")));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+
+        let tls = crate::tls::client_config(settings.ca_file.as_deref())
+            .map_err(UpstreamError::CaFile)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .build(connector);
+        Ok(Self {
+            name: name.to_owned(),
+            target: Target::Http(Box::new(HttpUpstream {
+                url: url.to_owned(),
+                scheme,
+                authority,
+                base_path,
+                settings,
+                client,
+            })),
+        })
+    }
+}
+
+impl HttpUpstream {
+    fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+        let mut target = String::with_capacity(
+            self.base_path.len() + path.len() + 1 + query.map_or(0, str::len),
+        );
+        target.push_str(&self.base_path);
+        target.push_str(path);
+        if let Some(query) = query {
+            target.push('?');
+            target.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))
+    }
+
+    /// Sends the request and returns the upstream's response head with its body streaming.
+    /// `parts.uri` holds the path and query to forward.
+    pub async fn send(
+        &self,
+        mut parts: request::Parts,
+        body: Body,
+    ) -> Result<Response<Body>, Refusal> {
+        parts.uri = self.uri_for(parts.uri.path(), parts.uri.query())?;
+        let deadline = Instant::now() + self.settings.timeout;
+        // A connect failure means the request never left, so it is safe to try again, but only
+        // when nothing else could go wrong twice: an idempotent method with no body to replay.
+        let retry_template = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut attempts_left = if retry_template.is_some() {
+            self.settings.retries
+        } else {
+            0
+        };
+        let mut request = Request::from_parts(parts, body);
+        loop {
+            let result = timeout_at(deadline, self.client.request(request)).await;
+            let error = match result {
+                Err(_elapsed) => {
+                    return Err(Refusal::UpstreamTimeout {
+                        timeout: self.settings.timeout,
+                    });
+                }
+                Ok(Ok(response)) => return Ok(into_client_response(response)),
+                Ok(Err(error)) => error,
+            };
+            if let Some(limit) = limit_exceeded(&error) {
+                return Err(Refusal::BodyTooLarge { limit });
+            }
+            match &retry_template {
+                Some((method, uri, headers)) if error.is_connect() && attempts_left > 0 => {
+                    attempts_left -= 1;
+                    tracing::debug!(error = %error, "upstream connect failed; retrying");
+                    let mut retry =
+                        Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                    *retry.method_mut() = method.clone();
+                    *retry.uri_mut() = uri.clone();
+                    *retry.headers_mut() = headers.clone();
+                    request = retry;
+                }
+                _ => {
+                    return Err(Refusal::UpstreamUnavailable {
+                        source: Some(Box::new(error)),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The upstream response as sent to the client: hop-by-hop headers dropped, body streamed.
+/// A body error after the head (an upstream reset) propagates, so hyper aborts the client's
+/// response instead of ending it cleanly.
+fn into_client_response(response: Response<hyper::body::Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+}

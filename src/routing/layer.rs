@@ -1,0 +1,193 @@
+//! The routing layer: picks the route for a request (404 when none), applies the route's body
+//! limit to a declared `Content-Length`, and hands the route to the layers below as a request
+//! extension. Refusals from below come back tagged with the route for the access log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderMap, Request, Response, header};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::Route;
+use crate::config::Snapshot;
+use crate::error::{Refusal, Refused};
+
+#[derive(Clone, Copy, Default)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Routed<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Routed { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Routed<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<Request<B>> for Routed<S>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = Refusal>,
+{
+    type Response = Response<R>;
+    type Error = Refused;
+    type Future = RoutedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Refused::from)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let route = match select(&request) {
+            Ok(route) => route,
+            Err(refused) => {
+                return RoutedFuture::Refused {
+                    refused: Some(refused),
+                };
+            }
+        };
+        request.extensions_mut().insert(route.clone());
+        RoutedFuture::Inner {
+            future: self.inner.call(request),
+            route: Some(route),
+        }
+    }
+}
+
+fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
+    let snapshot = Snapshot::of(request)?;
+    let host = request_host(request)?;
+    let route = snapshot
+        .routes
+        .find(host, request.method(), request.uri().path())
+        .ok_or(Refusal::NoRoute)?;
+    if let Some(length) = content_length(request.headers())?
+        && length > route.body_bytes
+    {
+        return Err(Refused {
+            refusal: Refusal::BodyTooLarge {
+                limit: route.body_bytes,
+            },
+            route: Some(route.clone()),
+        });
+    }
+    Ok(route.clone())
+}
+
+/// The host a request is for, without port: the URI authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1.1 target, which RFC 9112 §3.2.2 says wins over `Host`), else the one
+/// `Host` header. Two `Host` headers are ambiguous and refused.
+pub fn request_host<B>(request: &Request<B>) -> Result<Option<&str>, Refusal> {
+    if let Some(authority) = request.uri().authority() {
+        return Ok(Some(authority.host()));
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::BadRequest("more than one Host header"));
+    }
+    let Some(host) = host else { return Ok(None) };
+    let host = host
+        .to_str()
+        .map_err(|_| Refusal::BadRequest("the Host header is not ASCII"))?;
+    Ok(Some(strip_port(host)))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:8080` -> `::1`, like `Authority::host` answers for URIs.
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// The declared body length; several differing or malformed values are refused (request
+/// smuggling hides in exactly this ambiguity).
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Refusal> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let parsed = value
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or(Refusal::BadRequest("malformed Content-Length"))?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(Refusal::BadRequest("conflicting Content-Length headers"));
+        }
+        length = Some(parsed);
+    }
+    Ok(length)
+}
+
+pin_project! {
+    #[project = RoutedProj]
+    pub enum RoutedFuture<F> {
+        Inner { #[pin] future: F, route: Option<Arc<Route>> },
+        Refused { refused: Option<Refused> },
+    }
+}
+
+impl<F, R> Future for RoutedFuture<F>
+where
+    F: Future<Output = Result<Response<R>, Refusal>>,
+{
+    type Output = Result<Response<R>, Refused>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RoutedProj::Inner { future, route } => Poll::Ready(match ready!(future.poll(cx)) {
+                Ok(mut response) => {
+                    if let Some(route) = route.take() {
+                        response.extensions_mut().insert(route);
+                    }
+                    Ok(response)
+                }
+                Err(refusal) => Err(Refused {
+                    refusal,
+                    route: route.take(),
+                }),
+            }),
+            RoutedProj::Refused { refused } => {
+                Poll::Ready(Err(refused.take().unwrap_or_else(|| {
+                    Refusal::Internal("routing future polled after completion").into()
+                })))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("api.example.com:8080"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+    }
+
+    #[test]
+    fn content_length_must_be_unambiguous() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h).unwrap(), None);
+        h.append(header::CONTENT_LENGTH, "10".parse().unwrap());
+        assert_eq!(content_length(&h).unwrap(), Some(10));
+        h.append(header::CONTENT_LENGTH, "10".parse().unwrap());
+        assert_eq!(content_length(&h).unwrap(), Some(10));
+        h.append(header::CONTENT_LENGTH, "11".parse().unwrap());
+        assert!(content_length(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, "+1".parse().unwrap());
+        assert!(content_length(&h).is_err());
+    }
+}

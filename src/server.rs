@@ -1,0 +1,347 @@
+//! The listener: accepts TCP connections (at most `limits.max_connections` at once), terminates
+//! TLS when configured, and serves HTTP/1.1, HTTP/2 over TLS (ALPN) and h2c with prior
+//! knowledge on each through hyper-util's auto builder. Shutdown stops accepting, lets in-flight
+//! requests finish up to `limits.drain_timeout`, then cuts what is left.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::config::{Limits, Snapshot};
+use crate::error::Error;
+use crate::observe::ConfigHandle;
+
+/// Facts about the connection a request arrived on, as a request extension.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// A bound, not yet serving, gateway.
+pub struct Gateway {
+    listener: TcpListener,
+    config: ConfigHandle,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Binds the snapshot's `listen` address.
+    pub async fn bind(snapshot: Snapshot) -> Result<Self, Error> {
+        crate::tls::install_default_provider();
+        let addr = snapshot.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            config: Arc::new(ArcSwap::from_pointee(snapshot)),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.config.load().listen)
+    }
+
+    /// Cancel it to shut down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The configuration in force; storing a new snapshot applies it from the next request.
+    pub fn config(&self) -> ConfigHandle {
+        self.config.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains.
+    pub async fn run(self) -> Result<(), Error> {
+        let Gateway {
+            listener,
+            config,
+            shutdown,
+        } = self;
+        let max_connections = config.load().limits.max_connections;
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let tracker = TaskTracker::new();
+        // Cancelled when the drain deadline passes: connections still open are then dropped.
+        let hard_stop = CancellationToken::new();
+        let service = crate::stack::build(config.clone());
+
+        loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Usually EMFILE: back off briefly instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let snapshot = config.load_full();
+            let connection = Connection {
+                peer,
+                limits: snapshot.limits.clone(),
+                tls: snapshot.tls.clone().map(TlsAcceptor::from),
+                graceful: shutdown.clone(),
+                hard_stop: hard_stop.clone(),
+            };
+            let service = service.clone();
+            tracker.spawn(async move {
+                connection.serve(stream, service).await;
+                drop(slot);
+            });
+        }
+
+        drop(listener);
+        tracker.close();
+        let drain = config.load().limits.drain_timeout;
+        tracing::info!(
+            connections = tracker.len(),
+            ?drain,
+            "shutting down: draining"
+        );
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                connections = tracker.len(),
+                "drain deadline passed; closing the rest"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+struct Connection {
+    peer: SocketAddr,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    graceful: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Connection {
+    async fn serve<S>(self, stream: TcpStream, service: S)
+    where
+        S: tower::Service<
+                Request<Incoming>,
+                Response = http::Response<crate::error::Body>,
+                Error = std::convert::Infallible,
+                Future: Send,
+            > + Clone
+            + Send
+            + 'static,
+    {
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            peer: self.peer,
+            tls: self.tls.is_some(),
+        };
+        let service = service.map_request(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(info);
+            request
+        });
+        match &self.tls {
+            None => self.drive(stream, service).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => self.drive(tls, service).await,
+                    Ok(Err(error)) => {
+                        tracing::debug!(peer = %self.peer, %error, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn drive<I, S>(&self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<
+                Request<Incoming>,
+                Response = http::Response<crate::error::Body>,
+                Error = std::convert::Infallible,
+                Future: Send,
+            > + Clone
+            + Send
+            + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Tracked {
+            inner: io,
+            activity: activity.clone(),
+        });
+        let builder = builder(&self.limits);
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+        tokio::pin!(connection);
+
+        let idle = self.limits.idle_timeout;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = self.graceful.cancelled(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = tokio::time::sleep_until(activity.last() + idle), if !closing => {
+                    if activity.last().elapsed() >= idle {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+                () = self.hard_stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// hyper's own limits are a backstop a little above ours, so that our guard, not hyper, answers
+/// with the documented problem+json in all but pathological cases.
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let head_bytes = limits.uri_bytes + limits.header_bytes + 4 * limits.header_count + 1024;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.header_count + 16)
+        .max_buf_size(head_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(head_bytes + 32 * limits.header_count).unwrap_or(u32::MAX),
+        )
+        .max_concurrent_streams(256);
+    builder
+}
+
+/// When the connection last moved a byte, for the idle timeout.
+struct Activity {
+    origin: Instant,
+    millis: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let millis = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(millis, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.origin + Duration::from_millis(self.millis.load(Ordering::Relaxed))
+    }
+}
+
+pin_project! {
+    /// An IO stream that records activity on every successful read or write.
+    struct Tracked<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Tracked<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let result = this.inner.poll_read(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write_vectored(cx, bufs);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -3,9 +3,12 @@
 
 use std::convert::Infallible;
 
+use http::HeaderName;
+use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
+use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 
 use crate::error::Body;
 use crate::guard::GuardLayer;
@@ -17,6 +20,19 @@ use crate::proxy::Forward;
 use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
 
+/// Headers whose values are credentials.
+fn sensitive_headers() -> [HeaderName; 7] {
+    [
+        AUTHORIZATION,
+        PROXY_AUTHORIZATION,
+        COOKIE,
+        SET_COOKIE,
+        HeaderName::from_static("x-api-key"),
+        HeaderName::from_static("x-otp"),
+        HeaderName::from_static("x-step-up-token"),
+    ]
+}
+
 /// The service every connection serves. Cloned per connection; clones share the config handle.
 pub fn build(
     config: ConfigHandle,
@@ -25,8 +41,11 @@ pub fn build(
 + Send
 + 'static {
     ServiceBuilder::new()
-        // Outermost: request id and config snapshot first, so that every answer, including
-        // every refusal below, is logged once with its id, route and status.
+        // First of all, mark credentials sensitive so that no Debug output anywhere below
+        // (a log line, a panic message) can print them.
+        .layer(SetSensitiveHeadersLayer::new(sensitive_headers()))
+        // Request id and config snapshot next, so that every answer, including every
+        // refusal below, is logged once with its id, route and status.
         .layer(ObserveLayer::new(config))
         // One rescue: each refusal from below becomes its problem+json response here.
         .layer(RescueLayer)

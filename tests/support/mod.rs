@@ -1,0 +1,910 @@
+//! Shared helpers for the stepgate integration tests.
+//!
+//! * [`write_config`] / [`start_gateway`]: write `gateway.yaml` (+ `policies/public.yaml`) into a
+//!   temp dir, load it, bind the in-process gateway on an ephemeral port and spawn `run`.
+//! * [`Upstream`]: a recording hyper upstream on 127.0.0.1:0.
+//! * HTTP clients: [`send_http1`], [`send_h2c`], [`send_tls`], and [`raw_request`] for bytes
+//!   hyper's client would refuse to send.
+//! * [`GenBody`]: a streaming body that produces N bytes in chunks without allocating N bytes.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Generous upper bound for any single network step in a test.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub const DEFAULT_POLICY: &str = "api_key: off\nsecond_factor: off\n";
+
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+pub fn empty() -> BoxBody {
+    full(Bytes::new())
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Replace `${name}` placeholders in a YAML template.
+pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("${{{k}}}"), v);
+    }
+    assert!(
+        !out.contains("${"),
+        "unreplaced placeholder in config template:\n{out}"
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config + gateway
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `gateway.yaml` and `policies/public.yaml` into a fresh temp dir.
+pub fn write_config(yaml: &str) -> tempfile::TempDir {
+    write_config_with(yaml, &[("policies/public.yaml", DEFAULT_POLICY)])
+}
+
+/// Writes `gateway.yaml` plus arbitrary extra files (relative paths) into a fresh temp dir.
+pub fn write_config_with(yaml: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).expect("write gateway.yaml");
+    for (rel, content) in files {
+        let p = dir.path().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, content).expect("write file");
+    }
+    dir
+}
+
+pub fn config_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("gateway.yaml")
+}
+
+pub struct Gw {
+    pub addr: SocketAddr,
+    pub token: CancellationToken,
+    pub join: Option<JoinHandle<Result<(), stepgate::Error>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gw {
+    /// `127.0.0.1:PORT`
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    /// Cancel and wait (bounded) for `run` to return.
+    pub async fn shutdown(&mut self) {
+        self.token.cancel();
+        if let Some(j) = self.join.take() {
+            let r = tokio::time::timeout(STEP, j)
+                .await
+                .expect("gateway run() did not return after shutdown")
+                .expect("gateway task panicked");
+            r.expect("gateway run() returned an error");
+        }
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub async fn start_gateway(yaml: &str) -> Gw {
+    start_gateway_in(write_config(yaml)).await
+}
+
+pub async fn start_gateway_in(dir: tempfile::TempDir) -> Gw {
+    install_crypto();
+    let snapshot = match stepgate::config::load(&dir.path().join("gateway.yaml")) {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "config failed to load:\n{e}\n--- gateway.yaml ---\n{}",
+            std::fs::read_to_string(dir.path().join("gateway.yaml")).unwrap_or_default()
+        ),
+    };
+    let gw = stepgate::server::Gateway::bind(snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
+    let addr = gw.local_addr();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(
+        addr.port(),
+        0,
+        "local_addr must report the real ephemeral port"
+    );
+    let token = gw.shutdown_token();
+    let join = tokio::spawn(gw.run());
+    Gw {
+        addr,
+        token,
+        join: Some(join),
+        dir,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording upstream
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body_bytes: u64,
+    /// `Some(err)` if reading the request body failed part-way.
+    pub body_error: Option<String>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("non-utf8 header"))
+    }
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+    /// Path and query exactly as received, e.g. `/orders/7?x=1`.
+    pub fn path_and_query(&self) -> String {
+        self.uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| self.uri.to_string())
+    }
+}
+
+type Handler =
+    Arc<dyn Fn(Recorded) -> Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> + Send + Sync>;
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    arrived: Arc<Mutex<u64>>,
+    notify: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// Upstream answering `200 text/plain` with body `name` and header `x-upstream: name`.
+    pub async fn named(name: &'static str) -> Upstream {
+        Upstream::with(move |_r| {
+            Response::builder()
+                .status(200)
+                .header("content-type", "text/plain")
+                .header("x-upstream", name)
+                .body(full(name))
+                .unwrap()
+        })
+        .await
+    }
+
+    pub async fn with<F>(f: F) -> Upstream
+    where
+        F: Fn(&Recorded) -> Response<BoxBody> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        Upstream::with_async(move |r| {
+            let f = f.clone();
+            async move { f(&r) }
+        })
+        .await
+    }
+
+    pub async fn with_async<F, Fut>(f: F) -> Upstream
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<BoxBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |r| Box::pin(f(r)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(Mutex::new(0u64));
+        let notify = Arc::new(Notify::new());
+        let (reqs2, arrived2, notify2) = (requests.clone(), arrived.clone(), notify.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let reqs = reqs2.clone();
+                let arrived = arrived2.clone();
+                let notify = notify2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let reqs = reqs.clone();
+                        let arrived = arrived.clone();
+                        let notify = notify.clone();
+                        async move {
+                            *arrived.lock().unwrap() += 1;
+                            notify.notify_waiters();
+                            let (parts, body) = req.into_parts();
+                            let (n, err) = count_body(body).await;
+                            let rec = Recorded {
+                                method: parts.method,
+                                uri: parts.uri,
+                                version: parts.version,
+                                headers: parts.headers,
+                                body_bytes: n,
+                                body_error: err,
+                            };
+                            reqs.lock().unwrap().push(rec.clone());
+                            notify.notify_waiters();
+                            Ok::<_, Infallible>(handler(rec).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            arrived,
+            notify,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Number of requests whose head reached the upstream (body possibly still streaming).
+    pub fn arrived(&self) -> u64 {
+        *self.arrived.lock().unwrap()
+    }
+
+    /// The single request received so far; panics if there is not exactly one.
+    pub fn only_request(&self) -> Recorded {
+        let r = self.requests();
+        assert_eq!(
+            r.len(),
+            1,
+            "expected exactly one upstream request, got {r:#?}"
+        );
+        r.into_iter().next().unwrap()
+    }
+
+    /// Waits until at least `n` request heads have arrived.
+    pub async fn wait_arrived(&self, n: u64) {
+        tokio::time::timeout(STEP, async {
+            loop {
+                let notified = self.notify.notified();
+                if self.arrived() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("upstream did not receive the expected request");
+    }
+}
+
+/// Counts body bytes without buffering; returns (bytes, error if the body ended abnormally).
+pub async fn count_body<B>(mut body: B) -> (u64, Option<String>)
+where
+    B: Body + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut n = 0u64;
+    loop {
+        match body.frame().await {
+            None => return (n, None),
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    n += bytes::Buf::remaining(d) as u64;
+                }
+            }
+            Some(Err(e)) => return (n, Some(e.to_string())),
+        }
+    }
+}
+
+/// A TCP upstream that accepts connections and never answers (holds them open).
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl BlackHole {
+    pub async fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        BlackHole { addr, task }
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// An address on which nothing listens (bound, then closed).
+pub async fn closed_port_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming body generator
+// ---------------------------------------------------------------------------------------------
+
+/// Produces `total` bytes in `chunk`-sized frames, all slices of one shared buffer.
+pub struct GenBody {
+    remaining: u64,
+    chunk: Bytes,
+    exact: bool,
+    stall: bool,
+}
+
+impl GenBody {
+    /// With `exact = true` the size hint is exact (hyper sends Content-Length); otherwise
+    /// the length is unknown (HTTP/1.1 chunked).
+    pub fn new(total: u64, chunk_size: usize, exact: bool) -> GenBody {
+        let chunk: Vec<u8> = (0..chunk_size).map(|i| b'a' + (i % 26) as u8).collect();
+        GenBody {
+            remaining: total,
+            chunk: Bytes::from(chunk),
+            exact,
+            stall: false,
+        }
+    }
+    /// Sends `total` bytes (unknown length), then never ends: the request stays open, so a
+    /// response can only be the server reacting to what it has already received.
+    pub fn stalling(total: u64, chunk_size: usize) -> GenBody {
+        GenBody {
+            stall: true,
+            ..GenBody::new(total, chunk_size, false)
+        }
+    }
+    pub fn boxed(self) -> BoxBody {
+        BodyExt::boxed(self)
+    }
+}
+
+impl Body for GenBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            if self.stall {
+                return Poll::Pending;
+            }
+            return Poll::Ready(None);
+        }
+        let n = (self.chunk.len() as u64).min(self.remaining) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(0..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0 && !self.stall
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(self.remaining)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// A fully-read response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("non-utf8 header"))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+    /// Asserts an `application/problem+json` error with the given status and code, and that
+    /// `request_id` in the body equals the `X-Request-Id` response header.
+    pub fn assert_problem(&self, status: u16, code: &str) -> serde_json::Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.text()
+        );
+        let ct = self.header("content-type").unwrap_or("");
+        assert!(
+            ct.starts_with("application/problem+json"),
+            "content-type {ct:?}, body {}",
+            self.text()
+        );
+        let j = self.json();
+        assert_eq!(j["type"], "about:blank", "problem: {j}");
+        assert_eq!(j["status"], status, "problem: {j}");
+        assert_eq!(j["code"], code, "problem: {j}");
+        assert!(
+            j["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "problem title: {j}"
+        );
+        assert!(j["detail"].is_string(), "problem detail: {j}");
+        let rid = j["request_id"].as_str().expect("problem request_id");
+        assert!(!rid.is_empty());
+        assert_eq!(
+            self.header("x-request-id"),
+            Some(rid),
+            "X-Request-Id header must equal problem request_id"
+        );
+        j
+    }
+}
+
+pub async fn read_resp(resp: Response<Incoming>) -> Resp {
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(STEP, body.collect())
+        .await
+        .expect("timed out reading response body")
+        .expect("error reading response body")
+        .to_bytes();
+    Resp {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Builds an origin-form request (for HTTP/1.1) with an explicit Host header.
+pub fn req(method: &str, path: &str, host: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection; returns the streaming response.
+pub async fn send_http1_stream<B>(
+    addr: SocketAddr,
+    req: Request<B>,
+) -> Result<Response<Incoming>, BoxError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    send_http1_on(stream, req).await
+}
+
+pub async fn send_http1_on<IO, B>(io: IO, req: Request<B>) -> Result<Response<Incoming>, BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = tokio::time::timeout(STEP, sender.send_request(req))
+        .await
+        .map_err(|_| "timed out waiting for response head")??;
+    Ok(resp)
+}
+
+/// Sends one request over HTTP/1.1 and reads the whole response.
+pub async fn send_http1<B>(addr: SocketAddr, req: Request<B>) -> Resp
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let resp = send_http1_stream(addr, req)
+        .await
+        .expect("HTTP/1.1 request failed");
+    read_resp(resp).await
+}
+
+/// GET `path` with the given Host over HTTP/1.1.
+pub async fn get(addr: SocketAddr, path: &str, host: &str) -> Resp {
+    send_http1(addr, req("GET", path, host).body(empty()).unwrap()).await
+}
+
+pub async fn send_h2_on<IO>(io: IO, req: Request<BoxBody>) -> Result<Response<Incoming>, BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = tokio::time::timeout(STEP, sender.send_request(req))
+        .await
+        .map_err(|_| "timed out waiting for response head")??;
+    Ok(resp)
+}
+
+/// HTTP/2 with prior knowledge over cleartext TCP. `req` should carry an absolute URI.
+pub async fn send_h2c(addr: SocketAddr, req: Request<BoxBody>) -> Resp {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let resp = send_h2_on(stream, req).await.expect("h2c request failed");
+    read_resp(resp).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+pub struct TestCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: rustls_pki_types::CertificateDer<'static>,
+}
+
+/// Self-signed certificate for `localhost`.
+pub fn self_signed_localhost() -> TestCert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    TestCert {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.signing_key.serialize_pem(),
+        der: ck.cert.der().clone(),
+    }
+}
+
+pub fn tls_client_config(cert: &TestCert, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    cert: &TestCert,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(cert, alpn)));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(STEP, connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake timed out")
+        .expect("TLS handshake failed")
+}
+
+/// Connects over TLS offering `alpn`; speaks h2 or HTTP/1.1 according to the negotiated
+/// protocol. Returns the negotiated ALPN and the response.
+pub async fn send_tls(
+    addr: SocketAddr,
+    cert: &TestCert,
+    alpn: &[&[u8]],
+    req: Request<BoxBody>,
+) -> (Option<Vec<u8>>, Resp) {
+    let tls = tls_connect(addr, cert, alpn).await;
+    let negotiated = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    let resp = if negotiated.as_deref() == Some(b"h2") {
+        send_h2_on(tls, req)
+            .await
+            .expect("h2 over TLS request failed")
+    } else {
+        send_http1_on(tls, req)
+            .await
+            .expect("HTTP/1.1 over TLS request failed")
+    };
+    (negotiated, read_resp(resp).await)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TCP
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}\nhead: {}",
+                String::from_utf8_lossy(&self.body),
+                self.head
+            )
+        })
+    }
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "head: {}\nbody: {}",
+            self.head,
+            String::from_utf8_lossy(&self.body)
+        );
+        let ct = self.header("content-type").unwrap_or("");
+        assert!(
+            ct.starts_with("application/problem+json"),
+            "content-type {ct:?}"
+        );
+        let j = self.json();
+        assert_eq!(j["status"], status, "{j}");
+        assert_eq!(j["code"], code, "{j}");
+        assert_eq!(self.header("x-request-id"), j["request_id"].as_str(), "{j}");
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Writes `bytes` verbatim to a new connection and reads one HTTP/1.x response
+/// (Content-Length, chunked, or until EOF). Errors if the connection closes before a head.
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Result<RawResponse, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(bytes).await.map_err(|e| e.to_string())?;
+    tokio::time::timeout(STEP, read_raw_response(&mut s))
+        .await
+        .map_err(|_| "timed out reading raw response".to_string())?
+}
+
+pub async fn read_raw_response<S: AsyncRead + Unpin>(s: &mut S) -> Result<RawResponse, String> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        let n = s
+            .read(&mut tmp)
+            .await
+            .map_err(|e| format!("read error before head: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed before a response head (got {:?})",
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut rest = buf[head_end + 4..].to_vec();
+    let cl = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if let Some(cl) = cl {
+        while rest.len() < cl {
+            let n = s.read(&mut tmp).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("EOF inside body".into());
+            }
+            rest.extend_from_slice(&tmp[..n]);
+        }
+        rest.truncate(cl);
+        rest
+    } else if chunked {
+        while find(&rest, b"0\r\n\r\n").is_none() {
+            let n = s.read(&mut tmp).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("EOF inside chunked body".into());
+            }
+            rest.extend_from_slice(&tmp[..n]);
+        }
+        dechunk(&rest)
+    } else if status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else {
+        loop {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&tmp[..n]),
+            }
+        }
+        rest
+    };
+    Ok(RawResponse {
+        status,
+        head,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = find(b, b"\r\n") {
+        let size_str = String::from_utf8_lossy(&b[..i]);
+        let size =
+            usize::from_str_radix(size_str.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        b = &b[i + 2..];
+        out.extend_from_slice(&b[..size.min(b.len())]);
+        if b.len() < size + 2 {
+            break;
+        }
+        b = &b[size + 2..];
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misc
+// ---------------------------------------------------------------------------------------------
+
+/// Reads a `kB` field (e.g. "VmHWM", "VmRSS") from /proc/self/status.
+pub fn proc_status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    for line in s.lines() {
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            return rest.trim().trim_end_matches("kB").trim().parse().unwrap();
+        }
+    }
+    panic!("{field} not found in /proc/self/status");
+}
+
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    s.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+pub fn header_names(h: &HeaderMap) -> Vec<String> {
+    h.keys().map(|k| k.as_str().to_string()).collect()
+}
+
+pub fn hn(s: &'static str) -> HeaderName {
+    HeaderName::from_static(s)
+}
+
+pub fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap()
+}
+
+/// Runs the stepgate binary with `args`; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stepgate"))
+        .args(args)
+        .output()
+        .expect("spawn stepgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+pub fn map_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}

@@ -36,6 +36,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// Why the gateway declined a request. The `Display` text is the problem's `detail`: it is
@@ -48,6 +54,28 @@ pub enum Refusal {
     BadPath(crate::path::PathError),
     #[error("no route matches this request")]
     NoRoute,
+    #[error("this route needs an API key in the X-Api-Key header")]
+    ApiKeyMissing,
+    #[error("the API key is not valid")]
+    ApiKeyInvalid,
+    #[error("this route needs a second factor: send X-OTP or X-Step-Up-Token")]
+    OtpRequired,
+    #[error("the one-time code is not valid")]
+    OtpInvalid {
+        entry: Arc<crate::registry::KeyEntry>,
+    },
+    #[error("the step-up token is not valid")]
+    StepUpInvalid {
+        entry: Arc<crate::registry::KeyEntry>,
+    },
+    #[error("this route needs a second factor and none is enrolled")]
+    EnrollmentRequired,
+    #[error("this consumer's role may not call this route")]
+    Forbidden,
+    #[error("too many failed attempts; try again in {retry_after} seconds")]
+    TooManyAttempts { retry_after: u64 },
+    #[error("a dependency is unavailable; the request was refused to stay safe")]
+    Unavailable,
     #[error("the request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request target exceeds the limit of {limit} bytes")]
@@ -71,6 +99,15 @@ impl Refusal {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
             Refusal::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            Refusal::ApiKeyMissing => (StatusCode::UNAUTHORIZED, "api_key_missing"),
+            Refusal::ApiKeyInvalid => (StatusCode::UNAUTHORIZED, "api_key_invalid"),
+            Refusal::OtpRequired => (StatusCode::UNAUTHORIZED, "otp_required"),
+            Refusal::OtpInvalid { .. } => (StatusCode::UNAUTHORIZED, "otp_invalid"),
+            Refusal::StepUpInvalid { .. } => (StatusCode::UNAUTHORIZED, "step_up_invalid"),
+            Refusal::EnrollmentRequired => (StatusCode::FORBIDDEN, "enrollment_required"),
+            Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Refusal::TooManyAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
+            Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Refusal::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Refusal::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "too_large"),
             Refusal::HeadersTooLarge { .. } => {
@@ -81,6 +118,41 @@ impl Refusal {
             }
             Refusal::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Refusal::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl Refusal {
+    /// The `WWW-Authenticate` challenge that goes with a 401; the OTP one names the factors
+    /// the route's policy accepts.
+    fn challenge(&self, route: Option<&Route>) -> Option<HeaderValue> {
+        let otp = |error: &str| {
+            let methods = route.map_or("totp recovery_code", |r| {
+                r.policy.challenge_methods.as_str()
+            });
+            HeaderValue::from_str(&format!(
+                r#"OTP realm="stepgate", error="{error}", methods="{methods}""#
+            ))
+            .ok()
+        };
+        match self {
+            Refusal::ApiKeyMissing | Refusal::ApiKeyInvalid => {
+                Some(HeaderValue::from_static(r#"ApiKey realm="stepgate""#))
+            }
+            Refusal::OtpRequired => otp("otp_required"),
+            Refusal::OtpInvalid { .. } => otp("otp_invalid"),
+            Refusal::StepUpInvalid { .. } => otp("step_up_invalid"),
+            _ => None,
+        }
+    }
+
+    /// A failed credential attempt the failure limiter counts: `Some(None)` for one that
+    /// identifies no consumer (an unknown key), `Some(Some(entry))` for a wrong code or token.
+    pub fn failed_attempt(&self) -> Option<Option<&Arc<crate::registry::KeyEntry>>> {
+        match self {
+            Refusal::ApiKeyInvalid => Some(None),
+            Refusal::OtpInvalid { entry } | Refusal::StepUpInvalid { entry } => Some(Some(entry)),
+            _ => None,
         }
     }
 }
@@ -123,14 +195,45 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
     if let Refusal::Internal(what) = &refusal {
         tracing::error!(what, "internal error");
     }
-    let body = serde_json::json!({
+    let mut response = problem_response(
+        status,
+        code,
+        &refusal.to_string(),
+        request_id.and_then(|v| v.to_str().ok()),
+    );
+    if let Some(challenge) = refusal.challenge(route.as_deref()) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    if let Refusal::TooManyAttempts { retry_after } = refusal {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+    }
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// An `application/problem+json` response (also used by the admin API).
+pub fn problem_response(
+    status: StatusCode,
+    code: &'static str,
+    detail: &str,
+    request_id: Option<&str>,
+) -> Response<Body> {
+    let mut body = serde_json::json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("Error"),
         "status": status.as_u16(),
         "code": code,
-        "detail": refusal.to_string(),
-        "request_id": request_id.and_then(|v| v.to_str().ok()),
+        "detail": detail,
     });
+    if let Some(id) = request_id {
+        body["request_id"] = id.into();
+    }
     let mut response = Response::new(full_body(body.to_string()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -140,8 +243,5 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response.extensions_mut().insert(ProblemCode(code));
-    if let Some(route) = route {
-        response.extensions_mut().insert(route);
-    }
     response
 }

@@ -18,8 +18,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod guard;
 pub mod identity;
@@ -27,10 +32,13 @@ pub mod limits;
 pub mod observe;
 pub mod path;
 pub mod proxy;
+pub mod registry;
 pub mod rescue;
 pub mod routing;
+pub mod secrets;
 pub mod server;
 pub mod stack;
+pub mod store;
 pub mod tls;
 
 pub use error::Error;

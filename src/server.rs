@@ -26,9 +26,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::config::{Limits, Snapshot};
+use crate::admin::{self, Admin};
+use crate::auth::limiter::FailureLimiter;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Limits, Snapshot, StoreSettings};
 use crate::error::Error;
 use crate::observe::ConfigHandle;
+use crate::registry::Registry;
+use crate::secrets::{AdminToken, MasterKey};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// How often key "last used" times are written to the store.
+const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
 
 /// Facts about the connection a request arrived on, as a request extension.
 #[derive(Debug, Clone, Copy)]
@@ -40,23 +50,73 @@ pub struct ConnInfo {
 /// A bound, not yet serving, gateway.
 pub struct Gateway {
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     config: ConfigHandle,
+    registry: Arc<Registry>,
+    limiter: Arc<FailureLimiter>,
+    admin_token: AdminToken,
     shutdown: CancellationToken,
 }
 
 impl Gateway {
-    /// Binds the snapshot's `listen` address.
+    /// Opens the data directory and store, loads consumers, and binds the listeners.
     pub async fn bind(snapshot: Snapshot) -> Result<Self, Error> {
+        Self::bind_with_clock(snapshot, Arc::new(SystemClock)).await
+    }
+
+    /// [`bind`](Self::bind) with an injected clock (tests move time instead of sleeping).
+    pub async fn bind_with_clock(snapshot: Snapshot, clock: SharedClock) -> Result<Self, Error> {
         crate::tls::install_default_provider();
+        let data_dir = snapshot.data_dir.clone();
+        let master = MasterKey::load_or_create(&data_dir)?;
+        let admin_token = AdminToken::load_or_create(&data_dir)?;
+        let store: Arc<dyn Store> = match snapshot.store.clone() {
+            StoreSettings::Sqlite { path } => Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??,
+            ),
+        };
+        let registry = Arc::new(Registry::open(store, master, clock.clone()).await?);
+        let limiter = Arc::new(FailureLimiter::new(clock));
+
         let addr = snapshot.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
+        let admin_listener = match snapshot.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        tracing::info!(consumers = registry.consumer_count(), "registry loaded");
         Ok(Self {
             listener,
+            admin_listener,
             config: Arc::new(ArcSwap::from_pointee(snapshot)),
+            registry,
+            limiter,
+            admin_token,
             shutdown: CancellationToken::new(),
         })
+    }
+
+    /// The admin API's address, when the config has an `admin` section.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    pub fn limiter(&self) -> Arc<FailureLimiter> {
+        self.limiter.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -79,15 +139,30 @@ impl Gateway {
     pub async fn run(self) -> Result<(), Error> {
         let Gateway {
             listener,
+            admin_listener,
             config,
+            registry,
+            limiter,
+            admin_token,
             shutdown,
         } = self;
+        let background = TaskTracker::new();
+        if let Some(admin_listener) = admin_listener {
+            let admin = Arc::new(Admin {
+                registry: registry.clone(),
+                limiter: limiter.clone(),
+                token: admin_token,
+                config: config.clone(),
+            });
+            background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
+        }
+        background.spawn(flush_key_use(registry.clone(), shutdown.clone()));
         let max_connections = config.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let tracker = TaskTracker::new();
         // Cancelled when the drain deadline passes: connections still open are then dropped.
         let hard_stop = CancellationToken::new();
-        let service = crate::stack::build(config.clone());
+        let service = crate::stack::build(config.clone(), registry.clone(), limiter.clone());
 
         loop {
             let slot = tokio::select! {
@@ -140,8 +215,26 @@ impl Gateway {
             hard_stop.cancel();
             tracker.wait().await;
         }
+        background.close();
+        background.wait().await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Writes API-key "last used" times in batches, and once more at shutdown.
+async fn flush_key_use(registry: Arc<Registry>, shutdown: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            () = tokio::time::sleep(KEY_USE_FLUSH) => false,
+            () = shutdown.cancelled() => true,
+        };
+        if let Err(error) = registry.flush_key_use().await {
+            tracing::warn!(%error, "could not record API key use");
+        }
+        if stop {
+            return;
+        }
     }
 }
 

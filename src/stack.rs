@@ -10,6 +10,14 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 
+use std::sync::Arc;
+
+use crate::auth::api_key::ApiKeyGuard;
+use crate::auth::client_ip::ClientAddr;
+use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
+use crate::auth::limiter::FailureLimiter;
+use crate::auth::roles::RoleCheck;
+use crate::auth::second_factor::SecondFactorLayer;
 use crate::error::Body;
 use crate::guard::GuardLayer;
 use crate::identity::StripIdentity;
@@ -17,6 +25,7 @@ use crate::limits::ProtocolLimits;
 use crate::observe::{ConfigHandle, ObserveLayer};
 use crate::path::NormalizePath;
 use crate::proxy::Forward;
+use crate::registry::Registry;
 use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
 
@@ -36,6 +45,8 @@ fn sensitive_headers() -> [HeaderName; 7] {
 /// The service every connection serves. Cloned per connection; clones share the config handle.
 pub fn build(
     config: ConfigHandle,
+    registry: Arc<Registry>,
+    limiter: Arc<FailureLimiter>,
 ) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
 + Clone
 + Send
@@ -58,6 +69,21 @@ pub fn build(
         .layer(RouteLayer)
         // Client-sent identity headers go before anything could rely on them.
         .layer(GuardLayer(StripIdentity))
+        // Who the client is: the socket peer, or the client a trusted proxy names.
+        .layer(GuardLayer(ClientAddr))
+        // The failure limiter wraps every credential check below: a banned IP is refused
+        // before any credential is looked at, and every failed attempt below is counted.
+        .layer(FailureLimitLayer::new(limiter.clone(), registry.clone()))
+        // First factor: the API key (removed from the request on every route), then the
+        // identity headers the upstream may trust.
+        .layer(GuardLayer(ApiKeyGuard::new(registry.clone())))
+        // A banned consumer is refused as soon as its key names it, before its code.
+        .layer(GuardLayer(ConsumerBan::new(limiter, registry.clone())))
+        // Roles before the second factor: a consumer who may not call at all learns nothing
+        // about its code.
+        .layer(GuardLayer(RoleCheck::new(registry.clone())))
+        // Second factor: step-up token or X-OTP; issues a token after a code.
+        .layer(SecondFactorLayer::new(registry))
         // Innermost: stream to the upstream.
         .service(Forward)
 }

@@ -28,9 +28,22 @@ pub struct Snapshot {
     /// rustls server configuration when the listener terminates TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub limits: Limits,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of stepgate).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Admin API listener; `None` when the config has no `admin` section.
+    pub admin: Option<SocketAddr>,
+    /// Where the master key, admin token and (by default) the database live.
+    pub data_dir: PathBuf,
+    pub store: StoreSettings,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub routes: RouteTable,
+}
+
+/// Where consumers and credentials are persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    Sqlite { path: PathBuf },
 }
 
 /// Protocol limits of the public listener. Defaults sit close to nginx's and Envoy's.
@@ -76,6 +89,120 @@ pub struct Policy {
     pub file: PathBuf,
     pub api_key: Requirement,
     pub second_factor: Requirement,
+    /// Second factors accepted in `X-OTP`.
+    pub factors: Factors,
+    pub step_up: StepUp,
+    pub roles: Roles,
+    pub failures: Failures,
+    pub rollout: Rollout,
+    /// `methods="…"` of the `WWW-Authenticate: OTP` challenge, from `factors`.
+    pub challenge_methods: String,
+}
+
+impl Policy {
+    /// A policy that asks for nothing (for tests and examples).
+    pub fn public(name: &str) -> Self {
+        Policy {
+            name: name.to_owned(),
+            file: PathBuf::from(format!("policies/{name}.yaml")),
+            api_key: Requirement::Off,
+            second_factor: Requirement::Off,
+            factors: Factors {
+                totp: true,
+                recovery_code: true,
+            },
+            step_up: StepUp {
+                ttl: Duration::from_secs(15 * 60),
+                scope: Scope::Policy,
+            },
+            roles: Roles::default(),
+            failures: Failures::default(),
+            rollout: Rollout {
+                mode: RolloutMode::Enforce,
+                grace_until: None,
+            },
+            challenge_methods: "totp recovery_code".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Factors {
+    pub totp: bool,
+    pub recovery_code: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Valid on every route whose policy is this one.
+    Policy,
+    /// Valid on every route that accepts step-up tokens.
+    Global,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepUp {
+    /// Zero: no tokens are issued; every call needs a code.
+    pub ttl: Duration,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Roles {
+    /// When not empty, only consumers with one of these roles may call.
+    pub only: Vec<String>,
+    /// Consumers with any of these roles may not call.
+    pub except: Vec<String>,
+}
+
+impl Roles {
+    pub fn allows(&self, roles: &[String]) -> bool {
+        (self.only.is_empty() || roles.iter().any(|r| self.only.contains(r)))
+            && !roles.iter().any(|r| self.except.contains(r))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub max: std::num::NonZeroU32,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Failures {
+    pub per_consumer: Rate,
+    pub per_ip: Rate,
+    pub ban: Duration,
+}
+
+impl Default for Failures {
+    /// 5 failures per consumer and 50 per client IP in 15 minutes, then a 15-minute ban:
+    /// at most 20 failures per account per hour, well inside NIST SP 800-63B's 100.
+    fn default() -> Self {
+        let rate = |max: u32| Rate {
+            max: std::num::NonZeroU32::new(max).unwrap_or(std::num::NonZeroU32::MIN),
+            window: Duration::from_secs(15 * 60),
+        };
+        Self {
+            per_consumer: rate(5),
+            per_ip: rate(50),
+            ban: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutMode {
+    Enforce,
+    /// Forward what would be refused, but log, audit and count it.
+    ReportOnly,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Rollout {
+    pub mode: RolloutMode,
+    /// Unix seconds until which consumers without a second factor pass (with a warning).
+    pub grace_until: Option<u64>,
 }
 
 /// One problem in the configuration, pointing at the file, line and column it comes from.

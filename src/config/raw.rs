@@ -48,7 +48,15 @@ pub struct Gateway {
     #[serde(default)]
     pub policies_dir: Option<Spanned<String>>,
     #[serde(default)]
+    pub data_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub store: Option<StoreSpec>,
+    #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
     pub upstreams: BTreeMap<String, Spanned<Upstream>>,
     pub routes: Vec<Spanned<Route>>,
 }
@@ -58,6 +66,24 @@ pub struct Gateway {
 pub struct Tls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    pub sqlite: Option<Sqlite>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sqlite {
+    pub path: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +142,54 @@ pub struct Match {
 pub struct Policy {
     pub api_key: Spanned<Requirement>,
     pub second_factor: Spanned<Requirement>,
+    #[serde(default)]
+    pub factors: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub step_up: Option<StepUp>,
+    #[serde(default)]
+    pub roles: Option<Roles>,
+    #[serde(default)]
+    pub failures: Option<Failures>,
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepUp {
+    pub ttl: Option<Spanned<Scalar>>,
+    pub scope: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Roles {
+    #[serde(default)]
+    pub only: Vec<String>,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failures {
+    pub per_consumer: Option<Rate>,
+    pub per_ip: Option<Rate>,
+    pub ban: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub max: Spanned<u32>,
+    pub window: Spanned<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub mode: Option<Spanned<String>>,
+    pub grace_until: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -14,11 +14,15 @@ use serde_saphyr::{Location, Spanned};
 
 use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
-use super::{ConfigError, ConfigErrors, Limits, Policy, Snapshot};
+use super::{
+    ConfigError, ConfigErrors, Factors, Failures, Limits, Policy, Rate, Roles, Rollout,
+    RolloutMode, Scope, Snapshot, StepUp, StoreSettings,
+};
 use crate::path;
 use crate::proxy::upstream::{HttpSettings, Upstream};
 use crate::routing::{Route, RouteTable};
 use crate::tls;
+use std::num::NonZeroU32;
 
 /// Reads and validates `gateway.yaml` at `path` and the policies it points at.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
@@ -64,7 +68,53 @@ impl Loader<'_> {
         };
 
         let policies = self.policies(raw.policies_dir.as_ref());
-        let listen = self.listen(&raw.listen);
+        let listen = self.address("listen", &raw.listen);
+        let admin = raw
+            .admin
+            .as_ref()
+            .map(|admin| self.address("admin.listen", &admin.listen));
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| {
+                let parsed = p
+                    .value
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| p.value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                if parsed.is_err() {
+                    self.at(
+                        &p.referenced,
+                        format!(
+                            "trusted_proxies: `{}` is not an IP address or CIDR block",
+                            p.value
+                        ),
+                    );
+                }
+                parsed.ok()
+            })
+            .collect();
+        let data_dir = self
+            .base
+            .join(raw.data_dir.as_ref().map_or("data", |d| d.value.as_str()));
+        let store = match raw.store.as_ref().map(|s| &s.sqlite) {
+            Some(Some(sqlite)) => StoreSettings::Sqlite {
+                path: self.base.join(&sqlite.path.value),
+            },
+            Some(None) => {
+                self.errors.0.push(ConfigError::new(
+                    self.file,
+                    0,
+                    0,
+                    "store: name a backend, e.g. `store: { sqlite: { path: data/stepgate.db } }`",
+                ));
+                StoreSettings::Sqlite {
+                    path: data_dir.join("stepgate.db"),
+                }
+            }
+            None => StoreSettings::Sqlite {
+                path: data_dir.join("stepgate.db"),
+            },
+        };
         let tls = raw.tls.as_ref().and_then(|t| self.tls(t));
         let limits = self.limits(&raw.limits);
         let upstreams: BTreeMap<String, Arc<Upstream>> = raw
@@ -79,20 +129,27 @@ impl Loader<'_> {
             listen: listen?,
             tls,
             limits,
+            admin: match admin {
+                Some(addr) => Some(addr?),
+                None => None,
+            },
+            data_dir,
+            store,
+            trusted_proxies,
             upstreams,
             policies,
             routes: RouteTable::new(routes),
         })
     }
 
-    fn listen(&mut self, listen: &Spanned<String>) -> Option<SocketAddr> {
+    fn address(&mut self, field: &str, listen: &Spanned<String>) -> Option<SocketAddr> {
         match listen.value.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {
                 self.at(
                     &listen.referenced,
                     format!(
-                        "listen: `{}` is not an address:port such as 127.0.0.1:8080",
+                        "{field}: `{}` is not an address:port such as 127.0.0.1:8080",
                         listen.value
                     ),
                 );
@@ -313,31 +370,176 @@ impl Loader<'_> {
                 return None;
             }
         };
-        // Nothing enforces a first or second factor yet: a policy asking for one is refused
-        // rather than silently leaving its routes open.
-        let mut ok = true;
-        for (field, value) in [
-            ("api_key", &raw.api_key),
-            ("second_factor", &raw.second_factor),
-        ] {
-            if value.value == Requirement::Required {
-                self.errors.0.push(ConfigError::new(
-                    file,
-                    value.referenced.line(),
-                    value.referenced.column(),
-                    format!(
-                        "{field}: `required` is not supported by this build yet; \
-                         stepgate refuses the policy rather than leave its routes unprotected"
-                    ),
-                ));
-                ok = false;
-            }
+        if raw.second_factor.value == Requirement::Required && raw.api_key.value == Requirement::Off
+        {
+            self.errors.0.push(ConfigError::new(
+                file,
+                raw.second_factor.referenced.line(),
+                raw.second_factor.referenced.column(),
+                "second_factor: `required` needs `api_key: required` (the code is checked against the key's consumer)",
+            ));
         }
-        ok.then(|| Policy {
+        let mut e = PolicyErrors {
+            file,
+            errors: Vec::new(),
+        };
+
+        let factors = match &raw.factors {
+            None => Factors {
+                totp: true,
+                recovery_code: true,
+            },
+            Some(list) => {
+                let mut factors = Factors {
+                    totp: false,
+                    recovery_code: false,
+                };
+                for factor in &list.value {
+                    match factor.value.as_str() {
+                        "totp" => factors.totp = true,
+                        "recovery_code" => factors.recovery_code = true,
+                        "sms" => e.at(
+                            &factor.referenced,
+                            "factors: `sms` is not supported by this build yet".into(),
+                        ),
+                        other => e.at(
+                            &factor.referenced,
+                            format!("factors: unknown factor `{other}` (use totp, recovery_code)"),
+                        ),
+                    }
+                }
+                if !factors.totp
+                    && !factors.recovery_code
+                    && raw.second_factor.value == Requirement::Required
+                {
+                    e.at(
+                        &list.referenced,
+                        "factors: a policy that requires a second factor must accept at least one"
+                            .into(),
+                    );
+                }
+                factors
+            }
+        };
+
+        let raw_step_up = raw.step_up.as_ref();
+        let ttl = e.duration(
+            "step_up.ttl",
+            raw_step_up.and_then(|s| s.ttl.as_ref()),
+            Duration::from_secs(15 * 60),
+            true,
+        );
+        let failures_raw = raw.failures.as_ref();
+        let defaults = Failures::default();
+        let per_consumer = e.rate(
+            "failures.per_consumer",
+            failures_raw.and_then(|f| f.per_consumer.as_ref()),
+            defaults.per_consumer,
+        );
+        let per_ip = e.rate(
+            "failures.per_ip",
+            failures_raw.and_then(|f| f.per_ip.as_ref()),
+            defaults.per_ip,
+        );
+        let ban = e.duration(
+            "failures.ban",
+            failures_raw.and_then(|f| f.ban.as_ref()),
+            defaults.ban,
+            false,
+        );
+        // NIST SP 800-63B §5.2.2 and OWASP ASVS: at most 100 failed attempts per account.
+        let per_hour =
+            f64::from(per_consumer.max.get()) * 3600.0 / per_consumer.window.as_secs_f64().max(1.0);
+        if let Some(r) = failures_raw.and_then(|f| f.per_consumer.as_ref())
+            && per_hour > 100.0
+        {
+            e.at(
+                &r.max.referenced,
+                format!(
+                    "failures.per_consumer: allows {per_hour:.0} failures per hour; \
+                     NIST SP 800-63B and OWASP ASVS allow at most 100"
+                ),
+            );
+        }
+
+        let scope = match raw_step_up.and_then(|s| s.scope.as_ref()) {
+            None => Scope::Policy,
+            Some(s) => match s.value.as_str() {
+                "policy" => Scope::Policy,
+                "global" => Scope::Global,
+                other => {
+                    e.at(
+                        &s.referenced,
+                        format!("step_up.scope: `{other}` is not `policy` or `global`"),
+                    );
+                    Scope::Policy
+                }
+            },
+        };
+
+        let roles = raw.roles.as_ref().map_or_else(Roles::default, |r| Roles {
+            only: r.only.clone(),
+            except: r.except.clone(),
+        });
+
+        let rollout_raw = raw.rollout.as_ref();
+        let mode = match rollout_raw.and_then(|r| r.mode.as_ref()) {
+            None => RolloutMode::Enforce,
+            Some(m) => match m.value.as_str() {
+                "enforce" => RolloutMode::Enforce,
+                "report_only" => RolloutMode::ReportOnly,
+                other => {
+                    e.at(
+                        &m.referenced,
+                        format!("rollout.mode: `{other}` is not `enforce` or `report_only`"),
+                    );
+                    RolloutMode::Enforce
+                }
+            },
+        };
+        let grace_until = rollout_raw
+            .and_then(|r| r.grace_until.as_ref())
+            .and_then(|g| {
+                let parsed = crate::clock::parse_rfc3339(&g.value.0);
+                if parsed.is_none() {
+                    e.at(
+                        &g.referenced,
+                        format!(
+                            "rollout.grace_until: `{}` is not a date such as 2027-01-31",
+                            g.value.0
+                        ),
+                    );
+                }
+                parsed
+            });
+
+        let mut methods = Vec::new();
+        if factors.totp {
+            methods.push("totp");
+        }
+        if factors.recovery_code {
+            methods.push("recovery_code");
+        }
+        let failed = !e.errors.is_empty();
+        self.errors.0.extend(e.errors);
+        if failed {
+            return None;
+        }
+        Some(Policy {
             name,
             file: file.to_path_buf(),
             api_key: raw.api_key.value,
             second_factor: raw.second_factor.value,
+            factors,
+            step_up: StepUp { ttl, scope },
+            roles,
+            failures: Failures {
+                per_consumer,
+                per_ip,
+                ban,
+            },
+            rollout: Rollout { mode, grace_until },
+            challenge_methods: methods.join(" "),
         })
     }
 
@@ -480,6 +682,67 @@ impl Loader<'_> {
             }
         }
         routes
+    }
+}
+
+/// Errors of one policy file, collected before the policy is accepted or refused as a whole.
+struct PolicyErrors<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl PolicyErrors<'_> {
+    fn at(&mut self, location: &Location, message: String) {
+        self.errors.push(ConfigError::new(
+            self.file,
+            location.line(),
+            location.column(),
+            message,
+        ));
+    }
+
+    fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<Scalar>>,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match parse_duration(&value.value.0) {
+            Ok(d) if d.is_zero() && !allow_zero => {
+                self.at(
+                    &value.referenced,
+                    format!("{field}: must be greater than 0"),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(message) => {
+                self.at(&value.referenced, format!("{field}: {message}"));
+                default
+            }
+        }
+    }
+
+    fn rate(&mut self, field: &str, raw: Option<&raw::Rate>, default: Rate) -> Rate {
+        let Some(raw) = raw else { return default };
+        let window = self.duration(
+            &format!("{field}.window"),
+            Some(&raw.window),
+            default.window,
+            false,
+        );
+        match NonZeroU32::new(raw.max.value) {
+            Some(max) => Rate { max, window },
+            None => {
+                self.at(
+                    &raw.max.referenced,
+                    format!("{field}.max: must be at least 1"),
+                );
+                default
+            }
+        }
     }
 }
 

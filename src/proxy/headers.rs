@@ -41,12 +41,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host`, replacing whatever the client sent: with no trusted
-/// proxies configured, the socket peer is the only client address the gateway can vouch for.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, tls: bool, host: Option<HeaderValue>) {
-    // An IP address's text form is always a valid header value.
-    if let Ok(ip) = HeaderValue::try_from(peer.to_string()) {
-        headers.insert(X_FORWARDED_FOR.clone(), ip);
+/// Sets `X-Forwarded-For/-Proto/-Host`. A client's `X-Forwarded-For` is replaced by the socket
+/// peer, the only address the gateway can vouch for, unless the peer is a trusted proxy
+/// (`extend`), whose chain is kept and the peer appended.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    extend: bool,
+    tls: bool,
+    host: Option<HeaderValue>,
+) {
+    let prior: Vec<&str> = if extend {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let chain = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    // IP addresses and visible ASCII from valid header values make a valid header value.
+    if let Ok(value) = HeaderValue::try_from(chain) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(
         X_FORWARDED_PROTO.clone(),
@@ -88,11 +109,17 @@ mod tests {
         set_forwarded(
             &mut h,
             "127.0.0.1".parse().unwrap(),
+            false,
             true,
             Some("api.test".parse().unwrap()),
         );
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.test");
+        // Behind a trusted proxy the chain is kept and the proxy appended.
+        h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, false, None);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
     }
 }

@@ -85,7 +85,17 @@ where
     // The upstream gets its own authority as Host (set by the client); the original is in
     // X-Forwarded-Host.
     parts.headers.remove(header::HOST);
-    headers::set_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls, original_host);
+    let via_trusted_proxy = parts
+        .extensions
+        .get::<crate::auth::client_ip::ClientIp>()
+        .is_some_and(|c| c.via_trusted_proxy);
+    headers::set_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        via_trusted_proxy,
+        conn.tls,
+        original_host,
+    );
     if let Some(id) = request_id {
         parts.headers.insert(X_REQUEST_ID.clone(), id);
     }

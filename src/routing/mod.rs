@@ -165,7 +165,6 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Requirement;
 
     fn route(name: &str, host: Option<&str>, path: &str, methods: Option<&[Method]>) -> Route {
         Route {
@@ -174,12 +173,7 @@ mod tests {
             path: path.into(),
             methods: methods.map(<[Method]>::to_vec),
             upstream: Arc::new(Upstream::echo("demo")),
-            policy: Arc::new(Policy {
-                name: "public".into(),
-                file: "policies/public.yaml".into(),
-                api_key: Requirement::Off,
-                second_factor: Requirement::Off,
-            }),
+            policy: Arc::new(Policy::public("public")),
             strip_prefix: false,
             body_bytes: 1,
             line: 1,

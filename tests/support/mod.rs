@@ -908,3 +908,442 @@ pub fn map_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consumers, admin API, API keys, TOTP (issue 3)
+// ---------------------------------------------------------------------------------------------
+
+pub const API_KEY_POLICY: &str = "api_key: required\nsecond_factor: off\n";
+
+/// A gateway with an admin listener, `/keyed` behind `api_key: required` and `/open` public,
+/// both to `${app}`. `${admin}` is the admin listen address, `${data_dir}` the data dir.
+pub const KEYED_CONFIG: &str = r#"
+listen: 127.0.0.1:0
+admin: { listen: "${admin}" }
+data_dir: "${data_dir}"
+upstreams:
+  app: { url: "${app}" }
+routes:
+  - name: keyed
+    match: { path: /keyed }
+    upstream: app
+    policy: api-key
+  - name: open
+    match: { path: /open }
+    upstream: app
+    policy: public
+"#;
+
+/// Writes [`KEYED_CONFIG`] with both policies into a fresh temp dir. `data_dir` may be relative
+/// (to the config's directory) or absolute (to share one data dir between gateways).
+pub fn write_keyed_config(app_url: &str, admin: &str, data_dir: &str) -> tempfile::TempDir {
+    write_config_with(
+        &render(
+            KEYED_CONFIG,
+            &[("app", app_url), ("admin", admin), ("data_dir", data_dir)],
+        ),
+        &[
+            ("policies/public.yaml", DEFAULT_POLICY),
+            ("policies/api-key.yaml", API_KEY_POLICY),
+        ],
+    )
+}
+
+/// A running in-process gateway with its admin API.
+pub struct AdminGw {
+    pub gw: Gw,
+    /// The admin listener's real address.
+    pub admin: SocketAddr,
+    /// The admin token, read from `<data_dir>/admin.token`.
+    pub token: String,
+    pub data_dir: PathBuf,
+}
+
+impl AdminGw {
+    /// The public listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.gw.addr
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.gw.config_path()
+    }
+
+    /// An admin call with the right token; `body` is sent as JSON.
+    pub async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Resp {
+        let body = body.map(|b| b.to_string());
+        admin_call(self.admin, Some(&self.token), method, path, body.as_deref()).await
+    }
+
+    /// Calls and asserts the status; returns the JSON body (`Null` for an empty body).
+    pub async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        status: u16,
+    ) -> serde_json::Value {
+        let r = self.call(method, path, body).await;
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{method} {path}: unexpected status; body: {}",
+            r.text()
+        );
+        if r.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            r.json()
+        }
+    }
+
+    /// `POST /consumers`; returns the 201 answer.
+    pub async fn add_consumer(&self, name: &str, roles: &[&str]) -> serde_json::Value {
+        self.ok(
+            "POST",
+            "/consumers",
+            Some(serde_json::json!({"name": name, "roles": roles})),
+            201,
+        )
+        .await
+    }
+
+    /// `GET /consumers/{name}` (200).
+    pub async fn view(&self, name: &str) -> serde_json::Value {
+        self.ok("GET", &format!("/consumers/{name}"), None, 200)
+            .await
+    }
+
+    pub async fn shutdown(&mut self) {
+        self.gw.shutdown().await;
+    }
+}
+
+/// One admin API call over HTTP/1.1. `token: None` sends no Authorization header.
+pub async fn admin_call(
+    admin: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Resp {
+    let mut b = req(method, path, &admin.to_string());
+    if let Some(token) = token {
+        b = b.header("authorization", format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(text) => {
+            b = b.header("content-type", "application/json");
+            full(text.to_string())
+        }
+        None => empty(),
+    };
+    send_http1(admin, b.body(body).unwrap()).await
+}
+
+/// Asserts an admin API error: `application/problem+json` with `type`, `title`, `status`,
+/// `code` and a non-empty `detail`. Returns the problem.
+pub fn assert_admin_problem(r: &Resp, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "unexpected status; body: {}",
+        r.text()
+    );
+    let ct = r.header("content-type").unwrap_or("");
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct:?}, body {}",
+        r.text()
+    );
+    let j = r.json();
+    assert!(j["type"].is_string(), "problem type: {j}");
+    assert!(
+        j["title"].as_str().is_some_and(|t| !t.is_empty()),
+        "problem title: {j}"
+    );
+    assert_eq!(j["status"], status, "problem: {j}");
+    assert_eq!(j["code"], code, "problem: {j}");
+    assert!(
+        j["detail"].as_str().is_some_and(|d| !d.trim().is_empty()),
+        "problem detail must be a message: {j}"
+    );
+    j
+}
+
+fn load_snapshot(dir: &Path) -> stepgate::config::Snapshot {
+    match stepgate::config::load(&dir.join("gateway.yaml")) {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "config failed to load:\n{e}\n--- gateway.yaml ---\n{}",
+            std::fs::read_to_string(dir.join("gateway.yaml")).unwrap_or_default()
+        ),
+    }
+}
+
+fn spawn_bound(
+    gw: stepgate::server::Gateway,
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+) -> AdminGw {
+    let addr = gw.local_addr();
+    let admin = gw
+        .admin_addr()
+        .expect("the config has an `admin` section, so the gateway must bind an admin listener");
+    assert_ne!(admin.port(), 0, "admin_addr must report the real port");
+    let token_path = stepgate::secrets::admin_token_path(&data_dir);
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap_or_else(|e| panic!("admin token {}: {e}", token_path.display()))
+        .trim()
+        .to_string();
+    assert!(
+        token.len() >= 16,
+        "admin token too short: {} chars",
+        token.len()
+    );
+    let token_cancel = gw.shutdown_token();
+    let join = tokio::spawn(gw.run());
+    AdminGw {
+        gw: Gw {
+            addr,
+            token: token_cancel,
+            join: Some(join),
+            dir,
+        },
+        admin,
+        token,
+        data_dir,
+    }
+}
+
+/// Binds and runs the gateway of `dir` (whose config must have an `admin` section).
+pub async fn start_admin_gateway(dir: tempfile::TempDir) -> AdminGw {
+    install_crypto();
+    let snapshot = load_snapshot(dir.path());
+    let data_dir = snapshot.data_dir.clone();
+    let gw = stepgate::server::Gateway::bind(snapshot)
+        .await
+        .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
+    spawn_bound(gw, dir, data_dir)
+}
+
+/// A gateway on [`KEYED_CONFIG`] with the admin API on an ephemeral port.
+pub async fn start_keyed_gateway(app_url: &str, data_dir: &str) -> AdminGw {
+    start_admin_gateway(write_keyed_config(app_url, "127.0.0.1:0", data_dir)).await
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Like [`start_keyed_gateway`], but the admin API listens on a fixed port written into
+/// gateway.yaml, so that the CLI can find it from the config alone. Retries with another port
+/// if the chosen one was taken meanwhile.
+pub async fn start_keyed_gateway_fixed_admin(app_url: &str, data_dir: &str) -> AdminGw {
+    install_crypto();
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let dir = write_keyed_config(app_url, &format!("127.0.0.1:{port}"), data_dir);
+        let snapshot = load_snapshot(dir.path());
+        let data_dir = snapshot.data_dir.clone();
+        match stepgate::server::Gateway::bind(snapshot).await {
+            Ok(gw) => {
+                let started = spawn_bound(gw, dir, data_dir);
+                assert_eq!(started.admin.port(), port);
+                return started;
+            }
+            Err(e @ stepgate::Error::Bind { .. }) => last = e.to_string(),
+            Err(e) => panic!("Gateway::bind failed: {e}"),
+        }
+    }
+    panic!("could not bind a fixed admin port: {last}");
+}
+
+/// Runs the stepgate binary off the async runtime with a clean environment (no
+/// `STEPGATE_*` variables from the test runner) plus `env`. Returns (exit code, stdout, stderr).
+pub async fn run_cli_async(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || run_cli_env(&args, &env))
+        .await
+        .unwrap()
+}
+
+pub fn run_cli_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(String, String)],
+) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_stepgate"));
+    for var in [
+        "STEPGATE_ADMIN_URL",
+        "STEPGATE_ADMIN_TOKEN",
+        "STEPGATE_CONFIG",
+        "STEPGATE_MASTER_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.args(args).env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("spawn stepgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// GET `path` on the public listener with extra headers.
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut b = req("GET", path, "api.example.com");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send_http1(addr, b.body(empty()).unwrap()).await
+}
+
+/// GET `path` with `X-Api-Key: key`.
+pub async fn get_keyed(addr: SocketAddr, path: &str, key: &str) -> Resp {
+    get_with(addr, path, &[("x-api-key", key)]).await
+}
+
+/// Asserts a 401 key failure: the problem code and `WWW-Authenticate: ApiKey realm="stepgate"`.
+pub fn assert_key_refused(r: &Resp, code: &str) {
+    r.assert_problem(401, code);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"ApiKey realm="stepgate""#),
+        "every 401 carries WWW-Authenticate; headers: {:?}",
+        r.headers
+    );
+}
+
+/// `sgk_` + 64 lower-case hex + 8 hex checksum.
+pub fn is_api_key(key: &str) -> bool {
+    key.len() == 76
+        && key.starts_with("sgk_")
+        && key[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// RFC 3339 date-time, e.g. `2025-01-02T03:04:05Z` or with an offset/fraction.
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && (b[10] == b'T' || b[10] == b't')
+        && b[13] == b':'
+        && b[16] == b':'
+        && [0..4, 5..7, 8..10, 11..13, 14..16, 17..19]
+            .iter()
+            .all(|r| b[r.clone()].iter().all(u8::is_ascii_digit))
+        && (s.ends_with('Z') || s.ends_with('z') || s[19..].contains('+') || s[19..].contains('-'))
+}
+
+/// Runs `oathtool` (the independent TOTP implementation) and returns its trimmed output.
+pub fn oathtool(args: &[&str]) -> String {
+    let out = std::process::Command::new("oathtool")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run oathtool ({e}); scripts/test installs it (Debian package oathtool)")
+        });
+    assert!(
+        out.status.success(),
+        "oathtool {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The current code of a default (SHA-1, 6 digits, 30 s) TOTP secret: `oathtool --totp -b SECRET`.
+pub fn totp_now(secret_base32: &str) -> String {
+    oathtool(&["--totp", "-b", secret_base32])
+}
+
+/// The codes oathtool computes for the previous, current and next time steps (what a
+/// verifier with ±1 step of skew accepts now).
+pub fn totp_window(secret_base32: &str, algorithm: &str, digits: u8, period: u64) -> Vec<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    [now - period, now, now + period]
+        .iter()
+        .map(|t| {
+            oathtool(&[
+                &format!("--totp={algorithm}"),
+                "-d",
+                &digits.to_string(),
+                "-s",
+                &format!("{period}s"),
+                "-N",
+                &format!("@{t}"),
+                "-b",
+                secret_base32,
+            ])
+        })
+        .collect()
+}
+
+/// A well-formed code that no verifier with ±1 step of skew can accept now.
+pub fn wrong_totp(secret_base32: &str, algorithm: &str, digits: u8, period: u64) -> String {
+    let window = totp_window(secret_base32, algorithm, digits, period);
+    let modulus = 10u64.pow(u32::from(digits));
+    let mut n: u64 = window[1].parse().unwrap();
+    loop {
+        n = (n + 1) % modulus;
+        let candidate = format!("{n:0width$}", width = usize::from(digits));
+        if !window.contains(&candidate) {
+            return candidate;
+        }
+    }
+}
+
+/// RFC 4648 base32 decoding (upper or lower case, padding optional).
+pub fn base32_decode(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for c in text.trim_end_matches('=').bytes() {
+        let v = match c.to_ascii_uppercase() {
+            b'A'..=b'Z' => c.to_ascii_uppercase() - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            other => panic!("not base32: {:?}", other as char),
+        };
+        buffer = (buffer << 5) | u32::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// Does `hay` contain `needle` anywhere?
+pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// File mode bits (`& 0o777`).
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}

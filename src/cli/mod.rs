@@ -1,5 +1,10 @@
-//! The `stepgate` command line: `run` (the default), `check` and `explain`.
+//! The `stepgate` command line: `run` (the default), `check` and `explain`, and the operator
+//! commands over the admin API (`consumer`, `key`, `totp`, `recovery`, `audit`; see [`ops`]).
 
+mod admin_client;
+mod ops;
+
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{self, Snapshot};
+use crate::config::{self, Requirement, Snapshot};
 use crate::routing::Miss;
 use crate::server::Gateway;
 
@@ -18,7 +23,20 @@ Examples:
   stepgate check -c gateway.yaml            validate; print every error as file:line:column
   stepgate explain GET /orders/7            which route, upstream and policy apply
   stepgate explain POST /orders --host api.example.com
-  RUST_LOG=stepgate=debug stepgate run      more detail in the logs";
+  RUST_LOG=stepgate=debug stepgate run      more detail in the logs
+
+Operator commands (talk to the admin API of a running gateway; address and token from the
+config's `admin.listen` and `<data_dir>/admin.token`, or --admin-url / --admin-token):
+  stepgate consumer add alice --role partner   prints alice's first API key (shown once)
+  stepgate consumer list | show alice | disable alice | enable alice | delete alice
+  stepgate key issue alice                     another key, for rotation
+  stepgate key revoke alice sgk_1a2b3c4d       refused from the next request
+  stepgate totp enroll alice                   otpauth:// URI, QR code and secret
+  stepgate totp confirm alice 123456           prints the recovery codes (shown once)
+  stepgate totp reset alice
+  stepgate recovery regenerate alice
+  stepgate audit --consumer alice --since 2025-01-01T00:00:00Z
+  stepgate --json consumer show alice          the raw JSON answer, for scripts";
 
 #[derive(Debug, Parser)]
 #[command(name = "stepgate", version, about = "An API gateway that puts a second factor in front of API calls", after_help = EXAMPLES)]
@@ -35,6 +53,8 @@ struct Cli {
     /// Log format for `run`.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(flatten)]
+    admin: ops::AdminOptions,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -61,6 +81,20 @@ enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// Manage consumers (admin API).
+    #[command(subcommand)]
+    Consumer(ops::ConsumerCommand),
+    /// Issue and revoke API keys (admin API).
+    #[command(subcommand)]
+    Key(ops::KeyCommand),
+    /// Enrol, confirm and reset TOTP (admin API).
+    #[command(subcommand)]
+    Totp(ops::TotpCommand),
+    /// Recovery codes (admin API).
+    #[command(subcommand)]
+    Recovery(ops::RecoveryCommand),
+    /// Show audit events, newest first (admin API).
+    Audit(ops::AuditArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -71,6 +105,11 @@ pub fn main() -> ExitCode {
         Command::Explain { method, path, host } => {
             explain(&cli.config, &method, &path, host.as_deref())
         }
+        Command::Consumer(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Consumer(c)),
+        Command::Key(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Key(c)),
+        Command::Totp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Totp(c)),
+        Command::Recovery(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Recovery(c)),
+        Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
     }
 }
 
@@ -140,7 +179,12 @@ fn explain(path: &Path, method: &str, target: &str, host: Option<&str>) -> ExitC
                 "policy:    {} (api_key: {}, second_factor: {})",
                 route.policy.name, route.policy.api_key, route.policy.second_factor
             );
-            println!("caller must present: nothing (public route)");
+            match route.policy.api_key {
+                Requirement::Required => {
+                    println!("caller must present: an API key (X-Api-Key)")
+                }
+                Requirement::Off => println!("caller must present: nothing (public route)"),
+            }
             match query {
                 Some(q) => println!("forwards:  {method} {forwarded}?{q}"),
                 None => println!("forwards:  {method} {forwarded}"),
@@ -176,7 +220,11 @@ fn explain(path: &Path, method: &str, target: &str, host: Option<&str>) -> ExitC
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -1,0 +1,316 @@
+//! Admin API routes (DESIGN.md §6): request parsing, registry calls, JSON answers.
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{Admin, problem};
+use crate::clock::parse_rfc3339;
+use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+use crate::error::{Body, full_body};
+use crate::registry::RegistryError;
+
+const MAX_BODY: usize = 64 * 1024;
+
+pub async fn route(admin: &Admin, request: Request<Incoming>) -> Response<Body> {
+    match dispatch(admin, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Why a call failed, mapped to one status and code each.
+enum Failure {
+    BadRequest(String),
+    NotFound(String),
+    Unavailable(String),
+    Registry(RegistryError),
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        Failure::Registry(e)
+    }
+}
+
+impl Failure {
+    fn into_response(self) -> Response<Body> {
+        let (status, code, detail) = match self {
+            Failure::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
+            Failure::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
+            Failure::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", d),
+            Failure::Registry(e) => {
+                let detail = e.to_string();
+                match e {
+                    RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
+                        (StatusCode::NOT_FOUND, "not_found", detail)
+                    }
+                    RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict", detail),
+                    RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request", detail),
+                    RegistryError::Store(_) | RegistryError::WrongMasterKey => {
+                        tracing::error!(error = %detail, "admin call failed in the store");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "unavailable",
+                            "the store is unavailable".to_owned(),
+                        )
+                    }
+                }
+            }
+        };
+        problem(status, code, &detail)
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(full_body(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn no_content() -> Response<Body> {
+    let mut response = Response::new(full_body(""));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+async fn read_json<T: DeserializeOwned>(
+    request: Request<Incoming>,
+    empty_ok: bool,
+) -> Result<T, Failure> {
+    let bytes = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            Failure::BadRequest(format!("the body must be JSON of at most {MAX_BODY} bytes"))
+        })?
+        .to_bytes();
+    let bytes: &[u8] = if bytes.is_empty() && empty_ok {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::BadRequest(format!("malformed JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConsumer {
+    name: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerPatch {
+    roles: Option<Vec<String>>,
+    disabled: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TotpRequest {
+    digits: Option<u8>,
+    period: Option<u64>,
+    algorithm: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Code {
+    code: String,
+}
+
+async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<Body>, Failure> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let segments: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let registry = &admin.registry;
+
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, ["readyz"]) => match registry.store().ping().await {
+            Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+            Err(e) => Err(Failure::Unavailable(format!("store: {e}"))),
+        },
+        (&Method::POST, ["consumers"]) => {
+            let body: NewConsumer = read_json(request, false).await?;
+            let (view, api_key) = registry.create_consumer(&body.name, body.roles).await?;
+            let prefix = view.keys.first().map(|k| k.prefix.clone());
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"id": view.id, "name": view.name, "roles": view.roles, "api_key": api_key, "prefix": prefix}),
+            ))
+        }
+        (&Method::GET, ["consumers"]) => Ok(json_response(
+            StatusCode::OK,
+            &json!({"consumers": to_value(&registry.list_consumers())}),
+        )),
+        (&Method::GET, ["consumers", name]) => Ok(json_response(
+            StatusCode::OK,
+            &to_value(&registry.consumer(name)?),
+        )),
+        (&Method::PATCH, ["consumers", name]) => {
+            let name = (*name).to_owned();
+            let patch: ConsumerPatch = read_json(request, false).await?;
+            let view = registry
+                .update_consumer(&name, patch.roles, patch.disabled)
+                .await?;
+            Ok(json_response(StatusCode::OK, &to_value(&view)))
+        }
+        (&Method::DELETE, ["consumers", name]) => {
+            registry.delete_consumer(name).await?;
+            Ok(no_content())
+        }
+        (&Method::POST, ["consumers", name, "keys"]) => {
+            let issued = registry.issue_key(name).await?;
+            Ok(json_response(StatusCode::CREATED, &to_value(&issued)))
+        }
+        (&Method::DELETE, ["consumers", name, "keys", prefix]) => {
+            registry.revoke_key(name, prefix).await?;
+            Ok(no_content())
+        }
+        (&Method::POST, ["consumers", name, "totp"]) => {
+            let name = (*name).to_owned();
+            let body: TotpRequest = read_json(request, true).await?;
+            let defaults = TotpParams::default();
+            let algorithm = match body.algorithm.as_deref() {
+                None => defaults.algorithm,
+                Some(text) => TotpAlgorithm::parse(text).ok_or_else(|| {
+                    Failure::BadRequest("algorithm must be SHA1, SHA256 or SHA512".into())
+                })?,
+            };
+            let params = TotpParams {
+                algorithm,
+                digits: body.digits.unwrap_or(defaults.digits),
+                period: body.period.unwrap_or(defaults.period),
+            };
+            let enrolment = registry.begin_totp(&name, params).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({
+                    "secret": enrolment.secret_base32,
+                    "otpauth_uri": enrolment.otpauth_uri,
+                    "qr_svg": enrolment.qr_svg,
+                }),
+            ))
+        }
+        (&Method::POST, ["consumers", name, "totp", "confirm"]) => {
+            let name = (*name).to_owned();
+            let body: Code = read_json(request, false).await?;
+            let codes = registry.confirm_totp(&name, body.code.trim()).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"recovery_codes": codes}),
+            ))
+        }
+        (&Method::DELETE, ["consumers", name, "totp"]) => {
+            registry.reset_totp(name).await?;
+            Ok(no_content())
+        }
+        (&Method::POST, ["consumers", name, "recovery-codes"]) => {
+            let codes = registry.regenerate_recovery_codes(name).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"recovery_codes": codes}),
+            ))
+        }
+        (&Method::POST, ["consumers", name, "unlock"]) => {
+            let view = registry.consumer(name)?;
+            let subject = crate::auth::limiter::Subject::Consumer(view.id.as_str().into());
+            let was_banned = admin.limiter.unlock(&subject);
+            if let Some(consumer) = registry.consumer_state(name) {
+                registry.audit_event(
+                    "unlocked",
+                    Some(&consumer),
+                    None,
+                    json!({"was_banned": was_banned}),
+                );
+            }
+            Ok(no_content())
+        }
+        (&Method::DELETE, ["consumers", name, "step-up-tokens"]) => {
+            registry.revoke_step_up_tokens(name)?;
+            Ok(no_content())
+        }
+        (&Method::GET, ["audit"]) => {
+            let mut consumer = None;
+            let mut since = None;
+            let mut limit = 100usize;
+            for (key, value) in query_pairs(request.uri().query()) {
+                match key.as_str() {
+                    "consumer" if !value.is_empty() => consumer = Some(value),
+                    "since" if !value.is_empty() => {
+                        since = Some(
+                            value
+                                .parse::<u64>()
+                                .ok()
+                                .or_else(|| parse_rfc3339(&value))
+                                .ok_or_else(|| {
+                                    Failure::BadRequest(
+                                        "since must be RFC 3339 or Unix seconds".into(),
+                                    )
+                                })?,
+                        );
+                    }
+                    "limit" => {
+                        limit = value
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|l| (1..=1000).contains(l))
+                            .ok_or_else(|| Failure::BadRequest("limit must be 1 to 1000".into()))?;
+                    }
+                    _ => {}
+                }
+            }
+            let events = registry.audit(consumer.as_deref(), since, limit).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"events": to_value(&events)}),
+            ))
+        }
+        _ => Err(Failure::NotFound(format!(
+            "no admin endpoint {method} {path}"
+        ))),
+    }
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}

@@ -1,0 +1,93 @@
+//! The first factor: the `X-Api-Key` header against the registry's in-memory index.
+//!
+//! The key is removed from the request on every route, so no upstream ever receives it. On a
+//! route whose policy needs a key, exactly one well-formed header must be present; the
+//! consumer it belongs to is then vouched for to the upstream with identity headers (the
+//! client's own copies were removed by `identity`).
+
+use std::sync::Arc;
+
+use http::Request;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Requirement;
+use crate::error::Refusal;
+use crate::guard::Guard;
+use crate::registry::Registry;
+use crate::routing::Route;
+
+pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+pub static X_CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
+pub static X_CONSUMER_ROLES: HeaderName = HeaderName::from_static("x-consumer-roles");
+pub static X_STEPGATE_AUTH: HeaderName = HeaderName::from_static("x-stepgate-auth");
+
+/// Longest header value considered; real keys are 76 bytes.
+const MAX_KEY_BYTES: usize = 256;
+
+#[derive(Clone)]
+pub struct ApiKeyGuard {
+    registry: Arc<Registry>,
+}
+
+impl ApiKeyGuard {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+/// The single value of `name`: `Ok(None)` when absent; 400 when repeated or not a plain token
+/// of visible ASCII (such input is ambiguous, so it is refused rather than guessed at).
+pub fn single_value<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    what: &'static str,
+) -> Result<Option<&'a str>, Refusal> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Refusal::BadRequest(what));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES || !bytes.iter().all(u8::is_ascii_graphic) {
+        return Err(Refusal::BadRequest(what));
+    }
+    // Visible ASCII is valid UTF-8.
+    Ok(value.to_str().ok())
+}
+
+impl<B> Guard<B> for ApiKeyGuard {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        let route = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .cloned()
+            .ok_or(Refusal::Internal("API-key check before routing"))?;
+        if route.policy.api_key == Requirement::Off {
+            request.headers_mut().remove(&X_API_KEY);
+            return Ok(());
+        }
+        let entry = {
+            let presented = single_value(
+                request.headers(),
+                &X_API_KEY,
+                "exactly one X-Api-Key header of visible ASCII is allowed",
+            )?
+            .ok_or(Refusal::ApiKeyMissing)?;
+            self.registry
+                .authenticate(presented)
+                .ok_or(Refusal::ApiKeyInvalid)?
+        };
+        let headers = request.headers_mut();
+        headers.remove(&X_API_KEY);
+        let identity = &entry.consumer.headers;
+        headers.insert(X_CONSUMER_ID.clone(), identity.id.clone());
+        headers.insert(X_CONSUMER_NAME.clone(), identity.name.clone());
+        headers.insert(X_CONSUMER_ROLES.clone(), identity.roles.clone());
+        headers.insert(X_STEPGATE_AUTH.clone(), HeaderValue::from_static("key"));
+        request.extensions_mut().insert(entry);
+        Ok(())
+    }
+}

@@ -1,0 +1,86 @@
+//! Who the client is, network-wise: the socket peer, or, when the peer is one of the
+//! configured `trusted_proxies`, the right-most address in `X-Forwarded-For` that is not a
+//! trusted proxy itself (the left part of the header is whatever the client wrote).
+
+use std::net::IpAddr;
+
+use http::Request;
+
+use crate::config::Snapshot;
+use crate::error::Refusal;
+use crate::guard::Guard;
+use crate::proxy::headers::X_FORWARDED_FOR;
+use crate::server::ConnInfo;
+
+/// The client address the failure limiter and `X-Forwarded-For` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp {
+    pub ip: IpAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-For` is extended, not replaced.
+    pub via_trusted_proxy: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct ClientAddr;
+
+impl<B> Guard<B> for ClientAddr {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .ok_or(Refusal::Internal("request without connection info"))?
+            .peer
+            .ip();
+        let trusted = &Snapshot::of(request)?.trusted_proxies;
+        let client = if trusted.iter().any(|net| net.contains(&peer)) {
+            ClientIp {
+                ip: from_forwarded_for(request.headers(), trusted).unwrap_or(peer),
+                via_trusted_proxy: true,
+            }
+        } else {
+            ClientIp {
+                ip: peer,
+                via_trusted_proxy: false,
+            }
+        };
+        request.extensions_mut().insert(client);
+        Ok(())
+    }
+}
+
+fn from_forwarded_for(headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let mut hops: Vec<&str> = Vec::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        hops.extend(value.to_str().ok()?.split(',').map(str::trim));
+    }
+    for hop in hops.iter().rev() {
+        let ip: IpAddr = hop.parse().ok()?;
+        if !trusted.iter().any(|net| net.contains(&ip)) {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rightmost_untrusted_hop_is_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 203.0.113.7, 10.0.0.2".parse().unwrap(),
+        );
+        assert_eq!(
+            from_forwarded_for(&h, &trusted),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        h.insert("x-forwarded-for", "garbage, 10.0.0.2".parse().unwrap());
+        assert_eq!(from_forwarded_for(&h, &trusted), None);
+        h.insert("x-forwarded-for", "10.0.0.3".parse().unwrap());
+        assert_eq!(from_forwarded_for(&h, &trusted), None);
+    }
+}

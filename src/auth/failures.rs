@@ -1,0 +1,239 @@
+//! The failure-limiter layers. [`FailureLimitLayer`] wraps every credential check: a banned
+//! client IP is refused before anything else is looked at, and each failed attempt coming
+//! back from the checks below is counted (against the IP, and the consumer when known) and
+//! may start a ban. [`ConsumerBan`] sits right after the API key has named the consumer and
+//! refuses a banned consumer before its code or token is evaluated.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use serde_json::json;
+use tower::{Layer, Service};
+
+use super::client_ip::ClientIp;
+use super::limiter::{FailureLimiter, Recorded, Subject};
+use crate::error::Refusal;
+use crate::guard::Guard;
+use crate::registry::{KeyEntry, Registry};
+use crate::routing::Route;
+
+/// Marks a response whose request proved a second factor (resets that consumer's count).
+#[derive(Debug, Clone)]
+pub struct SecondFactorPassed {
+    pub consumer_id: Arc<str>,
+}
+
+#[derive(Clone)]
+pub struct FailureLimitLayer {
+    limiter: Arc<FailureLimiter>,
+    registry: Arc<Registry>,
+}
+
+impl FailureLimitLayer {
+    pub fn new(limiter: Arc<FailureLimiter>, registry: Arc<Registry>) -> Self {
+        Self { limiter, registry }
+    }
+}
+
+impl<S> Layer<S> for FailureLimitLayer {
+    type Service = FailureLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        FailureLimit {
+            limiter: self.limiter.clone(),
+            registry: self.registry.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FailureLimit<S> {
+    limiter: Arc<FailureLimiter>,
+    registry: Arc<Registry>,
+    inner: S,
+}
+
+/// Checks a ban, auditing its end the first time it is found over.
+fn check_ban(
+    limiter: &FailureLimiter,
+    registry: &Registry,
+    subject: &Subject,
+    entry: Option<&KeyEntry>,
+) -> Result<(), Refusal> {
+    match limiter.banned(subject) {
+        Ok(None) => Ok(()),
+        Ok(Some(retry_after)) => Err(Refusal::TooManyAttempts { retry_after }),
+        Err(ended) => {
+            registry.audit_event(
+                "ban_ended",
+                entry.map(|e| e.consumer.as_ref()),
+                entry.map(|e| e.prefix.as_str()),
+                json!({"subject": subject.describe(), "started": ended.started, "until": ended.until}),
+            );
+            Ok(())
+        }
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for FailureLimit<S>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = Refusal>,
+{
+    type Response = Response<R>;
+    type Error = Refusal;
+    type Future = FailureLimitFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let context = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .cloned()
+            .zip(request.extensions().get::<ClientIp>().copied());
+        let Some((route, client)) = context else {
+            return FailureLimitFuture::Refused {
+                refusal: Some(Refusal::Internal("failure limiter before routing")),
+            };
+        };
+        let ip = Subject::ip(client.ip);
+        if let Err(refusal) = check_ban(&self.limiter, &self.registry, &ip, None) {
+            return FailureLimitFuture::Refused {
+                refusal: Some(refusal),
+            };
+        }
+        FailureLimitFuture::Inner {
+            future: self.inner.call(request),
+            tally: Some(Tally {
+                limiter: self.limiter.clone(),
+                registry: self.registry.clone(),
+                route,
+                ip,
+            }),
+        }
+    }
+}
+
+struct Tally {
+    limiter: Arc<FailureLimiter>,
+    registry: Arc<Registry>,
+    route: Arc<Route>,
+    ip: Subject,
+}
+
+impl Tally {
+    /// Counts a failed attempt; the refusal becomes 429 when it started a ban.
+    fn failure(&self, refusal: Refusal) -> Refusal {
+        let Some(entry) = refusal.failed_attempt() else {
+            return refusal;
+        };
+        let entry = entry.cloned();
+        let policy = &self.route.policy;
+        let name: Arc<str> = Arc::from(policy.name.as_str());
+        let failures = &policy.failures;
+        let mut ban = self.ban_if(
+            self.limiter
+                .record(&name, self.ip.clone(), failures.per_ip, failures),
+            &self.ip,
+            entry.as_deref(),
+        );
+        if let Some(entry) = &entry {
+            let consumer = Subject::Consumer(Arc::from(entry.consumer.id.as_str()));
+            let recorded =
+                self.limiter
+                    .record(&name, consumer.clone(), failures.per_consumer, failures);
+            ban = ban.or(self.ban_if(recorded, &consumer, Some(entry)));
+        }
+        match ban {
+            Some(retry_after) => Refusal::TooManyAttempts { retry_after },
+            None => refusal,
+        }
+    }
+
+    fn ban_if(
+        &self,
+        recorded: Recorded,
+        subject: &Subject,
+        entry: Option<&KeyEntry>,
+    ) -> Option<u64> {
+        let Recorded::Banned { until } = recorded else {
+            return None;
+        };
+        self.registry.audit_event(
+            "ban_started",
+            entry.map(|e| e.consumer.as_ref()),
+            entry.map(|e| e.prefix.as_str()),
+            json!({"subject": subject.describe(), "until": crate::clock::rfc3339(until), "policy": self.route.policy.name}),
+        );
+        Some(until.saturating_sub(self.limiter.now()))
+    }
+}
+
+pin_project! {
+    #[project = FailureLimitProj]
+    pub enum FailureLimitFuture<F> {
+        Inner { #[pin] future: F, tally: Option<Tally> },
+        Refused { refusal: Option<Refusal> },
+    }
+}
+
+impl<F, R> Future for FailureLimitFuture<F>
+where
+    F: Future<Output = Result<Response<R>, Refusal>>,
+{
+    type Output = Result<Response<R>, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            FailureLimitProj::Inner { future, tally } => {
+                let result = ready!(future.poll(cx));
+                let Some(tally) = tally.take() else {
+                    return Poll::Ready(result);
+                };
+                Poll::Ready(match result {
+                    Ok(response) => {
+                        if let Some(passed) = response.extensions().get::<SecondFactorPassed>() {
+                            let name: Arc<str> = Arc::from(tally.route.policy.name.as_str());
+                            tally
+                                .limiter
+                                .reset(&name, Subject::Consumer(passed.consumer_id.clone()));
+                        }
+                        Ok(response)
+                    }
+                    Err(refusal) => Err(tally.failure(refusal)),
+                })
+            }
+            FailureLimitProj::Refused { refusal } => Poll::Ready(Err(refusal
+                .take()
+                .unwrap_or(Refusal::Internal("failure limiter polled after completion")))),
+        }
+    }
+}
+
+/// Refuses a banned consumer as soon as its API key has named it.
+#[derive(Clone)]
+pub struct ConsumerBan {
+    limiter: Arc<FailureLimiter>,
+    registry: Arc<Registry>,
+}
+
+impl ConsumerBan {
+    pub fn new(limiter: Arc<FailureLimiter>, registry: Arc<Registry>) -> Self {
+        Self { limiter, registry }
+    }
+}
+
+impl<B> Guard<B> for ConsumerBan {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        let Some(entry) = request.extensions().get::<Arc<KeyEntry>>() else {
+            return Ok(()); // a public route: no consumer to ban
+        };
+        let subject = Subject::Consumer(Arc::from(entry.consumer.id.as_str()));
+        check_ban(&self.limiter, &self.registry, &subject, Some(entry))
+    }
+}

@@ -1,0 +1,312 @@
+//! The second factor (DESIGN.md §3): on a route whose policy requires one, a valid step-up
+//! token, else a code in `X-OTP` (TOTP with the consumer's parameters, or a recovery code).
+//! A code earns a step-up token when the policy's `step_up.ttl` is not zero. Both headers are
+//! removed before forwarding on every route, so no upstream ever sees them.
+//!
+//! Consumers without a confirmed factor pass during the policy's grace period (with an
+//! `X-Stepgate-Warning`), and get 403 `enrollment_required` after it. Under `report_only`
+//! rollout every refusal of this layer is audited and the request forwarded instead.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use http::header::{CACHE_CONTROL, HeaderName, HeaderValue};
+use http::{Request, Response};
+use serde_json::json;
+use tower::{Layer, Service};
+
+use super::api_key::{X_STEPGATE_AUTH, single_value};
+use super::failures::SecondFactorPassed;
+use crate::clock::rfc3339;
+use crate::config::{Policy, Requirement, RolloutMode};
+use crate::error::{Body, Refusal};
+use crate::registry::{CodeFailure, KeyEntry, Registry};
+use crate::routing::Route;
+
+pub static X_OTP: HeaderName = HeaderName::from_static("x-otp");
+pub static X_STEP_UP_TOKEN: HeaderName = HeaderName::from_static("x-step-up-token");
+pub static X_STEP_UP_EXPIRES: HeaderName = HeaderName::from_static("x-step-up-expires");
+pub static X_STEPGATE_WARNING: HeaderName = HeaderName::from_static("x-stepgate-warning");
+
+/// Where the self-service security page will live (DESIGN.md §6).
+const SECURITY_PAGE: &str = "/_stepgate/";
+
+#[derive(Clone)]
+pub struct SecondFactorLayer {
+    registry: Arc<Registry>,
+}
+
+impl SecondFactorLayer {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+impl<S> Layer<S> for SecondFactorLayer {
+    type Service = SecondFactor<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        SecondFactor {
+            registry: self.registry.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SecondFactor<S> {
+    registry: Arc<Registry>,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Refusal>> + Send>>;
+
+impl<S, B> Service<Request<B>> for SecondFactor<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Refusal> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Refusal;
+    type Future = Either<S::Future, BoxFuture>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let route = request.extensions().get::<Arc<Route>>().cloned();
+        let entry = request.extensions().get::<Arc<KeyEntry>>().cloned();
+        let (route, entry) = match (route, entry) {
+            (Some(route), Some(entry)) if route.policy.second_factor == Requirement::Required => {
+                (route, entry)
+            }
+            _ => {
+                // No second factor on this route: codes and tokens are ignored, and dropped.
+                let headers = request.headers_mut();
+                headers.remove(&X_OTP);
+                headers.remove(&X_STEP_UP_TOKEN);
+                return Either::Left(self.inner.call(request));
+            }
+        };
+        // The ready service goes into the future; a fresh clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let registry = self.registry.clone();
+        Either::Right(Box::pin(async move {
+            let decision = decide(&registry, &route.policy, &entry, &mut request).await?;
+            let auth = match &decision {
+                Decision::Proved { method, .. } => *method,
+                Decision::Unproved { .. } => "key",
+            };
+            request
+                .headers_mut()
+                .insert(X_STEPGATE_AUTH.clone(), HeaderValue::from_static(auth));
+            let mut response = inner.call(request).await?;
+            match decision {
+                Decision::Proved { token, .. } => {
+                    response.extensions_mut().insert(SecondFactorPassed {
+                        consumer_id: Arc::from(entry.consumer.id.as_str()),
+                    });
+                    if let Some((token, expires_at)) = token {
+                        let headers = response.headers_mut();
+                        if let (Ok(token), Ok(expires)) = (
+                            HeaderValue::from_str(&token),
+                            HeaderValue::from_str(&rfc3339(expires_at)),
+                        ) {
+                            let mut token = token;
+                            token.set_sensitive(true);
+                            headers.insert(X_STEP_UP_TOKEN.clone(), token);
+                            headers.insert(X_STEP_UP_EXPIRES.clone(), expires);
+                            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                        }
+                    }
+                }
+                Decision::Unproved {
+                    warning: Some(warning),
+                } => {
+                    response
+                        .headers_mut()
+                        .insert(X_STEPGATE_WARNING.clone(), warning);
+                }
+                Decision::Unproved { warning: None } => {}
+            }
+            Ok(response)
+        }))
+    }
+}
+
+enum Decision {
+    /// A second factor was proved; `token` is a newly issued step-up token.
+    Proved {
+        method: &'static str,
+        token: Option<(String, u64)>,
+    },
+    /// Passed without one: grace period (with a warning) or report-only rollout.
+    Unproved { warning: Option<HeaderValue> },
+}
+
+async fn decide<B>(
+    registry: &Registry,
+    policy: &Policy,
+    entry: &Arc<KeyEntry>,
+    request: &mut Request<B>,
+) -> Result<Decision, Refusal> {
+    let headers = request.headers_mut();
+    let token = single_value(
+        headers,
+        &X_STEP_UP_TOKEN,
+        "exactly one X-Step-Up-Token header of visible ASCII is allowed",
+    )?
+    .map(str::to_owned);
+    let code = single_value(
+        headers,
+        &X_OTP,
+        "exactly one X-OTP header of visible ASCII is allowed",
+    )?
+    .map(str::to_owned);
+    headers.remove(&X_OTP);
+    headers.remove(&X_STEP_UP_TOKEN);
+
+    let consumer = &entry.consumer;
+    let now = registry.now();
+    let audit = |kind: &str, detail: serde_json::Value| {
+        registry.audit_event(kind, Some(consumer), Some(&entry.prefix), detail);
+    };
+
+    let outcome = if consumer.confirmed_totp().is_none() {
+        match policy.rollout.grace_until {
+            Some(until) if now < until => {
+                let warning = format!(
+                    "second factor not enrolled; required from {} on; enrol at {SECURITY_PAGE}",
+                    rfc3339(until)
+                );
+                return Ok(Decision::Unproved {
+                    warning: HeaderValue::from_str(&warning).ok(),
+                });
+            }
+            _ => Err(Refusal::EnrollmentRequired),
+        }
+    } else {
+        prove(
+            registry,
+            policy,
+            entry,
+            token.as_deref(),
+            code.as_deref(),
+            now,
+        )
+        .await
+    };
+
+    let report_only = policy.rollout.mode == RolloutMode::ReportOnly;
+    match outcome {
+        Ok(decision) => Ok(decision),
+        Err(
+            refusal @ (Refusal::OtpRequired
+            | Refusal::OtpInvalid { .. }
+            | Refusal::StepUpInvalid { .. }
+            | Refusal::EnrollmentRequired),
+        ) if report_only => {
+            let (_, code) = refusal.status_code();
+            audit("would_refuse", json!({"code": code, "policy": policy.name}));
+            Ok(Decision::Unproved { warning: None })
+        }
+        Err(refusal) => Err(refusal),
+    }
+}
+
+async fn prove(
+    registry: &Registry,
+    policy: &Policy,
+    entry: &Arc<KeyEntry>,
+    token: Option<&str>,
+    code: Option<&str>,
+    now: u64,
+) -> Result<Decision, Refusal> {
+    let consumer = &entry.consumer;
+    let audit = |kind: &str, detail: serde_json::Value| {
+        registry.audit_event(kind, Some(consumer), Some(&entry.prefix), detail);
+    };
+    if let Some(token) = token {
+        match registry
+            .tokens()
+            .check(token, &consumer.id, &policy.name, now)
+        {
+            Ok(_) => {
+                return Ok(Decision::Proved {
+                    method: "key+step_up",
+                    token: None,
+                });
+            }
+            Err(rejection) => {
+                audit(
+                    "step_up_rejected",
+                    json!({"reason": rejection.as_str(), "policy": policy.name}),
+                );
+                if code.is_none() {
+                    return Err(Refusal::StepUpInvalid {
+                        entry: entry.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let Some(code) = code else {
+        return Err(Refusal::OtpRequired);
+    };
+    match registry
+        .verify_code(consumer, policy.factors, code, now)
+        .await
+    {
+        Ok(factor) => {
+            audit(
+                "otp_accepted",
+                json!({"factor": factor.as_str(), "policy": policy.name}),
+            );
+            if factor == crate::registry::Factor::RecoveryCode {
+                audit("recovery_code_used", json!({"policy": policy.name}));
+            }
+            let token = (!policy.step_up.ttl.is_zero()).then(|| {
+                let issued = registry.tokens().issue(
+                    &consumer.id,
+                    &policy.name,
+                    policy.step_up.scope,
+                    policy.step_up.ttl,
+                    now,
+                );
+                audit(
+                    "step_up_issued",
+                    json!({"expires_at": rfc3339(issued.1), "policy": policy.name}),
+                );
+                issued
+            });
+            Ok(Decision::Proved {
+                method: match factor {
+                    crate::registry::Factor::Totp => "key+totp",
+                    crate::registry::Factor::RecoveryCode => "key+recovery_code",
+                },
+                token,
+            })
+        }
+        Err(CodeFailure::Invalid) => {
+            audit("otp_rejected", json!({"policy": policy.name}));
+            Err(Refusal::OtpInvalid {
+                entry: entry.clone(),
+            })
+        }
+        Err(CodeFailure::Replayed) => {
+            audit("otp_replayed", json!({"policy": policy.name}));
+            Err(Refusal::OtpInvalid {
+                entry: entry.clone(),
+            })
+        }
+        Err(CodeFailure::Store(error)) => {
+            tracing::error!(%error, "second factor check failed closed: store unavailable");
+            Err(Refusal::Unavailable)
+        }
+    }
+}

@@ -1,0 +1,829 @@
+//! Operator commands: consumers, API keys, TOTP and recovery codes, the audit log; each one
+//! admin API call (see DESIGN.md §6), printed for people or, with `--json`, as the raw answer.
+//!
+//! Where the admin API is: `--admin-url` / `STEPGATE_ADMIN_URL`, else `http://` + the
+//! `admin.listen` address of the configuration. The token: `--admin-token` /
+//! `STEPGATE_ADMIN_TOKEN`, else `<data_dir>/admin.token` of the configuration. The token is never
+//! printed.
+
+use std::cell::RefCell;
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use http::Method;
+use serde_json::{Value, json};
+
+use super::admin_client::{AdminClient, Answer, CallError, query_value, segment};
+use crate::config;
+
+/// `println!` into an [`Output`].
+macro_rules! say {
+    ($out:expr) => {
+        $out.line(String::new())
+    };
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(format!($($arg)*))
+    };
+}
+
+/// Options shared by every operator command.
+#[derive(Debug, Args)]
+pub struct AdminOptions {
+    /// Admin API base URL [default: http://<admin.listen of the config>].
+    #[arg(
+        long,
+        global = true,
+        env = "STEPGATE_ADMIN_URL",
+        value_name = "URL",
+        help_heading = "Admin API (operator commands)"
+    )]
+    pub admin_url: Option<String>,
+    /// Admin API bearer token [default: read from <data_dir>/admin.token]. Prefer the
+    /// environment variable: a command-line argument is visible to other local users.
+    #[arg(
+        long,
+        global = true,
+        env = "STEPGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = "Admin API (operator commands)"
+    )]
+    pub admin_token: Option<String>,
+    /// Print the admin API's JSON answer as received instead of text (for scripts).
+    #[arg(long, global = true, help_heading = "Admin API (operator commands)")]
+    pub json: bool,
+}
+
+/// The operator commands, each one call of the admin API.
+#[derive(Debug)]
+pub enum Operation {
+    Consumer(ConsumerCommand),
+    Key(KeyCommand),
+    Totp(TotpCommand),
+    Recovery(RecoveryCommand),
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumerCommand {
+    /// Create a consumer and its first API key (the key is shown only once).
+    Add {
+        name: String,
+        /// A role (repeat the flag, or separate with commas).
+        #[arg(long = "role", value_name = "ROLE", value_delimiter = ',')]
+        roles: Vec<String>,
+    },
+    /// List consumers: roles, disabled flag, enrolled factors, key prefixes.
+    List,
+    /// One consumer in detail: keys, TOTP status, recovery codes remaining.
+    Show { name: String },
+    /// Refuse the consumer's API keys from the next request on.
+    Disable { name: String },
+    /// Accept the consumer's live API keys again.
+    Enable { name: String },
+    /// Delete the consumer with its keys and factors.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Issue another API key for a consumer (for rotation; shown only once).
+    Issue { name: String },
+    /// Revoke a key by its prefix (`sgk_` + 8 hex digits, see `consumer show`).
+    Revoke { name: String, prefix: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TotpCommand {
+    /// Start a TOTP enrolment: prints the otpauth:// URI, a QR code and the secret.
+    Enroll {
+        name: String,
+        /// Code length: 6, 7 or 8 [default: 6].
+        #[arg(long)]
+        digits: Option<u8>,
+        /// Seconds per code, 15 to 120 [default: 30].
+        #[arg(long)]
+        period: Option<u64>,
+        /// HMAC algorithm [default: SHA1, which every authenticator app supports].
+        #[arg(long, value_enum, ignore_case = true)]
+        algorithm: Option<Algorithm>,
+    },
+    /// Confirm a pending enrolment with a current code; prints the recovery codes (once).
+    Confirm { name: String, code: String },
+    /// Remove the consumer's TOTP enrolment and recovery codes.
+    Reset { name: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Algorithm {
+    #[value(name = "SHA1")]
+    Sha1,
+    #[value(name = "SHA256")]
+    Sha256,
+    #[value(name = "SHA512")]
+    Sha512,
+}
+
+impl Algorithm {
+    fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha1 => "SHA1",
+            Algorithm::Sha256 => "SHA256",
+            Algorithm::Sha512 => "SHA512",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Replace the consumer's recovery codes with a new set (the old ones stop working).
+    Regenerate { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only events of this consumer.
+    #[arg(long)]
+    pub consumer: Option<String>,
+    /// Only events at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many events.
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+/// Runs one operator command; exit 1 on any failure, with the reason on stderr.
+pub fn run(config_path: &Path, options: &AdminOptions, operation: Operation) -> ExitCode {
+    let client = match connect(config_path, options) {
+        Ok(client) => client,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = Output::new(options.json);
+    match runtime.block_on(execute(&client, &out, operation)) {
+        Ok(()) if out.flush() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
+        Err(error) => {
+            if let (true, CallError::Problem { body, .. }) = (out.json, &error)
+                && !body.is_empty()
+            {
+                say!(out, "{}", String::from_utf8_lossy(body).trim_end());
+            }
+            out.flush();
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the admin API is and which token to present.
+fn connect(config_path: &Path, options: &AdminOptions) -> Result<AdminClient, String> {
+    let url = options
+        .admin_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty());
+    let token = options
+        .admin_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let snapshot = if url.is_none() || token.is_none() {
+        Some(config::load(config_path).map_err(|errors| {
+            let mut message = format!(
+                "cannot load {} ({} error(s)) to find the admin API:",
+                config_path.display(),
+                errors.errors().len()
+            );
+            for error in errors.errors().iter().take(5) {
+                message.push_str(&format!("\n  {error}"));
+            }
+            message.push_str(&format!(
+                "\nfix it (see `stepgate check -c {}`), point -c at the gateway's \
+                 configuration, or pass {}",
+                config_path.display(),
+                match (url, token) {
+                    (None, None) =>
+                        "--admin-url and --admin-token (or STEPGATE_ADMIN_URL and \
+                                     STEPGATE_ADMIN_TOKEN)",
+                    (None, Some(_)) => "--admin-url URL (or set STEPGATE_ADMIN_URL)",
+                    _ => "--admin-token (or set STEPGATE_ADMIN_TOKEN)",
+                }
+            ));
+            message
+        })?)
+    } else {
+        None
+    };
+    let url = match url {
+        Some(url) => url.to_owned(),
+        None => {
+            let snapshot = snapshot.as_ref().unwrap_or_else(|| unreachable!());
+            let Some(admin) = snapshot.admin else {
+                return Err(format!(
+                    "{} has no `admin:` section, so the gateway serves no admin API; add \
+                     `admin: {{ listen: 127.0.0.1:9901 }}` and restart it, or pass --admin-url",
+                    config_path.display()
+                ));
+            };
+            if admin.port() == 0 {
+                return Err(format!(
+                    "{}: admin.listen has port 0 (any free port), so the admin API's address \
+                     cannot be known from the configuration; pass --admin-url",
+                    config_path.display()
+                ));
+            }
+            format!("http://{}", reachable(admin))
+        }
+    };
+    let token = match token {
+        Some(token) => token.to_owned(),
+        None => {
+            let snapshot = snapshot.as_ref().unwrap_or_else(|| unreachable!());
+            let path = crate::secrets::admin_token_path(&snapshot.data_dir);
+            match std::fs::read_to_string(&path) {
+                Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+                Ok(_) => return Err(format!("{} is empty", path.display())),
+                Err(error) if error.kind() == ErrorKind::NotFound => {
+                    return Err(format!(
+                        "no admin token at {}: the gateway creates it on its first start \
+                         (unless STEPGATE_ADMIN_TOKEN is set for it); pass --admin-token or set \
+                         STEPGATE_ADMIN_TOKEN",
+                        path.display()
+                    ));
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "cannot read the admin token {}: {error}; run as the gateway's user, or \
+                         pass --admin-token or set STEPGATE_ADMIN_TOKEN",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    };
+    AdminClient::new(&url, &token)
+}
+
+/// A wildcard listen address (0.0.0.0, ::) is reached over loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// What a command prints on stdout, collected and written at the end (so that a closed pipe,
+/// as in `stepgate consumer list | head -1`, is not a crash).
+struct Output {
+    json: bool,
+    text: RefCell<String>,
+}
+
+impl Output {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            text: RefCell::new(String::new()),
+        }
+    }
+
+    fn line(&self, line: String) {
+        let mut text = self.text.borrow_mut();
+        text.push_str(&line);
+        text.push('\n');
+    }
+
+    /// Writes what was collected; a reader that went away early is not an error.
+    fn flush(&self) -> bool {
+        let text = self.text.take();
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => true,
+            Err(error) if error.kind() == ErrorKind::BrokenPipe => true,
+            Err(error) => {
+                eprintln!("error: cannot write the output: {error}");
+                false
+            }
+        }
+    }
+
+    /// With `--json`, prints the answer as received and returns `None`; else its JSON value
+    /// (`Null` for an empty 204 answer).
+    fn take(&self, answer: &Answer) -> Result<Option<Value>, CallError> {
+        if self.json {
+            if !answer.body.is_empty() {
+                say!(self, "{}", String::from_utf8_lossy(&answer.body).trim_end());
+            }
+            return Ok(None);
+        }
+        answer.json().map(Some)
+    }
+}
+
+fn consumer_path(name: &str) -> String {
+    format!("/consumers/{}", segment(name))
+}
+
+async fn execute(
+    client: &AdminClient,
+    out: &Output,
+    operation: Operation,
+) -> Result<(), CallError> {
+    match operation {
+        Operation::Consumer(command) => consumer(client, out, command).await,
+        Operation::Key(command) => key(client, out, command).await,
+        Operation::Totp(command) => totp(client, out, command).await,
+        Operation::Recovery(RecoveryCommand::Regenerate { name }) => {
+            let path = format!("{}/recovery-codes", consumer_path(&name));
+            let answer = client.call(Method::POST, &path, None).await?;
+            if let Some(body) = out.take(&answer)? {
+                say!(
+                    out,
+                    "New recovery codes for {name} (the previous ones no longer work):"
+                );
+                print_recovery_codes(out, &body);
+            }
+            Ok(())
+        }
+        Operation::Audit(args) => audit(client, out, args).await,
+    }
+}
+
+async fn consumer(
+    client: &AdminClient,
+    out: &Output,
+    command: ConsumerCommand,
+) -> Result<(), CallError> {
+    match command {
+        ConsumerCommand::Add { name, roles } => {
+            let answer = client
+                .call(
+                    Method::POST,
+                    "/consumers",
+                    Some(&json!({"name": name, "roles": roles})),
+                )
+                .await?;
+            if let Some(body) = out.take(&answer)? {
+                say!(out, "Created consumer {}.", text(&body["name"]));
+                say!(out, "id:      {}", text(&body["id"]));
+                say!(out, "roles:   {}", roles_or_none(&body["roles"]));
+                say!(out, "API key: {}", text(&body["api_key"]));
+                say!(out, "prefix:  {}", text(&body["prefix"]));
+                say!(out);
+                say!(
+                    out,
+                    "The API key is shown only once: give it to the consumer now (it is sent \
+                     as X-Api-Key). stepgate keeps only a hash of it."
+                );
+            }
+        }
+        ConsumerCommand::List => {
+            let answer = client.call(Method::GET, "/consumers", None).await?;
+            if let Some(body) = out.take(&answer)? {
+                let consumers = body["consumers"].as_array().cloned().unwrap_or_default();
+                if consumers.is_empty() {
+                    say!(
+                        out,
+                        "No consumers yet (add one with `stepgate consumer add NAME`)."
+                    );
+                    return Ok(());
+                }
+                let mut rows = vec![vec![
+                    "NAME".to_owned(),
+                    "ROLES".to_owned(),
+                    "DISABLED".to_owned(),
+                    "FACTORS".to_owned(),
+                    "KEYS".to_owned(),
+                ]];
+                for c in &consumers {
+                    rows.push(vec![
+                        text(&c["name"]),
+                        list(&c["roles"]),
+                        yes_no(&c["disabled"]),
+                        factors(c),
+                        live_keys(&c["keys"]),
+                    ]);
+                }
+                print_table(out, &rows);
+            }
+        }
+        ConsumerCommand::Show { name } => {
+            let answer = client
+                .call(Method::GET, &consumer_path(&name), None)
+                .await?;
+            if let Some(c) = out.take(&answer)? {
+                say!(out, "name:      {}", text(&c["name"]));
+                say!(out, "id:        {}", text(&c["id"]));
+                say!(out, "roles:     {}", roles_or_none(&c["roles"]));
+                say!(out, "disabled:  {}", yes_no(&c["disabled"]));
+                say!(out, "created:   {}", text(&c["created_at"]));
+                say!(out, "factors:   {}", factors(&c));
+                say!(out, "totp:      {}", totp_status(&c["totp"]));
+                say!(
+                    out,
+                    "recovery codes remaining: {}",
+                    c["recovery_codes_remaining"]
+                );
+                let keys = c["keys"].as_array().cloned().unwrap_or_default();
+                if keys.is_empty() {
+                    say!(out, "keys:      none");
+                } else {
+                    say!(out, "keys:");
+                    let mut rows = vec![vec![
+                        "  PREFIX".to_owned(),
+                        "CREATED".to_owned(),
+                        "LAST USED".to_owned(),
+                        "REVOKED".to_owned(),
+                    ]];
+                    for k in &keys {
+                        rows.push(vec![
+                            format!("  {}", text(&k["prefix"])),
+                            text(&k["created_at"]),
+                            k["last_used_at"].as_str().unwrap_or("never").to_owned(),
+                            k["revoked_at"].as_str().unwrap_or("-").to_owned(),
+                        ]);
+                    }
+                    print_table(out, &rows);
+                }
+            }
+        }
+        ConsumerCommand::Disable { name } => {
+            set_disabled(client, out, &name, true).await?;
+        }
+        ConsumerCommand::Enable { name } => {
+            set_disabled(client, out, &name, false).await?;
+        }
+        ConsumerCommand::Delete { name } => {
+            let answer = client
+                .call(Method::DELETE, &consumer_path(&name), None)
+                .await?;
+            if out.take(&answer)?.is_some() {
+                say!(out, "Deleted consumer {name}, with its keys and factors.");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set_disabled(
+    client: &AdminClient,
+    out: &Output,
+    name: &str,
+    disabled: bool,
+) -> Result<(), CallError> {
+    let answer = client
+        .call(
+            Method::PATCH,
+            &consumer_path(name),
+            Some(&json!({"disabled": disabled})),
+        )
+        .await?;
+    if out.take(&answer)?.is_some() {
+        if disabled {
+            say!(
+                out,
+                "Disabled consumer {name}: its API keys are refused from the next request."
+            );
+        } else {
+            say!(
+                out,
+                "Enabled consumer {name}: its live API keys are accepted again."
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn key(client: &AdminClient, out: &Output, command: KeyCommand) -> Result<(), CallError> {
+    match command {
+        KeyCommand::Issue { name } => {
+            let path = format!("{}/keys", consumer_path(&name));
+            let answer = client.call(Method::POST, &path, None).await?;
+            if let Some(body) = out.take(&answer)? {
+                say!(out, "New API key for {name}: {}", text(&body["api_key"]));
+                say!(out, "prefix: {}", text(&body["prefix"]));
+                say!(out);
+                say!(
+                    out,
+                    "The key is shown only once. The consumer's other keys keep working until \
+                     you revoke them: `stepgate key revoke {name} PREFIX`."
+                );
+            }
+        }
+        KeyCommand::Revoke { name, prefix } => {
+            let path = format!("{}/keys/{}", consumer_path(&name), segment(&prefix));
+            let answer = client.call(Method::DELETE, &path, None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Revoked key {prefix} of {name}: it is refused from the next request."
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn totp(client: &AdminClient, out: &Output, command: TotpCommand) -> Result<(), CallError> {
+    match command {
+        TotpCommand::Enroll {
+            name,
+            digits,
+            period,
+            algorithm,
+        } => {
+            let mut params = serde_json::Map::new();
+            if let Some(digits) = digits {
+                params.insert("digits".into(), json!(digits));
+            }
+            if let Some(period) = period {
+                params.insert("period".into(), json!(period));
+            }
+            if let Some(algorithm) = algorithm {
+                params.insert("algorithm".into(), json!(algorithm.as_str()));
+            }
+            let path = format!("{}/totp", consumer_path(&name));
+            let answer = client
+                .call(Method::POST, &path, Some(&Value::Object(params)))
+                .await?;
+            if let Some(body) = out.take(&answer)? {
+                let uri = text(&body["otpauth_uri"]);
+                say!(
+                    out,
+                    "TOTP enrolment started for {name}; it stays pending until confirmed."
+                );
+                say!(out);
+                match crate::credentials::totp::qr_terminal(&uri) {
+                    Ok(qr) => {
+                        say!(out, "Scan this QR code with an authenticator app:");
+                        say!(out, "{qr}");
+                    }
+                    Err(error) => say!(out, "(cannot draw the QR code here: {error})"),
+                }
+                say!(out, "otpauth URI: {uri}");
+                say!(
+                    out,
+                    "secret:      {}  (to type in by hand)",
+                    text(&body["secret"])
+                );
+                say!(out);
+                say!(out, "Next: confirm with the code the app shows now:");
+                say!(out, "  stepgate totp confirm {name} CODE");
+            }
+        }
+        TotpCommand::Confirm { name, code } => {
+            let path = format!("{}/totp/confirm", consumer_path(&name));
+            let answer = client
+                .call(Method::POST, &path, Some(&json!({"code": code})))
+                .await?;
+            if let Some(body) = out.take(&answer)? {
+                say!(out, "TOTP confirmed for {name}. Recovery codes:");
+                print_recovery_codes(out, &body);
+            }
+        }
+        TotpCommand::Reset { name } => {
+            let path = format!("{}/totp", consumer_path(&name));
+            let answer = client.call(Method::DELETE, &path, None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Removed the TOTP enrolment of {name} and its recovery codes; enrol again \
+                     with `stepgate totp enroll {name}`."
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(client: &AdminClient, out: &Output, args: AuditArgs) -> Result<(), CallError> {
+    let mut query = Vec::new();
+    if let Some(consumer) = &args.consumer {
+        query.push(format!("consumer={}", query_value(consumer)));
+    }
+    if let Some(since) = &args.since {
+        query.push(format!("since={}", query_value(since)));
+    }
+    if let Some(limit) = args.limit {
+        query.push(format!("limit={limit}"));
+    }
+    let path = if query.is_empty() {
+        "/audit".to_owned()
+    } else {
+        format!("/audit?{}", query.join("&"))
+    };
+    let answer = client.call(Method::GET, &path, None).await?;
+    if let Some(body) = out.take(&answer)? {
+        let events = body["events"].as_array().cloned().unwrap_or_default();
+        if events.is_empty() {
+            say!(out, "No audit events.");
+            return Ok(());
+        }
+        let mut rows = vec![vec![
+            "AT".to_owned(),
+            "KIND".to_owned(),
+            "CONSUMER".to_owned(),
+            "KEY".to_owned(),
+            "DETAIL".to_owned(),
+        ]];
+        for e in &events {
+            let detail = match &e["detail"] {
+                Value::Null => String::new(),
+                Value::Object(m) if m.is_empty() => String::new(),
+                other => other.to_string(),
+            };
+            rows.push(vec![
+                text(&e["at"]),
+                text(&e["kind"]),
+                e["consumer"].as_str().unwrap_or("-").to_owned(),
+                e["key_prefix"].as_str().unwrap_or("-").to_owned(),
+                detail,
+            ]);
+        }
+        print_table(out, &rows);
+    }
+    Ok(())
+}
+
+fn print_recovery_codes(out: &Output, body: &Value) {
+    let codes = body["recovery_codes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for code in &codes {
+        say!(out, "  {}", text(code));
+    }
+    say!(out);
+    say!(
+        out,
+        "These {} codes are shown only once: store them somewhere safe. Each works once, in \
+         place of a TOTP code.",
+        codes.len()
+    );
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn list(value: &Value) -> String {
+    let items: Vec<String> = value
+        .as_array()
+        .map(|a| a.iter().map(text).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+fn roles_or_none(value: &Value) -> String {
+    match list(value).as_str() {
+        "-" => "none".to_owned(),
+        roles => roles.to_owned(),
+    }
+}
+
+fn yes_no(value: &Value) -> String {
+    match value.as_bool() {
+        Some(true) => "yes".to_owned(),
+        Some(false) => "no".to_owned(),
+        None => text(value),
+    }
+}
+
+fn factors(consumer: &Value) -> String {
+    let confirmed = list(&consumer["factors"]);
+    let pending = consumer["totp"]["status"].as_str() == Some("pending");
+    match (confirmed.as_str(), pending) {
+        ("-", true) => "totp (pending)".to_owned(),
+        ("-", false) => "none".to_owned(),
+        (_, _) => confirmed,
+    }
+}
+
+fn totp_status(totp: &Value) -> String {
+    if totp.is_null() {
+        return "not enrolled".to_owned();
+    }
+    let status = match totp["status"].as_str() {
+        Some("pending") => "pending confirmation",
+        Some(other) => other,
+        None => "-",
+    };
+    format!(
+        "{status} ({}, {} digits, {} s)",
+        text(&totp["algorithm"]),
+        text(&totp["digits"]),
+        text(&totp["period"])
+    )
+}
+
+/// Prefixes of live keys, plus how many are revoked.
+fn live_keys(keys: &Value) -> String {
+    let keys = keys.as_array().cloned().unwrap_or_default();
+    let live: Vec<String> = keys
+        .iter()
+        .filter(|k| k["revoked_at"].is_null())
+        .map(|k| text(&k["prefix"]))
+        .collect();
+    let revoked = keys.len() - live.len();
+    let mut out = if live.is_empty() {
+        "none live".to_owned()
+    } else {
+        live.join(",")
+    };
+    if revoked > 0 {
+        out.push_str(&format!(" (+{revoked} revoked)"));
+    }
+    out
+}
+
+fn print_table(out: &Output, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
+            }
+        }
+        say!(out, "{}", line.trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_admin_addresses_are_reached_over_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:9901".parse().unwrap()).to_string(),
+            "127.0.0.1:9901"
+        );
+        assert_eq!(
+            reachable("[::]:9901".parse().unwrap()).to_string(),
+            "[::1]:9901"
+        );
+        assert_eq!(
+            reachable("10.0.0.5:9901".parse().unwrap()).to_string(),
+            "10.0.0.5:9901"
+        );
+    }
+
+    #[test]
+    fn consumer_summaries() {
+        let c = json!({
+            "factors": [], "totp": {"status": "pending"},
+            "keys": [{"prefix": "sgk_aaaaaaaa", "revoked_at": null},
+                     {"prefix": "sgk_bbbbbbbb", "revoked_at": "2025-01-01T00:00:00Z"}]
+        });
+        assert_eq!(factors(&c), "totp (pending)");
+        assert_eq!(live_keys(&c["keys"]), "sgk_aaaaaaaa (+1 revoked)");
+        let c = json!({"factors": ["totp", "recovery_code"], "totp": {"status": "confirmed"}});
+        assert_eq!(factors(&c), "totp,recovery_code");
+        assert_eq!(totp_status(&Value::Null), "not enrolled");
+    }
+}

@@ -1,0 +1,955 @@
+//! Consumers and their credentials: the in-memory index the request path reads (consumers by
+//! API-key hash, behind an `ArcSwap`, so a lookup takes no lock and touches no disk) and the
+//! operations the admin API performs, each written through to the store and then published as
+//! a new index.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use serde::Serialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+use crate::audit::AuditLog;
+use crate::auth::step_up::StepUpTokens;
+use crate::clock::{SharedClock, rfc3339};
+use crate::credentials::totp::{self, TotpParams};
+use crate::credentials::{api_key, recovery};
+use crate::secrets::MasterKey;
+use crate::store::{
+    AuditEvent, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store, StoreError,
+    TotpRecord,
+};
+
+const MASTER_CHECK_META: &str = "master_key_check";
+const MASTER_CHECK_PLAINTEXT: &[u8] = b"stepgate master key check v1";
+
+/// A consumer as the request path sees it. Immutable: a change publishes a new one.
+#[derive(Debug)]
+pub struct Consumer {
+    pub id: String,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub disabled: bool,
+    pub created_at: u64,
+    pub keys: Vec<KeyRecord>,
+    pub totp: Option<TotpRecord>,
+    pub recovery_codes: Vec<RecoveryCodeRecord>,
+    /// Identity header values, computed once so the request path only clones them.
+    pub headers: IdentityHeaders,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub id: HeaderValue,
+    pub name: HeaderValue,
+    pub roles: HeaderValue,
+}
+
+impl Consumer {
+    fn new(
+        record: ConsumerRecord,
+        keys: Vec<KeyRecord>,
+        totp: Option<TotpRecord>,
+        recovery_codes: Vec<RecoveryCodeRecord>,
+    ) -> Self {
+        // Names and roles are validated to header-safe characters on the way in.
+        let header = |s: &str| {
+            HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        };
+        let headers = IdentityHeaders {
+            id: header(&record.id),
+            name: header(&record.name),
+            roles: header(&record.roles.join(",")),
+        };
+        Self {
+            id: record.id,
+            name: record.name,
+            roles: record.roles,
+            disabled: record.disabled,
+            created_at: record.created_at,
+            keys,
+            totp,
+            recovery_codes,
+            headers,
+        }
+    }
+
+    fn record(&self) -> ConsumerRecord {
+        ConsumerRecord {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            roles: self.roles.clone(),
+            disabled: self.disabled,
+            created_at: self.created_at,
+        }
+    }
+
+    fn with(&self, change: impl FnOnce(&mut ConsumerParts)) -> Consumer {
+        let mut parts = ConsumerParts {
+            record: self.record(),
+            keys: self.keys.clone(),
+            totp: self.totp.clone(),
+            recovery_codes: self.recovery_codes.clone(),
+        };
+        change(&mut parts);
+        Consumer::new(parts.record, parts.keys, parts.totp, parts.recovery_codes)
+    }
+
+    /// A confirmed TOTP enrolment, if any.
+    pub fn confirmed_totp(&self) -> Option<&TotpRecord> {
+        self.totp.as_ref().filter(|t| t.confirmed)
+    }
+}
+
+struct ConsumerParts {
+    record: ConsumerRecord,
+    keys: Vec<KeyRecord>,
+    totp: Option<TotpRecord>,
+    recovery_codes: Vec<RecoveryCodeRecord>,
+}
+
+/// A live API key in the index.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub consumer: Arc<Consumer>,
+    pub prefix: String,
+    hash: Hash,
+    /// Last use (Unix seconds), flushed to the store in batches, off the request path.
+    last_used: AtomicU64,
+    flushed: AtomicU64,
+}
+
+#[derive(Default, Clone)]
+struct Index {
+    by_hash: HashMap<Hash, Arc<KeyEntry>>,
+    by_name: HashMap<String, Arc<Consumer>>,
+}
+
+impl Index {
+    fn put(&mut self, consumer: Consumer) {
+        let consumer = Arc::new(consumer);
+        if let Some(old) = self.by_name.remove(&consumer.name) {
+            for key in &old.keys {
+                self.by_hash.remove(&key.hash);
+            }
+        }
+        for key in consumer.keys.iter().filter(|k| k.revoked_at.is_none()) {
+            let used = key.last_used_at.unwrap_or(0);
+            self.by_hash.insert(
+                key.hash,
+                Arc::new(KeyEntry {
+                    consumer: consumer.clone(),
+                    prefix: key.prefix.clone(),
+                    hash: key.hash,
+                    last_used: AtomicU64::new(used),
+                    flushed: AtomicU64::new(used),
+                }),
+            );
+        }
+        self.by_name.insert(consumer.name.clone(), consumer);
+    }
+
+    /// The admin view, with "last used" from the live index (the store lags by up to 30 s).
+    fn view(&self, consumer: &Consumer) -> ConsumerView {
+        let mut view = ConsumerView::of(consumer);
+        for (key, shown) in consumer.keys.iter().zip(view.keys.iter_mut()) {
+            if let Some(entry) = self.by_hash.get(&key.hash) {
+                let used = entry.last_used.load(Ordering::Relaxed);
+                if used > key.last_used_at.unwrap_or(0) {
+                    shown.last_used_at = Some(rfc3339(used));
+                }
+            }
+        }
+        view
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.by_name.remove(name) {
+            for key in &old.keys {
+                self.by_hash.remove(&key.hash);
+            }
+        }
+    }
+}
+
+/// The second factor a code proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    Totp,
+    RecoveryCode,
+}
+
+impl Factor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Factor::Totp => "totp",
+            Factor::RecoveryCode => "recovery_code",
+        }
+    }
+}
+
+/// Why a code was refused.
+#[derive(Debug)]
+pub enum CodeFailure {
+    /// Wrong, expired, malformed, or a factor the policy does not accept.
+    Invalid,
+    /// A TOTP code for a time step at or before the last one accepted.
+    Replayed,
+    /// The store could not be asked: fail closed.
+    Store(StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no consumer named `{0}`")]
+    NotFound(String),
+    #[error("{0}")]
+    NotFoundOther(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the master key does not match the one this data was sealed with; \
+         set STEPGATE_MASTER_KEY (or restore master.key) to the original key"
+    )]
+    WrongMasterKey,
+}
+
+/// The consumer registry.
+pub struct Registry {
+    store: Arc<dyn Store>,
+    master: MasterKey,
+    clock: SharedClock,
+    audit: AuditLog,
+    tokens: StepUpTokens,
+    index: ArcSwap<Index>,
+    /// Serialises admin writes so that each publishes an index built on the previous one.
+    writes: Mutex<()>,
+}
+
+impl Registry {
+    /// Checks the master key against the store and loads every consumer into memory.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        master: MasterKey,
+        clock: SharedClock,
+    ) -> Result<Self, RegistryError> {
+        match store.get_meta(MASTER_CHECK_META).await? {
+            Some(sealed) => {
+                if master
+                    .decrypt(&sealed, MASTER_CHECK_META.as_bytes())
+                    .as_deref()
+                    != Some(MASTER_CHECK_PLAINTEXT)
+                {
+                    return Err(RegistryError::WrongMasterKey);
+                }
+            }
+            None => {
+                let sealed = master.encrypt(MASTER_CHECK_PLAINTEXT, MASTER_CHECK_META.as_bytes());
+                store.put_meta(MASTER_CHECK_META, sealed).await?;
+            }
+        }
+        let state = store.load().await?;
+        Ok(Self {
+            index: ArcSwap::from_pointee(build_index(state)),
+            audit: AuditLog::start(store.clone()),
+            tokens: StepUpTokens::new(),
+            store,
+            master,
+            clock,
+            writes: Mutex::new(()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn master(&self) -> &MasterKey {
+        &self.master
+    }
+
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// The live key entry for a presented API key. No lock, no I/O: the request path.
+    /// Unknown, revoked and disabled all answer `None`, indistinguishably.
+    pub fn authenticate(&self, presented: &str) -> Option<Arc<KeyEntry>> {
+        if !api_key::well_formed(presented) {
+            return None;
+        }
+        let hash = self.master.hash_api_key(presented);
+        let index = self.index.load();
+        let entry = index.by_hash.get(&hash)?;
+        // The map lookup already matched; this keeps the final comparison constant-time.
+        if !bool::from(entry.hash.ct_eq(&hash)) || entry.consumer.disabled {
+            return None;
+        }
+        entry.last_used.store(self.clock.now(), Ordering::Relaxed);
+        Some(entry.clone())
+    }
+
+    /// Writes key uses recorded since the last flush; called periodically.
+    pub async fn flush_key_use(&self) -> Result<usize, StoreError> {
+        let index = self.index.load_full();
+        let uses: Vec<(Hash, u64)> = index
+            .by_hash
+            .values()
+            .filter_map(|e| {
+                let used = e.last_used.load(Ordering::Relaxed);
+                (used > e.flushed.swap(used, Ordering::Relaxed)).then_some((e.hash, used))
+            })
+            .collect();
+        let n = uses.len();
+        if n > 0 {
+            self.store.record_key_use(uses).await?;
+        }
+        Ok(n)
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.index.load().by_name.len()
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Consumer>, RegistryError> {
+        self.index
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut Index)) {
+        let mut index = Index::clone(&self.index.load());
+        change(&mut index);
+        self.index.store(Arc::new(index));
+    }
+
+    /// Records a security event (log at once, store in the background).
+    pub fn audit_event(
+        &self,
+        kind: &str,
+        consumer: Option<&Consumer>,
+        key_prefix: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        self.audit.record(AuditEvent {
+            id: 0,
+            at: self.clock.now(),
+            kind: kind.to_owned(),
+            consumer_id: consumer.map(|c| c.id.clone()),
+            consumer_name: consumer.map(|c| c.name.clone()),
+            key_prefix: key_prefix.map(str::to_owned),
+            detail,
+        });
+    }
+
+    pub fn tokens(&self) -> &StepUpTokens {
+        &self.tokens
+    }
+
+    /// Revokes a consumer's step-up tokens, with an audit event.
+    fn revoke_tokens(&self, consumer: &Consumer, reason: &str) {
+        self.tokens.revoke_consumer(&consumer.id);
+        self.audit_event(
+            "step_up_revoked",
+            Some(consumer),
+            None,
+            json!({"reason": reason}),
+        );
+    }
+
+    /// Admin `DELETE /consumers/{name}/step-up-tokens`.
+    pub fn revoke_step_up_tokens(&self, name: &str) -> Result<(), RegistryError> {
+        let consumer = self.get(name)?;
+        self.revoke_tokens(&consumer, "admin");
+        Ok(())
+    }
+
+    /// Checks a code from `X-OTP` for `consumer` under `policy`'s accepted factors, at `now`.
+    /// TOTP codes are accepted once: the store's watermark moves forward atomically, so of
+    /// several concurrent requests with one code exactly one wins, on any node sharing it.
+    pub async fn verify_code(
+        &self,
+        consumer: &Consumer,
+        factors: crate::config::Factors,
+        code: &str,
+        now: u64,
+    ) -> Result<Factor, CodeFailure> {
+        if let Some(record) = consumer.confirmed_totp()
+            && factors.totp
+            && totp::is_code_shape(code, record.params.digits)
+        {
+            let generator = self.totp_generator(consumer).ok_or(CodeFailure::Invalid)?;
+            let step = totp::verify(&generator, code, now).ok_or(CodeFailure::Invalid)?;
+            return match self
+                .store
+                .advance_totp_step(consumer.id.clone(), step)
+                .await
+            {
+                Ok(true) => Ok(Factor::Totp),
+                Ok(false) => Err(CodeFailure::Replayed),
+                Err(error) => Err(CodeFailure::Store(error)),
+            };
+        }
+        if factors.recovery_code
+            && let Some(normalized) = recovery::normalize(code)
+        {
+            let hash = self.master.hash_recovery_code(&normalized);
+            return match self
+                .store
+                .use_recovery_code(consumer.id.clone(), hash, now)
+                .await
+            {
+                Ok(true) => {
+                    self.mark_recovery_code_used(&consumer.name, hash, now)
+                        .await;
+                    Ok(Factor::RecoveryCode)
+                }
+                Ok(false) => Err(CodeFailure::Invalid),
+                Err(error) => Err(CodeFailure::Store(error)),
+            };
+        }
+        Err(CodeFailure::Invalid)
+    }
+
+    async fn mark_recovery_code_used(&self, name: &str, hash: Hash, now: u64) {
+        let _write = self.writes.lock().await;
+        let Ok(old) = self.get(name) else { return };
+        let updated = old.with(|p| {
+            for code in p.recovery_codes.iter_mut().filter(|c| c.hash == hash) {
+                code.used_at = Some(now);
+            }
+        });
+        self.publish(|index| index.put(updated));
+    }
+
+    pub async fn create_consumer(
+        &self,
+        name: &str,
+        roles: Vec<String>,
+    ) -> Result<(ConsumerView, String), RegistryError> {
+        validate_name(name)?;
+        let roles = validate_roles(roles)?;
+        let _write = self.writes.lock().await;
+        if self.index.load().by_name.contains_key(name) {
+            return Err(RegistryError::Conflict(format!(
+                "a consumer named `{name}` exists already"
+            )));
+        }
+        let now = self.clock.now();
+        let record = ConsumerRecord {
+            id: format!("c_{}", uuid::Uuid::new_v4().simple()),
+            name: name.to_owned(),
+            roles,
+            disabled: false,
+            created_at: now,
+        };
+        let (key, key_record) = self.new_key(&record.id, now);
+        self.store
+            .insert_consumer(record.clone(), key_record.clone())
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    RegistryError::Conflict(format!("a consumer named `{name}` exists already"))
+                }
+                other => other.into(),
+            })?;
+        let consumer = Consumer::new(record, vec![key_record.clone()], None, Vec::new());
+        let view = ConsumerView::of(&consumer);
+        self.audit_event(
+            "consumer_created",
+            Some(&consumer),
+            Some(&key_record.prefix),
+            json!({"roles": consumer.roles}),
+        );
+        self.publish(|index| index.put(consumer));
+        Ok((view, key))
+    }
+
+    fn new_key(&self, consumer_id: &str, now: u64) -> (String, KeyRecord) {
+        let key = api_key::generate();
+        let record = KeyRecord {
+            consumer_id: consumer_id.to_owned(),
+            hash: self.master.hash_api_key(&key),
+            prefix: api_key::display_prefix(&key).to_owned(),
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        (key, record)
+    }
+
+    pub fn list_consumers(&self) -> Vec<ConsumerView> {
+        let index = self.index.load();
+        let mut views: Vec<ConsumerView> = index.by_name.values().map(|c| index.view(c)).collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
+    }
+
+    pub fn consumer(&self, name: &str) -> Result<ConsumerView, RegistryError> {
+        let index = self.index.load();
+        let consumer = index
+            .by_name
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        Ok(index.view(consumer))
+    }
+
+    /// The in-memory consumer, for layers that need more than a view.
+    pub fn consumer_state(&self, name: &str) -> Option<Arc<Consumer>> {
+        self.index.load().by_name.get(name).cloned()
+    }
+
+    pub async fn update_consumer(
+        &self,
+        name: &str,
+        roles: Option<Vec<String>>,
+        disabled: Option<bool>,
+    ) -> Result<ConsumerView, RegistryError> {
+        let roles = roles.map(validate_roles).transpose()?;
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        let updated = old.with(|p| {
+            if let Some(roles) = roles {
+                p.record.roles = roles;
+            }
+            if let Some(disabled) = disabled {
+                p.record.disabled = disabled;
+            }
+        });
+        self.store.update_consumer(updated.record()).await?;
+        let view = ConsumerView::of(&updated);
+        self.audit_event(
+            "consumer_updated",
+            Some(&updated),
+            None,
+            json!({"roles": updated.roles, "disabled": updated.disabled}),
+        );
+        let disabled_now = updated.disabled && !old.disabled;
+        self.publish(|index| index.put(updated));
+        if disabled_now {
+            self.revoke_tokens(&old, "consumer_disabled");
+        }
+        Ok(view)
+    }
+
+    pub async fn delete_consumer(&self, name: &str) -> Result<(), RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        self.store.delete_consumer(old.id.clone()).await?;
+        self.publish(|index| index.remove(name));
+        self.tokens.revoke_consumer(&old.id);
+        self.audit_event("consumer_deleted", Some(&old), None, json!({}));
+        Ok(())
+    }
+
+    pub async fn issue_key(&self, name: &str) -> Result<IssuedKey, RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        let (key, record) = self.new_key(&old.id, self.clock.now());
+        self.store.insert_key(record.clone()).await?;
+        let updated = old.with(|p| p.keys.push(record.clone()));
+        self.audit_event(
+            "key_issued",
+            Some(&updated),
+            Some(&record.prefix),
+            json!({}),
+        );
+        self.publish(|index| index.put(updated));
+        Ok(IssuedKey {
+            api_key: key,
+            prefix: record.prefix,
+        })
+    }
+
+    pub async fn revoke_key(&self, name: &str, prefix: &str) -> Result<(), RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        let now = self.clock.now();
+        if !self
+            .store
+            .revoke_key(old.id.clone(), prefix.to_owned(), now)
+            .await?
+        {
+            return Err(RegistryError::NotFoundOther(format!(
+                "`{name}` has no live key with prefix `{prefix}`"
+            )));
+        }
+        let updated = old.with(|p| {
+            for key in p
+                .keys
+                .iter_mut()
+                .filter(|k| k.prefix == prefix && k.revoked_at.is_none())
+            {
+                key.revoked_at = Some(now);
+            }
+        });
+        // Published before anything else, so the next request with that key fails.
+        self.publish(|index| index.put(updated));
+        self.audit_event("key_revoked", Some(&old), Some(prefix), json!({}));
+        self.revoke_tokens(&old, "key_revoked");
+        Ok(())
+    }
+
+    /// Starts (or restarts) a TOTP enrolment; it stays pending until confirmed with a code.
+    pub async fn begin_totp(
+        &self,
+        name: &str,
+        params: TotpParams,
+    ) -> Result<totp::Enrolment, RegistryError> {
+        params.validate().map_err(RegistryError::Invalid)?;
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        if old.confirmed_totp().is_some() {
+            return Err(RegistryError::Conflict(format!(
+                "`{name}` has a confirmed TOTP enrolment; reset it first"
+            )));
+        }
+        let secret = totp::new_secret();
+        let enrolment =
+            totp::enrolment(&secret, params, &old.name).map_err(RegistryError::Invalid)?;
+        let record = TotpRecord {
+            consumer_id: old.id.clone(),
+            secret_sealed: self.master.encrypt(&secret, old.id.as_bytes()),
+            params,
+            confirmed: false,
+            last_step: None,
+            created_at: self.clock.now(),
+        };
+        self.store.put_totp(record.clone()).await?;
+        let updated = old.with(|p| {
+            p.totp = Some(record);
+            p.recovery_codes.clear();
+        });
+        self.audit_event("totp_enrolment_started", Some(&updated), None, json!({
+            "algorithm": params.algorithm.as_str(), "digits": params.digits, "period": params.period
+        }));
+        self.publish(|index| index.put(updated));
+        Ok(enrolment)
+    }
+
+    /// The TOTP generator of a consumer's enrolment (pending or confirmed).
+    pub fn totp_generator(&self, consumer: &Consumer) -> Option<totp_rs::Totp> {
+        let record = consumer.totp.as_ref()?;
+        let secret = self
+            .master
+            .decrypt(&record.secret_sealed, consumer.id.as_bytes())?;
+        totp::generator(&secret, record.params, &consumer.name).ok()
+    }
+
+    /// Confirms a pending enrolment with a current code; returns the recovery codes, shown once.
+    pub async fn confirm_totp(&self, name: &str, code: &str) -> Result<Vec<String>, RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        let pending = old.totp.as_ref().filter(|t| !t.confirmed).ok_or_else(|| {
+            RegistryError::Conflict(format!("`{name}` has no pending TOTP enrolment"))
+        })?;
+        let generator = self.totp_generator(&old).ok_or_else(|| {
+            RegistryError::Invalid("the enrolment cannot be decrypted with this master key".into())
+        })?;
+        let now = self.clock.now();
+        let step = totp::verify(&generator, code, now)
+            .ok_or_else(|| RegistryError::Invalid("the code is not valid".into()))?;
+        let codes = recovery::generate();
+        let hashes: Vec<Hash> = codes
+            .iter()
+            .filter_map(|c| recovery::normalize(c))
+            .map(|c| self.master.hash_recovery_code(&c))
+            .collect();
+        if !self
+            .store
+            .confirm_totp(old.id.clone(), step, hashes.clone())
+            .await?
+        {
+            return Err(RegistryError::Invalid("the code is not valid".into()));
+        }
+        let confirmed = TotpRecord {
+            confirmed: true,
+            last_step: Some(step),
+            ..pending.clone()
+        };
+        let updated = old.with(|p| {
+            p.totp = Some(confirmed);
+            p.recovery_codes = hashes
+                .iter()
+                .map(|h| RecoveryCodeRecord {
+                    consumer_id: p.record.id.clone(),
+                    hash: *h,
+                    used_at: None,
+                })
+                .collect();
+        });
+        self.audit_event("totp_enrolled", Some(&updated), None, json!({}));
+        self.publish(|index| index.put(updated));
+        Ok(codes)
+    }
+
+    pub async fn reset_totp(&self, name: &str) -> Result<(), RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        if old.totp.is_none() {
+            return Err(RegistryError::NotFoundOther(format!(
+                "`{name}` has no TOTP enrolment"
+            )));
+        }
+        self.store.delete_totp(old.id.clone()).await?;
+        let updated = old.with(|p| {
+            p.totp = None;
+            p.recovery_codes.clear();
+        });
+        self.audit_event("totp_reset", Some(&updated), None, json!({}));
+        self.publish(|index| index.put(updated));
+        self.revoke_tokens(&old, "totp_reset");
+        Ok(())
+    }
+
+    /// A new set of recovery codes; the old set stops working.
+    pub async fn regenerate_recovery_codes(
+        &self,
+        name: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let _write = self.writes.lock().await;
+        let old = self.get(name)?;
+        if old.confirmed_totp().is_none() {
+            return Err(RegistryError::Conflict(format!(
+                "`{name}` has no confirmed second factor; recovery codes come with one"
+            )));
+        }
+        let codes = recovery::generate();
+        let hashes: Vec<Hash> = codes
+            .iter()
+            .filter_map(|c| recovery::normalize(c))
+            .map(|c| self.master.hash_recovery_code(&c))
+            .collect();
+        self.store
+            .replace_recovery_codes(old.id.clone(), hashes.clone())
+            .await?;
+        let updated = old.with(|p| {
+            p.recovery_codes = hashes
+                .iter()
+                .map(|h| RecoveryCodeRecord {
+                    consumer_id: p.record.id.clone(),
+                    hash: *h,
+                    used_at: None,
+                })
+                .collect();
+        });
+        self.audit_event(
+            "recovery_codes_regenerated",
+            Some(&updated),
+            None,
+            json!({}),
+        );
+        self.publish(|index| index.put(updated));
+        Ok(codes)
+    }
+
+    /// Audit events, newest first; `consumer` by name (events of deleted consumers are found by
+    /// the name they had).
+    pub async fn audit(
+        &self,
+        consumer: Option<&str>,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditView>, RegistryError> {
+        self.audit.flush().await;
+        let consumer_id = match consumer {
+            None => None,
+            Some(name) => match self.index.load().by_name.get(name) {
+                Some(c) => Some(c.id.clone()),
+                None => {
+                    return Ok(self
+                        .store
+                        .audit(None, since, usize::MAX)
+                        .await?
+                        .into_iter()
+                        .filter(|e| e.consumer_name.as_deref() == Some(name))
+                        .take(limit)
+                        .map(AuditView::of)
+                        .collect());
+                }
+            },
+        };
+        Ok(self
+            .store
+            .audit(consumer_id, since, limit)
+            .await?
+            .into_iter()
+            .map(AuditView::of)
+            .collect())
+    }
+}
+
+fn build_index(state: State) -> Index {
+    let mut keys: HashMap<String, Vec<KeyRecord>> = HashMap::new();
+    for key in state.keys {
+        keys.entry(key.consumer_id.clone()).or_default().push(key);
+    }
+    let mut totp: HashMap<String, TotpRecord> = state
+        .totp
+        .into_iter()
+        .map(|t| (t.consumer_id.clone(), t))
+        .collect();
+    let mut codes: HashMap<String, Vec<RecoveryCodeRecord>> = HashMap::new();
+    for code in state.recovery_codes {
+        codes
+            .entry(code.consumer_id.clone())
+            .or_default()
+            .push(code);
+    }
+    let mut index = Index::default();
+    for record in state.consumers {
+        let id = record.id.clone();
+        index.put(Consumer::new(
+            record,
+            keys.remove(&id).unwrap_or_default(),
+            totp.remove(&id),
+            codes.remove(&id).unwrap_or_default(),
+        ));
+    }
+    index
+}
+
+fn header_safe(s: &str, extra: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+fn validate_name(name: &str) -> Result<(), RegistryError> {
+    // `.` and `..` would be dot segments in admin URLs.
+    if header_safe(name, b"._@-") && name != "." && name != ".." {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(
+            "name must be 1-64 characters of letters, digits, `.`, `_`, `@` or `-`".into(),
+        ))
+    }
+}
+
+fn validate_roles(mut roles: Vec<String>) -> Result<Vec<String>, RegistryError> {
+    if roles.len() > 32 {
+        return Err(RegistryError::Invalid("at most 32 roles".into()));
+    }
+    if let Some(bad) = roles.iter().find(|r| !header_safe(r, b"._:-")) {
+        return Err(RegistryError::Invalid(format!(
+            "role `{bad}` must be 1-64 characters of letters, digits, `.`, `_`, `:` or `-`"
+        )));
+    }
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// A consumer as the admin API shows it. No secret, no hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerView {
+    pub id: String,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub disabled: bool,
+    pub created_at: String,
+    /// Confirmed second factors.
+    pub factors: Vec<&'static str>,
+    pub totp: Option<TotpView>,
+    pub recovery_codes_remaining: usize,
+    pub keys: Vec<KeyView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TotpView {
+    pub status: &'static str,
+    pub algorithm: &'static str,
+    pub digits: u8,
+    pub period: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyView {
+    pub prefix: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+impl ConsumerView {
+    pub fn of(c: &Consumer) -> Self {
+        let confirmed = c.confirmed_totp().is_some();
+        Self {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            roles: c.roles.clone(),
+            disabled: c.disabled,
+            created_at: rfc3339(c.created_at),
+            factors: if confirmed {
+                vec!["totp", "recovery_code"]
+            } else {
+                Vec::new()
+            },
+            totp: c.totp.as_ref().map(|t| TotpView {
+                status: if t.confirmed { "confirmed" } else { "pending" },
+                algorithm: t.params.algorithm.as_str(),
+                digits: t.params.digits,
+                period: t.params.period,
+            }),
+            recovery_codes_remaining: c
+                .recovery_codes
+                .iter()
+                .filter(|r| r.used_at.is_none())
+                .count(),
+            keys: c
+                .keys
+                .iter()
+                .map(|k| KeyView {
+                    prefix: k.prefix.clone(),
+                    created_at: rfc3339(k.created_at),
+                    last_used_at: k.last_used_at.map(rfc3339),
+                    revoked_at: k.revoked_at.map(rfc3339),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedKey {
+    pub api_key: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditView {
+    pub id: i64,
+    pub at: String,
+    pub kind: String,
+    pub consumer_id: Option<String>,
+    pub consumer: Option<String>,
+    pub key_prefix: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+impl AuditView {
+    fn of(e: AuditEvent) -> Self {
+        Self {
+            id: e.id,
+            at: rfc3339(e.at),
+            kind: e.kind,
+            consumer_id: e.consumer_id,
+            consumer: e.consumer_name,
+            key_prefix: e.key_prefix,
+            detail: e.detail,
+        }
+    }
+}

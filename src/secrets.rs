@@ -1,0 +1,283 @@
+//! Secrets the gateway keeps for itself: the master key (encrypts TOTP secrets, derives the
+//! peppers that API keys and recovery codes are hashed with) and the admin token. Both come
+//! from the environment or are created in the data directory, readable by the owner only.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, KeyInit as HmacKeyInit, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+pub const MASTER_KEY_ENV: &str = "STEPGATE_MASTER_KEY";
+pub const ADMIN_TOKEN_ENV: &str = "STEPGATE_ADMIN_TOKEN";
+const MASTER_KEY_FILE: &str = "master.key";
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error("{0}")]
+    Io(String),
+    #[error("{0} must be 64 hex characters (32 bytes); generate one with `openssl rand -hex 32`")]
+    BadMasterKey(&'static str),
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    LoosePermissions { path: String, mode: u32 },
+}
+
+/// 32 random bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // The OS generator failing is not something a gateway can run without.
+    getrandom::fill(&mut bytes).unwrap_or_else(|e| panic!("OS random generator failed: {e}"));
+    bytes
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let text = text.trim();
+    if text.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The master key and what is derived from it.
+pub struct MasterKey {
+    cipher: Aes256Gcm,
+    api_key_pepper: Hmac<Sha256>,
+    recovery_pepper: Hmac<Sha256>,
+}
+
+impl MasterKey {
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        let derive = |label: &[u8]| {
+            let mut mac = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&key)
+                .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+            mac.update(label);
+            let pepper = mac.finalize().into_bytes();
+            <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&pepper)
+                .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+        };
+        Self {
+            cipher: Aes256Gcm::new(&key.into()),
+            api_key_pepper: derive(b"stepgate/api-key-pepper/v1"),
+            recovery_pepper: derive(b"stepgate/recovery-code-pepper/v1"),
+        }
+    }
+
+    /// From `STEPGATE_MASTER_KEY`, else `<data_dir>/master.key`, created (mode 0600) when absent.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, SecretsError> {
+        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
+            let key = unhex::<32>(&value).ok_or(SecretsError::BadMasterKey(MASTER_KEY_ENV))?;
+            return Ok(Self::from_bytes(key));
+        }
+        let path = data_dir.join(MASTER_KEY_FILE);
+        let text = read_or_create_private(&path, || hex(&random_bytes::<32>()))?;
+        let key = unhex::<32>(&text).ok_or(SecretsError::BadMasterKey("the master key file"))?;
+        Ok(Self::from_bytes(key))
+    }
+
+    /// HMAC-SHA256 of an API key under the API-key pepper.
+    pub fn hash_api_key(&self, key: &str) -> [u8; 32] {
+        let mut mac = self.api_key_pepper.clone();
+        mac.update(key.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// HMAC-SHA256 of a normalised recovery code under the recovery pepper.
+    pub fn hash_recovery_code(&self, code: &str) -> [u8; 32] {
+        let mut mac = self.recovery_pepper.clone();
+        mac.update(code.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// AES-256-GCM with a random 96-bit nonce; `context` (e.g. the consumer id) is bound as
+    /// associated data, so a ciphertext moved to another row fails to decrypt.
+    pub fn encrypt(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+        let nonce_bytes = random_bytes::<12>();
+        let nonce = Nonce::from(nonce_bytes);
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: context,
+                },
+            )
+            .unwrap_or_else(|_| unreachable!("AES-GCM encryption of a short message cannot fail"));
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// `None` when the data was not sealed with this key and context.
+    pub fn decrypt(&self, sealed: &[u8], context: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, ciphertext) = sealed.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().ok()?;
+        self.cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context,
+                },
+            )
+            .ok()
+    }
+}
+
+/// The admin API's bearer token.
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// From `STEPGATE_ADMIN_TOKEN`, else `<data_dir>/admin.token`, created (mode 0600) when absent.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, SecretsError> {
+        if let Ok(value) = std::env::var(ADMIN_TOKEN_ENV) {
+            let value = value.trim().to_owned();
+            if value.len() < 16 {
+                return Err(SecretsError::Io(format!(
+                    "{ADMIN_TOKEN_ENV} must be at least 16 characters"
+                )));
+            }
+            return Ok(Self(value));
+        }
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        let text = read_or_create_private(&path, || format!("sga_{}", hex(&random_bytes::<32>())))?;
+        Ok(Self(text.trim().to_owned()))
+    }
+
+    pub fn new(token: String) -> Self {
+        Self(token)
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &str) -> bool {
+        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where the admin token lives for a data dir (the CLI reads it from there).
+pub fn admin_token_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join(ADMIN_TOKEN_FILE)
+}
+
+/// Reads a secret file, refusing one that others can read; creates it with mode 0600 when it
+/// does not exist (never overwriting one that appeared meanwhile).
+fn read_or_create_private(
+    path: &Path,
+    make: impl FnOnce() -> String,
+) -> Result<String, SecretsError> {
+    let io = |e: std::io::Error| SecretsError::Io(format!("{}: {e}", path.display()));
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(SecretsError::LoosePermissions {
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+            Ok(text)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(io)?;
+            }
+            let value = make();
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            file.write_all(format!("{value}\n").as_bytes())
+                .map_err(io)?;
+            file.sync_all().map_err(io)?;
+            Ok(value)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_data_needs_the_same_key_and_context() {
+        let key = MasterKey::from_bytes([7; 32]);
+        let sealed = key.encrypt(b"JBSWY3DPEHPK3PXP", b"consumer-1");
+        assert_eq!(
+            key.decrypt(&sealed, b"consumer-1").as_deref(),
+            Some(&b"JBSWY3DPEHPK3PXP"[..])
+        );
+        assert_eq!(key.decrypt(&sealed, b"consumer-2"), None);
+        assert_eq!(
+            MasterKey::from_bytes([8; 32]).decrypt(&sealed, b"consumer-1"),
+            None
+        );
+    }
+
+    #[test]
+    fn peppers_differ_per_purpose() {
+        let key = MasterKey::from_bytes([7; 32]);
+        assert_ne!(key.hash_api_key("x"), key.hash_recovery_code("x"));
+        assert_eq!(key.hash_api_key("x"), key.hash_api_key("x"));
+        assert_ne!(
+            key.hash_api_key("x"),
+            MasterKey::from_bytes([8; 32]).hash_api_key("x")
+        );
+    }
+
+    #[test]
+    fn secret_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = MasterKey::load_or_create(dir.path())
+            .map(|k| k.hash_api_key("k"))
+            .unwrap();
+        let mode = fs::metadata(dir.path().join("master.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = MasterKey::load_or_create(dir.path())
+            .map(|k| k.hash_api_key("k"))
+            .unwrap();
+        assert_eq!(first, again);
+        fs::set_permissions(
+            dir.path().join("master.key"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            MasterKey::load_or_create(dir.path()),
+            Err(SecretsError::LoosePermissions { .. })
+        ));
+    }
+}

@@ -1,0 +1,565 @@
+//! The embedded store: one SQLite file (WAL), schema migrations versioned in code through
+//! `PRAGMA user_version`. rusqlite is blocking, so every call runs on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AuditEvent, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store, StoreError,
+    TotpRecord,
+};
+use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+
+/// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`. Never edit a
+/// released entry: add a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE consumers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    roles TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    hash BLOB PRIMARY KEY,
+    consumer_id TEXT NOT NULL REFERENCES consumers(id) ON DELETE CASCADE,
+    prefix TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE INDEX api_keys_consumer ON api_keys(consumer_id);
+CREATE TABLE totp (
+    consumer_id TEXT PRIMARY KEY REFERENCES consumers(id) ON DELETE CASCADE,
+    secret BLOB NOT NULL,
+    algorithm TEXT NOT NULL,
+    digits INTEGER NOT NULL,
+    period INTEGER NOT NULL,
+    confirmed INTEGER NOT NULL,
+    last_step INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE recovery_codes (
+    consumer_id TEXT NOT NULL REFERENCES consumers(id) ON DELETE CASCADE,
+    hash BLOB NOT NULL,
+    used_at INTEGER,
+    PRIMARY KEY (consumer_id, hash)
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    consumer_id TEXT,
+    consumer_name TEXT,
+    key_prefix TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_consumer_at ON audit(consumer_id, at);
+CREATE INDEX audit_at ON audit(at);
+"#];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let mut conn =
+            Connection::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| unavailable("store lock poisoned"))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(unavailable)?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(unavailable(format!(
+            "the database has schema version {version}, newer than this stepgate knows ({}); \
+             use a newer stepgate",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(sql).map_err(unavailable)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )
+        .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn hash_from(blob: Vec<u8>) -> rusqlite::Result<Hash> {
+    blob.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob)
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self) -> Result<State, StoreError> {
+        self.with(|conn| {
+            let mut state = State::default();
+            let mut stmt = conn
+                .prepare("SELECT id, name, roles, disabled, created_at FROM consumers")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    let roles: String = row.get(2)?;
+                    Ok(ConsumerRecord {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                        roles: serde_json::from_str(&roles).unwrap_or_default(),
+                        disabled: row.get(3)?,
+                        created_at: to_u64(row.get(4)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            state.consumers = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+            let mut stmt = conn
+                .prepare("SELECT consumer_id, hash, prefix, created_at, last_used_at, revoked_at FROM api_keys")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(KeyRecord {
+                        consumer_id: row.get(0)?,
+                        hash: hash_from(row.get(1)?)?,
+                        prefix: row.get(2)?,
+                        created_at: to_u64(row.get(3)?),
+                        last_used_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+                        revoked_at: row.get::<_, Option<i64>>(5)?.map(to_u64),
+                    })
+                })
+                .map_err(unavailable)?;
+            state.keys = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+            let mut stmt = conn
+                .prepare("SELECT consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at FROM totp")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    let algorithm: String = row.get(2)?;
+                    Ok(TotpRecord {
+                        consumer_id: row.get(0)?,
+                        secret_sealed: row.get(1)?,
+                        params: TotpParams {
+                            algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
+                            digits: row.get(3)?,
+                            period: to_u64(row.get(4)?),
+                        },
+                        confirmed: row.get(5)?,
+                        last_step: row.get::<_, Option<i64>>(6)?.map(to_u64),
+                        created_at: to_u64(row.get(7)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            state.totp = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+            let mut stmt = conn
+                .prepare("SELECT consumer_id, hash, used_at FROM recovery_codes")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(RecoveryCodeRecord {
+                        consumer_id: row.get(0)?,
+                        hash: hash_from(row.get(1)?)?,
+                        used_at: row.get::<_, Option<i64>>(2)?.map(to_u64),
+                    })
+                })
+                .map_err(unavailable)?;
+            state.recovery_codes = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+            Ok(state)
+        })
+        .await
+    }
+
+    async fn insert_consumer(
+        &self,
+        consumer: ConsumerRecord,
+        key: KeyRecord,
+    ) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let roles = serde_json::to_string(&consumer.roles).map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO consumers (id, name, roles, disabled, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![consumer.id, consumer.name, roles, consumer.disabled, to_i64(consumer.created_at)],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("consumer `{}`", consumer.name))
+                } else {
+                    unavailable(e)
+                }
+            })?;
+            insert_key(&tx, &key)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn update_consumer(&self, consumer: ConsumerRecord) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let roles = serde_json::to_string(&consumer.roles).map_err(unavailable)?;
+            conn.execute(
+                "UPDATE consumers SET roles = ?2, disabled = ?3 WHERE id = ?1",
+                params![consumer.id, roles, consumer.disabled],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_consumer(&self, id: String) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute("DELETE FROM consumers WHERE id = ?1", params![id])
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: KeyRecord) -> Result<(), StoreError> {
+        self.with(move |conn| insert_key(conn, &key)).await
+    }
+
+    async fn revoke_key(
+        &self,
+        consumer_id: String,
+        prefix: String,
+        at: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE api_keys SET revoked_at = ?3 WHERE consumer_id = ?1 AND prefix = ?2 AND revoked_at IS NULL",
+                    params![consumer_id, prefix, to_i64(at)],
+                )
+                .map_err(unavailable)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn record_key_use(&self, uses: Vec<(Hash, u64)>) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare("UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE hash = ?1")
+                    .map_err(unavailable)?;
+                for (hash, at) in &uses {
+                    stmt.execute(params![hash.as_slice(), to_i64(*at)]).map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute("DELETE FROM recovery_codes WHERE consumer_id = ?1", params![totp.consumer_id])
+                .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO totp (consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    totp.consumer_id,
+                    totp.secret_sealed,
+                    totp.params.algorithm.as_str(),
+                    totp.params.digits,
+                    to_i64(totp.params.period),
+                    totp.confirmed,
+                    totp.last_step.map(to_i64),
+                    to_i64(totp.created_at),
+                ],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn confirm_totp(
+        &self,
+        consumer_id: String,
+        step: u64,
+        recovery: Vec<Hash>,
+    ) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let changed = tx
+                .execute(
+                    "UPDATE totp SET confirmed = 1, last_step = ?2
+                     WHERE consumer_id = ?1 AND confirmed = 0 AND (last_step IS NULL OR last_step < ?2)",
+                    params![consumer_id, to_i64(step)],
+                )
+                .map_err(unavailable)?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            replace_codes(&tx, &consumer_id, &recovery)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_totp(&self, consumer_id: String) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM totp WHERE consumer_id = ?1",
+                params![consumer_id],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM recovery_codes WHERE consumer_id = ?1",
+                params![consumer_id],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn replace_recovery_codes(
+        &self,
+        consumer_id: String,
+        hashes: Vec<Hash>,
+    ) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            replace_codes(&tx, &consumer_id, &hashes)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn advance_totp_step(&self, consumer_id: String, step: u64) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE totp SET last_step = ?2
+                     WHERE consumer_id = ?1 AND confirmed = 1 AND (last_step IS NULL OR last_step < ?2)",
+                    params![consumer_id, to_i64(step)],
+                )
+                .map_err(unavailable)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn use_recovery_code(
+        &self,
+        consumer_id: String,
+        hash: Hash,
+        at: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE recovery_codes SET used_at = ?3 WHERE consumer_id = ?1 AND hash = ?2 AND used_at IS NULL",
+                    params![consumer_id, hash.as_slice(), to_i64(at)],
+                )
+                .map_err(unavailable)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO audit (at, kind, consumer_id, consumer_name, key_prefix, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    to_i64(event.at),
+                    event.kind,
+                    event.consumer_id,
+                    event.consumer_name,
+                    event.key_prefix,
+                    event.detail.to_string()
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit(
+        &self,
+        consumer_id: Option<String>,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, at, kind, consumer_id, consumer_name, key_prefix, detail FROM audit
+                     WHERE (?1 IS NULL OR consumer_id = ?1) AND at >= ?2
+                     ORDER BY id DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        consumer_id,
+                        to_i64(since.unwrap_or(0)),
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| {
+                        let detail: String = row.get(6)?;
+                        Ok(AuditEvent {
+                            id: row.get(0)?,
+                            at: to_u64(row.get(1)?),
+                            kind: row.get(2)?,
+                            consumer_id: row.get(3)?,
+                            consumer_name: row.get(4)?,
+                            key_prefix: row.get(5)?,
+                            detail: serde_json::from_str(&detail)
+                                .unwrap_or(serde_json::Value::Null),
+                        })
+                    },
+                )
+                .map_err(unavailable)?;
+            rows.collect::<Result<_, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_meta(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                params![key],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_meta(&self, key: &'static str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+fn insert_key(conn: &Connection, key: &KeyRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO api_keys (hash, consumer_id, prefix, created_at, last_used_at, revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            key.hash.as_slice(),
+            key.consumer_id,
+            key.prefix,
+            to_i64(key.created_at),
+            key.last_used_at.map(to_i64),
+            key.revoked_at.map(to_i64)
+        ],
+    )
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict("api key".into())
+        } else {
+            unavailable(e)
+        }
+    })?;
+    Ok(())
+}
+
+fn replace_codes(conn: &Connection, consumer_id: &str, hashes: &[Hash]) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM recovery_codes WHERE consumer_id = ?1",
+        params![consumer_id],
+    )
+    .map_err(unavailable)?;
+    let mut stmt = conn
+        .prepare("INSERT INTO recovery_codes (consumer_id, hash, used_at) VALUES (?1, ?2, NULL)")
+        .map_err(unavailable)?;
+    for hash in hashes {
+        stmt.execute(params![consumer_id, hash.as_slice()])
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}

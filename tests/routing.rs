@@ -356,3 +356,54 @@ fn explain_reports_no_match() {
     );
     assert!(!all.contains("upstream:"), "{all}");
 }
+
+#[test]
+fn explain_says_what_each_role_must_present() {
+    let dir = write_config_with(
+        "listen: 127.0.0.1:0\n\
+         upstreams: { demo: { echo: {} } }\n\
+         routes:\n\
+         \x20 - { name: admin, match: { path: /admin }, upstream: demo, policy: admins }\n\
+         \x20 - { name: keyed, match: { path: /keyed }, upstream: demo, policy: keyed }\n",
+        &[
+            (
+                "policies/admins.yaml",
+                "api_key: required\nsecond_factor: required\nstep_up: { ttl: 10m, scope: global }\n\
+                 roles: { only: [admin], except: [contractor] }\n",
+            ),
+            (
+                "policies/keyed.yaml",
+                "api_key: required\nsecond_factor: off\n",
+            ),
+        ],
+    );
+    let cfg = path_str(&config_path(&dir));
+
+    let (code, out, err) = run_cli(&["explain", "POST", "/admin/x", "--role", "admin", "-c", &cfg]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("X-Api-Key") && out.contains("X-OTP"), "{out}");
+    assert!(
+        out.contains("step-up token") && out.contains("600s on every route"),
+        "{out}"
+    );
+    assert!(!out.contains("403"), "{out}");
+
+    for roles in [&["partner"][..], &["admin", "contractor"][..]] {
+        let mut args = vec!["explain", "POST", "/admin/x"];
+        for role in roles {
+            args.extend(["--role", role]);
+        }
+        args.extend(["-c", &cfg]);
+        let (code, out, _) = run_cli(&args);
+        assert_eq!(code, 0);
+        assert!(out.contains("403 forbidden"), "{roles:?}: {out}");
+        assert!(!out.contains("X-OTP"), "{roles:?}: {out}");
+    }
+
+    let (code, out, _) = run_cli(&["explain", "GET", "/keyed", "-c", &cfg]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("an API key (X-Api-Key)") && !out.contains("X-OTP"),
+        "{out}"
+    );
+}

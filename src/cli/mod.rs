@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{self, Requirement, Snapshot};
+use crate::config::{self, Policy, Requirement, RolloutMode, Scope, Snapshot};
 use crate::routing::Miss;
 use crate::server::Gateway;
 
@@ -22,7 +22,7 @@ Examples:
   stepgate run -c /etc/stepgate/gateway.yaml --log-format json
   stepgate check -c gateway.yaml            validate; print every error as file:line:column
   stepgate explain GET /orders/7            which route, upstream and policy apply
-  stepgate explain POST /orders --host api.example.com
+  stepgate explain POST /orders --host api.example.com --role partner
   RUST_LOG=stepgate=debug stepgate run      more detail in the logs
 
 Operator commands (talk to the admin API of a running gateway; address and token from the
@@ -80,6 +80,9 @@ enum Command {
         /// Host the request is sent to (routes may match on it).
         #[arg(long)]
         host: Option<String>,
+        /// Explain for a consumer with this role (repeat for several roles).
+        #[arg(long = "role")]
+        roles: Vec<String>,
     },
     /// Manage consumers (admin API).
     #[command(subcommand)]
@@ -102,15 +105,87 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config, cli.log_format),
         Command::Check => check(&cli.config),
-        Command::Explain { method, path, host } => {
-            explain(&cli.config, &method, &path, host.as_deref())
-        }
+        Command::Explain {
+            method,
+            path,
+            host,
+            roles,
+        } => explain(&cli.config, &method, &path, host.as_deref(), &roles),
         Command::Consumer(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Consumer(c)),
         Command::Key(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Key(c)),
         Command::Totp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Totp(c)),
         Command::Recovery(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Recovery(c)),
         Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
     }
+}
+
+/// What a caller must present on a route with `policy`, for a consumer with `roles` (or for
+/// anyone when no role is given).
+fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
+    let mut lines = Vec::new();
+    if policy.api_key == Requirement::Off {
+        lines.push("caller must present: nothing (public route)".to_owned());
+        return lines;
+    }
+    let rules = &policy.roles;
+    if !rules.only.is_empty() || !rules.except.is_empty() {
+        lines.push(format!(
+            "roles:     only [{}], except [{}]",
+            rules.only.join(", "),
+            rules.except.join(", ")
+        ));
+    }
+    if !roles.is_empty() && !rules.allows(roles) {
+        let outcome = match policy.rollout.mode {
+            RolloutMode::ReportOnly => "would be 403 forbidden (report_only: forwarded, audited)",
+            RolloutMode::Enforce => "403 forbidden",
+        };
+        lines.push(format!("for roles [{}]: {outcome}", roles.join(", ")));
+        return lines;
+    }
+    if policy.second_factor == Requirement::Off {
+        lines.push("caller must present: an API key (X-Api-Key)".to_owned());
+        return lines;
+    }
+    let mut factors = Vec::new();
+    if policy.factors.totp {
+        factors.push("a TOTP code");
+    }
+    if policy.factors.recovery_code {
+        factors.push("a recovery code");
+    }
+    lines.push(format!(
+        "caller must present: an API key (X-Api-Key) and {} in X-OTP",
+        factors.join(" or ")
+    ));
+    if !policy.step_up.ttl.is_zero() {
+        let scope = match policy.step_up.scope {
+            Scope::Policy => format!("routes with policy `{}`", policy.name),
+            Scope::Global => "every route".to_owned(),
+        };
+        lines.push(format!(
+            "  or a step-up token (X-Step-Up-Token); a code earns one valid {}s on {scope}",
+            policy.step_up.ttl.as_secs()
+        ));
+    }
+    if let Some(until) = policy.rollout.grace_until {
+        lines.push(format!(
+            "  consumers without a second factor pass with a warning until {}",
+            crate::clock::rfc3339(until)
+        ));
+    }
+    if policy.rollout.mode == RolloutMode::ReportOnly {
+        lines.push("  report_only: refusals are forwarded and audited, not enforced".to_owned());
+    }
+    let f = &policy.failures;
+    lines.push(format!(
+        "failures:  {} per consumer / {} per IP in {}s, then a {}s ban",
+        f.per_consumer.max,
+        f.per_ip.max,
+        f.per_consumer.window.as_secs(),
+        f.ban.as_secs()
+    ));
+    lines
 }
 
 fn load_or_report(path: &Path) -> Option<Snapshot> {
@@ -142,7 +217,13 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn explain(path: &Path, method: &str, target: &str, host: Option<&str>) -> ExitCode {
+fn explain(
+    path: &Path,
+    method: &str,
+    target: &str,
+    host: Option<&str>,
+    roles: &[String],
+) -> ExitCode {
     let Some(snapshot) = load_or_report(path) else {
         return ExitCode::FAILURE;
     };
@@ -179,11 +260,8 @@ fn explain(path: &Path, method: &str, target: &str, host: Option<&str>) -> ExitC
                 "policy:    {} (api_key: {}, second_factor: {})",
                 route.policy.name, route.policy.api_key, route.policy.second_factor
             );
-            match route.policy.api_key {
-                Requirement::Required => {
-                    println!("caller must present: an API key (X-Api-Key)")
-                }
-                Requirement::Off => println!("caller must present: nothing (public route)"),
+            for line in requirements(&route.policy, roles) {
+                println!("{line}");
             }
             match query {
                 Some(q) => println!("forwards:  {method} {forwarded}?{q}"),

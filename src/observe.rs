@@ -16,6 +16,7 @@ use tower::{Layer, Service};
 
 use crate::config::Snapshot;
 use crate::error::ProblemCode;
+use crate::metrics::{Metrics, RouteLabel, RouteStatus};
 use crate::routing::Route;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -26,11 +27,12 @@ pub type ConfigHandle = Arc<ArcSwap<Snapshot>>;
 #[derive(Clone)]
 pub struct ObserveLayer {
     config: ConfigHandle,
+    metrics: Arc<Metrics>,
 }
 
 impl ObserveLayer {
-    pub fn new(config: ConfigHandle) -> Self {
-        Self { config }
+    pub fn new(config: ConfigHandle, metrics: Arc<Metrics>) -> Self {
+        Self { config, metrics }
     }
 }
 
@@ -39,6 +41,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             config: self.config.clone(),
+            metrics: self.metrics.clone(),
             inner,
         }
     }
@@ -47,6 +50,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     config: ConfigHandle,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -77,6 +81,7 @@ where
         let path = request.uri().path().to_owned();
         ObserveFuture {
             inner: self.inner.call(request),
+            metrics: self.metrics.clone(),
             start,
             method,
             path,
@@ -101,6 +106,7 @@ pin_project! {
     pub struct ObserveFuture<F> {
         #[pin]
         inner: F,
+        metrics: Arc<Metrics>,
         start: Instant,
         method: Method,
         path: String,
@@ -118,6 +124,21 @@ where
         let this = self.project();
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let route = response.extensions().get::<Arc<Route>>();
+        let elapsed = this.start.elapsed();
+        let route_name = route.map_or("", |r| r.name.as_str());
+        this.metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route_name.to_owned(),
+                status: response.status().as_u16(),
+            })
+            .inc();
+        this.metrics
+            .request_duration
+            .get_or_create(&RouteLabel {
+                route: route_name.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "stepgate::access",
             method = %this.method,
@@ -126,7 +147,7 @@ where
             upstream = route.map(|r| r.upstream.name.as_str()),
             status = response.status().as_u16(),
             code = response.extensions().get::<ProblemCode>().map(|c| c.0),
-            duration_ms = this.start.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             request_id = this.id.to_str().unwrap_or(""),
         );
         response

@@ -14,7 +14,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::Mutex;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, AuditView};
 use crate::auth::step_up::StepUpTokens;
 use crate::clock::{SharedClock, rfc3339};
 use crate::credentials::totp::{self, TotpParams};
@@ -241,6 +241,7 @@ impl Registry {
         store: Arc<dyn Store>,
         master: MasterKey,
         clock: SharedClock,
+        audit_sink: Option<crate::audit::Sink>,
     ) -> Result<Self, RegistryError> {
         match store.get_meta(MASTER_CHECK_META).await? {
             Some(sealed) => {
@@ -260,7 +261,7 @@ impl Registry {
         let state = store.load().await?;
         Ok(Self {
             index: ArcSwap::from_pointee(build_index(state)),
-            audit: AuditLog::start(store.clone()),
+            audit: AuditLog::start(store.clone(), audit_sink),
             tokens: StepUpTokens::new(),
             store,
             master,
@@ -927,29 +928,4 @@ impl ConsumerView {
 pub struct IssuedKey {
     pub api_key: String,
     pub prefix: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditView {
-    pub id: i64,
-    pub at: String,
-    pub kind: String,
-    pub consumer_id: Option<String>,
-    pub consumer: Option<String>,
-    pub key_prefix: Option<String>,
-    pub detail: serde_json::Value,
-}
-
-impl AuditView {
-    fn of(e: AuditEvent) -> Self {
-        Self {
-            id: e.id,
-            at: rfc3339(e.at),
-            kind: e.kind,
-            consumer_id: e.consumer_id,
-            consumer: e.consumer_name,
-            key_prefix: e.key_prefix,
-            detail: e.detail,
-        }
-    }
 }

@@ -31,8 +31,10 @@ use crate::auth::limiter::FailureLimiter;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Limits, Snapshot, StoreSettings};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::observe::ConfigHandle;
 use crate::registry::Registry;
+use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -54,6 +56,8 @@ pub struct Gateway {
     config: ConfigHandle,
     registry: Arc<Registry>,
     limiter: Arc<FailureLimiter>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
     admin_token: AdminToken,
     shutdown: CancellationToken,
 }
@@ -77,8 +81,11 @@ impl Gateway {
                     .map_err(|e| Error::Io(std::io::Error::other(e)))??,
             ),
         };
-        let registry = Arc::new(Registry::open(store, master, clock.clone()).await?);
-        let limiter = Arc::new(FailureLimiter::new(clock));
+        let registry = Arc::new(
+            Registry::open(store, master, clock.clone(), snapshot.audit_sink.clone()).await?,
+        );
+        let limiter = Arc::new(FailureLimiter::new(clock.clone()));
+        let metrics = Metrics::new();
 
         let addr = snapshot.listen;
         let listener = TcpListener::bind(addr)
@@ -93,12 +100,16 @@ impl Gateway {
             None => None,
         };
         tracing::info!(consumers = registry.consumer_count(), "registry loaded");
+        let config: ConfigHandle = Arc::new(ArcSwap::from_pointee(snapshot));
+        let reloader = Arc::new(Reloader::new(config.clone(), metrics.clone(), clock));
         Ok(Self {
             listener,
             admin_listener,
-            config: Arc::new(ArcSwap::from_pointee(snapshot)),
+            config,
             registry,
             limiter,
+            metrics,
+            reloader,
             admin_token,
             shutdown: CancellationToken::new(),
         })
@@ -117,6 +128,15 @@ impl Gateway {
 
     pub fn limiter(&self) -> Arc<FailureLimiter> {
         self.limiter.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The reload path shared by file watching, SIGHUP and `POST /reload`.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -143,6 +163,8 @@ impl Gateway {
             config,
             registry,
             limiter,
+            metrics,
+            reloader,
             admin_token,
             shutdown,
         } = self;
@@ -151,18 +173,30 @@ impl Gateway {
             let admin = Arc::new(Admin {
                 registry: registry.clone(),
                 limiter: limiter.clone(),
+                metrics: metrics.clone(),
+                reloader: reloader.clone(),
                 token: admin_token,
                 config: config.clone(),
             });
             background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
         }
         background.spawn(flush_key_use(registry.clone(), shutdown.clone()));
+        background.spawn(crate::reload::watch(
+            reloader.clone(),
+            crate::reload::watched_dirs(&config.load()),
+            shutdown.clone(),
+        ));
         let max_connections = config.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let tracker = TaskTracker::new();
         // Cancelled when the drain deadline passes: connections still open are then dropped.
         let hard_stop = CancellationToken::new();
-        let service = crate::stack::build(config.clone(), registry.clone(), limiter.clone());
+        let service = crate::stack::build(
+            config.clone(),
+            registry.clone(),
+            limiter.clone(),
+            metrics.clone(),
+        );
 
         loop {
             let slot = tokio::select! {

@@ -22,6 +22,7 @@ use crate::error::Body;
 use crate::guard::GuardLayer;
 use crate::identity::StripIdentity;
 use crate::limits::ProtocolLimits;
+use crate::metrics::Metrics;
 use crate::observe::{ConfigHandle, ObserveLayer};
 use crate::path::NormalizePath;
 use crate::proxy::Forward;
@@ -47,6 +48,7 @@ pub fn build(
     config: ConfigHandle,
     registry: Arc<Registry>,
     limiter: Arc<FailureLimiter>,
+    metrics: Arc<Metrics>,
 ) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
 + Clone
 + Send
@@ -57,7 +59,7 @@ pub fn build(
         .layer(SetSensitiveHeadersLayer::new(sensitive_headers()))
         // Request id and config snapshot next, so that every answer, including every
         // refusal below, is logged once with its id, route and status.
-        .layer(ObserveLayer::new(config))
+        .layer(ObserveLayer::new(config, metrics.clone()))
         // One rescue: each refusal from below becomes its problem+json response here.
         .layer(RescueLayer)
         // Cheap protocol guards before any parsing that depends on routes.
@@ -73,7 +75,11 @@ pub fn build(
         .layer(GuardLayer(ClientAddr))
         // The failure limiter wraps every credential check below: a banned IP is refused
         // before any credential is looked at, and every failed attempt below is counted.
-        .layer(FailureLimitLayer::new(limiter.clone(), registry.clone()))
+        .layer(FailureLimitLayer::new(
+            limiter.clone(),
+            registry.clone(),
+            metrics.clone(),
+        ))
         // First factor: the API key (removed from the request on every route), then the
         // identity headers the upstream may trust.
         .layer(GuardLayer(ApiKeyGuard::new(registry.clone())))
@@ -83,7 +89,7 @@ pub fn build(
         // about its code.
         .layer(GuardLayer(RoleCheck::new(registry.clone())))
         // Second factor: step-up token or X-OTP; issues a token after a code.
-        .layer(SecondFactorLayer::new(registry))
+        .layer(SecondFactorLayer::new(registry, metrics.clone()))
         // Innermost: stream to the upstream.
-        .service(Forward)
+        .service(Forward::new(metrics))
 }

@@ -23,6 +23,8 @@ use crate::secrets::AdminToken;
 pub struct Admin {
     pub registry: Arc<Registry>,
     pub limiter: Arc<crate::auth::limiter::FailureLimiter>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub reloader: Arc<crate::reload::Reloader>,
     pub token: AdminToken,
     pub config: ConfigHandle,
 }
@@ -75,7 +77,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 
 async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
-    let open = matches!(path, "/healthz" | "/readyz");
+    // Probes and scrapers need no secret; these answers hold none.
+    let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
     if !open && !authorized(admin, &request) {
         let mut response = problem(
             StatusCode::UNAUTHORIZED,

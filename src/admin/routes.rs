@@ -13,6 +13,7 @@ use crate::clock::parse_rfc3339;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 use crate::error::{Body, full_body};
 use crate::registry::RegistryError;
+use crate::reload::Outcome;
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -155,6 +156,49 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         (&Method::GET, ["readyz"]) => match registry.store().ping().await {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
             Err(e) => Err(Failure::Unavailable(format!("store: {e}"))),
+        },
+        (&Method::GET, ["metrics"]) => {
+            admin
+                .metrics
+                .bans_active
+                .set(i64::try_from(admin.limiter.active_bans()).unwrap_or(i64::MAX));
+            admin
+                .metrics
+                .step_up_live
+                .set(i64::try_from(registry.tokens().len()).unwrap_or(i64::MAX));
+            let mut response = Response::new(full_body(admin.metrics.encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
+        (&Method::GET, ["config"]) => Ok(json_response(
+            StatusCode::OK,
+            &to_value(&admin.reloader.status()),
+        )),
+        (&Method::POST, ["reload"]) => match admin.reloader.reload("admin").await {
+            Outcome::Applied(status) | Outcome::Unchanged(status) => {
+                Ok(json_response(StatusCode::OK, &to_value(&status)))
+            }
+            Outcome::Rejected(errors) => {
+                let lines: Vec<String> = errors.errors().iter().map(ToString::to_string).collect();
+                let mut response = problem(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_config",
+                    "the new configuration is invalid; the previous one keeps serving",
+                );
+                let body = json!({
+                    "type": "about:blank",
+                    "title": "Bad Request",
+                    "status": 400,
+                    "code": "invalid_config",
+                    "detail": "the new configuration is invalid; the previous one keeps serving",
+                    "errors": lines,
+                });
+                *response.body_mut() = full_body(body.to_string());
+                Ok(response)
+            }
         },
         (&Method::POST, ["consumers"]) => {
             let body: NewConsumer = read_json(request, false).await?;

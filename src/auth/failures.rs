@@ -17,6 +17,7 @@ use super::client_ip::ClientIp;
 use super::limiter::{FailureLimiter, Recorded, Subject};
 use crate::error::Refusal;
 use crate::guard::Guard;
+use crate::metrics::{Metrics, SubjectLabel};
 use crate::registry::{KeyEntry, Registry};
 use crate::routing::Route;
 
@@ -30,11 +31,20 @@ pub struct SecondFactorPassed {
 pub struct FailureLimitLayer {
     limiter: Arc<FailureLimiter>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl FailureLimitLayer {
-    pub fn new(limiter: Arc<FailureLimiter>, registry: Arc<Registry>) -> Self {
-        Self { limiter, registry }
+    pub fn new(
+        limiter: Arc<FailureLimiter>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            limiter,
+            registry,
+            metrics,
+        }
     }
 }
 
@@ -44,6 +54,7 @@ impl<S> Layer<S> for FailureLimitLayer {
         FailureLimit {
             limiter: self.limiter.clone(),
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
             inner,
         }
     }
@@ -53,6 +64,7 @@ impl<S> Layer<S> for FailureLimitLayer {
 pub struct FailureLimit<S> {
     limiter: Arc<FailureLimiter>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -112,6 +124,7 @@ where
             tally: Some(Tally {
                 limiter: self.limiter.clone(),
                 registry: self.registry.clone(),
+                metrics: self.metrics.clone(),
                 route,
                 ip,
             }),
@@ -122,6 +135,7 @@ where
 struct Tally {
     limiter: Arc<FailureLimiter>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     route: Arc<Route>,
     ip: Subject,
 }
@@ -164,6 +178,14 @@ impl Tally {
         let Recorded::Banned { until } = recorded else {
             return None;
         };
+        let kind = match subject {
+            Subject::Consumer(_) => "consumer",
+            Subject::Ip(_) => "ip",
+        };
+        self.metrics
+            .bans_started
+            .get_or_create(&SubjectLabel { subject: kind })
+            .inc();
         self.registry.audit_event(
             "ban_started",
             entry.map(|e| e.consumer.as_ref()),

@@ -23,6 +23,7 @@ use super::failures::SecondFactorPassed;
 use crate::clock::rfc3339;
 use crate::config::{Policy, Requirement, RolloutMode};
 use crate::error::{Body, Refusal};
+use crate::metrics::Metrics;
 use crate::registry::{CodeFailure, KeyEntry, Registry};
 use crate::routing::Route;
 
@@ -37,11 +38,12 @@ const SECURITY_PAGE: &str = "/_stepgate/";
 #[derive(Clone)]
 pub struct SecondFactorLayer {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl SecondFactorLayer {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        Self { registry, metrics }
     }
 }
 
@@ -50,6 +52,7 @@ impl<S> Layer<S> for SecondFactorLayer {
     fn layer(&self, inner: S) -> Self::Service {
         SecondFactor {
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
             inner,
         }
     }
@@ -58,6 +61,7 @@ impl<S> Layer<S> for SecondFactorLayer {
 #[derive(Clone)]
 pub struct SecondFactor<S> {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     inner: S,
 }
 
@@ -96,8 +100,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {
-            let decision = decide(&registry, &route.policy, &entry, &mut request).await?;
+            let decision = decide(&registry, &metrics, &route.policy, &entry, &mut request).await?;
             let auth = match &decision {
                 Decision::Proved { method, .. } => *method,
                 Decision::Unproved { .. } => "key",
@@ -151,6 +156,7 @@ enum Decision {
 
 async fn decide<B>(
     registry: &Registry,
+    metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
     request: &mut Request<B>,
@@ -180,6 +186,7 @@ async fn decide<B>(
     let outcome = if consumer.confirmed_totp().is_none() {
         match policy.rollout.grace_until {
             Some(until) if now < until => {
+                metrics.factor("none", "grace");
                 let warning = format!(
                     "second factor not enrolled; required from {} on; enrol at {SECURITY_PAGE}",
                     rfc3339(until)
@@ -188,11 +195,15 @@ async fn decide<B>(
                     warning: HeaderValue::from_str(&warning).ok(),
                 });
             }
-            _ => Err(Refusal::EnrollmentRequired),
+            _ => {
+                metrics.factor("none", "not_enrolled");
+                Err(Refusal::EnrollmentRequired)
+            }
         }
     } else {
         prove(
             registry,
+            metrics,
             policy,
             entry,
             token.as_deref(),
@@ -212,6 +223,7 @@ async fn decide<B>(
             | Refusal::EnrollmentRequired),
         ) if report_only => {
             let (_, code) = refusal.status_code();
+            metrics.factor("none", "would_refuse");
             audit("would_refuse", json!({"code": code, "policy": policy.name}));
             Ok(Decision::Unproved { warning: None })
         }
@@ -221,6 +233,7 @@ async fn decide<B>(
 
 async fn prove(
     registry: &Registry,
+    metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
     token: Option<&str>,
@@ -237,12 +250,14 @@ async fn prove(
             .check(token, &consumer.id, &policy.name, now)
         {
             Ok(_) => {
+                metrics.factor("step_up", "accepted");
                 return Ok(Decision::Proved {
                     method: "key+step_up",
                     token: None,
                 });
             }
             Err(rejection) => {
+                metrics.factor("step_up", "rejected");
                 audit(
                     "step_up_rejected",
                     json!({"reason": rejection.as_str(), "policy": policy.name}),
@@ -256,6 +271,7 @@ async fn prove(
         }
     }
     let Some(code) = code else {
+        metrics.factor("none", "missing");
         return Err(Refusal::OtpRequired);
     };
     match registry
@@ -263,6 +279,7 @@ async fn prove(
         .await
     {
         Ok(factor) => {
+            metrics.factor(factor.as_str(), "accepted");
             audit(
                 "otp_accepted",
                 json!({"factor": factor.as_str(), "policy": policy.name}),
@@ -271,6 +288,7 @@ async fn prove(
                 audit("recovery_code_used", json!({"policy": policy.name}));
             }
             let token = (!policy.step_up.ttl.is_zero()).then(|| {
+                metrics.step_up_issued.inc();
                 let issued = registry.tokens().issue(
                     &consumer.id,
                     &policy.name,
@@ -293,12 +311,14 @@ async fn prove(
             })
         }
         Err(CodeFailure::Invalid) => {
+            metrics.factor("code", "rejected");
             audit("otp_rejected", json!({"policy": policy.name}));
             Err(Refusal::OtpInvalid {
                 entry: entry.clone(),
             })
         }
         Err(CodeFailure::Replayed) => {
+            metrics.factor("totp", "replayed");
             audit("otp_replayed", json!({"policy": policy.name}));
             Err(Refusal::OtpInvalid {
                 entry: entry.clone(),

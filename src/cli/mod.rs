@@ -84,6 +84,8 @@ enum Command {
         #[arg(long = "role")]
         roles: Vec<String>,
     },
+    /// Exit 0 when the running gateway is ready (admin `GET /readyz`); for health checks.
+    Health,
     /// Manage consumers (admin API).
     #[command(subcommand)]
     Consumer(ops::ConsumerCommand),
@@ -116,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Totp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Totp(c)),
         Command::Recovery(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Recovery(c)),
         Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
+        Command::Health => ops::run(&cli.config, &cli.admin, ops::Operation::Health),
     }
 }
 
@@ -343,6 +346,18 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
             gateway.local_addr()
         );
         let token = gateway.shutdown_token();
+        let reloader = gateway.reloader();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::hangup()) {
+                Ok(mut hangups) => {
+                    while hangups.recv().await.is_some() {
+                        reloader.reload("SIGHUP").await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP"),
+            }
+        });
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("signal received; shutting down");

@@ -65,6 +65,8 @@ pub enum Operation {
     Totp(TotpCommand),
     Recovery(RecoveryCommand),
     Audit(AuditArgs),
+    /// `GET /readyz`: exit 0 when the gateway is ready (for container health checks).
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +372,13 @@ async fn execute(
             Ok(())
         }
         Operation::Audit(args) => audit(client, out, args).await,
+        Operation::Health => {
+            let answer = client.call(Method::GET, "/readyz", None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(out, "ready");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -24,6 +24,9 @@ use crate::routing::RouteTable;
 pub struct Snapshot {
     /// The `gateway.yaml` this snapshot was read from.
     pub source: PathBuf,
+    /// Short hash over every file read: equal versions mean equal configurations.
+    pub version: String,
+    pub policies_dir: PathBuf,
     pub listen: SocketAddr,
     /// rustls server configuration when the listener terminates TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -35,6 +38,8 @@ pub struct Snapshot {
     /// Where the master key, admin token and (by default) the database live.
     pub data_dir: PathBuf,
     pub store: StoreSettings,
+    /// Audit events as JSON lines to stdout or a file (restart to change).
+    pub audit_sink: Option<crate::audit::Sink>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub routes: RouteTable,

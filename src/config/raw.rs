@@ -54,6 +54,8 @@ pub struct Gateway {
     #[serde(default)]
     pub store: Option<StoreSpec>,
     #[serde(default)]
+    pub audit: Option<Audit>,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
@@ -72,6 +74,14 @@ pub struct Tls {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// `stdout` or `file`.
+    pub sink: Spanned<String>,
+    pub path: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::Method;
 use serde::de::DeserializeOwned;
 use serde_saphyr::{Location, Spanned};
+use sha2::{Digest, Sha256};
 
 use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
@@ -31,6 +32,7 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
         file: path,
         base: path.parent().unwrap_or(Path::new(".")),
         errors: &mut errors,
+        digest: Sha256::new(),
     }
     .load();
     match snapshot {
@@ -46,6 +48,8 @@ struct Loader<'a> {
     file: &'a Path,
     base: &'a Path,
     errors: &'a mut Errors,
+    /// Over every file read, in order: the snapshot's version.
+    digest: Sha256,
 }
 
 impl Loader<'_> {
@@ -59,7 +63,7 @@ impl Loader<'_> {
     }
 
     fn load(&mut self) -> Option<Snapshot> {
-        let raw: raw::Gateway = match parse_file(self.file) {
+        let raw: raw::Gateway = match self.parse_file(self.file) {
             Ok(raw) => raw,
             Err(error) => {
                 self.errors.0.push(error);
@@ -67,12 +71,41 @@ impl Loader<'_> {
             }
         };
 
+        let policies_dir = self.base.join(
+            raw.policies_dir
+                .as_ref()
+                .map_or("policies", |d| d.value.as_str()),
+        );
         let policies = self.policies(raw.policies_dir.as_ref());
         let listen = self.address("listen", &raw.listen);
         let admin = raw
             .admin
             .as_ref()
             .map(|admin| self.address("admin.listen", &admin.listen));
+        let audit_sink =
+            raw.audit
+                .as_ref()
+                .and_then(|audit| match (audit.sink.value.as_str(), &audit.path) {
+                    ("stdout", None) => Some(crate::audit::Sink::Stdout),
+                    ("file", Some(path)) => {
+                        Some(crate::audit::Sink::File(self.base.join(&path.value)))
+                    }
+                    ("file", None) => {
+                        self.at(&audit.sink.referenced, "audit: `sink: file` needs a `path`");
+                        None
+                    }
+                    ("stdout", Some(path)) => {
+                        self.at(&path.referenced, "audit.path: only with `sink: file`");
+                        None
+                    }
+                    (other, _) => {
+                        self.at(
+                            &audit.sink.referenced,
+                            format!("audit.sink: `{other}` is not `stdout` or `file`"),
+                        );
+                        None
+                    }
+                });
         let trusted_proxies = raw
             .trusted_proxies
             .iter()
@@ -124,7 +157,10 @@ impl Loader<'_> {
             .collect();
         let routes = self.routes(&raw.routes, &upstreams, &policies, &limits);
 
+        let digest = std::mem::replace(&mut self.digest, Sha256::new()).finalize();
         Some(Snapshot {
+            version: crate::secrets::hex(&digest[..6]),
+            policies_dir,
             source: self.file.to_path_buf(),
             listen: listen?,
             tls,
@@ -136,6 +172,7 @@ impl Loader<'_> {
             data_dir,
             store,
             trusted_proxies,
+            audit_sink,
             upstreams,
             policies,
             routes: RouteTable::new(routes),
@@ -161,6 +198,9 @@ impl Loader<'_> {
     fn tls(&mut self, spec: &raw::Tls) -> Option<Arc<rustls::ServerConfig>> {
         let cert = self.base.join(&spec.cert.value);
         let key = self.base.join(&spec.key.value);
+        // A rotated certificate is a new version even when the YAML is unchanged.
+        self.hash_file(&cert);
+        self.hash_file(&key);
         match tls::server_config(&cert, &key) {
             Ok(config) => Some(config),
             Err(tls::TlsFileError::Cert(message)) => {
@@ -295,7 +335,11 @@ impl Loader<'_> {
                         d.idle_timeout,
                     ),
                     retries: raw.retries.as_ref().map_or(d.retries, |r| r.value),
-                    ca_file: raw.ca_file.as_ref().map(|f| self.base.join(&f.value)),
+                    ca_file: raw.ca_file.as_ref().map(|f| {
+                        let path = self.base.join(&f.value);
+                        self.hash_file(&path);
+                        path
+                    }),
                 };
                 match Upstream::http(name, &url.value, settings) {
                     Ok(upstream) => Some(upstream),
@@ -363,7 +407,7 @@ impl Loader<'_> {
     }
 
     fn policy(&mut self, file: &Path, name: String) -> Option<Policy> {
-        let raw: raw::Policy = match parse_file(file) {
+        let raw: raw::Policy = match self.parse_file(file) {
             Ok(raw) => raw,
             Err(error) => {
                 self.errors.0.push(error);
@@ -754,18 +798,38 @@ fn list_or_none(names: &[&str]) -> String {
     }
 }
 
-/// Reads and parses one YAML file; a syntax or schema error names its line and column.
-fn parse_file<T: DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
-    let text = fs::read_to_string(file)
-        .map_err(|e| ConfigError::new(file, 0, 0, format!("cannot read: {e}")))?;
-    serde_saphyr::from_str(&text).map_err(|e| {
-        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        ConfigError::new(file, line, column, yaml_message(&e))
-    })
+impl Loader<'_> {
+    /// Adds a non-YAML file (certificate, key, CA) to the version digest; unreadable files are
+    /// reported where they are used.
+    fn hash_file(&mut self, path: &Path) {
+        if let Ok(bytes) = fs::read(path) {
+            self.digest.update(path.as_os_str().as_encoded_bytes());
+            self.digest.update([0]);
+            self.digest.update(&bytes);
+        }
+    }
+
+    /// Reads and parses one YAML file; a syntax or schema error names its line and column.
+    fn parse_file<T: DeserializeOwned>(&mut self, file: &Path) -> Result<T, ConfigError> {
+        let text = fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(file, 0, 0, format!("cannot read: {e}")))?;
+        self.digest.update(file.as_os_str().as_encoded_bytes());
+        self.digest.update([0]);
+        self.digest.update(text.as_bytes());
+        self.digest.update([0]);
+        serde_saphyr::from_str(&text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigError::new(file, line, column, yaml_message(&e))
+        })
+    }
 }
 
 /// serde-saphyr's message without the location or source snippet (we print our own).
 fn yaml_message(error: &serde_saphyr::Error) -> String {
     let text = error.without_snippet().to_string();
-    text.lines().next().unwrap_or("invalid YAML").to_owned()
+    let first = text.lines().next().unwrap_or("invalid YAML");
+    match first.rfind(" at line ") {
+        Some(at) => first[..at].to_owned(),
+        None => first.to_owned(),
+    }
 }

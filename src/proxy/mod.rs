@@ -19,14 +19,23 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::error::{Body, BoxError, Refusal};
+use crate::metrics::{Metrics, UpstreamLabel};
 use crate::observe::X_REQUEST_ID;
 use crate::routing::Route;
 use crate::server::ConnInfo;
 use upstream::Target;
 
 /// The forwarding service. Expects the [`Route`] and [`ConnInfo`] request extensions.
-#[derive(Clone, Copy, Default)]
-pub struct Forward;
+#[derive(Clone)]
+pub struct Forward {
+    metrics: Arc<Metrics>,
+}
+
+impl Forward {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<B> Service<Request<B>> for Forward
 where
@@ -42,11 +51,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        Box::pin(forward(request))
+        Box::pin(forward(request, self.metrics.clone()))
     }
 }
 
-async fn forward<B>(request: Request<B>) -> Result<Response<Body>, Refusal>
+async fn forward<B>(request: Request<B>, metrics: Arc<Metrics>) -> Result<Response<Body>, Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -103,8 +112,38 @@ where
     parts.extensions = http::Extensions::new();
 
     let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
-    match &route.upstream.target {
+    let start = tokio::time::Instant::now();
+    let result = match &route.upstream.target {
         Target::Echo => echo::respond(Request::from_parts(parts, body)).await,
         Target::Http(http) => http.send(parts, body).await,
+    };
+    let upstream = route.upstream.name.as_str();
+    metrics
+        .upstream_duration
+        .get_or_create(&UpstreamLabel {
+            upstream: upstream.to_owned(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    if let Err(refusal) = &result {
+        let kind = match refusal {
+            Refusal::UpstreamTimeout { .. } => Some("timeout"),
+            Refusal::BodyTooLarge { .. } => Some("body_too_large"),
+            Refusal::UpstreamUnavailable { source } => Some(
+                if source
+                    .as_deref()
+                    .and_then(|e| e.downcast_ref::<hyper_util::client::legacy::Error>())
+                    .is_some_and(hyper_util::client::legacy::Error::is_connect)
+                {
+                    "connect"
+                } else {
+                    "reset"
+                },
+            ),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            metrics.upstream_error(upstream, kind);
+        }
     }
+    result
 }

@@ -65,6 +65,7 @@ CREATE INDEX audit_at ON audit(at);
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    path: std::path::PathBuf,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -91,6 +92,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
         })
     }
 
@@ -518,8 +520,14 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))
+        let path = self.path.clone();
+        self.with(move |conn| {
+            // An open connection outlives its file being deleted: check the file is there,
+            // and that a write transaction can start.
+            if !path.exists() {
+                return Err(unavailable(format!("{} is gone", path.display())));
+            }
+            conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
                 .map_err(unavailable)
         })
         .await

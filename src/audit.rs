@@ -131,6 +131,8 @@ impl SinkWriter {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditView {
+    /// Assigned by the store; absent on lines written to the sink before storing.
+    #[serde(skip_serializing_if = "is_unassigned")]
     pub id: i64,
     pub at: String,
     pub kind: String,
@@ -152,4 +154,8 @@ impl AuditView {
             detail: e.detail,
         }
     }
+}
+
+fn is_unassigned(id: &i64) -> bool {
+    *id == 0
 }

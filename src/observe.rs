@@ -78,13 +78,14 @@ where
         // Read the configuration once; the request keeps this snapshot to the end.
         request.extensions_mut().insert(self.config.load_full());
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // A clone of the URI shares its bytes: no allocation on the request path.
+        let uri = request.uri().clone();
         ObserveFuture {
             inner: self.inner.call(request),
             metrics: self.metrics.clone(),
             start,
             method,
-            path,
+            uri,
             id,
         }
     }
@@ -109,7 +110,7 @@ pin_project! {
         metrics: Arc<Metrics>,
         start: Instant,
         method: Method,
-        path: String,
+        uri: http::Uri,
         id: HeaderValue,
     }
 }
@@ -142,7 +143,7 @@ where
         tracing::info!(
             target: "stepgate::access",
             method = %this.method,
-            path = %this.path,
+            path = %this.uri.path(),
             route = route.map(|r| r.name.as_str()),
             upstream = route.map(|r| r.upstream.name.as_str()),
             status = response.status().as_u16(),

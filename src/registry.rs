@@ -360,12 +360,12 @@ impl Registry {
     }
 
     /// Revokes a consumer's step-up tokens, with an audit event.
-    fn revoke_tokens(&self, consumer: &Consumer, reason: &str) {
+    fn revoke_tokens(&self, consumer: &Consumer, key_prefix: Option<&str>, reason: &str) {
         self.tokens.revoke_consumer(&consumer.id);
         self.audit_event(
             "step_up_revoked",
             Some(consumer),
-            None,
+            key_prefix,
             json!({"reason": reason}),
         );
     }
@@ -373,7 +373,7 @@ impl Registry {
     /// Admin `DELETE /consumers/{name}/step-up-tokens`.
     pub fn revoke_step_up_tokens(&self, name: &str) -> Result<(), RegistryError> {
         let consumer = self.get(name)?;
-        self.revoke_tokens(&consumer, "admin");
+        self.revoke_tokens(&consumer, None, "admin");
         Ok(())
     }
 
@@ -540,7 +540,7 @@ impl Registry {
         let disabled_now = updated.disabled && !old.disabled;
         self.publish(|index| index.put(updated));
         if disabled_now {
-            self.revoke_tokens(&old, "consumer_disabled");
+            self.revoke_tokens(&old, None, "consumer_disabled");
         }
         Ok(view)
     }
@@ -599,7 +599,7 @@ impl Registry {
         // Published before anything else, so the next request with that key fails.
         self.publish(|index| index.put(updated));
         self.audit_event("key_revoked", Some(&old), Some(prefix), json!({}));
-        self.revoke_tokens(&old, "key_revoked");
+        self.revoke_tokens(&old, Some(prefix), "key_revoked");
         Ok(())
     }
 
@@ -711,7 +711,7 @@ impl Registry {
         });
         self.audit_event("totp_reset", Some(&updated), None, json!({}));
         self.publish(|index| index.put(updated));
-        self.revoke_tokens(&old, "totp_reset");
+        self.revoke_tokens(&old, None, "totp_reset");
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! an invalid configuration is refused as a whole, logged with `file:line:column`, counted,
 //! and the old one keeps serving.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -155,10 +156,11 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
     }
 }
 
-/// Watches the directories of `gateway.yaml` and of the policies (not the files: editors save
-/// by rename and Kubernetes swaps a symlinked directory), debounced, and reloads on change.
-/// Runs until `shutdown`.
-pub async fn watch(reloader: Arc<Reloader>, dirs: Vec<PathBuf>, shutdown: CancellationToken) {
+/// Watches the directories of `gateway.yaml`, of the policies and of the TLS and CA files (not
+/// the files: editors save by rename and Kubernetes swaps a symlinked directory), debounced,
+/// and reloads on change. The set of directories follows the configuration in force. Runs
+/// until `shutdown`.
+pub async fn watch(reloader: Arc<Reloader>, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let debouncer = new_debouncer(
         Duration::from_millis(200),
@@ -182,12 +184,18 @@ pub async fn watch(reloader: Arc<Reloader>, dirs: Vec<PathBuf>, shutdown: Cancel
             return;
         }
     };
-    for dir in &dirs {
-        if let Err(error) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(%error, dir = %dir.display(), "cannot watch directory");
-        }
-    }
+    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
     loop {
+        let wanted = watched_dirs(&reloader.config.load());
+        for dir in watched.difference(&wanted) {
+            let _ = debouncer.unwatch(dir);
+        }
+        for dir in wanted.difference(&watched) {
+            if let Err(error) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(%error, dir = %dir.display(), "cannot watch directory");
+            }
+        }
+        watched = wanted;
         tokio::select! {
             event = rx.recv() => {
                 if event.is_none() {
@@ -203,21 +211,16 @@ pub async fn watch(reloader: Arc<Reloader>, dirs: Vec<PathBuf>, shutdown: Cancel
 }
 
 /// The directories to watch for a snapshot.
-pub fn watched_dirs(snapshot: &Snapshot) -> Vec<PathBuf> {
-    let config_dir = snapshot
-        .source
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                p.to_path_buf()
-            }
-        })
-        .unwrap_or_else(|| PathBuf::from("."));
-    let mut dirs = vec![config_dir];
-    if !dirs.contains(&snapshot.policies_dir) {
-        dirs.push(snapshot.policies_dir.clone());
+pub fn watched_dirs(snapshot: &Snapshot) -> BTreeSet<PathBuf> {
+    let dir_of = |file: &std::path::Path| match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = BTreeSet::new();
+    dirs.insert(dir_of(&snapshot.source));
+    dirs.insert(snapshot.policies_dir.clone());
+    for file in &snapshot.extra_files {
+        dirs.insert(dir_of(file));
     }
     dirs
 }

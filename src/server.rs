@@ -181,22 +181,18 @@ impl Gateway {
             background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
         }
         background.spawn(flush_key_use(registry.clone(), shutdown.clone()));
-        background.spawn(crate::reload::watch(
-            reloader.clone(),
-            crate::reload::watched_dirs(&config.load()),
-            shutdown.clone(),
-        ));
+        background.spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
         let max_connections = config.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let tracker = TaskTracker::new();
         // Cancelled when the drain deadline passes: connections still open are then dropped.
         let hard_stop = CancellationToken::new();
-        let service = crate::stack::build(
-            config.clone(),
-            registry.clone(),
-            limiter.clone(),
-            metrics.clone(),
-        );
+        let service = crate::stack::build(crate::stack::Shared {
+            config: config.clone(),
+            registry: registry.clone(),
+            limiter: limiter.clone(),
+            metrics: metrics.clone(),
+        });
 
         loop {
             let slot = tokio::select! {

@@ -18,7 +18,7 @@ use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
 use crate::auth::limiter::FailureLimiter;
 use crate::auth::roles::RoleCheck;
 use crate::auth::second_factor::SecondFactorLayer;
-use crate::error::Body;
+use crate::error::{Body, Refusal};
 use crate::guard::GuardLayer;
 use crate::identity::StripIdentity;
 use crate::limits::ProtocolLimits;
@@ -43,23 +43,49 @@ fn sensitive_headers() -> [HeaderName; 7] {
     ]
 }
 
-/// The service every connection serves. Cloned per connection; clones share the config handle.
+/// What the layers share; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: ConfigHandle,
+    pub registry: Arc<Registry>,
+    pub limiter: Arc<FailureLimiter>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The service every connection serves: the stack in front of [`Forward`]. Cloned per
+/// connection; clones share everything in [`Shared`].
 pub fn build(
-    config: ConfigHandle,
-    registry: Arc<Registry>,
-    limiter: Arc<FailureLimiter>,
-    metrics: Arc<Metrics>,
+    shared: Shared,
 ) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
+    let forward = Forward::new(shared.metrics.clone());
+    build_with(shared, forward)
+}
+
+/// The stack in front of any innermost service (benchmarks put a stub where the upstream is).
+pub fn build_with<B, S>(
+    shared: Shared,
+    inner: S,
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static
+where
+    B: Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>, Error = Refusal> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let registry = shared.registry.clone();
+    let limiter = shared.limiter.clone();
     ServiceBuilder::new()
         // First of all, mark credentials sensitive so that no Debug output anywhere below
         // (a log line, a panic message) can print them.
         .layer(SetSensitiveHeadersLayer::new(sensitive_headers()))
         // Request id and config snapshot next, so that every answer, including every
         // refusal below, is logged once with its id, route and status.
-        .layer(ObserveLayer::new(config, metrics.clone()))
+        .layer(ObserveLayer::new(shared.config, shared.metrics.clone()))
         // One rescue: each refusal from below becomes its problem+json response here.
         .layer(RescueLayer)
         // Cheap protocol guards before any parsing that depends on routes.
@@ -78,7 +104,7 @@ pub fn build(
         .layer(FailureLimitLayer::new(
             limiter.clone(),
             registry.clone(),
-            metrics.clone(),
+            shared.metrics.clone(),
         ))
         // First factor: the API key (removed from the request on every route), then the
         // identity headers the upstream may trust.
@@ -89,7 +115,7 @@ pub fn build(
         // about its code.
         .layer(GuardLayer(RoleCheck::new(registry.clone())))
         // Second factor: step-up token or X-OTP; issues a token after a code.
-        .layer(SecondFactorLayer::new(registry, metrics.clone()))
+        .layer(SecondFactorLayer::new(registry, shared.metrics))
         // Innermost: stream to the upstream.
-        .service(Forward::new(metrics))
+        .service(inner)
 }

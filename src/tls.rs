@@ -53,7 +53,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .map_err(|e| TlsFileError::Cert(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| TlsFileError::Key(format!("key does not fit the certificate: {e}")))?;
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(_) => {
+                TlsFileError::Cert(format!("not a usable certificate: {e}"))
+            }
+            e => TlsFileError::Key(format!("key does not fit the certificate: {e}")),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.max_early_data_size = 0;
     Ok(Arc::new(config))

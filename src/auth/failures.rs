@@ -21,6 +21,12 @@ use crate::metrics::{Metrics, SubjectLabel};
 use crate::registry::{KeyEntry, Registry};
 use crate::routing::Route;
 
+/// At most 100 failures per account per hour over all policies (NIST SP 800-63B §5.2.2).
+const ACCOUNT_CEILING: crate::config::Rate = crate::config::Rate {
+    max: std::num::NonZeroU32::new(100).unwrap(),
+    window: std::time::Duration::from_secs(3600),
+};
+
 /// Marks a response whose request proved a second factor (resets that consumer's count).
 #[derive(Debug, Clone)]
 pub struct SecondFactorPassed {
@@ -162,6 +168,17 @@ impl Tally {
                 self.limiter
                     .record(&name, consumer.clone(), failures.per_consumer, failures);
             ban = ban.or(self.ban_if(recorded, &consumer, Some(entry)));
+            // Each policy counts on its own, so a consumer facing several policies gets each
+            // one's allowance; this account-wide count keeps the sum within NIST's ceiling.
+            if ban.is_none() {
+                let recorded = self.limiter.record(
+                    &self.limiter.account_wide(),
+                    consumer.clone(),
+                    ACCOUNT_CEILING,
+                    failures,
+                );
+                ban = self.ban_if(recorded, &consumer, Some(entry));
+            }
         }
         match ban {
             Some(retry_after) => Refusal::TooManyAttempts { retry_after },
@@ -221,9 +238,9 @@ where
                     Ok(response) => {
                         if let Some(passed) = response.extensions().get::<SecondFactorPassed>() {
                             let name: Arc<str> = Arc::from(tally.route.policy.name.as_str());
-                            tally
-                                .limiter
-                                .reset(&name, Subject::Consumer(passed.consumer_id.clone()));
+                            let consumer = Subject::Consumer(passed.consumer_id.clone());
+                            tally.limiter.reset(&name, consumer.clone());
+                            tally.limiter.reset(&tally.limiter.account_wide(), consumer);
                         }
                         Ok(response)
                     }

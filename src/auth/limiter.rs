@@ -98,6 +98,7 @@ pub enum Recorded {
 
 pub struct FailureLimiter {
     clock: SharedClock,
+    account_wide: Arc<str>,
     counters: Cache<(Arc<str>, Subject), Arc<Gcra>>,
     bans: Cache<Subject, Ban>,
 }
@@ -106,10 +107,14 @@ impl FailureLimiter {
     pub fn new(clock: SharedClock) -> Self {
         Self {
             clock,
+            // Not a valid policy name (file stems have no `*`), so it cannot collide with one.
+            account_wide: Arc::from("*"),
             counters: Cache::builder()
                 .max_capacity(COUNTER_CAPACITY)
                 // An idle counter is full again after its window; dropping it loses nothing.
                 .time_to_idle(Duration::from_secs(24 * 3600))
+                // `unlock` clears a subject's counters by predicate.
+                .support_invalidation_closures()
                 .build(),
             bans: Cache::builder()
                 .max_capacity(BAN_CAPACITY)
@@ -120,6 +125,11 @@ impl FailureLimiter {
 
     pub fn now(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// The counter name for failures of a consumer over all policies.
+    pub fn account_wide(&self) -> Arc<str> {
+        Arc::clone(&self.account_wide)
     }
 
     /// Seconds until the ban on `subject` ends, or `None` when it is not banned. A ban found

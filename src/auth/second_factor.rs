@@ -110,6 +110,16 @@ where
             request
                 .headers_mut()
                 .insert(X_STEPGATE_AUTH.clone(), HeaderValue::from_static(auth));
+            if let Decision::Proved {
+                token: Some((token, expires_at)),
+                ..
+            } = &decision
+            {
+                request.extensions_mut().insert(IssuedToken {
+                    token: token.clone(),
+                    expires_at: *expires_at,
+                });
+            }
             let mut response = inner.call(request).await?;
             match decision {
                 Decision::Proved { token, .. } => {
@@ -142,6 +152,13 @@ where
             Ok(response)
         }))
     }
+}
+
+/// A step-up token issued for this request (read by the built-in step-up endpoint).
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_at: u64,
 }
 
 enum Decision {

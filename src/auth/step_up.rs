@@ -161,6 +161,8 @@ impl StepUpTokens {
 
     /// Live tokens (approximate; for metrics).
     pub fn len(&self) -> u64 {
+        // moka counts lazily; settle pending inserts and evictions first.
+        self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 

@@ -27,6 +27,9 @@ pub struct Snapshot {
     /// Short hash over every file read: equal versions mean equal configurations.
     pub version: String,
     pub policies_dir: PathBuf,
+    /// Non-YAML files the configuration reads (TLS certificate and key, CA files): their
+    /// directories are watched for reloads too.
+    pub extra_files: Vec<PathBuf>,
     pub listen: SocketAddr,
     /// rustls server configuration when the listener terminates TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -43,6 +46,8 @@ pub struct Snapshot {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub routes: RouteTable,
+    /// The built-in `POST /_stepgate/step-up` route of each policy that issues step-up tokens.
+    pub step_up_routes: BTreeMap<String, Arc<crate::routing::Route>>,
 }
 
 /// Where consumers and credentials are persisted.

@@ -33,6 +33,7 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
         base: path.parent().unwrap_or(Path::new(".")),
         errors: &mut errors,
         digest: Sha256::new(),
+        extra_files: Vec::new(),
     }
     .load();
     match snapshot {
@@ -50,6 +51,7 @@ struct Loader<'a> {
     errors: &'a mut Errors,
     /// Over every file read, in order: the snapshot's version.
     digest: Sha256,
+    extra_files: Vec<PathBuf>,
 }
 
 impl Loader<'_> {
@@ -158,8 +160,10 @@ impl Loader<'_> {
         let routes = self.routes(&raw.routes, &upstreams, &policies, &limits);
 
         let digest = std::mem::replace(&mut self.digest, Sha256::new()).finalize();
+        let step_up_routes = step_up_routes(&policies);
         Some(Snapshot {
             version: crate::secrets::hex(&digest[..6]),
+            extra_files: std::mem::take(&mut self.extra_files),
             policies_dir,
             source: self.file.to_path_buf(),
             listen: listen?,
@@ -176,6 +180,7 @@ impl Loader<'_> {
             upstreams,
             policies,
             routes: RouteTable::new(routes),
+            step_up_routes,
         })
     }
 
@@ -629,7 +634,14 @@ impl Loader<'_> {
             });
 
             let path = &r.matcher.path;
-            let route_path = if !path.value.starts_with('/') {
+            let route_path = if path.value == "/_stepgate" || path.value.starts_with("/_stepgate/")
+            {
+                self.at(
+                    &path.referenced,
+                    format!("{field}.match.path: `/_stepgate` is reserved for the gateway's own endpoints"),
+                );
+                None
+            } else if !path.value.starts_with('/') {
                 self.at(
                     &path.referenced,
                     format!("{field}.match.path: must start with `/`"),
@@ -790,6 +802,32 @@ impl PolicyErrors<'_> {
     }
 }
 
+/// A synthetic route per policy that issues step-up tokens, for `POST /_stepgate/step-up`.
+fn step_up_routes(policies: &BTreeMap<String, Arc<Policy>>) -> BTreeMap<String, Arc<Route>> {
+    let upstream = Arc::new(Upstream {
+        name: "stepgate".to_owned(),
+        target: crate::proxy::upstream::Target::StepUp,
+    });
+    policies
+        .iter()
+        .filter(|(_, p)| p.second_factor == Requirement::Required && !p.step_up.ttl.is_zero())
+        .map(|(name, policy)| {
+            let route = Route {
+                name: format!("_stepgate/step-up:{name}"),
+                host: None,
+                path: crate::routing::layer::STEP_UP_PATH.to_owned(),
+                methods: Some(vec![Method::POST]),
+                upstream: upstream.clone(),
+                policy: policy.clone(),
+                strip_prefix: false,
+                body_bytes: 4096,
+                line: 0,
+            };
+            (name.clone(), Arc::new(route))
+        })
+        .collect()
+}
+
 fn list_or_none(names: &[&str]) -> String {
     if names.is_empty() {
         "none".to_owned()
@@ -802,6 +840,7 @@ impl Loader<'_> {
     /// Adds a non-YAML file (certificate, key, CA) to the version digest; unreadable files are
     /// reported where they are used.
     fn hash_file(&mut self, path: &Path) {
+        self.extra_files.push(path.to_path_buf());
         if let Ok(bytes) = fs::read(path) {
             self.digest.update(path.as_os_str().as_encoded_bytes());
             self.digest.update([0]);

@@ -75,6 +75,9 @@ where
             "request reached forwarding without connection info",
         ))?;
 
+    if let Target::StepUp = route.upstream.target {
+        return step_up_answer(&request);
+    }
     let (mut parts, body) = request.into_parts();
     let original_host = match parts.uri.authority() {
         Some(authority) => authority.as_str().parse().ok(),
@@ -115,6 +118,7 @@ where
     let start = tokio::time::Instant::now();
     let result = match &route.upstream.target {
         Target::Echo => echo::respond(Request::from_parts(parts, body)).await,
+        Target::StepUp => Err(Refusal::Internal("step-up endpoint reached forwarding")),
         Target::Http(http) => http.send(parts, body).await,
     };
     let upstream = route.upstream.name.as_str();
@@ -146,4 +150,29 @@ where
         }
     }
     result
+}
+
+/// `POST /_stepgate/step-up`: the token the second-factor layer just issued, as JSON.
+fn step_up_answer<B>(request: &Request<B>) -> Result<Response<Body>, Refusal> {
+    let issued = request
+        .extensions()
+        .get::<crate::auth::second_factor::IssuedToken>()
+        .ok_or(Refusal::BadRequest(
+            "a step-up token is issued for a code in X-OTP (not for another token)",
+        ))?;
+    let body = serde_json::json!({
+        "token": issued.token,
+        "expires_at": crate::clock::rfc3339(issued.expires_at),
+    });
+    let mut response = Response::new(crate::error::full_body(body.to_string()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
 }

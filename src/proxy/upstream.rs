@@ -28,6 +28,8 @@ pub struct Upstream {
 pub enum Target {
     /// The built-in upstream that describes the request it received.
     Echo,
+    /// The built-in `POST /_stepgate/step-up` endpoint: answers with the token just issued.
+    StepUp,
     Http(Box<HttpUpstream>),
 }
 
@@ -35,6 +37,7 @@ impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
             Target::Echo => write!(f, "{} (echo)", self.name),
+            Target::StepUp => write!(f, "{} (built-in step-up endpoint)", self.name),
             Target::Http(http) => write!(f, "{} ({})", self.name, http.url),
         }
     }

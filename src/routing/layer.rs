@@ -61,10 +61,14 @@ where
 fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     let snapshot = Snapshot::of(request)?;
     let host = request_host(request)?;
-    let route = snapshot
-        .routes
-        .find(host, request.method(), request.uri().path())
-        .ok_or(Refusal::NoRoute)?;
+    let route = if request.uri().path() == STEP_UP_PATH {
+        step_up_route(snapshot, request)?
+    } else {
+        snapshot
+            .routes
+            .find(host, request.method(), request.uri().path())
+            .ok_or(Refusal::NoRoute)?
+    };
     if let Some(length) = content_length(request.headers())?
         && length > route.body_bytes
     {
@@ -76,6 +80,38 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
         });
     }
     Ok(route.clone())
+}
+
+/// The built-in endpoint that trades a code for a step-up token without calling an upstream.
+pub const STEP_UP_PATH: &str = "/_stepgate/step-up";
+
+/// `POST /_stepgate/step-up[?policy=NAME]`: the policy's synthetic route. The policy may be left
+/// out when only one policy issues step-up tokens.
+fn step_up_route<'a, B>(
+    snapshot: &'a Snapshot,
+    request: &Request<B>,
+) -> Result<&'a Arc<Route>, Refusal> {
+    if request.method() != http::Method::POST {
+        return Err(Refusal::NoRoute);
+    }
+    let wanted = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("policy=")));
+    match wanted {
+        Some(name) => snapshot.step_up_routes.get(name).ok_or(Refusal::BadRequest(
+            "no policy of that name issues step-up tokens",
+        )),
+        None if snapshot.step_up_routes.len() == 1 => snapshot
+            .step_up_routes
+            .values()
+            .next()
+            .ok_or(Refusal::NoRoute),
+        None if snapshot.step_up_routes.is_empty() => Err(Refusal::NoRoute),
+        None => Err(Refusal::BadRequest(
+            "several policies issue step-up tokens: name one with ?policy=NAME",
+        )),
+    }
 }
 
 /// The host a request is for, without port: the URI authority (HTTP/2 `:authority`, or an

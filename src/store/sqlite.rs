@@ -525,7 +525,7 @@ impl Store for SqliteStore {
             // An open connection outlives its file being deleted: check the file is there,
             // and that a write transaction can start.
             if !path.exists() {
-                return Err(unavailable(format!("{} is gone", path.display())));
+                return Err(unavailable("the database file is gone"));
             }
             conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
                 .map_err(unavailable)

@@ -1347,3 +1347,472 @@ pub fn mode_of(path: &Path) -> u32 {
         .mode()
         & 0o777
 }
+
+// ---------------------------------------------------------------------------------------------
+// The two-factor gate (issue 4): an injected clock, policies, TOTP at a chosen time
+// ---------------------------------------------------------------------------------------------
+
+/// A fixed start time for the injected clock: 2027-01-15T08:00:00Z, aligned to 30 s and 60 s.
+pub const T0: u64 = 1_800_000_000;
+
+/// `RFC 3339` of a Unix time, computed by GNU `date` (independently of the code under test).
+pub fn date_rfc3339(unix: u64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{unix}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("run date");
+    assert!(out.status.success(), "date failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Unix seconds of a date, computed by GNU `date`, e.g. `2027-01-31` (midnight UTC).
+pub fn date_unix(text: &str) -> u64 {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", text, "+%s"])
+        .output()
+        .expect("run date");
+    assert!(out.status.success(), "date failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The code oathtool computes for `secret` at Unix time `t` with the given parameters.
+pub fn totp_at_with(secret: &str, algorithm: &str, digits: u8, period: u64, t: u64) -> String {
+    oathtool(&[
+        &format!("--totp={algorithm}"),
+        "-d",
+        &digits.to_string(),
+        "-s",
+        &format!("{period}s"),
+        "-N",
+        &format!("@{t}"),
+        "-b",
+        secret,
+    ])
+}
+
+/// The default-parameter (SHA-1, 6 digits, 30 s) code of `secret` at Unix time `t`.
+pub fn totp_at(secret: &str, t: u64) -> String {
+    totp_at_with(secret, "SHA1", 6, 30, t)
+}
+
+/// Like [`start_admin_gateway`], with an injected clock.
+pub async fn start_admin_gateway_clocked(
+    dir: tempfile::TempDir,
+    clock: Arc<stepgate::clock::ManualClock>,
+) -> AdminGw {
+    install_crypto();
+    let snapshot = load_snapshot(dir.path());
+    let data_dir = snapshot.data_dir.clone();
+    let gw = stepgate::server::Gateway::bind_with_clock(snapshot, clock)
+        .await
+        .unwrap_or_else(|e| panic!("Gateway::bind_with_clock failed: {e}"));
+    spawn_bound(gw, dir, data_dir)
+}
+
+/// The policies of [`TWO_FACTOR_CONFIG`], one file each.
+pub const TWO_FACTOR_POLICIES: &[(&str, &str)] = &[
+    ("policies/public.yaml", DEFAULT_POLICY),
+    ("policies/key-only.yaml", API_KEY_POLICY),
+    (
+        "policies/two-factor.yaml",
+        "api_key: required
+second_factor: required
+factors: [totp, recovery_code]
+step_up: { ttl: 15m, scope: policy }
+roles: { only: [], except: [] }
+failures: { per_consumer: { max: 5, window: 15m }, per_ip: { max: 50, window: 15m }, ban: 15m }
+rollout: { mode: enforce }
+",
+    ),
+    (
+        "policies/two-factor-other.yaml",
+        "api_key: required\nsecond_factor: required\n",
+    ),
+    (
+        "policies/two-factor-global.yaml",
+        "api_key: required\nsecond_factor: required\nstep_up: { ttl: 5m, scope: global }\n",
+    ),
+    (
+        "policies/totp-only.yaml",
+        "api_key: required\nsecond_factor: required\nfactors: [totp]\n",
+    ),
+    (
+        "policies/recovery-only.yaml",
+        "api_key: required\nsecond_factor: required\nfactors: [recovery_code]\n",
+    ),
+    (
+        "policies/no-tokens.yaml",
+        "api_key: required\nsecond_factor: required\nstep_up: { ttl: 0s }\n",
+    ),
+    (
+        "policies/admins.yaml",
+        "api_key: required\nsecond_factor: required\nroles: { only: [admin] }\n",
+    ),
+    (
+        "policies/staff.yaml",
+        "api_key: required\nsecond_factor: required\nroles: { except: [contractor] }\n",
+    ),
+    (
+        "policies/grace.yaml",
+        "api_key: required\nsecond_factor: required\nrollout: { mode: enforce, grace_until: 2027-01-31 }\n",
+    ),
+    (
+        "policies/report.yaml",
+        "api_key: required\nsecond_factor: required\nroles: { except: [contractor] }\nrollout: { mode: report_only }\n",
+    ),
+    (
+        "policies/strict.yaml",
+        "api_key: required\nsecond_factor: required\nfailures: { per_consumer: { max: 2, window: 10m }, per_ip: { max: 3, window: 10m }, ban: 1m }\n",
+    ),
+    (
+        "policies/burst.yaml",
+        "api_key: required\nsecond_factor: required\nfailures: { per_consumer: { max: 25, window: 15m } }\n",
+    ),
+];
+
+/// Routes for every policy of [`TWO_FACTOR_POLICIES`], all to `${app}`. `GET /secure` needs a
+/// key only, any other method on `/secure` a key and a second factor. `${extra}` is spliced in
+/// at the top level (e.g. `trusted_proxies`).
+pub const TWO_FACTOR_CONFIG: &str = r#"
+listen: 127.0.0.1:0
+admin: { listen: "127.0.0.1:0" }
+data_dir: "${data_dir}"
+${extra}
+upstreams:
+  app: { url: "${app}" }
+routes:
+  - { name: secure-read, match: { path: /secure, methods: [GET, HEAD] }, upstream: app, policy: key-only }
+  - { name: secure, match: { path: /secure }, upstream: app, policy: two-factor }
+  - { name: twofa, match: { path: /2fa }, upstream: app, policy: two-factor }
+  - { name: other, match: { path: /other }, upstream: app, policy: two-factor-other }
+  - { name: global, match: { path: /global }, upstream: app, policy: two-factor-global }
+  - { name: totp-only, match: { path: /totp-only }, upstream: app, policy: totp-only }
+  - { name: recovery-only, match: { path: /recovery-only }, upstream: app, policy: recovery-only }
+  - { name: no-tokens, match: { path: /no-tokens }, upstream: app, policy: no-tokens }
+  - { name: admins, match: { path: /admins }, upstream: app, policy: admins }
+  - { name: staff, match: { path: /staff }, upstream: app, policy: staff }
+  - { name: grace, match: { path: /grace }, upstream: app, policy: grace }
+  - { name: report, match: { path: /report }, upstream: app, policy: report }
+  - { name: burst, match: { path: /burst }, upstream: app, policy: burst }
+  - { name: strict, match: { path: /strict }, upstream: app, policy: strict }
+  - { name: keyed, match: { path: /keyed }, upstream: app, policy: key-only }
+  - { name: open, match: { path: /open }, upstream: app, policy: public }
+"#;
+
+/// Writes [`TWO_FACTOR_CONFIG`] and its policies into a fresh temp dir.
+pub fn write_two_factor_config(app_url: &str, data_dir: &str, extra: &str) -> tempfile::TempDir {
+    write_config_with(
+        &render(
+            TWO_FACTOR_CONFIG,
+            &[("app", app_url), ("data_dir", data_dir), ("extra", extra)],
+        ),
+        TWO_FACTOR_POLICIES,
+    )
+}
+
+/// A consumer as created through the admin API.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pub id: String,
+    pub name: String,
+    pub key: String,
+    pub prefix: String,
+}
+
+/// A confirmed TOTP enrolment.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub secret: String,
+    pub algorithm: &'static str,
+    pub digits: u8,
+    pub period: u64,
+    pub recovery_codes: Vec<String>,
+}
+
+/// An in-process gateway on [`TWO_FACTOR_CONFIG`] with a manual clock (starting at [`T0`]) and a
+/// recording upstream.
+pub struct TwoFactor {
+    pub gw: AdminGw,
+    pub up: Upstream,
+    pub clock: Arc<stepgate::clock::ManualClock>,
+    /// The data directory, outside the config's temp dir so that a restart keeps it.
+    pub data: tempfile::TempDir,
+    extra: String,
+}
+
+impl TwoFactor {
+    pub async fn start() -> TwoFactor {
+        TwoFactor::start_with("").await
+    }
+
+    /// With `extra` top-level YAML (e.g. `trusted_proxies: [127.0.0.2/32]`).
+    pub async fn start_with(extra: &str) -> TwoFactor {
+        let up = Upstream::named("app").await;
+        let clock = Arc::new(stepgate::clock::ManualClock::new(T0));
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = write_two_factor_config(&up.url(), &path_str(data.path()), extra);
+        let gw = start_admin_gateway_clocked(dir, clock.clone()).await;
+        TwoFactor {
+            gw,
+            up,
+            clock,
+            data,
+            extra: extra.to_string(),
+        }
+    }
+
+    /// Shuts the gateway down and starts a new one on the same data directory, upstream and
+    /// clock (new ports, new admin listener; the admin token is kept in the data directory).
+    pub async fn restart(&mut self) {
+        self.gw.shutdown().await;
+        let dir = write_two_factor_config(&self.up.url(), &path_str(self.data.path()), &self.extra);
+        self.gw = start_admin_gateway_clocked(dir, self.clock.clone()).await;
+    }
+
+    /// The SQLite file of the store.
+    pub fn db_path(&self) -> PathBuf {
+        self.data.path().join("stepgate.db")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gw.addr()
+    }
+
+    pub fn now(&self) -> u64 {
+        use stepgate::clock::Clock;
+        self.clock.now()
+    }
+
+    pub fn advance(&self, seconds: u64) {
+        self.clock.advance(seconds);
+    }
+
+    pub fn set(&self, now: u64) {
+        self.clock.set(now);
+    }
+
+    /// `POST /consumers`.
+    pub async fn consumer(&self, name: &str, roles: &[&str]) -> Consumer {
+        let created = self.gw.add_consumer(name, roles).await;
+        Consumer {
+            id: created["id"].as_str().unwrap().to_string(),
+            name: name.to_string(),
+            key: created["api_key"].as_str().unwrap().to_string(),
+            prefix: created["prefix"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// Enrols and confirms default TOTP (SHA-1, 6 digits, 30 s) at the clock's time, then
+    /// moves the clock one period on, so that the next code is fresh.
+    pub async fn enrol(&self, name: &str) -> Enrolled {
+        self.enrol_with(name, "SHA1", 6, 30).await
+    }
+
+    /// [`enrol`](Self::enrol) with chosen parameters.
+    pub async fn enrol_with(
+        &self,
+        name: &str,
+        algorithm: &'static str,
+        digits: u8,
+        period: u64,
+    ) -> Enrolled {
+        let begun = self
+            .gw
+            .ok(
+                "POST",
+                &format!("/consumers/{name}/totp"),
+                Some(
+                    serde_json::json!({"algorithm": algorithm, "digits": digits, "period": period}),
+                ),
+                201,
+            )
+            .await;
+        let secret = begun["secret"].as_str().expect("secret").to_string();
+        let code = totp_at_with(&secret, algorithm, digits, period, self.now());
+        let confirmed = self
+            .gw
+            .ok(
+                "POST",
+                &format!("/consumers/{name}/totp/confirm"),
+                Some(serde_json::json!({ "code": code })),
+                200,
+            )
+            .await;
+        let recovery_codes = confirmed["recovery_codes"]
+            .as_array()
+            .expect("recovery codes")
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        self.advance(period);
+        Enrolled {
+            secret,
+            algorithm,
+            digits,
+            period,
+            recovery_codes,
+        }
+    }
+
+    /// A request from 127.0.0.1 with `headers`.
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut b = req(method, path, "api.example.com");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        send_http1(self.addr(), b.body(empty()).unwrap()).await
+    }
+
+    /// `GET path` with a key and, when given, an `X-OTP` code.
+    pub async fn call(&self, path: &str, key: &str, code: Option<&str>) -> Resp {
+        match code {
+            Some(code) => {
+                self.send("GET", path, &[("x-api-key", key), ("x-otp", code)])
+                    .await
+            }
+            None => self.send("GET", path, &[("x-api-key", key)]).await,
+        }
+    }
+
+    /// `GET path` with a key and a step-up token.
+    pub async fn call_token(&self, path: &str, key: &str, token: &str) -> Resp {
+        self.send(
+            "GET",
+            path,
+            &[("x-api-key", key), ("x-step-up-token", token)],
+        )
+        .await
+    }
+
+    /// A request with `headers` from the local address `from` (any of 127.0.0.0/8).
+    pub async fn send_from(
+        &self,
+        from: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut b = req(method, path, "api.example.com");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        send_http1_from(from, self.addr(), b.body(empty()).unwrap()).await
+    }
+
+    /// `GET /audit?consumer=name` (every event, newest first).
+    pub async fn audit(&self, name: &str) -> Vec<serde_json::Value> {
+        let events = self
+            .gw
+            .ok(
+                "GET",
+                &format!("/audit?consumer={name}&limit=1000"),
+                None,
+                200,
+            )
+            .await;
+        events["events"].as_array().expect("events").clone()
+    }
+
+    /// `GET /audit` (every event, newest first).
+    pub async fn audit_all(&self) -> Vec<serde_json::Value> {
+        let events = self.gw.ok("GET", "/audit?limit=1000", None, 200).await;
+        events["events"].as_array().expect("events").clone()
+    }
+
+    /// The last request the upstream received.
+    pub fn last_upstream(&self) -> Recorded {
+        self.up
+            .requests()
+            .pop()
+            .expect("the upstream received a request")
+    }
+}
+
+/// Sends one request over HTTP/1.1 on a fresh connection from the local address `from`.
+pub async fn send_http1_from<B>(from: &str, addr: SocketAddr, req: Request<B>) -> Resp
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().expect("a local IPv4 address");
+    socket
+        .bind(local)
+        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    let stream = socket.connect(addr).await.expect("connect");
+    let resp = send_http1_on(stream, req)
+        .await
+        .expect("HTTP/1.1 request failed");
+    read_resp(resp).await
+}
+
+/// Asserts a 401 of the second factor: the problem code and the `OTP` challenge naming the
+/// policy's `methods`.
+pub fn assert_otp_refused(r: &Resp, code: &str, methods: &str) {
+    r.assert_problem(401, code);
+    let expected = format!(r#"OTP realm="stepgate", error="{code}", methods="{methods}""#);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(expected.as_str()),
+        "headers: {:?}",
+        r.headers
+    );
+}
+
+/// Asserts a 429 `too_many_attempts` whose `Retry-After` is `retry_after` seconds.
+pub fn assert_banned(r: &Resp, retry_after: u64) {
+    r.assert_problem(429, "too_many_attempts");
+    assert_eq!(
+        r.header("retry-after"),
+        Some(retry_after.to_string().as_str()),
+        "Retry-After; headers: {:?}",
+        r.headers
+    );
+}
+
+/// Asserts that the upstream request carries no credential header.
+pub fn assert_no_credentials(rec: &Recorded) {
+    for h in ["x-api-key", "x-otp", "x-step-up-token"] {
+        assert_eq!(rec.header(h), None, "the upstream received {h}");
+    }
+}
+
+/// A well-formed (`sgk_` + 64 hex + 8 hex) key that no consumer holds.
+pub fn unknown_key(n: u64) -> String {
+    format!(
+        "sgk_{n:064x}{:08x}",
+        n.wrapping_mul(2_654_435_761) & 0xffff_ffff
+    )
+}
+
+/// A well-formed 6-digit code that a ±1-step verifier does not accept at `t` (default
+/// parameters), derived from oathtool's codes around `t`.
+pub fn wrong_at(secret: &str, t: u64) -> String {
+    let window = [
+        totp_at(secret, t - 30),
+        totp_at(secret, t),
+        totp_at(secret, t + 30),
+    ];
+    let mut n: u32 = window[1].parse().unwrap();
+    loop {
+        n = (n + 1) % 1_000_000;
+        let candidate = format!("{n:06}");
+        if !window.contains(&candidate) {
+            return candidate;
+        }
+    }
+}
+
+/// `sgt_` + 64 lower-case hex digits.
+pub fn is_step_up_token(token: &str) -> bool {
+    token.len() == 68
+        && token.starts_with("sgt_")
+        && token[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}

@@ -9,9 +9,8 @@
 # started here is stopped on exit (normal, error or Ctrl-C).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BENCH_DIR="$ROOT/bench"
-RESULTS_DIR="$BENCH_DIR/results"
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 THREADS="${BENCH_THREADS:-1}"
 CONNS_LIST="${BENCH_CONNS:-64}"
@@ -19,24 +18,7 @@ DURATION="${BENCH_DURATION:-10s}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 WARMUP="${BENCH_WARMUP:-2s}"   # per target and connection count, not reported; 0 disables
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
-
 # ---------------------------------------------------------------- arguments
-
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
-
-# wrk durations: 10, 10s, 2m, 1h -> whole seconds (used for the watchdog).
-duration_seconds() {
-    local d="$1"
-    [[ "$d" =~ ^([0-9]+)([smh]?)$ ]] || return 1
-    local n="${BASH_REMATCH[1]}"
-    case "${BASH_REMATCH[2]}" in
-        m) echo $((n * 60)) ;;
-        h) echo $((n * 3600)) ;;
-        *) echo "$n" ;;
-    esac
-}
 
 is_uint "$THREADS" && ((THREADS >= 1)) || die "BENCH_THREADS must be a positive integer (got '$THREADS')"
 is_uint "$ROUNDS" && ((ROUNDS >= 1 && ROUNDS <= 100)) || die "BENCH_ROUNDS must be 1..100 (got '$ROUNDS')"
@@ -53,170 +35,9 @@ else
     WARMUP_S="$(duration_seconds "$WARMUP")" || die "BENCH_WARMUP must look like 2s or 0 (got '$WARMUP')"
 fi
 
-# ---------------------------------------------------------------- tools
-
-ensure_tools() {
-    local missing=()
-    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
-    if ((${#missing[@]})); then
-        command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
-        local sudo=()
-        if ((EUID != 0)); then
-            command -v sudo >/dev/null 2>&1 || die "missing ${missing[*]}; run as root or install them"
-            sudo=(sudo)
-        fi
-        log "installing ${missing[*]}"
-        # RUNLEVEL=1 keeps invoke-rc.d from starting the packaged nginx service.
-        if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-                apt-get install -y -q "${missing[@]}" >&2; then
-            log "install failed; refreshing package lists (apt-get update) and retrying"
-            "${sudo[@]}" apt-get update -q >&2
-            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-                apt-get install -y -q "${missing[@]}" >&2
-        fi
-    fi
-    command -v python3 >/dev/null 2>&1 || die "python3 is required (port selection and the report)"
-    command -v cargo >/dev/null 2>&1 || die "cargo is required"
-    command -v timeout >/dev/null 2>&1 || die "timeout (coreutils) is required"
-}
 ensure_tools
-NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)"
-CLK_TCK="$(getconf CLK_TCK)"
-
-# ---------------------------------------------------------------- cleanup
-
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/stepgate-bench.XXXXXX")"
-PIDS=()          # every background process we started, stopped in reverse order
-KEEP_WORK="${BENCH_KEEP_LOGS:-0}"   # 1: keep the temp dir (configs, logs) even on success
-[[ "$KEEP_WORK" == 0 || "$KEEP_WORK" == 1 ]] || KEEP_WORK=1
-
-stop_pid() {
-    local pid="$1" i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do           # up to 5 s to exit gracefully
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local i
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        stop_pid "${PIDS[i]}"
-    done
-    # Keep the logs after a failure (not after Ctrl-C / TERM) for inspection.
-    if ((KEEP_WORK || (status != 0 && status != 130 && status != 143))); then
-        log "logs kept in $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# ---------------------------------------------------------------- helpers
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# http_ok PORT: exit 0 when GET / answers 200.
-http_ok() {
-    python3 - "$1" <<'PY' >/dev/null 2>&1
-import sys, urllib.request
-with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=1) as r:
-    sys.exit(0 if r.status == 200 else 1)
-PY
-}
-
-# wait_ready NAME PID PORT LOG: up to ~10 s for 200 on GET /; fail with the log.
-wait_ready() {
-    local name="$1" pid="$2" port="$3" logfile="$4" i
-    for ((i = 0; i < 100; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name exited during start-up; its log ($logfile):"
-            sed 's/^/    /' "$logfile" >&2 || true
-            return 1
-        fi
-        http_ok "$port" && return 0
-        sleep 0.1
-    done
-    log "$name did not answer 200 on 127.0.0.1:$port within 10 s; its log ($logfile):"
-    sed 's/^/    /' "$logfile" >&2 || true
-    return 1
-}
-
-# cpu_ticks PID: utime + stime (all threads) in clock ticks.
-cpu_ticks() {
-    local stat rest f
-    stat="$(<"/proc/$1/stat")"
-    rest="${stat##*) }"          # drop "pid (comm) ", comm may contain spaces
-    read -ra f <<<"$rest"        # f[0] is field 3 (state): utime=14, stime=15
-    echo $((f[11] + f[12]))
-}
-
-vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
-
-# ---------------------------------------------------------------- build
-
-log "building the gateway (cargo build --release)"
-(cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
-GATEWAY_BIN="$ROOT/target/release/stepgate"
-[[ -x "$GATEWAY_BIN" ]] || die "$GATEWAY_BIN not found after the build"
-
-# ---------------------------------------------------------------- upstream: nginx
-
-start_nginx() {
-    local dir="$WORK/nginx" attempt
-    mkdir -p "$dir/tmp" "$dir/logs"
-    for ((attempt = 1; attempt <= 3; attempt++)); do
-        UPSTREAM_PORT="$(free_port)"
-        # master_process off: a single process that is the worker, so its PID is
-        # the one whose CPU time we read.
-        cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    keepalive_requests 100000;
-    keepalive_timeout 75s;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    server {
-        listen 127.0.0.1:$UPSTREAM_PORT;
-        location / { return 200 "ok\n"; }
-    }
-}
-EOF
-        "$NGINX_BIN" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
-            >"$dir/logs/stdout.log" 2>&1 &
-        NGINX_PID=$!
-        PIDS+=("$NGINX_PID")
-        if wait_ready nginx "$NGINX_PID" "$UPSTREAM_PORT" "$dir/logs/error.log"; then
-            return 0
-        fi
-        stop_pid "$NGINX_PID"
-        grep -qi 'address already in use' "$dir/logs/error.log" "$dir/logs/stdout.log" 2>/dev/null \
-            || break
-        log "port $UPSTREAM_PORT was taken meanwhile; retrying"
-    done
-    die "nginx failed to start (config: $dir/nginx.conf)"
-}
+bench_setup_work stepgate-bench
+build_gateway
 
 # ---------------------------------------------------------------- gateway
 
@@ -244,13 +65,14 @@ EOF
             return 0
         fi
         stop_pid "$GATEWAY_PID"
+        forget_pid "$GATEWAY_PID"
         grep -qi 'in use' "$dir/gateway.log" 2>/dev/null || break
         log "port $GATEWAY_PORT was taken meanwhile; retrying"
     done
     die "stepgate failed to start (config: $dir/gateway.yaml, log above)"
 }
 
-start_nginx
+start_upstream
 log "nginx (pid $NGINX_PID) on 127.0.0.1:$UPSTREAM_PORT"
 start_gateway
 log "stepgate (pid $GATEWAY_PID) on 127.0.0.1:$GATEWAY_PORT -> nginx"
@@ -260,24 +82,11 @@ log "stepgate (pid $GATEWAY_PID) on 127.0.0.1:$GATEWAY_PORT -> nginx"
 RUNS_TSV="$WORK/runs.tsv"
 : >"$RUNS_TSV"
 
-# run_wrk CONNS DURATION PORT OUT: wrk in the background under a watchdog, so
-# the trap can stop it and it can never outlive its duration by much.
+# run_wrk CONNS DURATION PORT OUT
 run_wrk() {
-    local conns="$1" duration="$2" port="$3" out="$4" secs
-    secs="$(duration_seconds "$duration")"
-    timeout -s KILL $((secs + 30)) \
-        wrk -t"$THREADS" -c"$conns" -d"$duration" --latency "http://127.0.0.1:$port/" \
-        >"$out" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
-    local rc=0
-    wait "$pid" || rc=$?
-    unset 'PIDS[${#PIDS[@]}-1]'
-    if ((rc != 0)); then
-        log "wrk failed (exit $rc):"
-        sed 's/^/    /' "$out" >&2
-        return 1
-    fi
+    local conns="$1" duration="$2" port="$3" out="$4"
+    run_wrk_fg "$out" "$(duration_seconds "$duration")" \
+        -t"$THREADS" -c"$conns" -d"$duration" --latency "http://127.0.0.1:$port/"
 }
 
 # measure TARGET CONNS ROUND
@@ -318,10 +127,7 @@ STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 REPORT="$RESULTS_DIR/$STAMP-proxy.md"
 RAW="$RESULTS_DIR/$STAMP-proxy.raw"
 
-COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [[ "$COMMIT" != unknown ]] && [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
-    COMMIT="$COMMIT (working tree modified)"
-fi
+COMMIT="$(commit_desc)"
 
 python3 "$BENCH_DIR/report.py" \
     --runs "$RUNS_TSV" \

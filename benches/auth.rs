@@ -101,6 +101,7 @@ fn fixture() -> Fixture {
         }
         (Arc::new(registry), keys)
     });
+    let policy: Arc<str> = Arc::from("step-up");
     let tokens = keys[..ENROLLED]
         .iter()
         .map(|key| {
@@ -108,12 +109,13 @@ fn fixture() -> Fixture {
             registry
                 .tokens()
                 .issue(
-                    &entry.consumer.id,
-                    "step-up",
+                    &entry.consumer.shared_id,
+                    &policy,
                     Scope::Policy,
                     Duration::from_secs(3600),
                     NOW,
                 )
+                .unwrap()
                 .0
         })
         .collect();

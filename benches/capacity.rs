@@ -92,11 +92,16 @@ fn main() {
         after_consumers - before
     );
 
+    // As in the gateway, a token shares its consumer's id and its policy's name.
+    let ids: Vec<Arc<str>> = (0..consumers.max(1))
+        .map(|i| Arc::from(format!("c_{i:08}").as_str()))
+        .collect();
+    let policy: Arc<str> = Arc::from("step-up");
     let started = Instant::now();
     for i in 0..tokens {
         registry.tokens().issue(
-            &format!("c_{:08}", i % consumers.max(1)),
-            "step-up",
+            &ids[i % ids.len()],
+            &policy,
             Scope::Policy,
             Duration::from_secs(3600),
             NOW,

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -14,6 +15,8 @@ use crate::clock::rfc3339;
 use crate::store::{AuditEvent, Store};
 
 const QUEUE: usize = 10_000;
+/// Events written to the store in one transaction at most.
+const BATCH: usize = 512;
 
 /// Where audit events are also written as JSON lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +33,7 @@ enum Message {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl AuditLog {
@@ -38,22 +42,40 @@ impl AuditLog {
         let (tx, mut rx) = mpsc::channel(QUEUE);
         tokio::spawn(async move {
             let mut sink = SinkWriter::open(sink).await;
-            while let Some(message) = rx.recv().await {
-                match message {
-                    Message::Event(event) => {
-                        let kind = event.kind.clone();
-                        sink.write(&AuditView::of(event.clone())).await;
-                        if let Err(error) = store.append_audit(event).await {
-                            tracing::error!(%error, kind, "could not store an audit event");
+            // Events are stored in batches (one transaction each) so that a burst of failed
+            // attempts costs the store a few writes, not one per event.
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut flushes = Vec::new();
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(message) = next.take() {
+                    match message {
+                        Message::Event(event) => {
+                            sink.write(&AuditView::of(event.clone())).await;
+                            batch.push(event);
                         }
+                        Message::Flush(done) => flushes.push(done),
                     }
-                    Message::Flush(done) => {
-                        let _ = done.send(());
+                    if batch.len() < BATCH {
+                        next = rx.try_recv().ok();
                     }
+                }
+                if !batch.is_empty() {
+                    let events = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    let count = events.len();
+                    if let Err(error) = store.append_audit_batch(events).await {
+                        tracing::error!(%error, count, "could not store audit events");
+                    }
+                }
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
                 }
             }
         });
-        Self { tx }
+        Self {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub fn record(&self, event: AuditEvent) {
@@ -65,8 +87,15 @@ impl AuditLog {
             key_prefix = event.key_prefix.as_deref(),
             detail = %event.detail,
         );
-        if let Err(error) = self.tx.try_send(Message::Event(event)) {
-            tracing::error!(reason = %error, "audit queue full or closed; event kept in the log only");
+        if self.tx.try_send(Message::Event(event)).is_err() {
+            // One line per thousand drops, not one per drop: a flood must not flood the log.
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if dropped.is_multiple_of(1000) {
+                tracing::error!(
+                    dropped = dropped + 1,
+                    "audit queue full; events kept in the log only (the store is behind)"
+                );
+            }
         }
     }
 

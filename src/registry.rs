@@ -32,6 +32,8 @@ const MASTER_CHECK_PLAINTEXT: &[u8] = b"stepgate master key check v1";
 #[derive(Debug)]
 pub struct Consumer {
     pub id: String,
+    /// The id again, shared by the step-up tokens of this consumer.
+    pub shared_id: Arc<str>,
     pub name: String,
     pub roles: Vec<String>,
     pub disabled: bool,
@@ -67,6 +69,7 @@ impl Consumer {
             roles: header(&record.roles.join(",")),
         };
         Self {
+            shared_id: Arc::from(record.id.as_str()),
             id: record.id,
             name: record.name,
             roles: record.roles,

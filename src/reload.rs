@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use notify_debouncer_full::notify::RecommendedWatcher;
 use notify_debouncer_full::notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -158,54 +159,80 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
 
 /// Watches the directories of `gateway.yaml`, of the policies and of the TLS and CA files (not
 /// the files: editors save by rename and Kubernetes swaps a symlinked directory), debounced,
-/// and reloads on change. The set of directories follows the configuration in force. Runs
-/// until `shutdown`.
-pub async fn watch(reloader: Arc<Reloader>, shutdown: CancellationToken) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let debouncer = new_debouncer(
-        Duration::from_millis(200),
-        None,
-        move |result: DebounceEventResult| {
-            // Reading the files (our own reloads do) raises access events: only changes count.
-            let changed = result.is_ok_and(|events| {
-                events
-                    .iter()
-                    .any(|e| e.kind.is_create() || e.kind.is_modify() || e.kind.is_remove())
-            });
-            if changed {
-                let _ = tx.send(());
+/// and reloads on change. The set of directories follows the configuration in force.
+pub struct Watcher {
+    reloader: Arc<Reloader>,
+    debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    events: mpsc::UnboundedReceiver<()>,
+    watched: BTreeSet<PathBuf>,
+}
+
+impl Watcher {
+    /// Starts watching at once, so that a change made right after start-up is not missed.
+    pub fn new(reloader: Arc<Reloader>) -> Option<Self> {
+        let (tx, events) = mpsc::unbounded_channel::<()>();
+        let debouncer = new_debouncer(
+            Duration::from_millis(200),
+            None,
+            move |result: DebounceEventResult| {
+                // Reading the files (our own reloads do) raises access events: only changes
+                // count.
+                let changed = result.is_ok_and(|events| {
+                    events
+                        .iter()
+                        .any(|e| e.kind.is_create() || e.kind.is_modify() || e.kind.is_remove())
+                });
+                if changed {
+                    let _ = tx.send(());
+                }
+            },
+        );
+        let debouncer = match debouncer {
+            Ok(debouncer) => debouncer,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the configuration; reload with SIGHUP or POST /reload");
+                return None;
             }
-        },
-    );
-    let mut debouncer = match debouncer {
-        Ok(debouncer) => debouncer,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch the configuration; reload with SIGHUP or POST /reload");
-            return;
+        };
+        let mut watcher = Self {
+            reloader,
+            debouncer,
+            events,
+            watched: BTreeSet::new(),
+        };
+        watcher.follow_config();
+        Some(watcher)
+    }
+
+    /// Watches the directories the configuration in force reads, and only those.
+    fn follow_config(&mut self) {
+        let wanted = watched_dirs(&self.reloader.config.load());
+        for dir in self.watched.difference(&wanted) {
+            let _ = self.debouncer.unwatch(dir);
         }
-    };
-    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
-    loop {
-        let wanted = watched_dirs(&reloader.config.load());
-        for dir in watched.difference(&wanted) {
-            let _ = debouncer.unwatch(dir);
-        }
-        for dir in wanted.difference(&watched) {
-            if let Err(error) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
+        for dir in wanted.difference(&self.watched) {
+            if let Err(error) = self.debouncer.watch(dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(%error, dir = %dir.display(), "cannot watch directory");
             }
         }
-        watched = wanted;
-        tokio::select! {
-            event = rx.recv() => {
-                if event.is_none() {
-                    return;
+        self.watched = wanted;
+    }
+
+    /// Reloads on every (debounced) change until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                event = self.events.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    // Coalesce a burst of changes into one reload.
+                    while self.events.try_recv().is_ok() {}
+                    self.reloader.reload("file change").await;
+                    self.follow_config();
                 }
-                // Coalesce a burst of changes into one reload.
-                while rx.try_recv().is_ok() {}
-                reloader.reload("file change").await;
+                () = shutdown.cancelled() => return,
             }
-            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -39,8 +39,8 @@ use crate::secrets::{AdminToken, MasterKey};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
-/// How often key "last used" times are written to the store.
-const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
+/// How often key "last used" times are written and expired step-up tokens swept.
+const HOUSEKEEPING: Duration = Duration::from_secs(30);
 
 /// Facts about the connection a request arrived on, as a request extension.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +58,7 @@ pub struct Gateway {
     limiter: Arc<FailureLimiter>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    watcher: Option<crate::reload::Watcher>,
     admin_token: AdminToken,
     shutdown: CancellationToken,
 }
@@ -102,6 +103,7 @@ impl Gateway {
         tracing::info!(consumers = registry.consumer_count(), "registry loaded");
         let config: ConfigHandle = Arc::new(ArcSwap::from_pointee(snapshot));
         let reloader = Arc::new(Reloader::new(config.clone(), metrics.clone(), clock));
+        let watcher = crate::reload::Watcher::new(reloader.clone());
         Ok(Self {
             listener,
             admin_listener,
@@ -110,6 +112,7 @@ impl Gateway {
             limiter,
             metrics,
             reloader,
+            watcher,
             admin_token,
             shutdown: CancellationToken::new(),
         })
@@ -165,6 +168,7 @@ impl Gateway {
             limiter,
             metrics,
             reloader,
+            watcher,
             admin_token,
             shutdown,
         } = self;
@@ -180,8 +184,10 @@ impl Gateway {
             });
             background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
         }
-        background.spawn(flush_key_use(registry.clone(), shutdown.clone()));
-        background.spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
+        background.spawn(housekeeping(registry.clone(), shutdown.clone()));
+        if let Some(watcher) = watcher {
+            background.spawn(watcher.run(shutdown.clone()));
+        }
         let max_connections = config.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let tracker = TaskTracker::new();
@@ -252,16 +258,18 @@ impl Gateway {
     }
 }
 
-/// Writes API-key "last used" times in batches, and once more at shutdown.
-async fn flush_key_use(registry: Arc<Registry>, shutdown: CancellationToken) {
+/// Housekeeping off the request path: writes API-key "last used" times in batches (and once
+/// more at shutdown) and sweeps expired step-up tokens.
+async fn housekeeping(registry: Arc<Registry>, shutdown: CancellationToken) {
     loop {
         let stop = tokio::select! {
-            () = tokio::time::sleep(KEY_USE_FLUSH) => false,
+            () = tokio::time::sleep(HOUSEKEEPING) => false,
             () = shutdown.cancelled() => true,
         };
         if let Err(error) = registry.flush_key_use().await {
             tracing::warn!(%error, "could not record API key use");
         }
+        registry.tokens().sweep(registry.now());
         if stop {
             return;
         }

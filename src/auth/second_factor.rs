@@ -304,21 +304,25 @@ async fn prove(
             if factor == crate::registry::Factor::RecoveryCode {
                 audit("recovery_code_used", json!({"policy": policy.name}));
             }
-            let token = (!policy.step_up.ttl.is_zero()).then(|| {
-                metrics.step_up_issued.inc();
+            let token = if policy.step_up.ttl.is_zero() {
+                None
+            } else {
                 let issued = registry.tokens().issue(
-                    &consumer.id,
-                    &policy.name,
+                    &consumer.shared_id,
+                    &policy.shared_name,
                     policy.step_up.scope,
                     policy.step_up.ttl,
                     now,
                 );
-                audit(
-                    "step_up_issued",
-                    json!({"expires_at": rfc3339(issued.1), "policy": policy.name}),
-                );
+                if let Some((_, expires_at)) = &issued {
+                    metrics.step_up_issued.inc();
+                    audit(
+                        "step_up_issued",
+                        json!({"expires_at": rfc3339(*expires_at), "policy": policy.name}),
+                    );
+                }
                 issued
-            });
+            };
             Ok(Decision::Proved {
                 method: match factor {
                     crate::registry::Factor::Totp => "key+totp",

@@ -1,13 +1,16 @@
 //! Step-up tokens: proof of a recent second factor, so a client need not send a fresh code on
-//! every call. `sgt_` + 256 random bits, kept server-side only by their SHA-256 in a bounded
-//! moka cache, with an absolute expiry (no sliding), bound to one consumer and a scope.
-//! Expiry is decided against the injected clock; moka's own expiry only frees the memory.
+//! every call. `sgt_` + 256 random bits, kept server-side only by their SHA-256, with an
+//! absolute expiry (no sliding), bound to one consumer and a scope.
+//!
+//! Storage is a sharded hash map rather than a moka cache: a moka entry with its own expiry
+//! costs about 450 bytes, so a million live tokens would not fit the memory budget; here an
+//! entry is about 100 bytes. A lookup takes one shard's read lock (never a global one);
+//! expired entries are swept periodically, and the total is capped.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use moka::Expiry;
-use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::config::Scope;
@@ -16,31 +19,17 @@ use crate::secrets::{hex, random_bytes};
 pub const PREFIX: &str = "sgt_";
 /// Live tokens kept at most; beyond it the least useful are evicted (their holders simply
 /// need a code again).
-const CAPACITY: u64 = 2_000_000;
+const CAPACITY: usize = 2_000_000;
 
-#[derive(Debug)]
+/// What the gateway keeps per token: shared strings and numbers, no allocation of its own
+/// (a million live tokens must fit comfortably in memory).
+#[derive(Debug, Clone)]
 pub struct TokenInfo {
-    pub consumer_id: String,
+    pub consumer_id: Arc<str>,
     /// The policy it was earned on, for `Scope::Policy`.
-    pub policy: String,
+    pub policy: Arc<str>,
     pub scope: Scope,
-    pub issued_at: u64,
     pub expires_at: u64,
-    /// Seconds to live when issued; moka frees the entry after it.
-    ttl: u64,
-}
-
-struct ByTtl;
-
-impl Expiry<[u8; 32], Arc<TokenInfo>> for ByTtl {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Arc<TokenInfo>,
-        _now: Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_secs(value.ttl.saturating_add(1)))
-    }
 }
 
 /// Why a presented token was refused (told apart in the audit log only).
@@ -65,9 +54,13 @@ impl TokenRejection {
     }
 }
 
+const SHARDS: usize = 64;
+
+type Shard = RwLock<HashMap<[u8; 32], TokenInfo>>;
+
 #[derive(Clone)]
 pub struct StepUpTokens {
-    cache: Cache<[u8; 32], Arc<TokenInfo>>,
+    shards: Arc<[Shard]>,
 }
 
 impl Default for StepUpTokens {
@@ -80,41 +73,60 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<[u8; 32], TokenInfo>> {
+    // A panic while holding the lock cannot leave a map half-updated in a way that matters
+    // here (inserts and removals are single operations), so poisoning is ignored.
+    shard.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, HashMap<[u8; 32], TokenInfo>> {
+    shard.write().unwrap_or_else(|p| p.into_inner())
+}
+
 impl StepUpTokens {
     pub fn new() -> Self {
         Self {
-            cache: Cache::builder()
-                .max_capacity(CAPACITY)
-                .expire_after(ByTtl)
-                .support_invalidation_closures()
-                .build(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
 
-    /// Issues a token; returns it (shown once) with its expiry.
+    fn shard(&self, digest: &[u8; 32]) -> &Shard {
+        &self.shards[usize::from(digest[0]) % SHARDS]
+    }
+
+    /// Issues a token; returns it (shown once) with its expiry, or `None` when the store is
+    /// full of live tokens (the caller proved its code; it just gets no token this time).
     pub fn issue(
         &self,
-        consumer_id: &str,
-        policy: &str,
+        consumer_id: &Arc<str>,
+        policy: &Arc<str>,
         scope: Scope,
         ttl: Duration,
         now: u64,
-    ) -> (String, u64) {
+    ) -> Option<(String, u64)> {
         let token = format!("{PREFIX}{}", hex(&random_bytes::<32>()));
-        let ttl = ttl.as_secs();
-        let expires_at = now.saturating_add(ttl);
-        self.cache.insert(
-            digest(&token),
-            Arc::new(TokenInfo {
-                consumer_id: consumer_id.to_owned(),
-                policy: policy.to_owned(),
+        let key = digest(&token);
+        let expires_at = now.saturating_add(ttl.as_secs());
+        let mut shard = write(self.shard(&key));
+        if shard.len() >= CAPACITY / SHARDS {
+            shard.retain(|_, info| info.expires_at > now);
+            if shard.len() >= CAPACITY / SHARDS {
+                tracing::warn!(
+                    "step-up token store full; a code was accepted without issuing a token"
+                );
+                return None;
+            }
+        }
+        shard.insert(
+            key,
+            TokenInfo {
+                consumer_id: consumer_id.clone(),
+                policy: policy.clone(),
                 scope,
-                issued_at: now,
                 expires_at,
-                ttl,
-            }),
+            },
         );
-        (token, expires_at)
+        Some((token, expires_at))
     }
 
     /// Checks a presented token for `consumer_id` on a route with `policy`, at `now`.
@@ -124,7 +136,7 @@ impl StepUpTokens {
         consumer_id: &str,
         policy: &str,
         now: u64,
-    ) -> Result<Arc<TokenInfo>, TokenRejection> {
+    ) -> Result<TokenInfo, TokenRejection> {
         let well_formed = token.len() == PREFIX.len() + 64
             && token.starts_with(PREFIX)
             && token[PREFIX.len()..]
@@ -134,17 +146,18 @@ impl StepUpTokens {
             return Err(TokenRejection::Malformed);
         }
         // The key is a hash of 256 random bits: looking it up leaks nothing useful by timing.
-        let info = self
-            .cache
-            .get(&digest(token))
+        let key = digest(token);
+        let info = read(self.shard(&key))
+            .get(&key)
+            .cloned()
             .ok_or(TokenRejection::Unknown)?;
         if now >= info.expires_at {
             return Err(TokenRejection::Expired);
         }
-        if info.consumer_id != consumer_id {
+        if *info.consumer_id != *consumer_id {
             return Err(TokenRejection::OtherConsumer);
         }
-        if info.scope == Scope::Policy && info.policy != policy {
+        if info.scope == Scope::Policy && *info.policy != *policy {
             return Err(TokenRejection::OutOfScope);
         }
         Ok(info)
@@ -152,18 +165,26 @@ impl StepUpTokens {
 
     /// Revokes every token of a consumer (key revoked, 2FA reset, disabled, admin call).
     pub fn revoke_consumer(&self, consumer_id: &str) {
-        let id = consumer_id.to_owned();
-        // Only fails when invalidation closures are not enabled, which `new` does.
-        let _ = self
-            .cache
-            .invalidate_entries_if(move |_, info| info.consumer_id == id);
+        for shard in self.shards.iter() {
+            write(shard).retain(|_, info| *info.consumer_id != *consumer_id);
+        }
     }
 
-    /// Live tokens (approximate; for metrics).
+    /// Drops expired tokens; returns how many are left.
+    pub fn sweep(&self, now: u64) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let mut shard = write(shard);
+                shard.retain(|_, info| info.expires_at > now);
+                shard.len()
+            })
+            .sum()
+    }
+
+    /// Tokens held (expired ones until the next sweep).
     pub fn len(&self) -> u64 {
-        // moka counts lazily; settle pending inserts and evictions first.
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.shards.iter().map(|s| read(s).len() as u64).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,13 +199,10 @@ mod tests {
     #[test]
     fn tokens_are_bound_to_consumer_scope_and_time() {
         let tokens = StepUpTokens::new();
-        let (token, expires) = tokens.issue(
-            "c1",
-            "step-up",
-            Scope::Policy,
-            Duration::from_secs(900),
-            1000,
-        );
+        let (c1, policy): (Arc<str>, Arc<str>) = ("c1".into(), "step-up".into());
+        let (token, expires) = tokens
+            .issue(&c1, &policy, Scope::Policy, Duration::from_secs(900), 1000)
+            .unwrap();
         assert_eq!(expires, 1900);
         assert!(token.starts_with("sgt_") && token.len() == 68);
         assert!(tokens.check(&token, "c1", "step-up", 1899).is_ok());
@@ -204,14 +222,18 @@ mod tests {
             tokens.check("sgt_00", "c1", "step-up", 1000).unwrap_err(),
             TokenRejection::Malformed
         );
-        let (global, _) = tokens.issue(
-            "c1",
-            "step-up",
-            Scope::Global,
-            Duration::from_secs(900),
-            1000,
-        );
+        let (global, _) = tokens
+            .issue(&c1, &policy, Scope::Global, Duration::from_secs(900), 1000)
+            .unwrap();
         assert!(tokens.check(&global, "c1", "admin", 1000).is_ok());
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens.sweep(1900), 0, "both expired at 1900");
+        let (token, _) = tokens
+            .issue(&c1, &policy, Scope::Policy, Duration::from_secs(900), 1000)
+            .unwrap();
+        let (global, _) = tokens
+            .issue(&c1, &policy, Scope::Global, Duration::from_secs(900), 1000)
+            .unwrap();
         tokens.revoke_consumer("c1");
         assert_eq!(
             tokens.check(&token, "c1", "step-up", 1000).unwrap_err(),

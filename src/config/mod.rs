@@ -96,6 +96,8 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct Policy {
     pub name: String,
+    /// The name again, shared by the step-up tokens earned on this policy.
+    pub shared_name: Arc<str>,
     pub file: PathBuf,
     pub api_key: Requirement,
     pub second_factor: Requirement,
@@ -114,6 +116,7 @@ impl Policy {
     pub fn public(name: &str) -> Self {
         Policy {
             name: name.to_owned(),
+            shared_name: Arc::from(name),
             file: PathBuf::from(format!("policies/{name}.yaml")),
             api_key: Requirement::Off,
             second_factor: Requirement::Off,

@@ -575,6 +575,7 @@ impl Loader<'_> {
             return None;
         }
         Some(Policy {
+            shared_name: Arc::from(name.as_str()),
             name,
             file: file.to_path_buf(),
             api_key: raw.api_key.value,

@@ -128,6 +128,13 @@ pub trait Store: Send + Sync + 'static {
         at: u64,
     ) -> Result<bool, StoreError>;
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+    /// Several events at once (one transaction where the store has them).
+    async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        for event in events {
+            self.append_audit(event).await?;
+        }
+        Ok(())
+    }
     /// Newest first.
     async fn audit(
         &self,

@@ -435,20 +435,32 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.append_audit_batch(vec![event]).await
+    }
+
+    async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
         self.with(move |conn| {
-            conn.execute(
-                "INSERT INTO audit (at, kind, consumer_id, consumer_name, key_prefix, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    to_i64(event.at),
-                    event.kind,
-                    event.consumer_id,
-                    event.consumer_name,
-                    event.key_prefix,
-                    event.detail.to_string()
-                ],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "INSERT INTO audit (at, kind, consumer_id, consumer_name, key_prefix, detail) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(unavailable)?;
+                for event in &events {
+                    stmt.execute(params![
+                        to_i64(event.at),
+                        event.kind,
+                        event.consumer_id,
+                        event.consumer_name,
+                        event.key_prefix,
+                        event.detail.to_string()
+                    ])
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
         })
         .await
     }

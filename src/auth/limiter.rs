@@ -180,7 +180,11 @@ impl FailureLimiter {
 
     /// A success clears a consumer's failures on that policy.
     pub fn reset(&self, policy: &Arc<str>, subject: Subject) {
-        self.counters.invalidate(&(policy.clone(), subject));
+        let key = (policy.clone(), subject);
+        // Most successes have no failures to forget: a lookup is cheaper than an invalidation.
+        if self.counters.contains_key(&key) {
+            self.counters.invalidate(&key);
+        }
     }
 
     /// Lifts a ban and clears the subject's counters (admin `unlock`).

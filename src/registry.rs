@@ -665,12 +665,7 @@ impl Registry {
         let now = self.clock.now();
         let step = totp::verify(&generator, code, now)
             .ok_or_else(|| RegistryError::Invalid("the code is not valid".into()))?;
-        let codes = recovery::generate();
-        let hashes: Vec<Hash> = codes
-            .iter()
-            .filter_map(|c| recovery::normalize(c))
-            .map(|c| self.master.hash_recovery_code(&c))
-            .collect();
+        let (codes, hashes) = self.new_recovery_codes();
         if !self
             .store
             .confirm_totp(old.id.clone(), step, hashes.clone())
@@ -685,14 +680,7 @@ impl Registry {
         };
         let updated = old.with(|p| {
             p.totp = Some(confirmed);
-            p.recovery_codes = hashes
-                .iter()
-                .map(|h| RecoveryCodeRecord {
-                    consumer_id: p.record.id.clone(),
-                    hash: *h,
-                    used_at: None,
-                })
-                .collect();
+            p.recovery_codes = unused_codes(&p.record.id, &hashes);
         });
         self.audit_event("totp_enrolled", Some(&updated), None, json!({}));
         self.publish(|index| index.put(updated));
@@ -718,6 +706,17 @@ impl Registry {
         Ok(())
     }
 
+    /// A fresh set of recovery codes (shown once) and their peppered hashes (stored).
+    fn new_recovery_codes(&self) -> (Vec<String>, Vec<Hash>) {
+        let codes = recovery::generate();
+        let hashes = codes
+            .iter()
+            .filter_map(|c| recovery::normalize(c))
+            .map(|c| self.master.hash_recovery_code(&c))
+            .collect();
+        (codes, hashes)
+    }
+
     /// A new set of recovery codes; the old set stops working.
     pub async fn regenerate_recovery_codes(
         &self,
@@ -730,24 +729,12 @@ impl Registry {
                 "`{name}` has no confirmed second factor; recovery codes come with one"
             )));
         }
-        let codes = recovery::generate();
-        let hashes: Vec<Hash> = codes
-            .iter()
-            .filter_map(|c| recovery::normalize(c))
-            .map(|c| self.master.hash_recovery_code(&c))
-            .collect();
+        let (codes, hashes) = self.new_recovery_codes();
         self.store
             .replace_recovery_codes(old.id.clone(), hashes.clone())
             .await?;
         let updated = old.with(|p| {
-            p.recovery_codes = hashes
-                .iter()
-                .map(|h| RecoveryCodeRecord {
-                    consumer_id: p.record.id.clone(),
-                    hash: *h,
-                    used_at: None,
-                })
-                .collect();
+            p.recovery_codes = unused_codes(&p.record.id, &hashes);
         });
         self.audit_event(
             "recovery_codes_regenerated",
@@ -793,6 +780,17 @@ impl Registry {
             .map(AuditView::of)
             .collect())
     }
+}
+
+fn unused_codes(consumer_id: &str, hashes: &[Hash]) -> Vec<RecoveryCodeRecord> {
+    hashes
+        .iter()
+        .map(|hash| RecoveryCodeRecord {
+            consumer_id: consumer_id.to_owned(),
+            hash: *hash,
+            used_at: None,
+        })
+        .collect()
 }
 
 fn build_index(state: State) -> Index {

@@ -13,23 +13,23 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
-    pub route: String,
+    pub route: Arc<str>,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabel {
-    pub upstream: String,
+    pub upstream: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamError {
-    pub upstream: String,
+    pub upstream: Arc<str>,
     /// `connect`, `timeout`, `reset`, `body_too_large`.
     pub kind: &'static str,
 }
@@ -57,6 +57,8 @@ pub struct ResultLabel {
 /// All of the gateway's metrics. Cheap to share; counters are atomics.
 pub struct Metrics {
     registry: Registry,
+    /// The `route` label of requests no route matched.
+    pub no_route: Arc<str>,
     pub requests: Family<RouteStatus, Counter>,
     pub request_duration: Family<RouteLabel, Histogram>,
     pub upstream_duration: Family<UpstreamLabel, Histogram>,
@@ -147,6 +149,7 @@ impl Metrics {
         config_last_reload_ok.set(1);
         Arc::new(Self {
             registry,
+            no_route: Arc::from(""),
             requests,
             request_duration,
             upstream_duration,
@@ -167,10 +170,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn upstream_error(&self, upstream: &str, kind: &'static str) {
+    pub fn upstream_error(&self, upstream: &Arc<str>, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&UpstreamError {
-                upstream: upstream.to_owned(),
+                upstream: upstream.clone(),
                 kind,
             })
             .inc();

@@ -126,19 +126,18 @@ where
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let route = response.extensions().get::<Arc<Route>>();
         let elapsed = this.start.elapsed();
-        let route_name = route.map_or("", |r| r.name.as_str());
+        // Shared label strings: counting a request allocates nothing.
+        let label = route.map_or_else(|| this.metrics.no_route.clone(), |r| r.label.clone());
         this.metrics
             .requests
             .get_or_create(&RouteStatus {
-                route: route_name.to_owned(),
+                route: label.clone(),
                 status: response.status().as_u16(),
             })
             .inc();
         this.metrics
             .request_duration
-            .get_or_create(&RouteLabel {
-                route: route_name.to_owned(),
-            })
+            .get_or_create(&RouteLabel { route: label })
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "stepgate::access",

@@ -718,6 +718,7 @@ impl Loader<'_> {
 
             if let (Some(path), Some(upstream), Some(policy)) = (route_path, upstream, policy) {
                 let route = Route {
+                    label: Arc::from(name.as_str()),
                     name,
                     host,
                     path,
@@ -807,6 +808,7 @@ impl PolicyErrors<'_> {
 fn step_up_routes(policies: &BTreeMap<String, Arc<Policy>>) -> BTreeMap<String, Arc<Route>> {
     let upstream = Arc::new(Upstream {
         name: "stepgate".to_owned(),
+        label: Arc::from("stepgate"),
         target: crate::proxy::upstream::Target::StepUp,
     });
     policies
@@ -815,6 +817,7 @@ fn step_up_routes(policies: &BTreeMap<String, Arc<Policy>>) -> BTreeMap<String, 
         .map(|(name, policy)| {
             let route = Route {
                 name: format!("_stepgate/step-up:{name}"),
+                label: Arc::from("_stepgate/step-up"),
                 host: None,
                 path: crate::routing::layer::STEP_UP_PATH.to_owned(),
                 methods: Some(vec![Method::POST]),

@@ -121,11 +121,11 @@ where
         Target::StepUp => Err(Refusal::Internal("step-up endpoint reached forwarding")),
         Target::Http(http) => http.send(parts, body).await,
     };
-    let upstream = route.upstream.name.as_str();
+    let upstream = &route.upstream.label;
     metrics
         .upstream_duration
         .get_or_create(&UpstreamLabel {
-            upstream: upstream.to_owned(),
+            upstream: upstream.clone(),
         })
         .observe(start.elapsed().as_secs_f64());
     if let Err(refusal) = &result {

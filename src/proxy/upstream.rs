@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -22,6 +23,8 @@ use crate::error::{Body, Refusal};
 /// A named upstream.
 pub struct Upstream {
     pub name: String,
+    /// The name as a shared metric label.
+    pub label: Arc<str>,
     pub target: Target,
 }
 
@@ -90,6 +93,7 @@ impl Upstream {
     pub fn echo(name: &str) -> Self {
         Self {
             name: name.to_owned(),
+            label: Arc::from(name),
             target: Target::Echo,
         }
     }
@@ -138,6 +142,7 @@ impl Upstream {
             .build(connector);
         Ok(Self {
             name: name.to_owned(),
+            label: Arc::from(name),
             target: Target::Http(Box::new(HttpUpstream {
                 url: url.to_owned(),
                 scheme,

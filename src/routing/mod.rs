@@ -17,6 +17,8 @@ use crate::proxy::upstream::Upstream;
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
+    /// The name as a shared metric label.
+    pub label: Arc<str>,
     /// Lower-case host name without port; `None` matches any host.
     pub host: Option<String>,
     /// Canonical path prefix without trailing `/` (except the root `/`).
@@ -169,6 +171,7 @@ mod tests {
     fn route(name: &str, host: Option<&str>, path: &str, methods: Option<&[Method]>) -> Route {
         Route {
             name: name.into(),
+            label: Arc::from(name),
             host: host.map(Into::into),
             path: path.into(),
             methods: methods.map(<[Method]>::to_vec),

@@ -71,7 +71,7 @@ async fn the_file_sink_gets_every_event_as_a_json_line_without_secrets() {
     clock.advance(30);
 
     // Second-factor events.
-    let wrong = ops::wrong_code_at(&secret, T0 + 30);
+    let wrong = wrong_at(&secret, T0 + 30);
     let r = get_with(
         g.addr(),
         "/2fa/x",
@@ -79,7 +79,7 @@ async fn the_file_sink_gets_every_event_as_a_json_line_without_secrets() {
     )
     .await;
     r.assert_problem(401, "otp_invalid");
-    let good = ops::code_at(&secret, T0 + 30);
+    let good = totp_at(&secret, T0 + 30);
     let r = get_with(g.addr(), "/2fa/x", &[("x-api-key", &key), ("x-otp", &good)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let token = r.header("x-step-up-token").expect("token").to_string();

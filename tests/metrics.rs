@@ -468,7 +468,7 @@ async fn second_factor_step_up_and_ban_metrics_move_and_leak_nothing() {
     );
 
     // A good code: totp/accepted and one step-up token issued and live.
-    let code = ops::code_at(&alice_secret, s.now());
+    let code = totp_at(&alice_secret, s.now());
     codes.push(code.clone());
     let r = s
         .get("/2fa/c", &[("x-api-key", &alice), ("x-otp", &code)])
@@ -546,7 +546,7 @@ async fn second_factor_step_up_and_ban_metrics_move_and_leak_nothing() {
 
     // Wrong codes until alice is banned: each one is a rejected code; one ban started.
     assert_eq!(s6.must("stepgate_bans_active", &[]), 0.0);
-    let wrong = ops::wrong_code_at(&alice_secret, s.now());
+    let wrong = wrong_at(&alice_secret, s.now());
     codes.push(wrong.clone());
     let mut sent = 0;
     let banned = loop {
@@ -672,7 +672,7 @@ async fn step_up_tokens_live_counts_the_tokens_held() {
         0.0
     );
 
-    let code = ops::code_at(&alice_secret, s.now());
+    let code = totp_at(&alice_secret, s.now());
     let r = s
         .get("/2fa/a", &[("x-api-key", &alice), ("x-otp", &code)])
         .await;
@@ -680,7 +680,7 @@ async fn step_up_tokens_live_counts_the_tokens_held() {
     assert!(r.header("x-step-up-token").is_some());
     assert_live_tokens(&s.g, 1.0).await;
 
-    let code = ops::code_at(&carol_secret, s.now());
+    let code = totp_at(&carol_secret, s.now());
     let r = s
         .get("/2fa/c", &[("x-api-key", &carol), ("x-otp", &code)])
         .await;

@@ -471,38 +471,6 @@ impl KeepAlive {
 // TOTP
 // ---------------------------------------------------------------------------------------------
 
-/// The default-parameter (SHA-1, 6 digits, 30 s) code of `secret` at Unix time `t`, by oathtool.
-pub fn code_at(secret: &str, t: u64) -> String {
-    oathtool(&[
-        "--totp=SHA1",
-        "-d",
-        "6",
-        "-s",
-        "30s",
-        "-N",
-        &format!("@{t}"),
-        "-b",
-        secret,
-    ])
-}
-
-/// A well-formed 6-digit code that a ±1-step verifier refuses at `t`.
-pub fn wrong_code_at(secret: &str, t: u64) -> String {
-    let window = [
-        code_at(secret, t - 30),
-        code_at(secret, t),
-        code_at(secret, t + 30),
-    ];
-    let mut n: u32 = window[1].parse().unwrap();
-    loop {
-        n = (n + 1) % 1_000_000;
-        let candidate = format!("{n:06}");
-        if !window.contains(&candidate) {
-            return candidate;
-        }
-    }
-}
-
 /// Enrols default TOTP for `name` through the admin API at the clock's time `now` and confirms
 /// it; returns (secret, recovery codes).
 pub async fn enrol_totp(gw: &AdminGw, name: &str, now: u64) -> (String, Vec<String>) {
@@ -514,7 +482,7 @@ pub async fn enrol_totp(gw: &AdminGw, name: &str, now: u64) -> (String, Vec<Stri
         .ok(
             "POST",
             &format!("/consumers/{name}/totp/confirm"),
-            Some(serde_json::json!({ "code": code_at(&secret, now) })),
+            Some(serde_json::json!({ "code": totp_at(&secret, now) })),
             200,
         )
         .await;

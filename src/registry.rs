@@ -32,7 +32,7 @@ const MASTER_CHECK_PLAINTEXT: &[u8] = b"stepgate master key check v1";
 #[derive(Debug)]
 pub struct Consumer {
     pub id: String,
-    /// The id again, shared by the step-up tokens of this consumer.
+    /// The id again, shared (step-up tokens, limiter keys) without allocating per request.
     pub shared_id: Arc<str>,
     pub name: String,
     pub roles: Vec<String>,

@@ -154,7 +154,7 @@ impl Tally {
         };
         let entry = entry.cloned();
         let policy = &self.route.policy;
-        let name: Arc<str> = Arc::from(policy.name.as_str());
+        let name = policy.shared_name.clone();
         let failures = &policy.failures;
         let mut ban = self.ban_if(
             self.limiter
@@ -163,7 +163,7 @@ impl Tally {
             entry.as_deref(),
         );
         if let Some(entry) = &entry {
-            let consumer = Subject::Consumer(Arc::from(entry.consumer.id.as_str()));
+            let consumer = Subject::Consumer(entry.consumer.shared_id.clone());
             let recorded =
                 self.limiter
                     .record(&name, consumer.clone(), failures.per_consumer, failures);
@@ -237,7 +237,7 @@ where
                 Poll::Ready(match result {
                     Ok(response) => {
                         if let Some(passed) = response.extensions().get::<SecondFactorPassed>() {
-                            let name: Arc<str> = Arc::from(tally.route.policy.name.as_str());
+                            let name = tally.route.policy.shared_name.clone();
                             let consumer = Subject::Consumer(passed.consumer_id.clone());
                             tally.limiter.reset(&name, consumer.clone());
                             tally.limiter.reset(&tally.limiter.account_wide(), consumer);
@@ -272,7 +272,7 @@ impl<B> Guard<B> for ConsumerBan {
         let Some(entry) = request.extensions().get::<Arc<KeyEntry>>() else {
             return Ok(()); // a public route: no consumer to ban
         };
-        let subject = Subject::Consumer(Arc::from(entry.consumer.id.as_str()));
+        let subject = Subject::Consumer(entry.consumer.shared_id.clone());
         check_ban(&self.limiter, &self.registry, &subject, Some(entry))
     }
 }

@@ -124,7 +124,7 @@ where
             match decision {
                 Decision::Proved { token, .. } => {
                     response.extensions_mut().insert(SecondFactorPassed {
-                        consumer_id: Arc::from(entry.consumer.id.as_str()),
+                        consumer_id: entry.consumer.shared_id.clone(),
                     });
                     if let Some((token, expires_at)) = token {
                         let headers = response.headers_mut();

@@ -96,7 +96,7 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct Policy {
     pub name: String,
-    /// The name again, shared by the step-up tokens earned on this policy.
+    /// The name again, shared (step-up tokens, limiter keys) without allocating per request.
     pub shared_name: Arc<str>,
     pub file: PathBuf,
     pub api_key: Requirement,

@@ -21,8 +21,8 @@ use crate::credentials::totp::{self, TotpParams};
 use crate::credentials::{api_key, recovery};
 use crate::secrets::MasterKey;
 use crate::store::{
-    AuditEvent, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store, StoreError,
-    TotpRecord,
+    AuditEvent, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store,
+    StoreError, TotpRecord,
 };
 
 const MASTER_CHECK_META: &str = "master_key_check";
@@ -755,26 +755,14 @@ impl Registry {
         limit: usize,
     ) -> Result<Vec<AuditView>, RegistryError> {
         self.audit.flush().await;
-        let consumer_id = match consumer {
-            None => None,
-            Some(name) => match self.index.load().by_name.get(name) {
-                Some(c) => Some(c.id.clone()),
-                None => {
-                    return Ok(self
-                        .store
-                        .audit(None, since, usize::MAX)
-                        .await?
-                        .into_iter()
-                        .filter(|e| e.consumer_name.as_deref() == Some(name))
-                        .take(limit)
-                        .map(AuditView::of)
-                        .collect());
-                }
-            },
-        };
+        // A live consumer by its id; a deleted one by the name it had.
+        let filter = consumer.map(|name| match self.index.load().by_name.get(name) {
+            Some(c) => ConsumerFilter::Id(c.id.clone()),
+            None => ConsumerFilter::Name(name.to_owned()),
+        });
         Ok(self
             .store
-            .audit(consumer_id, since, limit)
+            .audit(filter, since, limit)
             .await?
             .into_iter()
             .map(AuditView::of)

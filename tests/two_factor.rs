@@ -281,7 +281,9 @@ async fn twenty_concurrent_requests_with_one_code_give_exactly_one_success() {
     assert_eq!(count(&events, "otp_accepted"), 1);
     assert_eq!(count(&events, "otp_replayed"), 19);
 
-    // The same for one recovery code.
+    // The same for one recovery code. The first round's 19 failures may all have been counted
+    // after its success reset the count, so clear it: the rounds are independent.
+    t.gw.ok("POST", "/consumers/alice/unlock", None, 204).await;
     let answers = concurrently(&t, 20, "/burst/x", &alice.key, &e.recovery_codes[0]).await;
     assert_one_success(&answers);
     assert_eq!(t.up.requests().len(), 2);

@@ -64,6 +64,13 @@ pub struct AuditEvent {
     pub detail: serde_json::Value,
 }
 
+/// Whose audit events to read: by id, or by the name a (possibly deleted) consumer had.
+#[derive(Debug, Clone)]
+pub enum ConsumerFilter {
+    Id(String),
+    Name(String),
+}
+
 /// Everything needed to build the in-memory index at start.
 #[derive(Debug, Default)]
 pub struct State {
@@ -135,10 +142,10 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(())
     }
-    /// Newest first.
+    /// Newest first, optionally only one consumer's events.
     async fn audit(
         &self,
-        consumer_id: Option<String>,
+        consumer: Option<ConsumerFilter>,
         since: Option<u64>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError>;

@@ -8,14 +8,15 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AuditEvent, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store, StoreError,
-    TotpRecord,
+    AuditEvent, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store,
+    StoreError, TotpRecord,
 };
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`. Never edit a
 /// released entry: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE consumers (
     id TEXT PRIMARY KEY,
@@ -60,7 +61,11 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_consumer_at ON audit(consumer_id, at);
 CREATE INDEX audit_at ON audit(at);
-"#];
+"#,
+    r#"
+CREATE INDEX audit_consumer_name_at ON audit(consumer_name, at);
+"#,
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -467,22 +472,29 @@ impl Store for SqliteStore {
 
     async fn audit(
         &self,
-        consumer_id: Option<String>,
+        consumer: Option<ConsumerFilter>,
         since: Option<u64>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError> {
+        let (id, name) = match consumer {
+            Some(ConsumerFilter::Id(id)) => (Some(id), None),
+            Some(ConsumerFilter::Name(name)) => (None, Some(name)),
+            None => (None, None),
+        };
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT id, at, kind, consumer_id, consumer_name, key_prefix, detail FROM audit
-                     WHERE (?1 IS NULL OR consumer_id = ?1) AND at >= ?2
-                     ORDER BY id DESC LIMIT ?3",
+                     WHERE (?1 IS NULL OR consumer_id = ?1) AND (?2 IS NULL OR consumer_name = ?2)
+                       AND at >= ?3
+                     ORDER BY id DESC LIMIT ?4",
                 )
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map(
                     params![
-                        consumer_id,
+                        id,
+                        name,
                         to_i64(since.unwrap_or(0)),
                         i64::try_from(limit).unwrap_or(i64::MAX)
                     ],

@@ -147,6 +147,7 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
             "limits.max_connections",
             old.limits.max_connections != new.limits.max_connections,
         ),
+        ("limits.workers", old.limits.workers != new.limits.workers),
     ];
     for (field, _) in changed.iter().filter(|(_, changed)| *changed) {
         tracing::warn!(

@@ -43,10 +43,21 @@ use crate::store::sqlite::SqliteStore;
 const HOUSEKEEPING: Duration = Duration::from_secs(30);
 
 /// Facts about the connection a request arrived on, as a request extension.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as a header value, formatted once per connection (it is the
+    /// `X-Forwarded-For` of nearly every request).
+    pub peer_ip: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = http::HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        Self { peer, tls, peer_ip }
+    }
 }
 
 /// A bound, not yet serving, gateway.
@@ -159,6 +170,13 @@ impl Gateway {
     }
 
     /// Serves until the shutdown token is cancelled, then drains.
+    ///
+    /// The public listener is served by `limits.workers` threads, each running its own
+    /// single-threaded event loop over a handle to the same listening socket: a connection
+    /// and everything it causes (its requests, their upstream connections from the worker's
+    /// own pool, its timers) stay on one thread, so the request path never wakes another
+    /// thread and never contends for a lock with one. Background work (admin API, reloads,
+    /// housekeeping, audit writes) stays on the caller's runtime.
     pub async fn run(self) -> Result<(), Error> {
         let Gateway {
             listener,
@@ -188,73 +206,215 @@ impl Gateway {
         if let Some(watcher) = watcher {
             background.spawn(watcher.run(shutdown.clone()));
         }
-        let max_connections = config.load().limits.max_connections;
-        let slots = Arc::new(Semaphore::new(max_connections));
-        let tracker = TaskTracker::new();
-        // Cancelled when the drain deadline passes: connections still open are then dropped.
-        let hard_stop = CancellationToken::new();
+        let limits = config.load().limits.clone();
         let service = crate::stack::build(crate::stack::Shared {
             config: config.clone(),
             registry: registry.clone(),
             limiter: limiter.clone(),
             metrics: metrics.clone(),
         });
-
-        loop {
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-                () = shutdown.cancelled() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Usually EMFILE: back off briefly instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = shutdown.cancelled() => break,
-            };
-            let snapshot = config.load_full();
-            let connection = Connection {
-                peer,
-                limits: snapshot.limits.clone(),
-                tls: snapshot.tls.clone().map(TlsAcceptor::from),
-                graceful: shutdown.clone(),
-                hard_stop: hard_stop.clone(),
-            };
-            let service = service.clone();
-            tracker.spawn(async move {
-                connection.serve(stream, service).await;
-                drop(slot);
+        let shared = Arc::new(WorkerShared {
+            config: config.clone(),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            connections: TaskTracker::new(),
+            graceful: shutdown.clone(),
+            hard_stop: CancellationToken::new(),
+        });
+        let listener = listener.into_std()?;
+        let mut workers = Vec::with_capacity(limits.workers);
+        let (accepting_tx, mut accepting) = tokio::sync::mpsc::channel(limits.workers);
+        for index in 0..limits.workers {
+            let started = listener.try_clone().map_err(Error::from).and_then(|l| {
+                Worker::start(
+                    index,
+                    l,
+                    shared.clone(),
+                    service.clone(),
+                    accepting_tx.clone(),
+                )
             });
+            match started {
+                Ok(worker) => workers.push(worker),
+                Err(error) => {
+                    shutdown.cancel();
+                    shared.connections.close();
+                    for worker in workers {
+                        worker.stopped.await.ok();
+                    }
+                    return Err(error);
+                }
+            }
         }
-
         drop(listener);
+        drop(accepting_tx);
+
+        // Every worker stops accepting once shutdown is asked for. One that stops on its own
+        // (short of a bug it cannot) shuts the whole gateway down rather than leaving it
+        // serving on with fewer threads unnoticed.
+        let mut stopped_accepting = 0;
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            _ = accepting.recv() => {
+                stopped_accepting += 1;
+                if !shutdown.is_cancelled() {
+                    tracing::error!("a worker stopped unexpectedly; shutting down");
+                    shutdown.cancel();
+                }
+            }
+        }
+        while stopped_accepting < workers.len() && accepting.recv().await.is_some() {
+            stopped_accepting += 1;
+        }
+        let tracker = &shared.connections;
         tracker.close();
-        let drain = config.load().limits.drain_timeout;
         tracing::info!(
             connections = tracker.len(),
-            ?drain,
+            drain = ?limits.drain_timeout,
             "shutting down: draining"
         );
-        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 connections = tracker.len(),
                 "drain deadline passed; closing the rest"
             );
-            hard_stop.cancel();
+            shared.hard_stop.cancel();
             tracker.wait().await;
+        }
+        for worker in workers {
+            worker.stopped.await.ok();
         }
         background.close();
         background.wait().await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// What the workers share.
+struct WorkerShared {
+    config: ConfigHandle,
+    /// `limits.max_connections`, over all workers.
+    slots: Arc<Semaphore>,
+    connections: TaskTracker,
+    graceful: CancellationToken,
+    /// Cancelled when the drain deadline passes: connections still open are then dropped.
+    hard_stop: CancellationToken,
+}
+
+/// A thread with its own event loop, accepting from the shared listening socket.
+struct Worker {
+    /// Fires when the worker's thread is done (its connections all closed).
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Worker {
+    fn start<S>(
+        index: usize,
+        listener: std::net::TcpListener,
+        shared: Arc<WorkerShared>,
+        service: S,
+        stopped_accepting: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<Worker, Error>
+    where
+        S: GatewayService,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("stepgate-worker-{index}"))
+            .spawn(move || {
+                // Reports the end of accepting however it comes, a panic included.
+                let stopped_accepting = SendOnDrop(stopped_accepting);
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(listener, &shared, service).await,
+                        Err(error) => tracing::error!(%error, "worker cannot use the listener"),
+                    }
+                    drop(stopped_accepting);
+                    // A single-threaded runtime only runs its tasks inside `block_on`: keep
+                    // driving this worker's connections until they have all drained.
+                    shared.connections.wait().await;
+                });
+                let _ = stopped_tx.send(());
+            })?;
+        Ok(Worker { stopped })
+    }
+}
+
+/// Sends `()` when dropped (the channel has room for one message per worker).
+struct SendOnDrop(tokio::sync::mpsc::Sender<()>);
+
+impl Drop for SendOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// The service every connection serves.
+trait GatewayService:
+    tower::Service<
+        Request<Incoming>,
+        Response = http::Response<crate::error::Body>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> GatewayService for S where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = http::Response<crate::error::Body>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+async fn accept_loop<S: GatewayService>(listener: TcpListener, shared: &WorkerShared, service: S) {
+    let shutdown = &shared.graceful;
+    loop {
+        let slot = tokio::select! {
+            slot = shared.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let snapshot = shared.config.load_full();
+        let connection = Connection {
+            peer,
+            limits: snapshot.limits.clone(),
+            tls: snapshot.tls.clone().map(TlsAcceptor::from),
+            graceful: shutdown.clone(),
+            hard_stop: shared.hard_stop.clone(),
+        };
+        let service = service.clone();
+        shared.connections.spawn(async move {
+            connection.serve(stream, service).await;
+            drop(slot);
+        });
     }
 }
 
@@ -285,24 +445,11 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve<S>(self, stream: TcpStream, service: S)
-    where
-        S: tower::Service<
-                Request<Incoming>,
-                Response = http::Response<crate::error::Body>,
-                Error = std::convert::Infallible,
-                Future: Send,
-            > + Clone
-            + Send
-            + 'static,
-    {
+    async fn serve<S: GatewayService>(self, stream: TcpStream, service: S) {
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            peer: self.peer,
-            tls: self.tls.is_some(),
-        };
+        let info = ConnInfo::new(self.peer, self.tls.is_some());
         let service = service.map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(info);
+            request.extensions_mut().insert(info.clone());
             request
         });
         match &self.tls {
@@ -324,14 +471,7 @@ impl Connection {
     async fn drive<I, S>(&self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: tower::Service<
-                Request<Incoming>,
-                Response = http::Response<crate::error::Body>,
-                Error = std::convert::Infallible,
-                Future: Send,
-            > + Clone
-            + Send
-            + 'static,
+        S: GatewayService,
     {
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Tracked {

@@ -317,7 +317,9 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
     let Some(snapshot) = load_or_report(path) else {
         return ExitCode::FAILURE;
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The public listener has worker threads of its own (`limits.workers`, see `server`);
+    // this runtime only carries the admin API and background work.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

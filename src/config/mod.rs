@@ -73,6 +73,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Accepted connections at once; further clients wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Threads serving the public listener, each with its own event loop and upstream
+    /// connection pools; default one per CPU.
+    pub workers: usize,
     /// How long a shutdown waits for in-flight requests before cutting them.
     pub drain_timeout: Duration,
 }
@@ -87,6 +90,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             drain_timeout: Duration::from_secs(30),
         }
     }

@@ -106,6 +106,7 @@ pub struct Limits {
     pub header_read_timeout: Option<Spanned<Scalar>>,
     pub idle_timeout: Option<Spanned<Scalar>>,
     pub max_connections: Option<Spanned<Scalar>>,
+    pub workers: Option<Spanned<Scalar>>,
     pub drain_timeout: Option<Spanned<Scalar>>,
 }
 

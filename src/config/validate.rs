@@ -241,6 +241,7 @@ impl Loader<'_> {
                 &raw.max_connections,
                 d.max_connections,
             ),
+            workers: self.size_or("limits.workers", &raw.workers, d.workers),
             drain_timeout: self.duration_or(
                 "limits.drain_timeout",
                 &raw.drain_timeout,

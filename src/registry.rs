@@ -288,7 +288,7 @@ impl Registry {
     /// The live key entry for a presented API key. No lock, no I/O: the request path.
     /// Unknown, revoked and disabled all answer `None`, indistinguishably.
     pub fn authenticate(&self, presented: &str) -> Option<Arc<KeyEntry>> {
-        if !api_key::well_formed(presented) {
+        if !api_key::has_shape(presented) {
             return None;
         }
         let hash = self.master.hash_api_key(presented);

@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use governor::clock::Clock as GovernorClock;
@@ -101,10 +102,16 @@ pub struct FailureLimiter {
     account_wide: Arc<str>,
     counters: Cache<(Arc<str>, Subject), Arc<Gcra>>,
     bans: Cache<Subject, Ban>,
+    /// Bans inserted minus bans removed (for whatever reason, as the cache reports them):
+    /// while it is zero no request needs a ban lookup. It rises before an insert and falls
+    /// only after a removal, so it is never zero while a ban is in the cache.
+    bans_held: Arc<AtomicU64>,
 }
 
 impl FailureLimiter {
     pub fn new(clock: SharedClock) -> Self {
+        let bans_held = Arc::new(AtomicU64::new(0));
+        let removed = bans_held.clone();
         Self {
             clock,
             // Not a valid policy name (file stems have no `*`), so it cannot collide with one.
@@ -119,7 +126,11 @@ impl FailureLimiter {
             bans: Cache::builder()
                 .max_capacity(BAN_CAPACITY)
                 .expire_after(BanExpiry)
+                .eviction_listener(move |_, _, _| {
+                    removed.fetch_sub(1, Ordering::AcqRel);
+                })
                 .build(),
+            bans_held,
         }
     }
 
@@ -135,6 +146,9 @@ impl FailureLimiter {
     /// Seconds until the ban on `subject` ends, or `None` when it is not banned. A ban found
     /// over is removed and reported as `Err(ban)` so the caller can audit its end once.
     pub fn banned(&self, subject: &Subject) -> Result<Option<u64>, Ban> {
+        if self.bans_held.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
         let Some(ban) = self.bans.get(subject) else {
             return Ok(None);
         };
@@ -166,6 +180,7 @@ impl FailureLimiter {
         }
         let now = self.clock.now();
         let until = now.saturating_add(failures.ban.as_secs());
+        self.bans_held.fetch_add(1, Ordering::AcqRel);
         self.bans.insert(
             subject.clone(),
             Ban {

@@ -1,8 +1,6 @@
 //! Header rewriting between client and upstream: hop-by-hop headers (RFC 9110 §7.6.1) and the
 //! `X-Forwarded-*` set.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers that are never forwarded, whatever `Connection` says.
@@ -24,6 +22,11 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 
 /// Removes the hop-by-hop headers and every header a `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names (standard names compare as small
+    // integers) is cheaper than a lookup per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -46,7 +49,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// (`extend`), whose chain is kept and the peer appended.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     extend: bool,
     tls: bool,
     host: Option<HeaderValue>,
@@ -60,13 +63,14 @@ pub fn set_forwarded(
     } else {
         Vec::new()
     };
-    let chain = if prior.is_empty() {
-        peer.to_string()
+    let value = if prior.is_empty() {
+        Some(peer.clone())
     } else {
-        format!("{}, {peer}", prior.join(", "))
+        // IP addresses and visible ASCII from valid header values make a valid header value.
+        let peer = peer.to_str().unwrap_or("unknown");
+        HeaderValue::try_from(format!("{}, {peer}", prior.join(", "))).ok()
     };
-    // IP addresses and visible ASCII from valid header values make a valid header value.
-    if let Ok(value) = HeaderValue::try_from(chain) {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(
@@ -108,7 +112,7 @@ mod tests {
         h.insert("x-forwarded-host", "evil".parse().unwrap());
         set_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &HeaderValue::from_static("127.0.0.1"),
             false,
             true,
             Some("api.test".parse().unwrap()),
@@ -118,7 +122,13 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.test");
         // Behind a trusted proxy the chain is kept and the proxy appended.
         h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
-        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true, false, None);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.2"),
+            true,
+            false,
+            None,
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
     }

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod echo;
 pub mod headers;
+pub mod pool;
 pub mod upstream;
 
 use std::future::Future;
@@ -68,9 +69,10 @@ where
             .ok_or(Refusal::Internal(
                 "request reached forwarding without a route",
             ))?;
-    let conn = *request
+    let conn = request
         .extensions()
         .get::<ConnInfo>()
+        .cloned()
         .ok_or(Refusal::Internal(
             "request reached forwarding without connection info",
         ))?;
@@ -83,14 +85,21 @@ where
         Some(authority) => authority.as_str().parse().ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
-    let target = match parts.uri.query() {
-        Some(query) => format!("{}?{query}", route.forward_path(parts.uri.path())),
-        None => route.forward_path(parts.uri.path()).to_owned(),
+    let path = parts.uri.path();
+    let forwarded = route.forward_path(path);
+    let target = match (parts.uri.path_and_query(), forwarded.len() == path.len()) {
+        // The usual case: the path is forwarded as it is, so its bytes are shared.
+        (Some(same), true) => same.clone(),
+        _ => {
+            let target = match parts.uri.query() {
+                Some(query) => format!("{forwarded}?{query}"),
+                None => forwarded.to_owned(),
+            };
+            PathAndQuery::try_from(target)
+                .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))?
+        }
     };
-    parts.uri = Uri::from(
-        PathAndQuery::try_from(target)
-            .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))?,
-    );
+    parts.uri = Uri::from(target);
 
     let request_id = parts.headers.remove(&X_REQUEST_ID);
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -103,7 +112,7 @@ where
         .is_some_and(|c| c.via_trusted_proxy);
     headers::set_forwarded(
         &mut parts.headers,
-        conn.peer.ip(),
+        &conn.peer_ip,
         via_trusted_proxy,
         conn.tls,
         original_host,
@@ -117,7 +126,7 @@ where
     let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
     let start = tokio::time::Instant::now();
     let result = match &route.upstream.target {
-        Target::Echo => echo::respond(Request::from_parts(parts, body)).await,
+        Target::Echo => Box::pin(echo::respond(Request::from_parts(parts, body))).await,
         Target::StepUp => Err(Refusal::Internal("step-up endpoint reached forwarding")),
         Target::Http(http) => http.send(parts, body).await,
     };
@@ -135,8 +144,8 @@ where
             Refusal::UpstreamUnavailable { source } => Some(
                 if source
                     .as_deref()
-                    .and_then(|e| e.downcast_ref::<hyper_util::client::legacy::Error>())
-                    .is_some_and(hyper_util::client::legacy::Error::is_connect)
+                    .and_then(|e| e.downcast_ref::<pool::SendError>())
+                    .is_some_and(pool::SendError::is_connect)
                 {
                     "connect"
                 } else {

@@ -1,23 +1,21 @@
-//! Upstreams: a pooled hyper-util client per configured `url` (http, or https through rustls),
-//! or the built-in `echo` upstream.
+//! Upstreams: pooled connections per configured `url` (http, or https through rustls; see
+//! [`pool`](super::pool)), or the built-in `echo` upstream.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, timeout_at};
 
 use super::body::limit_exceeded;
 use super::headers::strip_hop_by_hop;
+use super::pool::Pool;
 use crate::error::{Body, Refusal};
 
 /// A named upstream.
@@ -75,12 +73,10 @@ impl Default for HttpSettings {
 pub struct HttpUpstream {
     /// As configured, for display.
     pub url: String,
-    scheme: Scheme,
-    authority: Authority,
     /// Path prefix of the url without trailing `/`; empty for none.
     base_path: String,
     pub settings: HttpSettings,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pool: Pool,
 }
 
 #[derive(Debug)]
@@ -135,28 +131,25 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .build(connector);
         Ok(Self {
             name: name.to_owned(),
             label: Arc::from(name),
             target: Target::Http(Box::new(HttpUpstream {
                 url: url.to_owned(),
-                scheme,
-                authority,
                 base_path,
+                pool: Pool::new(connector, scheme, authority, settings.idle_timeout),
                 settings,
-                client,
             })),
         })
     }
 }
 
 impl HttpUpstream {
-    fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+    fn uri_for(&self, uri: &Uri) -> Result<Uri, Refusal> {
+        if self.base_path.is_empty() {
+            return Ok(uri.clone());
+        }
+        let (path, query) = (uri.path(), uri.query());
         let mut target = String::with_capacity(
             self.base_path.len() + path.len() + 1 + query.map_or(0, str::len),
         );
@@ -166,11 +159,8 @@ impl HttpUpstream {
             target.push('?');
             target.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
+        PathAndQuery::try_from(target)
+            .map(Uri::from)
             .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))
     }
 
@@ -181,7 +171,7 @@ impl HttpUpstream {
         mut parts: request::Parts,
         body: Body,
     ) -> Result<Response<Body>, Refusal> {
-        parts.uri = self.uri_for(parts.uri.path(), parts.uri.query())?;
+        parts.uri = self.uri_for(&parts.uri)?;
         let deadline = Instant::now() + self.settings.timeout;
         // A connect failure means the request never left, so it is safe to try again, but only
         // when nothing else could go wrong twice: an idempotent method with no body to replay.
@@ -199,7 +189,7 @@ impl HttpUpstream {
         };
         let mut request = Request::from_parts(parts, body);
         loop {
-            let result = timeout_at(deadline, self.client.request(request)).await;
+            let result = timeout_at(deadline, self.pool.send(request)).await;
             let error = match result {
                 Err(_elapsed) => {
                     return Err(Refusal::UpstreamTimeout {

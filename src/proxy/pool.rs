@@ -1,0 +1,223 @@
+//! Connections to one http(s) upstream, pooled per thread.
+//!
+//! Each worker thread keeps its own idle connections (see `server`), so taking one and giving
+//! it back is a borrow of a thread-owned list: no lock another thread could hold, and the
+//! connection's task runs on the thread whose requests use it, so a response never has to
+//! wake another thread. Connections are made by hyper-rustls' connector (TCP, TLS, ALPN) and
+//! driven by hyper's client connections; HTTP/2 connections are shared by concurrent requests
+//! of their thread, HTTP/1.1 connections serve one request at a time.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use thread_local::ThreadLocal;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::error::{Body, BoxError};
+
+/// Idle HTTP/1.1 connections kept per thread; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+/// Pooled connections tried for one request before a new one is made: each found closing
+/// under the request is dropped, so this only bounds a burst of them.
+const POOLED_TRIES: usize = 3;
+
+/// Why a request did not get a response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: the request never left, so it may be tried again.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(BoxError),
+    /// The request was (maybe partly) sent, or the connection failed under it.
+    #[error("{0}")]
+    Request(#[source] hyper::Error),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    scheme: Scheme,
+    authority: Authority,
+    /// `Host` of HTTP/1.1 requests: the upstream's authority.
+    host: http::HeaderValue,
+    idle_timeout: Duration,
+    idle: ThreadLocal<RefCell<Vec<Idle>>>,
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        scheme: Scheme,
+        authority: Authority,
+        idle_timeout: Duration,
+    ) -> Self {
+        // An authority is visible ASCII, so it is a valid header value.
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"));
+        Self {
+            connector,
+            scheme,
+            authority,
+            host,
+            idle_timeout,
+            idle: ThreadLocal::new(),
+        }
+    }
+
+    /// Sends `request` (origin-form URI) and returns the response head, its body streaming.
+    /// A pooled connection that turns out to be closing before the request went out is
+    /// dropped and the next one tried; only a fresh connection's failure is final.
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        for _ in 0..POOLED_TRIES {
+            let Some(sender) = self.checkout() else { break };
+            match self.try_send(sender, request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Request(error.into_error())),
+                },
+            }
+        }
+        // Boxed: connecting (resolver, TCP, TLS, handshake) makes by far the largest future,
+        // and every request would otherwise carry its space while only a few connect.
+        let sender = Box::pin(self.connect()).await.map_err(SendError::Connect)?;
+        self.try_send(sender, request)
+            .await
+            .map_err(|error| SendError::Request(error.into_error()))
+    }
+
+    async fn try_send(
+        &self,
+        sender: Sender,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        match sender {
+            Sender::H1(mut sender) => {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, self.host.clone());
+                let response = sender.try_send_request(request);
+                // Back in the pool at once: it is taken again only when `is_ready` says the
+                // response (head and body) is through.
+                self.put(Sender::H1(sender));
+                response.await
+            }
+            Sender::H2(mut sender) => {
+                // HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
+                request.headers_mut().remove(header::HOST);
+                *request.uri_mut() = self.absolute(request.uri());
+                sender.try_send_request(request).await
+            }
+        }
+    }
+
+    /// This thread's newest usable idle connection; closed and expired ones are dropped on the
+    /// way. HTTP/1.1 connections still busy with a response stay for later.
+    fn checkout(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &mut idle[i];
+            if entry.sender.is_closed() || now.duration_since(entry.since) >= self.idle_timeout {
+                idle.swap_remove(i);
+                continue;
+            }
+            match &entry.sender {
+                Sender::H2(sender) if sender.is_ready() => {
+                    entry.since = now;
+                    return Some(Sender::H2(sender.clone()));
+                }
+                Sender::H1(sender) if sender.is_ready() => {
+                    return Some(idle.swap_remove(i).sender);
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: Sender) {
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// A new connection on this thread: HTTP/2 when TLS negotiated it, else HTTP/1.1.
+    async fn connect(&self) -> Result<Sender, BoxError> {
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()?;
+        let io = self.connector.clone().oneshot(uri).await?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            self.put(Sender::H2(sender.clone()));
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, connection) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    fn absolute(&self, uri: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(PathAndQuery::from_static("/")));
+        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    }
+}

@@ -65,6 +65,7 @@
   // One self-service call. Same origin, no cookies, nothing cached; the key and code travel
   // only in headers.
   async function api(method, path, { otp, body } = {}) {
+    if (!apiKey) throw new Problem(WORDS.api_key_missing);
     const headers = { 'X-Api-Key': apiKey, Accept: 'application/json' };
     if (otp) headers['X-OTP'] = otp;
     if (body !== undefined) headers['Content-Type'] = 'application/json';
@@ -135,7 +136,9 @@
     for (const p of s.policies || []) {
       const li = el('li', undefined, `policy ${p.status}`);
       li.append(el('strong', p.policy), ': ');
-      li.append({
+      // A report_only policy lets calls through whatever the standing; it only audits them.
+      const trial = p.mode === 'report_only' && p.status !== 'enrolled';
+      li.append(trial ? 'calls are let through for now; this policy will ask for a second factor later.' : {
         enrolled: 'you have a factor it accepts.',
         grace: p.grace_until
           ? `calls are let through until ${deadline(p.grace_until)}; after that they need a second factor.`

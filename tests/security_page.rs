@@ -108,14 +108,17 @@ async fn sign_in(b: &Browser, key: &str, consumer: &str) {
     assert_eq!(value, json!(""));
 }
 
-/// Clears the message region, runs the click, and returns the next message and its kind.
-async fn message_after_click(b: &Browser, css: &str) -> (String, String) {
+/// Empties the message region, so that the next message can be waited for.
+async fn clear_message(b: &Browser) {
     b.js(
         "const m = document.getElementById('message'); m.textContent = ''; m.dataset.kind = '';",
         vec![],
     )
     .await;
-    b.click(css).await;
+}
+
+/// Waits for the next message; returns its text and kind (`ok`, `info` or `error`).
+async fn next_message(b: &Browser) -> (String, String) {
     let text = b
         .until(
             "a message",
@@ -132,6 +135,13 @@ async fn message_after_click(b: &Browser, css: &str) -> (String, String) {
         text.as_str().unwrap().to_string(),
         kind.as_str().unwrap_or_default().to_string(),
     )
+}
+
+/// Clicks `css` and returns the message that follows.
+async fn message_after_click(b: &Browser, css: &str) -> (String, String) {
+    clear_message(b).await;
+    b.click(css).await;
+    next_message(b).await
 }
 
 async fn recovery_codes_on_page(b: &Browser) -> Vec<String> {
@@ -462,15 +472,17 @@ async fn narrow_page_under_a_custom_prefix_explains_refusals() {
     let tf = TwoFactor::start_with("self_service: { prefix: /account/security }").await;
     let prefix = "/account/security/";
     let bob = tf.consumer("bob", &["partner"]).await;
-    let b = Browser::start(320, 1800).await;
+    let b = Browser::start(320, 3400).await;
     b.goto(&page_url(&tf, prefix)).await;
     assert_page_loaded_cleanly(&b).await;
     let width = b.js("return window.innerWidth;", vec![]).await;
     assert_eq!(width, 320);
 
-    // A key the gateway does not know.
-    b.type_into("#api-key", &unknown_key(7)).await;
-    let (text, kind) = message_after_click(&b, "#load").await;
+    // A key the gateway does not know, sent from the keyboard (Enter submits the form).
+    clear_message(&b).await;
+    b.type_into("#api-key", &format!("{}\u{E007}", unknown_key(7)))
+        .await;
+    let (text, kind) = next_message(&b).await;
     assert_eq!(kind, "error", "{text}");
     assert!(text.contains("API key was not accepted"), "{text}");
     assert!(!b.visible("#account").await);
@@ -525,6 +537,104 @@ async fn narrow_page_under_a_custom_prefix_explains_refusals() {
         banned.contains(&expected),
         "{banned:?} should say {expected:?}"
     );
+
+    assert_no_csp_violations(&b).await;
+    b.close().await;
+}
+
+/// Text messages in the browser, against a local server speaking Twilio's API: register a
+/// phone with the texted code (the first factor, so recovery codes follow), ask for a login
+/// code and use it as the proof for new recovery codes, and see a Twilio refusal in words.
+#[tokio::test]
+async fn sms_in_chromium() {
+    let twilio = support::twilio::FakeTwilio::start().await;
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let token_file = secrets.path().join("twilio-token");
+    std::fs::write(&token_file, &twilio.auth_token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let tf = TwoFactor::start_with(&format!(
+        r#"sms: {{ twilio: {{ account_sid: "{}", auth_token_file: "{}", from: "+15005550006", base_url: "{}" }} }}"#,
+        twilio.account_sid,
+        path_str(&token_file),
+        twilio.base_url()
+    ))
+    .await;
+    let carol = tf.consumer("carol", &["partner"]).await;
+    let b = Browser::start(1024, 900).await;
+    b.goto(&page_url(&tf, PAGE)).await;
+    assert_page_loaded_cleanly(&b).await;
+    sign_in(&b, &carol.key, "carol").await;
+    assert!(b.visible("#sms").await, "SMS is configured, so offered");
+    assert_eq!(b.text("#st-sms").await.as_deref(), Some("Not set up"));
+    assert!(
+        !b.visible("#sms-otp").await,
+        "no factor yet, so no proof asked"
+    );
+
+    // Register the phone: a code is texted to it.
+    b.type_into("#sms-phone", "+447700900987").await;
+    let (text, kind) = message_after_click(&b, "#sms-start").await;
+    assert_eq!(kind, "ok", "{text}");
+    assert!(text.contains("+44•••••••987"), "{text}");
+    assert_eq!(twilio.last().to, "+447700900987");
+    assert!(b.visible("#sms-confirm-form").await);
+    b.type_into("#sms-code", &twilio.last_code()).await;
+    b.click("#sms-confirm").await;
+    // The phone was carol's first factor: recovery codes come with it.
+    let codes = recovery_codes_on_page(&b).await;
+    assert!(codes.iter().all(|c| is_recovery_code(c)), "{codes:?}");
+    b.until(
+        "the overview to show the phone",
+        "return document.getElementById('st-sms').textContent === 'Set up for +44•••••••987';",
+    )
+    .await;
+    let status = api_status(&tf, PAGE, &carol.key).await;
+    assert_eq!(status["factors"]["sms"]["status"], "confirmed", "{status}");
+    // The full number is not left in the page.
+    let page = b
+        .js(
+            "return document.documentElement.outerHTML
+               + [...document.querySelectorAll('input')].map((i) => i.value).join('');",
+            vec![],
+        )
+        .await;
+    assert!(!page.as_str().unwrap().contains("7700900987"));
+
+    // A login code by text, then used as the proof for new recovery codes.
+    assert!(b.visible("#sms-login").await);
+    tf.advance(31); // past the per-consumer send interval
+    let (text, kind) = message_after_click(&b, "#sms-send").await;
+    assert_eq!(kind, "ok", "{text}");
+    assert!(text.contains("login code is on its way"), "{text}");
+    assert_eq!(twilio.messages().len(), 2);
+    b.type_into("#regen-otp", &twilio.last_code()).await;
+    b.click("#regen").await;
+    b.until(
+        "new recovery codes",
+        &format!(
+            "const li = [...document.querySelectorAll('#recovery-codes li')]
+               .map((e) => e.textContent.trim());
+             return li.length === 10 && !li.includes({});",
+            json!(codes[0])
+        ),
+    )
+    .await;
+
+    // Twilio refuses: the page says the text could not be sent.
+    twilio.fail_with(
+        400,
+        json!({"code": 21211, "message": "The 'To' number is not a valid phone number.",
+               "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}),
+    );
+    tf.advance(31);
+    let (text, kind) = message_after_click(&b, "#sms-send").await;
+    assert_eq!(kind, "error", "{text}");
+    assert!(text.contains("could not be sent"), "{text}");
+    assert_eq!(twilio.rejections(), Vec::<String>::new());
 
     assert_no_csp_violations(&b).await;
     b.close().await;

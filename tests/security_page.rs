@@ -356,7 +356,18 @@ async fn enrol_an_authenticator_app_in_chromium() {
     }
     // Copy: the clipboard where the browser allows it, otherwise the codes are selected.
     let (text, _) = message_after_click(&b, "#recovery-copy").await;
-    if !text.contains("copied to the clipboard") {
+    if text.contains("copied to the clipboard") {
+        let pasted = b
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 navigator.clipboard.readText().then(done, (e) => done('refused: ' + e));",
+                vec![],
+            )
+            .await
+            .expect("read the clipboard");
+        assert_eq!(pasted, json!(codes.join("\n")), "clipboard");
+    } else {
         assert!(text.contains("selected"), "{text}");
         let selection = b.js("return String(window.getSelection());", vec![]).await;
         for c in &codes {
@@ -393,6 +404,23 @@ async fn enrol_an_authenticator_app_in_chromium() {
         fresh.iter().all(|c| !codes.contains(c)),
         "{fresh:?} vs {codes:?}"
     );
+    // The old set stopped working (codes[1] was never used); the new one works.
+    let old = tf
+        .send(
+            "POST",
+            "/secure",
+            &[("x-api-key", &alice.key), ("x-otp", &codes[1])],
+        )
+        .await;
+    assert_otp_refused(&old, "otp_invalid", "totp recovery_code");
+    let new = tf
+        .send(
+            "POST",
+            "/secure",
+            &[("x-api-key", &alice.key), ("x-otp", &fresh[0])],
+        )
+        .await;
+    assert_eq!(new.status, 200, "{}", new.text());
 
     // Nothing was stored in the browser, and the key is nowhere in the page.
     let stored = b

@@ -193,6 +193,9 @@ impl Browser {
                 "prefs": {
                     "download.default_directory": downloads,
                     "download.prompt_for_download": false,
+                    // Let tests read back what the page copied (clipboard-read is asked for
+                    // otherwise, and headless has no one to answer).
+                    "profile.default_content_setting_values.clipboard": 1,
                 },
             },
         });

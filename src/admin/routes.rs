@@ -277,6 +277,22 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
             registry.reset_totp(name).await?;
             Ok(no_content())
         }
+        (&Method::DELETE, ["consumers", name, "sms"]) => {
+            registry.remove_sms(name, None).await?;
+            Ok(no_content())
+        }
+        (&Method::GET, ["reports", "enrollment"]) => {
+            let snapshot = admin.config.load_full();
+            let now = registry.now();
+            let entries = crate::enrollment::report(&snapshot, &registry.consumer_states(), now);
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "generated_at": crate::clock::rfc3339(now),
+                    "entries": to_value(&entries),
+                }),
+            ))
+        }
         (&Method::POST, ["consumers", name, "recovery-codes"]) => {
             let codes = registry.regenerate_recovery_codes(name).await?;
             Ok(json_response(

@@ -36,23 +36,57 @@ fn binary(var: &str, default: &str, package: &str) -> PathBuf {
     path
 }
 
-/// chromedriver as a child process, killed on drop.
+/// chromedriver as a child process. On drop (also when a test panics) it ends the session, so
+/// that chromedriver closes Chromium, then kills chromedriver and whatever is left of this
+/// Chromium: killing chromedriver alone leaves Chromium running, orphaned.
 struct Driver {
     child: Child,
     port: u16,
     log: PathBuf,
+    /// The WebDriver session, once one is open.
+    session: Option<String>,
+    /// This browser's own `--user-data-dir`, which tells its processes from any other.
+    profile: PathBuf,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // chromedriver kills the Chromium it started when it exits.
+        if let Some(id) = &self.session {
+            let _ = http_request(self.port, "DELETE", &format!("/session/{id}"));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_processes_with_arg(&format!("--user-data-dir={}", self.profile.display()));
+    }
+}
+
+/// Kills (by PID) every process whose command line has exactly `arg`.
+fn kill_processes_with_arg(arg: &str) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|&b| b == 0).any(|a| a == arg.as_bytes()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", pid])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
 impl Driver {
-    fn start(dir: &Path) -> Driver {
+    fn start(dir: &Path, profile: &Path) -> Driver {
         let exe = binary(
             "STEPGATE_TEST_CHROMEDRIVER",
             CHROMEDRIVER,
@@ -72,7 +106,13 @@ impl Driver {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
-            let mut driver = Driver { child, port, log };
+            let mut driver = Driver {
+                child,
+                port,
+                log,
+                session: None,
+                profile: profile.to_path_buf(),
+            };
             match driver.wait_ready() {
                 Ok(()) => return driver,
                 Err(e) => last_error = e,
@@ -91,7 +131,7 @@ impl Driver {
                     self.log_tail()
                 ));
             }
-            if let Some(body) = http_get(self.port, "/status")
+            if let Some(body) = http_request(self.port, "GET", "/status")
                 && let Ok(v) = serde_json::from_str::<Value>(&body)
                 && v["value"]["ready"] == json!(true)
             {
@@ -120,14 +160,14 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// A minimal blocking HTTP/1.1 GET (chromedriver refuses HTTP/1.0), enough for `/status`.
-/// Reads by Content-Length: chromedriver does not close the connection after answering.
-fn http_get(port: u16, path: &str) -> Option<String> {
+/// A minimal blocking HTTP/1.1 request without a body (chromedriver refuses HTTP/1.0); returns
+/// the body. Reads by Content-Length: chromedriver does not close the connection after answering.
+fn http_request(port: u16, method: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = Vec::new();
@@ -173,7 +213,7 @@ impl Browser {
         let profile = dir.path().join("profile");
         let downloads = dir.path().join("downloads");
         std::fs::create_dir_all(&downloads).expect("mkdir downloads");
-        let driver = Driver::start(dir.path());
+        let mut driver = Driver::start(dir.path(), &profile);
 
         // As root Chromium needs --no-sandbox; the rest stop it reaching for Google's servers,
         // which this machine's closed network refuses (it would hang or spam connections).
@@ -184,6 +224,7 @@ impl Browser {
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
+                    "--disable-crash-reporter", "--disable-breakpad",
                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                     "--disable-extensions", "--no-default-browser-check",
                     "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-GB",
@@ -229,6 +270,7 @@ impl Browser {
                 driver.log_tail()
             )
         });
+        driver.session = client.session_id().await.ok().flatten();
         Browser {
             client,
             downloads,

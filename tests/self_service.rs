@@ -613,3 +613,25 @@ fn routes_under_the_prefix_and_bad_prefixes_are_refused_at_their_line() {
     );
     assert!(stepgate::config::load(&config_path(&dir)).is_ok());
 }
+
+#[test]
+fn explain_says_the_gateway_answers_under_the_prefix_itself() {
+    let dir = write_config_with(
+        "listen: 127.0.0.1:0\nupstreams: { demo: { echo: {} } }\nroutes:\n  - { name: all, match: { path: / }, upstream: demo, policy: public }\n",
+        &[("policies/public.yaml", DEFAULT_POLICY)],
+    );
+    let config = path_str(&config_path(&dir));
+    let (code, out, err) = run_cli(&["explain", "GET", "/_stepgate/2fa", "-c", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("enrolment API") && out.contains("nothing is forwarded"),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(&["explain", "GET", "/_stepgate/", "-c", &config]);
+    assert_eq!(code, 0);
+    assert!(out.contains("security page"), "{out}");
+    // Everything else still goes to the catch-all route.
+    let (code, out, _) = run_cli(&["explain", "GET", "/x", "-c", &config]);
+    assert_eq!(code, 0);
+    assert!(out.contains("route:     all"), "{out}");
+}

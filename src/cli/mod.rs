@@ -259,6 +259,9 @@ fn explain(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(rest) = snapshot.self_service.strip(&canonical) {
+        return explain_builtin(&snapshot, &method, rest);
+    }
     let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
     match snapshot
         .routes
@@ -311,6 +314,31 @@ fn explain(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `explain` for a path under the self-service prefix: the gateway answers these itself.
+fn explain_builtin(snapshot: &Snapshot, method: &Method, rest: &str) -> ExitCode {
+    let prefix = &snapshot.self_service.prefix;
+    let (what, present) = match rest {
+        "/step-up" => (
+            "the step-up endpoint (POST; ?policy=NAME when several policies issue tokens)",
+            "an API key (X-Api-Key) and a code in X-OTP; answers a step-up token",
+        ),
+        _ if !snapshot.self_service.enabled => {
+            println!("404 no_route: self-service is disabled (self_service.enabled: false)");
+            return ExitCode::FAILURE;
+        }
+        "" | "/" | "/app.js" | "/app.css" => ("the security page", "nothing (public)"),
+        _ => (
+            "the self-service enrolment API",
+            "an API key (X-Api-Key); X-OTP with a code of an existing factor to change one",
+        ),
+    };
+    println!("route:     built-in: {what}, under {prefix} (self_service.prefix)");
+    println!("upstream:  none; the gateway answers itself, nothing is forwarded");
+    println!("caller must present: {present}");
+    println!("request:   {method} {prefix}{rest}");
+    ExitCode::SUCCESS
 }
 
 fn init_logging(format: LogFormat) {

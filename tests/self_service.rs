@@ -327,10 +327,10 @@ async fn regenerating_recovery_codes_needs_a_confirmed_factor_and_its_code() {
         9
     );
     let events = s.audit("alice").await;
+    // Newest first: the oldest acceptance is the self-service one.
     let used = events
         .iter()
-        .filter(|e| e["kind"] == "otp_accepted")
-        .last()
+        .rfind(|e| e["kind"] == "otp_accepted")
         .unwrap();
     assert_eq!(used["detail"]["factor"], "recovery_code", "{used}");
     assert_eq!(used["detail"]["policy"], "stepgate/self-service");

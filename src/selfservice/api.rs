@@ -208,7 +208,12 @@ fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
         RegistryError::Conflict(_) => {
             Refusal::Conflict("nothing is waiting for confirmation; start the enrolment again")
         }
-        RegistryError::Invalid(_) => Refusal::BadRequest("the request is not valid"),
+        // Requests are validated before they reach the registry; what is left is stored data
+        // that does not open (e.g. under another master key): refuse, fail closed.
+        RegistryError::Invalid(detail) => {
+            tracing::error!(%detail, "self-service call refused: stored data is unusable");
+            Refusal::Unavailable
+        }
         RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
             // The consumer was deleted (or lost the factor) since its key was checked.
             Refusal::Conflict("the account changed meanwhile; reload and try again")
@@ -617,7 +622,10 @@ where
     let phone = endpoints
         .registry
         .confirmed_phone(consumer)
-        .ok_or(Refusal::Unavailable)?;
+        .ok_or_else(|| {
+            tracing::error!("the confirmed phone number does not decrypt with this master key");
+            Refusal::Unavailable
+        })?;
     // Limits first: a refused send must not replace the outstanding code.
     endpoints.may_send(&caller, &phone)?;
     let outgoing = endpoints

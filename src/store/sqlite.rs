@@ -845,3 +845,144 @@ fn replace_codes(conn: &Connection, consumer_id: &str, hashes: &[Hash]) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consumer(store: &SqliteStore, id: &str) -> impl Future<Output = ()> {
+        let record = ConsumerRecord {
+            id: id.into(),
+            name: id.into(),
+            roles: vec![],
+            disabled: false,
+            created_at: 1,
+        };
+        let key = KeyRecord {
+            consumer_id: id.into(),
+            hash: [id.len() as u8; 32],
+            prefix: "sgk_00000000".into(),
+            created_at: 1,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let store = store.clone();
+        async move { store.insert_consumer(record, key).await.unwrap() }
+    }
+
+    /// A database of schema version 2 with a pending enrolment opens with it as pending (moved
+    /// to `totp_pending`), and a confirmed one stays confirmed.
+    #[tokio::test]
+    async fn migration_3_moves_pending_enrolments_beside_the_confirmed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..2] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 2).unwrap();
+            tx.execute_batch(
+                "INSERT INTO consumers VALUES ('c1', 'dave', '[]', 0, 1), ('c2', 'carol', '[]', 0, 1);
+                 INSERT INTO totp VALUES ('c1', x'0102', 'SHA1', 6, 30, 0, NULL, 5);
+                 INSERT INTO totp VALUES ('c2', x'0304', 'SHA256', 8, 60, 1, 42, 6);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let state = store.load().await.unwrap();
+        let dave = state.totp.iter().find(|t| t.consumer_id == "c1").unwrap();
+        assert!(!dave.confirmed);
+        assert_eq!(dave.secret_sealed, vec![1, 2]);
+        let carol = state.totp.iter().find(|t| t.consumer_id == "c2").unwrap();
+        assert!(carol.confirmed);
+        assert_eq!(carol.last_step, Some(42));
+        assert_eq!(state.totp.len(), 2);
+        // dave's pending enrolment confirms like any.
+        assert!(
+            store
+                .confirm_totp("c1".into(), 7, vec![[9; 32]])
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store.confirm_totp("c1".into(), 8, vec![]).await.unwrap(),
+            "once"
+        );
+    }
+
+    #[tokio::test]
+    async fn sms_codes_are_single_use_expire_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        let code = |hash: u8, expires_at: u64| SmsCodeRecord {
+            consumer_id: "c1".into(),
+            purpose: Purpose::Login,
+            hash: [hash; 32],
+            expires_at,
+        };
+        let check = |hash: u8, purpose: Purpose, now: u64| {
+            let store = store.clone();
+            async move {
+                store
+                    .use_sms_code("c1".into(), purpose, [hash; 32], now)
+                    .await
+                    .unwrap()
+            }
+        };
+        store.put_sms_code(code(1, 100)).await.unwrap();
+        assert_eq!(check(2, Purpose::Login, 10).await, CodeCheck::Wrong);
+        assert_eq!(check(1, Purpose::Enrol, 10).await, CodeCheck::Missing);
+        assert_eq!(check(1, Purpose::Login, 10).await, CodeCheck::Accepted);
+        assert_eq!(check(1, Purpose::Login, 10).await, CodeCheck::Missing);
+        // A newer code replaces the outstanding one.
+        store.put_sms_code(code(3, 100)).await.unwrap();
+        store.put_sms_code(code(4, 100)).await.unwrap();
+        assert_eq!(check(3, Purpose::Login, 10).await, CodeCheck::Wrong);
+        assert_eq!(check(4, Purpose::Login, 99).await, CodeCheck::Accepted);
+        // Expired at its expiry time, and then gone.
+        store.put_sms_code(code(5, 100)).await.unwrap();
+        assert_eq!(check(5, Purpose::Login, 100).await, CodeCheck::Expired);
+        assert_eq!(check(5, Purpose::Login, 50).await, CodeCheck::Missing);
+    }
+
+    #[tokio::test]
+    async fn an_sms_number_is_confirmed_only_with_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        let enrol = SmsCodeRecord {
+            consumer_id: "c1".into(),
+            purpose: Purpose::Enrol,
+            hash: [7; 32],
+            expires_at: 100,
+        };
+        store
+            .put_pending_sms("c1".into(), vec![1, 1], 10, enrol)
+            .await
+            .unwrap();
+        let wrong = store
+            .confirm_sms("c1".into(), [8; 32], 20, Some(vec![[1; 32]]))
+            .await
+            .unwrap();
+        assert_eq!(wrong, CodeCheck::Wrong);
+        let state = store.load().await.unwrap();
+        assert_eq!(state.sms[0].phone_sealed, None);
+        assert!(state.recovery_codes.is_empty());
+        let right = store
+            .confirm_sms("c1".into(), [7; 32], 20, Some(vec![[1; 32]]))
+            .await
+            .unwrap();
+        assert_eq!(right, CodeCheck::Accepted);
+        let state = store.load().await.unwrap();
+        assert_eq!(state.sms[0].phone_sealed, Some(vec![1, 1]));
+        assert_eq!(state.sms[0].pending_sealed, None);
+        assert_eq!(state.recovery_codes.len(), 1);
+        store.delete_sms("c1".into(), true).await.unwrap();
+        let state = store.load().await.unwrap();
+        assert!(state.sms.is_empty() && state.recovery_codes.is_empty());
+    }
+}

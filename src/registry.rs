@@ -307,6 +307,9 @@ pub enum RegistryError {
     /// A wrong, expired or already used code where one was asked for.
     #[error("the code is not valid")]
     CodeInvalid,
+    /// A change to a consumer with a confirmed factor, without a code of it.
+    #[error("a code of an existing factor is needed")]
+    Unproved,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -739,33 +742,38 @@ impl Registry {
 
     /// A consumer's own (re-)enrolment: pending beside any confirmed enrolment, which keeps
     /// working until this one is confirmed, so an abandoned re-enrolment locks no one out.
-    /// The caller has checked a code of an existing factor.
+    /// `proved`: the caller checked a code of an existing factor; without one this is refused
+    /// if the consumer has a confirmed factor by now (one confirmed since its key was checked).
     pub async fn begin_totp_reenrolment(
         &self,
         consumer: &Consumer,
         params: TotpParams,
+        proved: bool,
     ) -> Result<totp::Enrolment, RegistryError> {
-        self.start_totp(&consumer.name, Some(&consumer.id), params)
+        self.start_totp(&consumer.name, Some((&consumer.id, proved)), params)
             .await
     }
 
-    /// `reenrol_id`: the consumer (by id, so a deleted and re-created namesake is not it)
-    /// whose confirmed enrolment may stay beside the new one.
+    /// `reenrol`: the consumer (by id, so a deleted and re-created namesake is not it) whose
+    /// confirmed enrolment may stay beside the new one, and whether a code was proved.
     async fn start_totp(
         &self,
         name: &str,
-        reenrol_id: Option<&str>,
+        reenrol: Option<(&str, bool)>,
         params: TotpParams,
     ) -> Result<totp::Enrolment, RegistryError> {
         params.validate().map_err(RegistryError::Invalid)?;
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        if let Some(id) = reenrol_id
-            && old.id != id
-        {
-            return Err(RegistryError::NotFound(name.to_owned()));
+        if let Some((id, proved)) = reenrol {
+            if old.id != id {
+                return Err(RegistryError::NotFound(name.to_owned()));
+            }
+            if !proved && old.has_confirmed_factor() {
+                return Err(RegistryError::Unproved);
+            }
         }
-        if reenrol_id.is_none() && old.confirmed_totp().is_some() {
+        if reenrol.is_none() && old.confirmed_totp().is_some() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has a confirmed TOTP enrolment; reset it first"
             )));

@@ -51,9 +51,9 @@ impl Failure {
                         (StatusCode::NOT_FOUND, "not_found", detail)
                     }
                     RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict", detail),
-                    RegistryError::Invalid(_) | RegistryError::CodeInvalid => {
-                        (StatusCode::BAD_REQUEST, "bad_request", detail)
-                    }
+                    RegistryError::Invalid(_)
+                    | RegistryError::CodeInvalid
+                    | RegistryError::Unproved => (StatusCode::BAD_REQUEST, "bad_request", detail),
                     RegistryError::Store(_) | RegistryError::WrongMasterKey => {
                         tracing::error!(error = %detail, "admin call failed in the store");
                         (

@@ -87,15 +87,20 @@ impl Registry {
 
     /// Starts (or restarts) SMS enrolment: `phone` is stored pending, with a verification code
     /// valid for `ttl`, to be texted by the caller. A confirmed number keeps working until the
-    /// new one is confirmed. The caller has checked a code of any existing factor.
+    /// new one is confirmed. `proved`: the caller checked a code of an existing factor
+    /// (refused without one if the consumer has a confirmed factor by now).
     pub async fn begin_sms(
         &self,
         consumer: &Consumer,
         phone: Phone,
         ttl: Duration,
+        proved: bool,
     ) -> Result<Outgoing, RegistryError> {
         let _write = self.writes.lock().await;
         let old = self.same(consumer)?;
+        if !proved && old.has_confirmed_factor() {
+            return Err(RegistryError::Unproved);
+        }
         let now = self.clock.now();
         let sealed = self
             .master
@@ -264,17 +269,23 @@ impl Registry {
     }
 
     /// Removes the consumer's SMS factor (numbers and outstanding codes) and revokes its
-    /// step-up tokens. Recovery codes go too unless a confirmed TOTP is left. `expected_id`:
-    /// only if the consumer of that name is still this one (self-service).
+    /// step-up tokens. Recovery codes go too unless a confirmed TOTP is left. `by_consumer`:
+    /// the self-service call, only if the consumer of that name is still this id, and with a
+    /// code proved when it has a confirmed factor; `None` for the admin API.
     pub async fn remove_sms(
         &self,
         name: &str,
-        expected_id: Option<&str>,
+        by_consumer: Option<(&str, bool)>,
     ) -> Result<(), RegistryError> {
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        if expected_id.is_some_and(|id| id != old.id) {
-            return Err(RegistryError::NotFound(name.to_owned()));
+        if let Some((id, proved)) = by_consumer {
+            if id != old.id {
+                return Err(RegistryError::NotFound(name.to_owned()));
+            }
+            if !proved && old.has_confirmed_factor() {
+                return Err(RegistryError::Unproved);
+            }
         }
         if old.sms.is_none() {
             return Err(RegistryError::NotFoundOther(format!(
@@ -293,5 +304,78 @@ impl Registry {
         self.publish(|index| index.put(updated));
         self.revoke_tokens(&old, None, "sms_removed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::clock::ManualClock;
+    use crate::credentials::totp::TotpParams;
+    use crate::registry::{Registry, RegistryError};
+    use crate::secrets::MasterKey;
+    use crate::sms::Phone;
+    use crate::store::sqlite::SqliteStore;
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// A factor confirmed after the caller's key was checked (so the caller's view of the
+    /// consumer has none, and no code was asked for) still needs its code: the registry checks
+    /// again under its write lock.
+    #[tokio::test]
+    async fn a_factor_confirmed_meanwhile_still_needs_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+        let clock = Arc::new(ManualClock::new(NOW));
+        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock, None)
+            .await
+            .unwrap();
+        registry.create_consumer("alice", vec![]).await.unwrap();
+        let stale = registry.consumer_state("alice").unwrap();
+        assert!(!stale.has_confirmed_factor());
+
+        registry
+            .begin_totp("alice", TotpParams::default())
+            .await
+            .unwrap();
+        let pending = registry.consumer_state("alice").unwrap();
+        let code = registry
+            .totp_generator(&pending)
+            .unwrap()
+            .generate(NOW)
+            .to_string();
+        registry.confirm_totp("alice", &code).await.unwrap();
+
+        let phone = Phone::parse("+447700900123").unwrap();
+        let ttl = Duration::from_secs(300);
+        assert!(matches!(
+            registry
+                .begin_totp_reenrolment(&stale, TotpParams::default(), false)
+                .await,
+            Err(RegistryError::Unproved)
+        ));
+        assert!(matches!(
+            registry.begin_sms(&stale, phone.clone(), ttl, false).await,
+            Err(RegistryError::Unproved)
+        ));
+        // With a code proved, both go ahead; the confirmed TOTP stays beside the new one.
+        registry.begin_sms(&stale, phone, ttl, true).await.unwrap();
+        registry
+            .begin_totp_reenrolment(&stale, TotpParams::default(), true)
+            .await
+            .unwrap();
+        let now = registry.consumer_state("alice").unwrap();
+        assert!(now.confirmed_totp().is_some() && now.totp_pending.is_some());
+        assert!(matches!(
+            registry.remove_sms("alice", Some((&stale.id, false))).await,
+            Err(RegistryError::Unproved)
+        ));
+        registry
+            .remove_sms("alice", Some((&stale.id, true)))
+            .await
+            .unwrap();
+        assert!(registry.consumer_state("alice").unwrap().sms.is_none());
     }
 }

@@ -205,6 +205,8 @@ fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
         RegistryError::CodeInvalid => Refusal::OtpInvalid {
             entry: entry.clone(),
         },
+        // A factor was confirmed between the key check and this call: ask for its code.
+        RegistryError::Unproved => Refusal::OtpRequired,
         RegistryError::Conflict(_) => {
             Refusal::Conflict("nothing is waiting for confirmation; start the enrolment again")
         }
@@ -383,7 +385,7 @@ where
     let proof = endpoints.prove(&caller, false, "totp").await?;
     let enrolment = endpoints
         .registry
-        .begin_totp_reenrolment(&caller.entry.consumer, params)
+        .begin_totp_reenrolment(&caller.entry.consumer, params, proof == Proof::Proved)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     Ok(proved(
@@ -496,7 +498,12 @@ where
     endpoints.may_send(&caller, &phone)?;
     let outgoing = endpoints
         .registry
-        .begin_sms(&caller.entry.consumer, phone, settings.code_ttl)
+        .begin_sms(
+            &caller.entry.consumer,
+            phone,
+            settings.code_ttl,
+            proof == Proof::Proved,
+        )
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     endpoints
@@ -590,7 +597,7 @@ where
     let consumer = &caller.entry.consumer;
     endpoints
         .registry
-        .remove_sms(&consumer.name, Some(&consumer.id))
+        .remove_sms(&consumer.name, Some((&consumer.id, proof == Proof::Proved)))
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     let mut response = Response::new(full_body(""));

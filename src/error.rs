@@ -76,6 +76,18 @@ pub enum Refusal {
     TooManyAttempts { retry_after: u64 },
     #[error("a dependency is unavailable; the request was refused to stay safe")]
     Unavailable,
+    /// Self-service: the request does not fit the consumer's current state.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// Self-service: an SMS call for a consumer without a confirmed number.
+    #[error("no phone number is enrolled for SMS codes")]
+    SmsNotEnrolled,
+    /// Self-service: an SMS call on a gateway without SMS configured.
+    #[error("SMS is not configured on this gateway")]
+    SmsNotConfigured,
+    /// The SMS provider did not take the message (its error is in the log, not here).
+    #[error("the SMS could not be sent; try again later or use another factor")]
+    SmsFailed,
     #[error("the request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request target exceeds the limit of {limit} bytes")]
@@ -108,6 +120,10 @@ impl Refusal {
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Refusal::TooManyAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
             Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Refusal::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Refusal::SmsNotEnrolled => (StatusCode::CONFLICT, "sms_not_enrolled"),
+            Refusal::SmsNotConfigured => (StatusCode::NOT_FOUND, "sms_not_configured"),
+            Refusal::SmsFailed => (StatusCode::BAD_GATEWAY, "sms_failed"),
             Refusal::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Refusal::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "too_large"),
             Refusal::HeadersTooLarge { .. } => {

@@ -13,8 +13,13 @@
 //!   - [`path`]: canonical path, ambiguous encodings refused;
 //!   - [`routing`]: route table and the routing layer;
 //!   - [`identity`]: client-sent identity headers removed;
+//!   - [`auth`]: failure limiter, API key, consumer ban, roles, second factor;
+//!   - [`selfservice`]: the consumers' own security page and enrolment API, answered by the
+//!     gateway under its prefix (never forwarded);
 //!   - [`proxy`]: forwarding to http(s) upstreams or the built-in echo upstream.
-//! - Beside the path: [`config`] (YAML to validated [`config::Snapshot`]), [`tls`], [`cli`].
+//! - Beside the path: [`config`] (YAML to validated [`config::Snapshot`]), [`registry`] and
+//!   [`store`] (consumers and credentials), [`sms`] (the SMS factor and its Twilio client),
+//!   [`enrollment`] (who is enrolled for which policy), [`admin`], [`tls`], [`cli`].
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +30,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod enrollment;
 pub mod error;
 pub mod guard;
 pub mod identity;
@@ -38,7 +44,9 @@ pub mod reload;
 pub mod rescue;
 pub mod routing;
 pub mod secrets;
+pub mod selfservice;
 pub mod server;
+pub mod sms;
 pub mod stack;
 pub mod store;
 pub mod tls;

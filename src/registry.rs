@@ -2,6 +2,10 @@
 //! API-key hash, behind an `ArcSwap`, so a lookup takes no lock and touches no disk) and the
 //! operations the admin API performs, each written through to the store and then published as
 //! a new index.
+//!
+//! SMS enrolment, login codes and removal are in [`sms`].
+
+mod sms;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,12 +21,13 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditLog, AuditView};
 use crate::auth::step_up::StepUpTokens;
 use crate::clock::{SharedClock, rfc3339};
+use crate::config::Factors;
 use crate::credentials::totp::{self, TotpParams};
 use crate::credentials::{api_key, recovery};
 use crate::secrets::MasterKey;
 use crate::store::{
-    AuditEvent, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store,
-    StoreError, TotpRecord,
+    AuditEvent, CodeCheck, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord,
+    SmsRecord, State, Store, StoreError, TotpRecord,
 };
 
 const MASTER_CHECK_META: &str = "master_key_check";
@@ -39,10 +44,30 @@ pub struct Consumer {
     pub disabled: bool,
     pub created_at: u64,
     pub keys: Vec<KeyRecord>,
+    /// The confirmed TOTP enrolment.
     pub totp: Option<TotpRecord>,
+    /// A TOTP enrolment awaiting its first code; beside a confirmed one during a re-enrolment.
+    pub totp_pending: Option<TotpRecord>,
     pub recovery_codes: Vec<RecoveryCodeRecord>,
+    /// The SMS factor, when a number is confirmed or pending.
+    pub sms: Option<SmsState>,
     /// Identity header values, computed once so the request path only clones them.
     pub headers: IdentityHeaders,
+}
+
+/// A consumer's numbers, sealed as stored, with their masked forms for display (computed once
+/// when loaded, so views never decrypt).
+#[derive(Debug, Clone)]
+pub struct SmsState {
+    pub record: SmsRecord,
+    pub phone_masked: Option<String>,
+    pub pending_masked: Option<String>,
+}
+
+impl SmsState {
+    pub fn confirmed(&self) -> bool {
+        self.record.phone_sealed.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -53,12 +78,7 @@ pub struct IdentityHeaders {
 }
 
 impl Consumer {
-    fn new(
-        record: ConsumerRecord,
-        keys: Vec<KeyRecord>,
-        totp: Option<TotpRecord>,
-        recovery_codes: Vec<RecoveryCodeRecord>,
-    ) -> Self {
+    fn new(record: ConsumerRecord, keys: Vec<KeyRecord>, factors: FactorParts) -> Self {
         // Names and roles are validated to header-safe characters on the way in.
         let header = |s: &str| {
             HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
@@ -76,8 +96,10 @@ impl Consumer {
             disabled: record.disabled,
             created_at: record.created_at,
             keys,
-            totp,
-            recovery_codes,
+            totp: factors.totp,
+            totp_pending: factors.totp_pending,
+            recovery_codes: factors.recovery_codes,
+            sms: factors.sms,
             headers,
         }
     }
@@ -96,24 +118,78 @@ impl Consumer {
         let mut parts = ConsumerParts {
             record: self.record(),
             keys: self.keys.clone(),
-            totp: self.totp.clone(),
-            recovery_codes: self.recovery_codes.clone(),
+            factors: FactorParts {
+                totp: self.totp.clone(),
+                totp_pending: self.totp_pending.clone(),
+                recovery_codes: self.recovery_codes.clone(),
+                sms: self.sms.clone(),
+            },
         };
         change(&mut parts);
-        Consumer::new(parts.record, parts.keys, parts.totp, parts.recovery_codes)
+        Consumer::new(parts.record, parts.keys, parts.factors)
     }
 
-    /// A confirmed TOTP enrolment, if any.
+    /// The confirmed TOTP enrolment, if any.
     pub fn confirmed_totp(&self) -> Option<&TotpRecord> {
         self.totp.as_ref().filter(|t| t.confirmed)
+    }
+
+    /// Is a phone number confirmed for SMS codes?
+    pub fn confirmed_sms(&self) -> bool {
+        self.sms.as_ref().is_some_and(SmsState::confirmed)
+    }
+
+    /// Does the consumer hold a confirmed second factor (TOTP or SMS)? Recovery codes back
+    /// these up and are not one on their own.
+    pub fn has_confirmed_factor(&self) -> bool {
+        self.confirmed_totp().is_some() || self.confirmed_sms()
+    }
+
+    /// Is the consumer enrolled for a policy accepting `factors`: does it hold a confirmed
+    /// factor the policy accepts (recovery codes count where accepted, since they come with
+    /// every confirmed factor)?
+    pub fn enrolled_for(&self, factors: Factors) -> bool {
+        let totp = self.confirmed_totp().is_some();
+        let sms = self.confirmed_sms();
+        (factors.totp && totp) || (factors.sms && sms) || (factors.recovery_code && (totp || sms))
+    }
+
+    /// Confirmed factors by name: `totp`, `sms`, `recovery_code`.
+    pub fn confirmed_factors(&self) -> Vec<&'static str> {
+        let mut factors = Vec::with_capacity(3);
+        if self.confirmed_totp().is_some() {
+            factors.push("totp");
+        }
+        if self.confirmed_sms() {
+            factors.push("sms");
+        }
+        if !factors.is_empty() {
+            factors.push("recovery_code");
+        }
+        factors
+    }
+
+    /// Unused recovery codes.
+    pub fn recovery_codes_remaining(&self) -> usize {
+        self.recovery_codes
+            .iter()
+            .filter(|r| r.used_at.is_none())
+            .count()
     }
 }
 
 struct ConsumerParts {
     record: ConsumerRecord,
     keys: Vec<KeyRecord>,
+    factors: FactorParts,
+}
+
+#[derive(Default)]
+struct FactorParts {
     totp: Option<TotpRecord>,
+    totp_pending: Option<TotpRecord>,
     recovery_codes: Vec<RecoveryCodeRecord>,
+    sms: Option<SmsState>,
 }
 
 /// A live API key in the index.
@@ -185,6 +261,7 @@ impl Index {
 pub enum Factor {
     Totp,
     RecoveryCode,
+    Sms,
 }
 
 impl Factor {
@@ -192,6 +269,16 @@ impl Factor {
         match self {
             Factor::Totp => "totp",
             Factor::RecoveryCode => "recovery_code",
+            Factor::Sms => "sms",
+        }
+    }
+
+    /// The `X-Stepgate-Auth` value of a request that proved this factor.
+    pub fn auth_method(self) -> &'static str {
+        match self {
+            Factor::Totp => "key+totp",
+            Factor::RecoveryCode => "key+recovery_code",
+            Factor::Sms => "key+sms",
         }
     }
 }
@@ -217,6 +304,12 @@ pub enum RegistryError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// A wrong, expired or already used code where one was asked for.
+    #[error("the code is not valid")]
+    CodeInvalid,
+    /// A change to a consumer with a confirmed factor, without a code of it.
+    #[error("a code of an existing factor is needed")]
+    Unproved,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -263,7 +356,7 @@ impl Registry {
         }
         let state = store.load().await?;
         Ok(Self {
-            index: ArcSwap::from_pointee(build_index(state)),
+            index: ArcSwap::from_pointee(build_index(state, &master)),
             audit: AuditLog::start(store.clone(), audit_sink),
             tokens: StepUpTokens::new(),
             store,
@@ -383,10 +476,11 @@ impl Registry {
     /// Checks a code from `X-OTP` for `consumer` under `policy`'s accepted factors, at `now`.
     /// TOTP codes are accepted once: the store's watermark moves forward atomically, so of
     /// several concurrent requests with one code exactly one wins, on any node sharing it.
+    /// SMS login codes and recovery codes are single use in the store the same way.
     pub async fn verify_code(
         &self,
         consumer: &Consumer,
-        factors: crate::config::Factors,
+        factors: Factors,
         code: &str,
         now: u64,
     ) -> Result<Factor, CodeFailure> {
@@ -395,14 +489,32 @@ impl Registry {
             && totp::is_code_shape(code, record.params.digits)
         {
             let generator = self.totp_generator(consumer).ok_or(CodeFailure::Invalid)?;
-            let step = totp::verify(&generator, code, now).ok_or(CodeFailure::Invalid)?;
+            if let Some(step) = totp::verify(&generator, code, now) {
+                return match self
+                    .store
+                    .advance_totp_step(consumer.id.clone(), step)
+                    .await
+                {
+                    Ok(true) => Ok(Factor::Totp),
+                    Ok(false) => Err(CodeFailure::Replayed),
+                    Err(error) => Err(CodeFailure::Store(error)),
+                };
+            }
+            // Not a current TOTP code; it may still be the consumer's SMS code (both are six
+            // digits), so fall through.
+        }
+        if factors.sms && consumer.confirmed_sms() && crate::sms::is_code_shape(code) {
+            let purpose = crate::sms::Purpose::Login;
+            let hash = self
+                .master
+                .hash_sms_code(&consumer.id, purpose.as_str(), code);
             return match self
                 .store
-                .advance_totp_step(consumer.id.clone(), step)
+                .use_sms_code(consumer.id.clone(), purpose, hash, now)
                 .await
             {
-                Ok(true) => Ok(Factor::Totp),
-                Ok(false) => Err(CodeFailure::Replayed),
+                Ok(CodeCheck::Accepted) => Ok(Factor::Sms),
+                Ok(_) => Err(CodeFailure::Invalid),
                 Err(error) => Err(CodeFailure::Store(error)),
             };
         }
@@ -431,7 +543,12 @@ impl Registry {
         let _write = self.writes.lock().await;
         let Ok(old) = self.get(name) else { return };
         let updated = old.with(|p| {
-            for code in p.recovery_codes.iter_mut().filter(|c| c.hash == hash) {
+            for code in p
+                .factors
+                .recovery_codes
+                .iter_mut()
+                .filter(|c| c.hash == hash)
+            {
                 code.used_at = Some(now);
             }
         });
@@ -469,7 +586,7 @@ impl Registry {
                 }
                 other => other.into(),
             })?;
-        let consumer = Consumer::new(record, vec![key_record.clone()], None, Vec::new());
+        let consumer = Consumer::new(record, vec![key_record.clone()], FactorParts::default());
         let view = ConsumerView::of(&consumer);
         self.audit_event(
             "consumer_created",
@@ -508,6 +625,13 @@ impl Registry {
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
         Ok(index.view(consumer))
+    }
+
+    /// Every consumer as held in memory, in name order (for reports).
+    pub fn consumer_states(&self) -> Vec<Arc<Consumer>> {
+        let mut all: Vec<Arc<Consumer>> = self.index.load().by_name.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// The in-memory consumer, for layers that need more than a view.
@@ -607,15 +731,49 @@ impl Registry {
     }
 
     /// Starts (or restarts) a TOTP enrolment; it stays pending until confirmed with a code.
+    /// The admin API refuses it while a confirmed enrolment exists (reset it first).
     pub async fn begin_totp(
         &self,
         name: &str,
         params: TotpParams,
     ) -> Result<totp::Enrolment, RegistryError> {
+        self.start_totp(name, None, params).await
+    }
+
+    /// A consumer's own (re-)enrolment: pending beside any confirmed enrolment, which keeps
+    /// working until this one is confirmed, so an abandoned re-enrolment locks no one out.
+    /// `proved`: the caller checked a code of an existing factor; without one this is refused
+    /// if the consumer has a confirmed factor by now (one confirmed since its key was checked).
+    pub async fn begin_totp_reenrolment(
+        &self,
+        consumer: &Consumer,
+        params: TotpParams,
+        proved: bool,
+    ) -> Result<totp::Enrolment, RegistryError> {
+        self.start_totp(&consumer.name, Some((&consumer.id, proved)), params)
+            .await
+    }
+
+    /// `reenrol`: the consumer (by id, so a deleted and re-created namesake is not it) whose
+    /// confirmed enrolment may stay beside the new one, and whether a code was proved.
+    async fn start_totp(
+        &self,
+        name: &str,
+        reenrol: Option<(&str, bool)>,
+        params: TotpParams,
+    ) -> Result<totp::Enrolment, RegistryError> {
         params.validate().map_err(RegistryError::Invalid)?;
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        if old.confirmed_totp().is_some() {
+        if let Some((id, proved)) = reenrol {
+            if old.id != id {
+                return Err(RegistryError::NotFound(name.to_owned()));
+            }
+            if !proved && old.has_confirmed_factor() {
+                return Err(RegistryError::Unproved);
+            }
+        }
+        if reenrol.is_none() && old.confirmed_totp().is_some() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has a confirmed TOTP enrolment; reset it first"
             )));
@@ -631,74 +789,96 @@ impl Registry {
             last_step: None,
             created_at: self.clock.now(),
         };
-        self.store.put_totp(record.clone()).await?;
-        let updated = old.with(|p| {
-            p.totp = Some(record);
-            p.recovery_codes.clear();
-        });
+        self.store.put_pending_totp(record.clone()).await?;
+        let updated = old.with(|p| p.factors.totp_pending = Some(record));
         self.audit_event("totp_enrolment_started", Some(&updated), None, json!({
-            "algorithm": params.algorithm.as_str(), "digits": params.digits, "period": params.period
+            "algorithm": params.algorithm.as_str(), "digits": params.digits, "period": params.period,
+            "reenrolment": updated.totp.is_some(),
         }));
         self.publish(|index| index.put(updated));
         Ok(enrolment)
     }
 
-    /// The TOTP generator of a consumer's enrolment (pending or confirmed).
+    /// The TOTP generator of a consumer's confirmed enrolment, or of its pending one when none
+    /// is confirmed.
     pub fn totp_generator(&self, consumer: &Consumer) -> Option<totp_rs::Totp> {
-        let record = consumer.totp.as_ref()?;
+        let record = consumer.totp.as_ref().or(consumer.totp_pending.as_ref())?;
+        self.generator_of(consumer, record)
+    }
+
+    fn generator_of(&self, consumer: &Consumer, record: &TotpRecord) -> Option<totp_rs::Totp> {
         let secret = self
             .master
             .decrypt(&record.secret_sealed, consumer.id.as_bytes())?;
         totp::generator(&secret, record.params, &consumer.name).ok()
     }
 
-    /// Confirms a pending enrolment with a current code; returns the recovery codes, shown once.
+    /// Confirms the pending enrolment with a current code of it; returns the new recovery
+    /// codes (shown once; any old set stops working). A confirmed enrolment it replaces stops
+    /// working, and so do the step-up tokens earned with it.
     pub async fn confirm_totp(&self, name: &str, code: &str) -> Result<Vec<String>, RegistryError> {
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        let pending = old.totp.as_ref().filter(|t| !t.confirmed).ok_or_else(|| {
+        let pending = old.totp_pending.as_ref().ok_or_else(|| {
             RegistryError::Conflict(format!("`{name}` has no pending TOTP enrolment"))
         })?;
-        let generator = self.totp_generator(&old).ok_or_else(|| {
+        let generator = self.generator_of(&old, pending).ok_or_else(|| {
             RegistryError::Invalid("the enrolment cannot be decrypted with this master key".into())
         })?;
         let now = self.clock.now();
-        let step = totp::verify(&generator, code, now)
-            .ok_or_else(|| RegistryError::Invalid("the code is not valid".into()))?;
+        let step = totp::verify(&generator, code, now).ok_or(RegistryError::CodeInvalid)?;
         let (codes, hashes) = self.new_recovery_codes();
         if !self
             .store
             .confirm_totp(old.id.clone(), step, hashes.clone())
             .await?
         {
-            return Err(RegistryError::Invalid("the code is not valid".into()));
+            return Err(RegistryError::CodeInvalid);
         }
         let confirmed = TotpRecord {
             confirmed: true,
             last_step: Some(step),
             ..pending.clone()
         };
+        let replaced = old.totp.is_some();
         let updated = old.with(|p| {
-            p.totp = Some(confirmed);
-            p.recovery_codes = unused_codes(&p.record.id, &hashes);
+            p.factors.totp = Some(confirmed);
+            p.factors.totp_pending = None;
+            p.factors.recovery_codes = unused_codes(&p.record.id, &hashes);
         });
-        self.audit_event("totp_enrolled", Some(&updated), None, json!({}));
+        self.audit_event(
+            "totp_enrolled",
+            Some(&updated),
+            None,
+            json!({"replaced": replaced}),
+        );
         self.publish(|index| index.put(updated));
+        if replaced {
+            self.revoke_tokens(&old, None, "totp_replaced");
+        }
         Ok(codes)
     }
 
+    /// Removes the TOTP enrolment (confirmed and pending). Recovery codes go with it unless
+    /// another confirmed factor (SMS) is left for them to back up.
     pub async fn reset_totp(&self, name: &str) -> Result<(), RegistryError> {
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        if old.totp.is_none() {
+        if old.totp.is_none() && old.totp_pending.is_none() {
             return Err(RegistryError::NotFoundOther(format!(
                 "`{name}` has no TOTP enrolment"
             )));
         }
-        self.store.delete_totp(old.id.clone()).await?;
+        let drop_recovery = !old.confirmed_sms();
+        self.store
+            .delete_totp(old.id.clone(), drop_recovery)
+            .await?;
         let updated = old.with(|p| {
-            p.totp = None;
-            p.recovery_codes.clear();
+            p.factors.totp = None;
+            p.factors.totp_pending = None;
+            if drop_recovery {
+                p.factors.recovery_codes.clear();
+            }
         });
         self.audit_event("totp_reset", Some(&updated), None, json!({}));
         self.publish(|index| index.put(updated));
@@ -724,7 +904,7 @@ impl Registry {
     ) -> Result<Vec<String>, RegistryError> {
         let _write = self.writes.lock().await;
         let old = self.get(name)?;
-        if old.confirmed_totp().is_none() {
+        if !old.has_confirmed_factor() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has no confirmed second factor; recovery codes come with one"
             )));
@@ -734,7 +914,7 @@ impl Registry {
             .replace_recovery_codes(old.id.clone(), hashes.clone())
             .await?;
         let updated = old.with(|p| {
-            p.recovery_codes = unused_codes(&p.record.id, &hashes);
+            p.factors.recovery_codes = unused_codes(&p.record.id, &hashes);
         });
         self.audit_event(
             "recovery_codes_regenerated",
@@ -781,22 +961,30 @@ fn unused_codes(consumer_id: &str, hashes: &[Hash]) -> Vec<RecoveryCodeRecord> {
         .collect()
 }
 
-fn build_index(state: State) -> Index {
+fn build_index(state: State, master: &MasterKey) -> Index {
     let mut keys: HashMap<String, Vec<KeyRecord>> = HashMap::new();
     for key in state.keys {
         keys.entry(key.consumer_id.clone()).or_default().push(key);
     }
-    let mut totp: HashMap<String, TotpRecord> = state
-        .totp
-        .into_iter()
-        .map(|t| (t.consumer_id.clone(), t))
-        .collect();
-    let mut codes: HashMap<String, Vec<RecoveryCodeRecord>> = HashMap::new();
+    let mut factors: HashMap<String, FactorParts> = HashMap::new();
+    for t in state.totp {
+        let parts = factors.entry(t.consumer_id.clone()).or_default();
+        if t.confirmed {
+            parts.totp = Some(t);
+        } else {
+            parts.totp_pending = Some(t);
+        }
+    }
     for code in state.recovery_codes {
-        codes
+        factors
             .entry(code.consumer_id.clone())
             .or_default()
+            .recovery_codes
             .push(code);
+    }
+    for record in state.sms {
+        let id = record.consumer_id.clone();
+        factors.entry(id).or_default().sms = Some(sms::state_of(master, record));
     }
     let mut index = Index::default();
     for record in state.consumers {
@@ -804,8 +992,7 @@ fn build_index(state: State) -> Index {
         index.put(Consumer::new(
             record,
             keys.remove(&id).unwrap_or_default(),
-            totp.remove(&id),
-            codes.remove(&id).unwrap_or_default(),
+            factors.remove(&id).unwrap_or_default(),
         ));
     }
     index
@@ -843,7 +1030,7 @@ fn validate_roles(mut roles: Vec<String>) -> Result<Vec<String>, RegistryError> 
     Ok(roles)
 }
 
-/// A consumer as the admin API shows it. No secret, no hash.
+/// A consumer as the admin API shows it. No secret, no hash, no phone number in full.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConsumerView {
     pub id: String,
@@ -851,19 +1038,35 @@ pub struct ConsumerView {
     pub roles: Vec<String>,
     pub disabled: bool,
     pub created_at: String,
-    /// Confirmed second factors.
+    /// Confirmed second factors: `totp`, `sms`, `recovery_code`.
     pub factors: Vec<&'static str>,
     pub totp: Option<TotpView>,
+    pub sms: Option<SmsView>,
     pub recovery_codes_remaining: usize,
     pub keys: Vec<KeyView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TotpView {
+    /// `confirmed` or `pending`.
     pub status: &'static str,
     pub algorithm: &'static str,
     pub digits: u8,
     pub period: u64,
+    /// A re-enrolment awaits confirmation; the confirmed enrolment works meanwhile.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reenrolment_pending: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SmsView {
+    /// `confirmed` or `pending`.
+    pub status: &'static str,
+    /// Masked (`+44•••••••123`): the confirmed number, else the pending one.
+    pub phone: Option<String>,
+    /// Masked; a new number awaiting its code while the confirmed one works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_phone: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -874,31 +1077,56 @@ pub struct KeyView {
     pub revoked_at: Option<String>,
 }
 
+impl TotpView {
+    pub fn of(c: &Consumer) -> Option<Self> {
+        let (status, record) = match (&c.totp, &c.totp_pending) {
+            (Some(confirmed), _) => ("confirmed", confirmed),
+            (None, Some(pending)) => ("pending", pending),
+            (None, None) => return None,
+        };
+        Some(Self {
+            status,
+            algorithm: record.params.algorithm.as_str(),
+            digits: record.params.digits,
+            period: record.params.period,
+            reenrolment_pending: c.totp.is_some() && c.totp_pending.is_some(),
+        })
+    }
+}
+
+impl SmsView {
+    pub fn of(c: &Consumer) -> Option<Self> {
+        let sms = c.sms.as_ref()?;
+        if sms.confirmed() {
+            Some(Self {
+                status: "confirmed",
+                phone: sms.phone_masked.clone(),
+                pending_phone: sms.pending_masked.clone(),
+            })
+        } else if sms.record.pending_sealed.is_some() {
+            Some(Self {
+                status: "pending",
+                phone: sms.pending_masked.clone(),
+                pending_phone: None,
+            })
+        } else {
+            None
+        }
+    }
+}
+
 impl ConsumerView {
     pub fn of(c: &Consumer) -> Self {
-        let confirmed = c.confirmed_totp().is_some();
         Self {
             id: c.id.clone(),
             name: c.name.clone(),
             roles: c.roles.clone(),
             disabled: c.disabled,
             created_at: rfc3339(c.created_at),
-            factors: if confirmed {
-                vec!["totp", "recovery_code"]
-            } else {
-                Vec::new()
-            },
-            totp: c.totp.as_ref().map(|t| TotpView {
-                status: if t.confirmed { "confirmed" } else { "pending" },
-                algorithm: t.params.algorithm.as_str(),
-                digits: t.params.digits,
-                period: t.params.period,
-            }),
-            recovery_codes_remaining: c
-                .recovery_codes
-                .iter()
-                .filter(|r| r.used_at.is_none())
-                .count(),
+            factors: c.confirmed_factors(),
+            totp: TotpView::of(c),
+            sms: SmsView::of(c),
+            recovery_codes_remaining: c.recovery_codes_remaining(),
             keys: c
                 .keys
                 .iter()

@@ -29,6 +29,7 @@ use crate::proxy::Forward;
 use crate::registry::Registry;
 use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
+use crate::selfservice::{SecurityHeadersLayer, SelfServiceLayer};
 
 /// Headers whose values are credentials.
 fn sensitive_headers() -> [HeaderName; 7] {
@@ -73,7 +74,8 @@ pub fn build_with<B, S>(
 + Send
 + 'static
 where
-    B: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
     S: Service<Request<B>, Response = Response<Body>, Error = Refusal> + Clone + Send + 'static,
     S::Future: Send,
 {
@@ -86,6 +88,9 @@ where
         // Request id and config snapshot next, so that every answer, including every
         // refusal below, is logged once with its id, route and status.
         .layer(ObserveLayer::new(shared.config, shared.metrics.clone()))
+        // Strict CSP, nosniff, no framing on everything under the self-service prefix, the
+        // refusals of the layers below included (so above the rescue).
+        .layer(SecurityHeadersLayer)
         // One rescue: each refusal from below becomes its problem+json response here.
         .layer(RescueLayer)
         // Cheap protocol guards before any parsing that depends on routes.
@@ -114,6 +119,12 @@ where
         // Roles before the second factor: a consumer who may not call at all learns nothing
         // about its code.
         .layer(GuardLayer(RoleCheck::new(registry.clone())))
+        // The self-service endpoints answer here, behind everything above (failure limiter,
+        // key, ban), before the second-factor layer: they check codes per call themselves.
+        .layer(SelfServiceLayer::new(
+            registry.clone(),
+            shared.metrics.clone(),
+        ))
         // Second factor: step-up token or X-OTP; issues a token after a code.
         .layer(SecondFactorLayer::new(registry, shared.metrics))
         // Innermost: stream to the upstream.

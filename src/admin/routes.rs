@@ -51,7 +51,9 @@ impl Failure {
                         (StatusCode::NOT_FOUND, "not_found", detail)
                     }
                     RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict", detail),
-                    RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request", detail),
+                    RegistryError::Invalid(_)
+                    | RegistryError::CodeInvalid
+                    | RegistryError::Unproved => (StatusCode::BAD_REQUEST, "bad_request", detail),
                     RegistryError::Store(_) | RegistryError::WrongMasterKey => {
                         tracing::error!(error = %detail, "admin call failed in the store");
                         (
@@ -274,6 +276,22 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         (&Method::DELETE, ["consumers", name, "totp"]) => {
             registry.reset_totp(name).await?;
             Ok(no_content())
+        }
+        (&Method::DELETE, ["consumers", name, "sms"]) => {
+            registry.remove_sms(name, None).await?;
+            Ok(no_content())
+        }
+        (&Method::GET, ["reports", "enrollment"]) => {
+            let snapshot = admin.config.load_full();
+            let now = registry.now();
+            let entries = crate::enrollment::report(&snapshot, &registry.consumer_states(), now);
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "generated_at": crate::clock::rfc3339(now),
+                    "entries": to_value(&entries),
+                }),
+            ))
         }
         (&Method::POST, ["consumers", name, "recovery-codes"]) => {
             let codes = registry.regenerate_recovery_codes(name).await?;

@@ -32,9 +32,6 @@ pub static X_STEP_UP_TOKEN: HeaderName = HeaderName::from_static("x-step-up-toke
 pub static X_STEP_UP_EXPIRES: HeaderName = HeaderName::from_static("x-step-up-expires");
 pub static X_STEPGATE_WARNING: HeaderName = HeaderName::from_static("x-stepgate-warning");
 
-/// Where the self-service security page will live (DESIGN.md §6).
-const SECURITY_PAGE: &str = "/_stepgate/";
-
 #[derive(Clone)]
 pub struct SecondFactorLayer {
     registry: Arc<Registry>,
@@ -200,14 +197,11 @@ async fn decide<B>(
         registry.audit_event(kind, Some(consumer), Some(&entry.prefix), detail);
     };
 
-    let outcome = if consumer.confirmed_totp().is_none() {
+    let outcome = if !consumer.enrolled_for(policy.factors) {
         match policy.rollout.grace_until {
             Some(until) if now < until => {
                 metrics.factor("none", "grace");
-                let warning = format!(
-                    "second factor not enrolled; required from {} on; enrol at {SECURITY_PAGE}",
-                    rfc3339(until)
-                );
+                let warning = crate::selfservice::grace_warning(request, until);
                 return Ok(Decision::Unproved {
                     warning: HeaderValue::from_str(&warning).ok(),
                 });
@@ -324,10 +318,7 @@ async fn prove(
                 issued
             };
             Ok(Decision::Proved {
-                method: match factor {
-                    crate::registry::Factor::Totp => "key+totp",
-                    crate::registry::Factor::RecoveryCode => "key+recovery_code",
-                },
+                method: factor.auth_method(),
                 token,
             })
         }

@@ -1,5 +1,6 @@
 //! The `stepgate` command line: `run` (the default), `check` and `explain`, and the operator
-//! commands over the admin API (`consumer`, `key`, `totp`, `recovery`, `audit`; see [`ops`]).
+//! commands over the admin API (`consumer`, `key`, `totp`, `recovery`, `sms`, `report`,
+//! `audit`; see [`ops`]).
 
 mod admin_client;
 mod ops;
@@ -35,6 +36,8 @@ config's `admin.listen` and `<data_dir>/admin.token`, or --admin-url / --admin-t
   stepgate totp confirm alice 123456           prints the recovery codes (shown once)
   stepgate totp reset alice
   stepgate recovery regenerate alice
+  stepgate sms reset alice                     remove alice's SMS number (and pending one)
+  stepgate report enrollment                   who is not enrolled for which policy, and until when
   stepgate audit --consumer alice --since 2025-01-01T00:00:00Z
   stepgate --json consumer show alice          the raw JSON answer, for scripts";
 
@@ -98,6 +101,12 @@ enum Command {
     /// Recovery codes (admin API).
     #[command(subcommand)]
     Recovery(ops::RecoveryCommand),
+    /// The SMS factor of a consumer (admin API).
+    #[command(subcommand)]
+    Sms(ops::SmsCommand),
+    /// Reports (admin API).
+    #[command(subcommand)]
+    Report(ops::ReportCommand),
     /// Show audit events, newest first (admin API).
     Audit(ops::AuditArgs),
 }
@@ -117,6 +126,8 @@ pub fn main() -> ExitCode {
         Command::Key(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Key(c)),
         Command::Totp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Totp(c)),
         Command::Recovery(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Recovery(c)),
+        Command::Sms(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Sms(c)),
+        Command::Report(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Report(c)),
         Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
         Command::Health => ops::run(&cli.config, &cli.admin, ops::Operation::Health),
     }
@@ -156,6 +167,9 @@ fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
     }
     if policy.factors.recovery_code {
         factors.push("a recovery code");
+    }
+    if policy.factors.sms {
+        factors.push("an SMS code");
     }
     lines.push(format!(
         "caller must present: an API key (X-Api-Key) and {} in X-OTP",
@@ -245,6 +259,9 @@ fn explain(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(rest) = snapshot.self_service.strip(&canonical) {
+        return explain_builtin(&snapshot, &method, rest);
+    }
     let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
     match snapshot
         .routes
@@ -297,6 +314,31 @@ fn explain(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `explain` for a path under the self-service prefix: the gateway answers these itself.
+fn explain_builtin(snapshot: &Snapshot, method: &Method, rest: &str) -> ExitCode {
+    let prefix = &snapshot.self_service.prefix;
+    let (what, present) = match rest {
+        "/step-up" => (
+            "the step-up endpoint (POST; ?policy=NAME when several policies issue tokens)",
+            "an API key (X-Api-Key) and a code in X-OTP; answers a step-up token",
+        ),
+        _ if !snapshot.self_service.enabled => {
+            println!("404 no_route: self-service is disabled (self_service.enabled: false)");
+            return ExitCode::FAILURE;
+        }
+        "" | "/" | "/app.js" | "/app.css" => ("the security page", "nothing (public)"),
+        _ => (
+            "the self-service enrolment API",
+            "an API key (X-Api-Key); X-OTP with a code of an existing factor to change one",
+        ),
+    };
+    println!("route:     built-in: {what}, under {prefix} (self_service.prefix)");
+    println!("upstream:  none; the gateway answers itself, nothing is forwarded");
+    println!("caller must present: {present}");
+    println!("request:   {method} {prefix}{rest}");
+    ExitCode::SUCCESS
 }
 
 fn init_logging(format: LogFormat) {

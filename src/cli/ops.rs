@@ -64,6 +64,8 @@ pub enum Operation {
     Key(KeyCommand),
     Totp(TotpCommand),
     Recovery(RecoveryCommand),
+    Sms(SmsCommand),
+    Report(ReportCommand),
     Audit(AuditArgs),
     /// `GET /readyz`: exit 0 when the gateway is ready (for container health checks).
     Health,
@@ -143,6 +145,20 @@ impl Algorithm {
 pub enum RecoveryCommand {
     /// Replace the consumer's recovery codes with a new set (the old ones stop working).
     Regenerate { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SmsCommand {
+    /// Remove the consumer's SMS number (confirmed and pending) and outstanding codes; its
+    /// step-up tokens are revoked.
+    Reset { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Consumers not enrolled for a policy that needs a second factor and applies to their
+    /// roles, with the policy's grace deadline and whether it has passed.
+    Enrollment,
 }
 
 #[derive(Debug, Args)]
@@ -371,6 +387,18 @@ async fn execute(
             }
             Ok(())
         }
+        Operation::Sms(SmsCommand::Reset { name }) => {
+            let path = format!("{}/sms", consumer_path(&name));
+            let answer = client.call(Method::DELETE, &path, None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Removed the SMS number of {name}; its step-up tokens are revoked."
+                );
+            }
+            Ok(())
+        }
+        Operation::Report(ReportCommand::Enrollment) => enrollment_report(client, out).await,
         Operation::Audit(args) => audit(client, out, args).await,
         Operation::Health => {
             let answer = client.call(Method::GET, "/readyz", None).await?;
@@ -452,6 +480,7 @@ async fn consumer(
                 say!(out, "created:   {}", text(&c["created_at"]));
                 say!(out, "factors:   {}", factors(&c));
                 say!(out, "totp:      {}", totp_status(&c["totp"]));
+                say!(out, "sms:       {}", sms_status(&c["sms"]));
                 say!(
                     out,
                     "recovery codes remaining: {}",
@@ -678,6 +707,70 @@ async fn audit(client: &AdminClient, out: &Output, args: AuditArgs) -> Result<()
     Ok(())
 }
 
+async fn enrollment_report(client: &AdminClient, out: &Output) -> Result<(), CallError> {
+    let answer = client
+        .call(Method::GET, "/reports/enrollment", None)
+        .await?;
+    let Some(body) = out.take(&answer)? else {
+        return Ok(());
+    };
+    let entries = body["entries"].as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        say!(
+            out,
+            "Every consumer is enrolled for every policy that needs a second factor and applies \
+             to it (as of {}).",
+            text(&body["generated_at"])
+        );
+        return Ok(());
+    }
+    say!(
+        out,
+        "Not enrolled for a policy that needs a second factor (as of {}):",
+        text(&body["generated_at"])
+    );
+    let mut rows = vec![vec![
+        "CONSUMER".to_owned(),
+        "POLICY".to_owned(),
+        "ACCEPTS".to_owned(),
+        "DEADLINE".to_owned(),
+        "STATUS".to_owned(),
+        "PENDING".to_owned(),
+    ]];
+    for e in &entries {
+        let mut status = text(&e["status"]);
+        if e["mode"] == "report_only" {
+            status.push_str(" (report_only)");
+        }
+        rows.push(vec![
+            text(&e["consumer"]),
+            text(&e["policy"]),
+            list(&e["factors"]),
+            e["grace_until"].as_str().unwrap_or("none").to_owned(),
+            status,
+            list(&e["pending"]),
+        ]);
+    }
+    print_table(out, &rows);
+    let overdue = entries.iter().filter(|e| e["status"] == "overdue").count();
+    let mut consumers: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["consumer"].as_str())
+        .collect();
+    consumers.dedup();
+    say!(out);
+    say!(
+        out,
+        "{} consumer(s) to enrol; {overdue} entr{} overdue (refused with 403 enrollment_required), \
+         {} in grace (passing with a warning until the deadline). Consumers enrol themselves \
+         on the security page, or an operator runs `stepgate totp enroll NAME`.",
+        consumers.len(),
+        if overdue == 1 { "y" } else { "ies" },
+        entries.len() - overdue
+    );
+    Ok(())
+}
+
 fn print_recovery_codes(out: &Output, body: &Value) {
     let codes = body["recovery_codes"]
         .as_array()
@@ -732,12 +825,34 @@ fn yes_no(value: &Value) -> String {
 
 fn factors(consumer: &Value) -> String {
     let confirmed = list(&consumer["factors"]);
-    let pending = consumer["totp"]["status"].as_str() == Some("pending");
-    match (confirmed.as_str(), pending) {
-        ("-", true) => "totp (pending)".to_owned(),
-        ("-", false) => "none".to_owned(),
+    let mut pending = Vec::new();
+    if consumer["totp"]["status"].as_str() == Some("pending") {
+        pending.push("totp (pending)");
+    }
+    if consumer["sms"]["status"].as_str() == Some("pending") {
+        pending.push("sms (pending)");
+    }
+    match (confirmed.as_str(), pending.is_empty()) {
+        ("-", false) => pending.join(","),
+        ("-", true) => "none".to_owned(),
         (_, _) => confirmed,
     }
+}
+
+fn sms_status(sms: &Value) -> String {
+    if sms.is_null() {
+        return "not enrolled".to_owned();
+    }
+    let phone = sms["phone"].as_str().unwrap_or("-");
+    let mut line = match sms["status"].as_str() {
+        Some("pending") => format!("pending confirmation ({phone})"),
+        Some(status) => format!("{status} ({phone})"),
+        None => "-".to_owned(),
+    };
+    if let Some(next) = sms["pending_phone"].as_str() {
+        line.push_str(&format!("; {next} pending confirmation"));
+    }
+    line
 }
 
 fn totp_status(totp: &Value) -> String {
@@ -749,12 +864,16 @@ fn totp_status(totp: &Value) -> String {
         Some(other) => other,
         None => "-",
     };
-    format!(
+    let mut line = format!(
         "{status} ({}, {} digits, {} s)",
         text(&totp["algorithm"]),
         text(&totp["digits"]),
         text(&totp["period"])
-    )
+    );
+    if totp["reenrolment_pending"] == true {
+        line.push_str("; a re-enrolment is pending confirmation");
+    }
+    line
 }
 
 /// Prefixes of live keys, plus how many are revoked.

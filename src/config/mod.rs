@@ -46,8 +46,45 @@ pub struct Snapshot {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub routes: RouteTable,
-    /// The built-in `POST /_stepgate/step-up` route of each policy that issues step-up tokens.
+    /// The built-in `POST {prefix}/step-up` route of each policy that issues step-up tokens.
     pub step_up_routes: BTreeMap<String, Arc<crate::routing::Route>>,
+    /// The consumers' security page and enrolment API, and where they live.
+    pub self_service: SelfService,
+    /// The SMS factor; `None` (the default) when `gateway.yaml` has no `sms` section.
+    pub sms: Option<Arc<crate::sms::SmsSettings>>,
+}
+
+/// The gateway's own endpoints under one path prefix (DESIGN.md §6): the security page, the
+/// enrolment API and `step-up`. Routes in `gateway.yaml` may not use paths under the prefix.
+pub struct SelfService {
+    /// Canonical, no trailing `/`, never `/`; `/_stepgate` by default.
+    pub prefix: String,
+    /// False: the page and the enrolment API answer 404; `{prefix}/step-up` stays.
+    pub enabled: bool,
+    /// `{prefix}/step-up`, computed once.
+    pub step_up_path: String,
+    /// The synthetic route of the page and its assets (no credentials).
+    pub page_route: Arc<crate::routing::Route>,
+    /// The synthetic route of the enrolment API (API key required; codes checked per call).
+    pub api_route: Arc<crate::routing::Route>,
+}
+
+impl SelfService {
+    pub const DEFAULT_PREFIX: &'static str = "/_stepgate";
+    /// Largest request body the enrolment API reads (its JSON bodies are tiny).
+    pub const API_BODY_BYTES: u64 = 16 * 1024;
+
+    /// The rest of `path` after the prefix (`""`, `"/"`, `"/2fa"`...), when `path` is the prefix
+    /// or below it by whole segments.
+    pub fn strip<'a>(&self, path: &'a str) -> Option<&'a str> {
+        let rest = path.strip_prefix(self.prefix.as_str())?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+
+    /// The security page's path, for messages that send consumers there; `None` when disabled.
+    pub fn page_path(&self) -> Option<String> {
+        self.enabled.then(|| format!("{}/", self.prefix))
+    }
 }
 
 /// Where consumers and credentials are persisted.
@@ -127,6 +164,7 @@ impl Policy {
             factors: Factors {
                 totp: true,
                 recovery_code: true,
+                sms: false,
             },
             step_up: StepUp {
                 ttl: Duration::from_secs(15 * 60),
@@ -147,6 +185,32 @@ impl Policy {
 pub struct Factors {
     pub totp: bool,
     pub recovery_code: bool,
+    /// Only with SMS configured (`gateway.yaml` `sms:`); validation refuses it otherwise.
+    pub sms: bool,
+}
+
+impl Factors {
+    /// Every factor (the self-service API accepts whichever the consumer has).
+    pub const ALL: Factors = Factors {
+        totp: true,
+        recovery_code: true,
+        sms: true,
+    };
+
+    /// The accepted factors' names, in the order the `WWW-Authenticate` challenge lists them.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::with_capacity(3);
+        if self.totp {
+            names.push("totp");
+        }
+        if self.recovery_code {
+            names.push("recovery_code");
+        }
+        if self.sms {
+            names.push("sms");
+        }
+        names
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -59,6 +59,10 @@ pub struct Gateway {
     pub limits: Limits,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub self_service: Option<Spanned<SelfService>>,
+    #[serde(default)]
+    pub sms: Option<Spanned<Sms>>,
     pub upstreams: BTreeMap<String, Spanned<Upstream>>,
     pub routes: Vec<Spanned<Route>>,
 }
@@ -74,6 +78,36 @@ pub struct Tls {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: Spanned<String>,
+}
+
+/// `self_service: { prefix, enabled }`: the consumers' own security page and enrolment API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfService {
+    pub prefix: Option<Spanned<String>>,
+    pub enabled: Option<Spanned<bool>>,
+}
+
+/// `sms: { twilio: {...}, code_ttl }`: the SMS factor; absent means off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sms {
+    pub twilio: Option<Spanned<Twilio>>,
+    pub code_ttl: Option<Spanned<Scalar>>,
+}
+
+/// Twilio Programmable Messaging. The auth token is never written in this file: it comes from
+/// an environment variable or a file readable by the owner only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Twilio {
+    pub account_sid: Spanned<String>,
+    pub auth_token_env: Option<Spanned<String>>,
+    pub auth_token_file: Option<Spanned<String>>,
+    pub from: Option<Spanned<String>>,
+    pub messaging_service_sid: Option<Spanned<String>>,
+    pub base_url: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,9 @@
 //! Turns the raw YAML structs into a [`Snapshot`], collecting every error with its location
 //! instead of stopping at the first, so `stepgate check` shows an operator everything at once.
+//! The `sms` and `self_service` sections are in their own files.
+
+mod self_service;
+mod sms;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -78,7 +82,11 @@ impl Loader<'_> {
                 .as_ref()
                 .map_or("policies", |d| d.value.as_str()),
         );
-        let policies = self.policies(raw.policies_dir.as_ref());
+        // SMS first: whether policies may list `sms` depends on it. A broken `sms` section
+        // still counts as present, so its own errors are not repeated for every policy.
+        let sms = raw.sms.as_ref().and_then(|s| self.sms(s));
+        let policies = self.policies(raw.policies_dir.as_ref(), raw.sms.is_some());
+        let self_service = self.self_service(raw.self_service.as_ref(), sms.is_some());
         let listen = self.address("listen", &raw.listen);
         let admin = raw
             .admin
@@ -157,10 +165,16 @@ impl Loader<'_> {
             .iter()
             .filter_map(|(name, spec)| Some((name.clone(), Arc::new(self.upstream(name, spec)?))))
             .collect();
-        let routes = self.routes(&raw.routes, &upstreams, &policies, &limits);
+        let routes = self.routes(
+            &raw.routes,
+            &upstreams,
+            &policies,
+            &limits,
+            &self_service.prefix,
+        );
 
         let digest = std::mem::replace(&mut self.digest, Sha256::new()).finalize();
-        let step_up_routes = step_up_routes(&policies);
+        let step_up_routes = step_up_routes(&policies, &self_service.step_up_path);
         Some(Snapshot {
             version: crate::secrets::hex(&digest[..6]),
             extra_files: std::mem::take(&mut self.extra_files),
@@ -181,6 +195,8 @@ impl Loader<'_> {
             policies,
             routes: RouteTable::new(routes),
             step_up_routes,
+            self_service,
+            sms,
         })
     }
 
@@ -366,7 +382,11 @@ impl Loader<'_> {
         }
     }
 
-    fn policies(&mut self, dir: Option<&Spanned<String>>) -> BTreeMap<String, Arc<Policy>> {
+    fn policies(
+        &mut self,
+        dir: Option<&Spanned<String>>,
+        sms_configured: bool,
+    ) -> BTreeMap<String, Arc<Policy>> {
         let path = self.base.join(dir.map_or("policies", |d| d.value.as_str()));
         let entries = match fs::read_dir(&path) {
             Ok(entries) => entries,
@@ -405,14 +425,14 @@ impl Loader<'_> {
                 ));
                 continue;
             }
-            if let Some(policy) = self.policy(&file, name.clone()) {
+            if let Some(policy) = self.policy(&file, name.clone(), sms_configured) {
                 policies.insert(name, Arc::new(policy));
             }
         }
         policies
     }
 
-    fn policy(&mut self, file: &Path, name: String) -> Option<Policy> {
+    fn policy(&mut self, file: &Path, name: String, sms_configured: bool) -> Option<Policy> {
         let raw: raw::Policy = match self.parse_file(file) {
             Ok(raw) => raw,
             Err(error) => {
@@ -438,30 +458,34 @@ impl Loader<'_> {
             None => Factors {
                 totp: true,
                 recovery_code: true,
+                sms: false,
             },
             Some(list) => {
                 let mut factors = Factors {
                     totp: false,
                     recovery_code: false,
+                    sms: false,
                 };
                 for factor in &list.value {
                     match factor.value.as_str() {
                         "totp" => factors.totp = true,
                         "recovery_code" => factors.recovery_code = true,
+                        "sms" if sms_configured => factors.sms = true,
                         "sms" => e.at(
                             &factor.referenced,
-                            "factors: `sms` is not supported by this build yet".into(),
+                            "factors: `sms` needs SMS configured in gateway.yaml \
+                             (`sms: { twilio: { ... } }`); it is off by default"
+                                .into(),
                         ),
                         other => e.at(
                             &factor.referenced,
-                            format!("factors: unknown factor `{other}` (use totp, recovery_code)"),
+                            format!(
+                                "factors: unknown factor `{other}` (use totp, recovery_code, sms)"
+                            ),
                         ),
                     }
                 }
-                if !factors.totp
-                    && !factors.recovery_code
-                    && raw.second_factor.value == Requirement::Required
-                {
+                if factors.names().is_empty() && raw.second_factor.value == Requirement::Required {
                     e.at(
                         &list.referenced,
                         "factors: a policy that requires a second factor must accept at least one"
@@ -563,13 +587,7 @@ impl Loader<'_> {
                 parsed
             });
 
-        let mut methods = Vec::new();
-        if factors.totp {
-            methods.push("totp");
-        }
-        if factors.recovery_code {
-            methods.push("recovery_code");
-        }
+        let methods = factors.names();
         let failed = !e.errors.is_empty();
         self.errors.0.extend(e.errors);
         if failed {
@@ -600,6 +618,7 @@ impl Loader<'_> {
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         policies: &BTreeMap<String, Arc<Policy>>,
         limits: &Limits,
+        reserved: &str,
     ) -> Vec<Route> {
         let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
         for spec in raw {
@@ -636,11 +655,18 @@ impl Loader<'_> {
             });
 
             let path = &r.matcher.path;
-            let route_path = if path.value == "/_stepgate" || path.value.starts_with("/_stepgate/")
-            {
+            let canonical = path::normalize(&path.value).map(|p| p.into_owned());
+            let under_reserved = canonical.as_ref().is_ok_and(|p| {
+                p.strip_prefix(reserved)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            });
+            let route_path = if under_reserved {
                 self.at(
                     &path.referenced,
-                    format!("{field}.match.path: `/_stepgate` is reserved for the gateway's own endpoints"),
+                    format!(
+                        "{field}.match.path: `{reserved}` is reserved for the gateway's own \
+                         endpoints (self_service.prefix)"
+                    ),
                 );
                 None
             } else if !path.value.starts_with('/') {
@@ -805,8 +831,11 @@ impl PolicyErrors<'_> {
     }
 }
 
-/// A synthetic route per policy that issues step-up tokens, for `POST /_stepgate/step-up`.
-fn step_up_routes(policies: &BTreeMap<String, Arc<Policy>>) -> BTreeMap<String, Arc<Route>> {
+/// A synthetic route per policy that issues step-up tokens, for `POST {prefix}/step-up`.
+fn step_up_routes(
+    policies: &BTreeMap<String, Arc<Policy>>,
+    path: &str,
+) -> BTreeMap<String, Arc<Route>> {
     let upstream = Arc::new(Upstream {
         name: "stepgate".to_owned(),
         label: Arc::from("stepgate"),
@@ -820,7 +849,7 @@ fn step_up_routes(policies: &BTreeMap<String, Arc<Policy>>) -> BTreeMap<String, 
                 name: format!("_stepgate/step-up:{name}"),
                 label: Arc::from("_stepgate/step-up"),
                 host: None,
-                path: crate::routing::layer::STEP_UP_PATH.to_owned(),
+                path: path.to_owned(),
                 methods: Some(vec![Method::POST]),
                 upstream: upstream.clone(),
                 policy: policy.clone(),

@@ -128,6 +128,9 @@ where
     let result = match &route.upstream.target {
         Target::Echo => Box::pin(echo::respond(Request::from_parts(parts, body))).await,
         Target::StepUp => Err(Refusal::Internal("step-up endpoint reached forwarding")),
+        Target::SelfService => Err(Refusal::Internal(
+            "self-service endpoint reached forwarding",
+        )),
         Target::Http(http) => http.send(parts, body).await,
     };
     let upstream = &route.upstream.label;

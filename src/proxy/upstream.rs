@@ -31,6 +31,8 @@ pub enum Target {
     Echo,
     /// The built-in `POST /_stepgate/step-up` endpoint: answers with the token just issued.
     StepUp,
+    /// The built-in self-service page and enrolment API (answered by `selfservice`).
+    SelfService,
     Http(Box<HttpUpstream>),
 }
 
@@ -39,6 +41,7 @@ impl fmt::Debug for Upstream {
         match &self.target {
             Target::Echo => write!(f, "{} (echo)", self.name),
             Target::StepUp => write!(f, "{} (built-in step-up endpoint)", self.name),
+            Target::SelfService => write!(f, "{} (built-in self-service endpoints)", self.name),
             Target::Http(http) => write!(f, "{} ({})", self.name, http.url),
         }
     }

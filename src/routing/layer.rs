@@ -61,13 +61,16 @@ where
 fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     let snapshot = Snapshot::of(request)?;
     let host = request_host(request)?;
-    let route = if request.uri().path() == STEP_UP_PATH {
-        step_up_route(snapshot, request)?
-    } else {
-        snapshot
+    let path = request.uri().path();
+    // The gateway's own endpoints first: validation keeps routes out of the prefix, and a
+    // catch-all route must not swallow the security page.
+    let route = match snapshot.self_service.strip(path) {
+        Some("/step-up") => step_up_route(snapshot, request)?,
+        Some(rest) => self_service_route(snapshot, rest)?,
+        None => snapshot
             .routes
-            .find(host, request.method(), request.uri().path())
-            .ok_or(Refusal::NoRoute)?
+            .find(host, request.method(), path)
+            .ok_or(Refusal::NoRoute)?,
     };
     if let Some(length) = content_length(request.headers())?
         && length > route.body_bytes
@@ -82,10 +85,23 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     Ok(route.clone())
 }
 
-/// The built-in endpoint that trades a code for a step-up token without calling an upstream.
-pub const STEP_UP_PATH: &str = "/_stepgate/step-up";
+/// The synthetic route for a path under the self-service prefix (`rest` is what follows the
+/// prefix): the page and its assets, or the enrolment API. Which call it is, and its method,
+/// is `selfservice`'s to check. Nothing here when self-service is disabled.
+fn self_service_route<'a>(snapshot: &'a Snapshot, rest: &str) -> Result<&'a Arc<Route>, Refusal> {
+    let service = &snapshot.self_service;
+    if !service.enabled {
+        return Err(Refusal::NoRoute);
+    }
+    match rest {
+        "" | "/" | "/app.js" | "/app.css" => Ok(&service.page_route),
+        "/2fa" | "/sms/send" => Ok(&service.api_route),
+        _ if rest.starts_with("/2fa/") => Ok(&service.api_route),
+        _ => Err(Refusal::NoRoute),
+    }
+}
 
-/// `POST /_stepgate/step-up[?policy=NAME]`: the policy's synthetic route. The policy may be left
+/// `POST {prefix}/step-up[?policy=NAME]`: the policy's synthetic route. The policy may be left
 /// out when only one policy issues step-up tokens.
 fn step_up_route<'a, B>(
     snapshot: &'a Snapshot,

@@ -32,12 +32,16 @@ pub struct KeyRecord {
     pub revoked_at: Option<u64>,
 }
 
+/// A TOTP enrolment: the confirmed one, or one pending its first code. A consumer can have
+/// both at once (a re-enrolment): the confirmed secret keeps working until the new one is
+/// confirmed, so an abandoned re-enrolment never locks anyone out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TotpRecord {
     pub consumer_id: String,
     /// AES-256-GCM sealed secret, bound to the consumer id.
     pub secret_sealed: Vec<u8>,
     pub params: TotpParams,
+    /// False for a pending enrolment.
     pub confirmed: bool,
     /// The last accepted time step: only a later one is ever accepted again.
     pub last_step: Option<u64>,
@@ -49,6 +53,38 @@ pub struct RecoveryCodeRecord {
     pub consumer_id: String,
     pub hash: Hash,
     pub used_at: Option<u64>,
+}
+
+/// A consumer's SMS factor: the confirmed number and/or a new one awaiting its verification
+/// code (the confirmed one keeps working meanwhile). Both AES-256-GCM sealed, bound to the
+/// consumer id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmsRecord {
+    pub consumer_id: String,
+    pub phone_sealed: Option<Vec<u8>>,
+    pub pending_sealed: Option<Vec<u8>>,
+    pub updated_at: u64,
+}
+
+/// An outstanding SMS code: only its peppered HMAC, with an absolute expiry. One per consumer
+/// and purpose: a new send replaces the outstanding one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmsCodeRecord {
+    pub consumer_id: String,
+    pub purpose: crate::sms::Purpose,
+    pub hash: Hash,
+    pub expires_at: u64,
+}
+
+/// The outcome of presenting an SMS code. A code is consumed by `Accepted` (single use) and
+/// deleted when found `Expired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeCheck {
+    Accepted,
+    Wrong,
+    Expired,
+    /// No code outstanding (never sent, used, replaced, or removed with the factor).
+    Missing,
 }
 
 /// A security event. `detail` is a JSON object and never holds a secret.
@@ -76,8 +112,10 @@ pub enum ConsumerFilter {
 pub struct State {
     pub consumers: Vec<ConsumerRecord>,
     pub keys: Vec<KeyRecord>,
+    /// Confirmed and pending enrolments (told apart by `confirmed`).
     pub totp: Vec<TotpRecord>,
     pub recovery_codes: Vec<RecoveryCodeRecord>,
+    pub sms: Vec<SmsRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +136,8 @@ pub trait Store: Send + Sync + 'static {
         key: KeyRecord,
     ) -> Result<(), StoreError>;
     async fn update_consumer(&self, consumer: ConsumerRecord) -> Result<(), StoreError>;
-    /// Removes the consumer with its keys, TOTP and recovery codes (audit events stay).
+    /// Removes the consumer with its keys, TOTP, SMS state and recovery codes (audit events
+    /// stay).
     async fn delete_consumer(&self, id: String) -> Result<(), StoreError>;
     async fn insert_key(&self, key: KeyRecord) -> Result<(), StoreError>;
     async fn revoke_key(
@@ -108,17 +147,61 @@ pub trait Store: Send + Sync + 'static {
         at: u64,
     ) -> Result<bool, StoreError>;
     async fn record_key_use(&self, uses: Vec<(Hash, u64)>) -> Result<(), StoreError>;
-    /// Replaces any enrolment (pending or confirmed) and drops its recovery codes.
-    async fn put_totp(&self, totp: TotpRecord) -> Result<(), StoreError>;
-    /// Confirms a pending enrolment at `step` and installs `recovery` codes, atomically.
-    /// False when there is no pending enrolment or `step` is not after the watermark.
+    /// Stores a pending enrolment, replacing an earlier pending one. A confirmed enrolment
+    /// stays in force until this one is confirmed.
+    async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError>;
+    /// Makes the pending enrolment the confirmed one (replacing any confirmed one) with its
+    /// replay watermark at `step`, and installs `recovery` codes in place of any old set, all
+    /// atomically. False when there is no pending enrolment (e.g. a concurrent confirm won).
     async fn confirm_totp(
         &self,
         consumer_id: String,
         step: u64,
         recovery: Vec<Hash>,
     ) -> Result<bool, StoreError>;
-    async fn delete_totp(&self, consumer_id: String) -> Result<(), StoreError>;
+    /// Removes the confirmed and any pending enrolment; with `drop_recovery` also the recovery
+    /// codes (when no other factor is left for them to back up).
+    async fn delete_totp(&self, consumer_id: String, drop_recovery: bool)
+    -> Result<(), StoreError>;
+    /// Stores a new number awaiting verification with its verification `code` (replacing an
+    /// earlier pending number and code), atomically. A confirmed number stays in force.
+    async fn put_pending_sms(
+        &self,
+        consumer_id: String,
+        phone_sealed: Vec<u8>,
+        at: u64,
+        code: SmsCodeRecord,
+    ) -> Result<(), StoreError>;
+    /// Checks the verification code like [`use_sms_code`](Self::use_sms_code); when accepted,
+    /// the pending number becomes the confirmed one and `recovery` codes (if given) replace any
+    /// old set, in the same transaction.
+    async fn confirm_sms(
+        &self,
+        consumer_id: String,
+        hash: Hash,
+        now: u64,
+        recovery: Option<Vec<Hash>>,
+    ) -> Result<CodeCheck, StoreError>;
+    /// Removes the consumer's numbers and outstanding codes; with `drop_recovery` also the
+    /// recovery codes.
+    async fn delete_sms(&self, consumer_id: String, drop_recovery: bool) -> Result<(), StoreError>;
+    /// Stores an outstanding code, replacing the consumer's earlier one of that purpose.
+    async fn put_sms_code(&self, code: SmsCodeRecord) -> Result<(), StoreError>;
+    /// Presents a code: compared with the stored hash in constant time, accepted at most once
+    /// and only before its expiry (an expired one is deleted).
+    async fn use_sms_code(
+        &self,
+        consumer_id: String,
+        purpose: crate::sms::Purpose,
+        hash: Hash,
+        now: u64,
+    ) -> Result<CodeCheck, StoreError>;
+    /// Withdraws an outstanding code (its text could not be sent).
+    async fn delete_sms_code(
+        &self,
+        consumer_id: String,
+        purpose: crate::sms::Purpose,
+    ) -> Result<(), StoreError>;
     async fn replace_recovery_codes(
         &self,
         consumer_id: String,

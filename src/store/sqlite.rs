@@ -7,11 +7,14 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use subtle::ConstantTimeEq;
+
 use super::{
-    AuditEvent, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord, State, Store,
-    StoreError, TotpRecord,
+    AuditEvent, CodeCheck, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord,
+    SmsCodeRecord, SmsRecord, State, Store, StoreError, TotpRecord,
 };
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+use crate::sms::Purpose;
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`. Never edit a
 /// released entry: add a new one.
@@ -64,6 +67,34 @@ CREATE INDEX audit_at ON audit(at);
 "#,
     r#"
 CREATE INDEX audit_consumer_name_at ON audit(consumer_name, at);
+"#,
+    // Issue 7: a pending TOTP enrolment lives beside the confirmed one (an abandoned
+    // re-enrolment must not lock the consumer out), and the SMS factor.
+    r#"
+CREATE TABLE totp_pending (
+    consumer_id TEXT PRIMARY KEY REFERENCES consumers(id) ON DELETE CASCADE,
+    secret BLOB NOT NULL,
+    algorithm TEXT NOT NULL,
+    digits INTEGER NOT NULL,
+    period INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+INSERT INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at)
+    SELECT consumer_id, secret, algorithm, digits, period, created_at FROM totp WHERE confirmed = 0;
+DELETE FROM totp WHERE confirmed = 0;
+CREATE TABLE sms (
+    consumer_id TEXT PRIMARY KEY REFERENCES consumers(id) ON DELETE CASCADE,
+    phone BLOB,
+    pending_phone BLOB,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE sms_codes (
+    consumer_id TEXT NOT NULL REFERENCES consumers(id) ON DELETE CASCADE,
+    purpose TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer_id, purpose)
+);
 "#,
 ];
 
@@ -224,6 +255,45 @@ impl Store for SqliteStore {
             state.totp = rows.collect::<Result<_, _>>().map_err(unavailable)?;
 
             let mut stmt = conn
+                .prepare("SELECT consumer_id, secret, algorithm, digits, period, created_at FROM totp_pending")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    let algorithm: String = row.get(2)?;
+                    Ok(TotpRecord {
+                        consumer_id: row.get(0)?,
+                        secret_sealed: row.get(1)?,
+                        params: TotpParams {
+                            algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
+                            digits: row.get(3)?,
+                            period: to_u64(row.get(4)?),
+                        },
+                        confirmed: false,
+                        last_step: None,
+                        created_at: to_u64(row.get(5)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            for row in rows {
+                state.totp.push(row.map_err(unavailable)?);
+            }
+
+            let mut stmt = conn
+                .prepare("SELECT consumer_id, phone, pending_phone, updated_at FROM sms")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(SmsRecord {
+                        consumer_id: row.get(0)?,
+                        phone_sealed: row.get(1)?,
+                        pending_sealed: row.get(2)?,
+                        updated_at: to_u64(row.get(3)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            state.sms = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+            let mut stmt = conn
                 .prepare("SELECT consumer_id, hash, used_at FROM recovery_codes")
                 .map_err(unavailable)?;
             let rows = stmt
@@ -326,27 +396,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
+    async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
         self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            tx.execute("DELETE FROM recovery_codes WHERE consumer_id = ?1", params![totp.consumer_id])
-                .map_err(unavailable)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO totp (consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            conn.execute(
+                "INSERT OR REPLACE INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     totp.consumer_id,
                     totp.secret_sealed,
                     totp.params.algorithm.as_str(),
                     totp.params.digits,
                     to_i64(totp.params.period),
-                    totp.confirmed,
-                    totp.last_step.map(to_i64),
                     to_i64(totp.created_at),
                 ],
             )
             .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)
+            Ok(())
         })
         .await
     }
@@ -359,16 +424,21 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
+            // Moved, not copied: deleting the pending row is what makes a second, concurrent
+            // confirm with the same code fail.
             let changed = tx
                 .execute(
-                    "UPDATE totp SET confirmed = 1, last_step = ?2
-                     WHERE consumer_id = ?1 AND confirmed = 0 AND (last_step IS NULL OR last_step < ?2)",
+                    "INSERT OR REPLACE INTO totp (consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at)
+                     SELECT consumer_id, secret, algorithm, digits, period, 1, ?2, created_at
+                     FROM totp_pending WHERE consumer_id = ?1",
                     params![consumer_id, to_i64(step)],
                 )
                 .map_err(unavailable)?;
             if changed == 0 {
                 return Ok(false);
             }
+            tx.execute("DELETE FROM totp_pending WHERE consumer_id = ?1", params![consumer_id])
+                .map_err(unavailable)?;
             replace_codes(&tx, &consumer_id, &recovery)?;
             tx.commit().map_err(unavailable)?;
             Ok(true)
@@ -376,7 +446,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_totp(&self, consumer_id: String) -> Result<(), StoreError> {
+    async fn delete_totp(
+        &self,
+        consumer_id: String,
+        drop_recovery: bool,
+    ) -> Result<(), StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
@@ -385,11 +459,133 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)?;
             tx.execute(
-                "DELETE FROM recovery_codes WHERE consumer_id = ?1",
+                "DELETE FROM totp_pending WHERE consumer_id = ?1",
                 params![consumer_id],
             )
             .map_err(unavailable)?;
+            if drop_recovery {
+                tx.execute(
+                    "DELETE FROM recovery_codes WHERE consumer_id = ?1",
+                    params![consumer_id],
+                )
+                .map_err(unavailable)?;
+            }
             tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_pending_sms(
+        &self,
+        consumer_id: String,
+        phone_sealed: Vec<u8>,
+        at: u64,
+        code: SmsCodeRecord,
+    ) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO sms (consumer_id, phone, pending_phone, updated_at) VALUES (?1, NULL, ?2, ?3)
+                 ON CONFLICT (consumer_id) DO UPDATE SET pending_phone = ?2, updated_at = ?3",
+                params![consumer_id, phone_sealed, to_i64(at)],
+            )
+            .map_err(unavailable)?;
+            put_code(&tx, &code)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn confirm_sms(
+        &self,
+        consumer_id: String,
+        hash: Hash,
+        now: u64,
+        recovery: Option<Vec<Hash>>,
+    ) -> Result<CodeCheck, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let check = check_code(&tx, &consumer_id, Purpose::Enrol, &hash, now)?;
+            if check == CodeCheck::Accepted {
+                let changed = tx
+                    .execute(
+                        "UPDATE sms SET phone = pending_phone, pending_phone = NULL, updated_at = ?2
+                         WHERE consumer_id = ?1 AND pending_phone IS NOT NULL",
+                        params![consumer_id, to_i64(now)],
+                    )
+                    .map_err(unavailable)?;
+                if changed == 0 {
+                    // A code without a pending number: nothing to confirm (the code stays used).
+                    tx.commit().map_err(unavailable)?;
+                    return Ok(CodeCheck::Missing);
+                }
+                if let Some(recovery) = &recovery {
+                    replace_codes(&tx, &consumer_id, recovery)?;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(check)
+        })
+        .await
+    }
+
+    async fn delete_sms(&self, consumer_id: String, drop_recovery: bool) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM sms WHERE consumer_id = ?1",
+                params![consumer_id],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM sms_codes WHERE consumer_id = ?1",
+                params![consumer_id],
+            )
+            .map_err(unavailable)?;
+            if drop_recovery {
+                tx.execute(
+                    "DELETE FROM recovery_codes WHERE consumer_id = ?1",
+                    params![consumer_id],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_sms_code(&self, code: SmsCodeRecord) -> Result<(), StoreError> {
+        self.with(move |conn| put_code(conn, &code)).await
+    }
+
+    async fn use_sms_code(
+        &self,
+        consumer_id: String,
+        purpose: Purpose,
+        hash: Hash,
+        now: u64,
+    ) -> Result<CodeCheck, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let check = check_code(&tx, &consumer_id, purpose, &hash, now)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(check)
+        })
+        .await
+    }
+
+    async fn delete_sms_code(
+        &self,
+        consumer_id: String,
+        purpose: Purpose,
+    ) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+                params![consumer_id, purpose.as_str()],
+            )
+            .map_err(unavailable)?;
+            Ok(())
         })
         .await
     }
@@ -580,6 +776,60 @@ fn insert_key(conn: &Connection, key: &KeyRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn put_code(conn: &Connection, code: &SmsCodeRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO sms_codes (consumer_id, purpose, hash, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            code.consumer_id,
+            code.purpose.as_str(),
+            code.hash.as_slice(),
+            to_i64(code.expires_at)
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Checks a presented code inside the caller's transaction. The row is found by consumer and
+/// purpose, never by the hash, so the comparison itself is the constant-time one below. An
+/// accepted or expired code is deleted: a code works once, and never after its expiry.
+fn check_code(
+    conn: &Connection,
+    consumer_id: &str,
+    purpose: Purpose,
+    hash: &Hash,
+    now: u64,
+) -> Result<CodeCheck, StoreError> {
+    let row: Option<(Vec<u8>, i64)> = conn
+        .query_row(
+            "SELECT hash, expires_at FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+            params![consumer_id, purpose.as_str()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some((stored, expires_at)) = row else {
+        return Ok(CodeCheck::Missing);
+    };
+    let delete = || {
+        conn.execute(
+            "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+            params![consumer_id, purpose.as_str()],
+        )
+        .map_err(unavailable)
+    };
+    if now >= to_u64(expires_at) {
+        delete()?;
+        return Ok(CodeCheck::Expired);
+    }
+    if bool::from(stored.as_slice().ct_eq(hash.as_slice())) {
+        delete()?;
+        Ok(CodeCheck::Accepted)
+    } else {
+        Ok(CodeCheck::Wrong)
+    }
+}
+
 fn replace_codes(conn: &Connection, consumer_id: &str, hashes: &[Hash]) -> Result<(), StoreError> {
     conn.execute(
         "DELETE FROM recovery_codes WHERE consumer_id = ?1",
@@ -594,4 +844,145 @@ fn replace_codes(conn: &Connection, consumer_id: &str, hashes: &[Hash]) -> Resul
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consumer(store: &SqliteStore, id: &str) -> impl Future<Output = ()> {
+        let record = ConsumerRecord {
+            id: id.into(),
+            name: id.into(),
+            roles: vec![],
+            disabled: false,
+            created_at: 1,
+        };
+        let key = KeyRecord {
+            consumer_id: id.into(),
+            hash: [id.len() as u8; 32],
+            prefix: "sgk_00000000".into(),
+            created_at: 1,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let store = store.clone();
+        async move { store.insert_consumer(record, key).await.unwrap() }
+    }
+
+    /// A database of schema version 2 with a pending enrolment opens with it as pending (moved
+    /// to `totp_pending`), and a confirmed one stays confirmed.
+    #[tokio::test]
+    async fn migration_3_moves_pending_enrolments_beside_the_confirmed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..2] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 2).unwrap();
+            tx.execute_batch(
+                "INSERT INTO consumers VALUES ('c1', 'dave', '[]', 0, 1), ('c2', 'carol', '[]', 0, 1);
+                 INSERT INTO totp VALUES ('c1', x'0102', 'SHA1', 6, 30, 0, NULL, 5);
+                 INSERT INTO totp VALUES ('c2', x'0304', 'SHA256', 8, 60, 1, 42, 6);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let state = store.load().await.unwrap();
+        let dave = state.totp.iter().find(|t| t.consumer_id == "c1").unwrap();
+        assert!(!dave.confirmed);
+        assert_eq!(dave.secret_sealed, vec![1, 2]);
+        let carol = state.totp.iter().find(|t| t.consumer_id == "c2").unwrap();
+        assert!(carol.confirmed);
+        assert_eq!(carol.last_step, Some(42));
+        assert_eq!(state.totp.len(), 2);
+        // dave's pending enrolment confirms like any.
+        assert!(
+            store
+                .confirm_totp("c1".into(), 7, vec![[9; 32]])
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store.confirm_totp("c1".into(), 8, vec![]).await.unwrap(),
+            "once"
+        );
+    }
+
+    #[tokio::test]
+    async fn sms_codes_are_single_use_expire_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        let code = |hash: u8, expires_at: u64| SmsCodeRecord {
+            consumer_id: "c1".into(),
+            purpose: Purpose::Login,
+            hash: [hash; 32],
+            expires_at,
+        };
+        let check = |hash: u8, purpose: Purpose, now: u64| {
+            let store = store.clone();
+            async move {
+                store
+                    .use_sms_code("c1".into(), purpose, [hash; 32], now)
+                    .await
+                    .unwrap()
+            }
+        };
+        store.put_sms_code(code(1, 100)).await.unwrap();
+        assert_eq!(check(2, Purpose::Login, 10).await, CodeCheck::Wrong);
+        assert_eq!(check(1, Purpose::Enrol, 10).await, CodeCheck::Missing);
+        assert_eq!(check(1, Purpose::Login, 10).await, CodeCheck::Accepted);
+        assert_eq!(check(1, Purpose::Login, 10).await, CodeCheck::Missing);
+        // A newer code replaces the outstanding one.
+        store.put_sms_code(code(3, 100)).await.unwrap();
+        store.put_sms_code(code(4, 100)).await.unwrap();
+        assert_eq!(check(3, Purpose::Login, 10).await, CodeCheck::Wrong);
+        assert_eq!(check(4, Purpose::Login, 99).await, CodeCheck::Accepted);
+        // Expired at its expiry time, and then gone.
+        store.put_sms_code(code(5, 100)).await.unwrap();
+        assert_eq!(check(5, Purpose::Login, 100).await, CodeCheck::Expired);
+        assert_eq!(check(5, Purpose::Login, 50).await, CodeCheck::Missing);
+    }
+
+    #[tokio::test]
+    async fn an_sms_number_is_confirmed_only_with_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        let enrol = SmsCodeRecord {
+            consumer_id: "c1".into(),
+            purpose: Purpose::Enrol,
+            hash: [7; 32],
+            expires_at: 100,
+        };
+        store
+            .put_pending_sms("c1".into(), vec![1, 1], 10, enrol)
+            .await
+            .unwrap();
+        let wrong = store
+            .confirm_sms("c1".into(), [8; 32], 20, Some(vec![[1; 32]]))
+            .await
+            .unwrap();
+        assert_eq!(wrong, CodeCheck::Wrong);
+        let state = store.load().await.unwrap();
+        assert_eq!(state.sms[0].phone_sealed, None);
+        assert!(state.recovery_codes.is_empty());
+        let right = store
+            .confirm_sms("c1".into(), [7; 32], 20, Some(vec![[1; 32]]))
+            .await
+            .unwrap();
+        assert_eq!(right, CodeCheck::Accepted);
+        let state = store.load().await.unwrap();
+        assert_eq!(state.sms[0].phone_sealed, Some(vec![1, 1]));
+        assert_eq!(state.sms[0].pending_sealed, None);
+        assert_eq!(state.recovery_codes.len(), 1);
+        store.delete_sms("c1".into(), true).await.unwrap();
+        let state = store.load().await.unwrap();
+        assert!(state.sms.is_empty() && state.recovery_codes.is_empty());
+    }
 }

@@ -6,7 +6,13 @@
 //! * HTTP clients: [`send_http1`], [`send_h2c`], [`send_tls`], and [`raw_request`] for bytes
 //!   hyper's client would refuse to send.
 //! * [`GenBody`]: a streaming body that produces N bytes in chunks without allocating N bytes.
+//! * [`twilio`]: a local server speaking Twilio's Messages API; [`logs`]: captured tracing
+//!   output of the in-process gateway.
 #![allow(dead_code)]
+
+pub mod logs;
+pub mod self_service;
+pub mod twilio;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -1514,6 +1520,28 @@ pub fn write_two_factor_config(app_url: &str, data_dir: &str, extra: &str) -> te
     )
 }
 
+/// A gateway.yaml template with `${app}` and `${data_dir}` (and nothing else left to fill),
+/// with its policy files: what [`TwoFactor::start_custom`] runs.
+#[derive(Debug, Clone)]
+pub struct CustomConfig {
+    pub template: String,
+    pub policies: Vec<(String, String)>,
+}
+
+impl CustomConfig {
+    fn write(&self, app_url: &str, data_dir: &str) -> tempfile::TempDir {
+        let files: Vec<(&str, &str)> = self
+            .policies
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        write_config_with(
+            &render(&self.template, &[("app", app_url), ("data_dir", data_dir)]),
+            &files,
+        )
+    }
+}
+
 /// A consumer as created through the admin API.
 #[derive(Debug, Clone)]
 pub struct Consumer {
@@ -1541,7 +1569,7 @@ pub struct TwoFactor {
     pub clock: Arc<stepgate::clock::ManualClock>,
     /// The data directory, outside the config's temp dir so that a restart keeps it.
     pub data: tempfile::TempDir,
-    extra: String,
+    config: CustomConfig,
 }
 
 impl TwoFactor {
@@ -1551,17 +1579,29 @@ impl TwoFactor {
 
     /// With `extra` top-level YAML (e.g. `trusted_proxies: [127.0.0.2/32]`).
     pub async fn start_with(extra: &str) -> TwoFactor {
+        let config = CustomConfig {
+            template: TWO_FACTOR_CONFIG.replace("${extra}", extra),
+            policies: TWO_FACTOR_POLICIES
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        TwoFactor::start_custom(config).await
+    }
+
+    /// On any configuration (see [`CustomConfig`]), with a recording upstream as `${app}`.
+    pub async fn start_custom(config: CustomConfig) -> TwoFactor {
         let up = Upstream::named("app").await;
         let clock = Arc::new(stepgate::clock::ManualClock::new(T0));
         let data = tempfile::tempdir().expect("tempdir");
-        let dir = write_two_factor_config(&up.url(), &path_str(data.path()), extra);
+        let dir = config.write(&up.url(), &path_str(data.path()));
         let gw = start_admin_gateway_clocked(dir, clock.clone()).await;
         TwoFactor {
             gw,
             up,
             clock,
             data,
-            extra: extra.to_string(),
+            config,
         }
     }
 
@@ -1569,7 +1609,9 @@ impl TwoFactor {
     /// clock (new ports, new admin listener; the admin token is kept in the data directory).
     pub async fn restart(&mut self) {
         self.gw.shutdown().await;
-        let dir = write_two_factor_config(&self.up.url(), &path_str(self.data.path()), &self.extra);
+        let dir = self
+            .config
+            .write(&self.up.url(), &path_str(self.data.path()));
         self.gw = start_admin_gateway_clocked(dir, self.clock.clone()).await;
     }
 

@@ -1,0 +1,659 @@
+//! The enrolment API under the prefix (contract: `.notes/selfservice-contract.md`). Each call
+//! has the consumer's API key (checked by the key layer before this); a call that changes a
+//! factor that exists also needs `X-OTP` with a code of one of the consumer's confirmed
+//! factors, checked exactly as on a protected route (TOTP replay watermark, single-use SMS
+//! and recovery codes) and counted by the failure limiter when wrong.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::Endpoints;
+use crate::auth::api_key::single_value;
+use crate::auth::failures::SecondFactorPassed;
+use crate::auth::second_factor::X_OTP;
+use crate::clock::rfc3339;
+use crate::config::{Factors, Snapshot};
+use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+use crate::enrollment::{PolicyView, policies_for};
+use crate::error::{Body, BoxError, Refusal, full_body};
+use crate::registry::{CodeFailure, KeyEntry, RegistryError, SmsView, TotpView};
+use crate::sms::twilio::SendError;
+use crate::sms::{self, Phone, Purpose, SmsSettings};
+
+/// The built-in policy's name, for audit events.
+const POLICY: &str = "stepgate/self-service";
+
+/// The caller, as the API-key layer vouched for it, and the code it sent.
+struct Caller {
+    entry: Arc<KeyEntry>,
+    code: Option<String>,
+}
+
+fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
+    let entry = request
+        .extensions()
+        .get::<Arc<KeyEntry>>()
+        .cloned()
+        .ok_or(Refusal::Internal("self-service API without an API key"))?;
+    let code = single_value(
+        request.headers(),
+        &X_OTP,
+        "exactly one X-OTP header of visible ASCII is allowed",
+    )?
+    .map(str::to_owned);
+    request.headers_mut().remove(&X_OTP);
+    Ok(Caller { entry, code })
+}
+
+/// Did a code of an existing factor prove this call?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// The consumer has no confirmed factor, so there was nothing to prove.
+    NotNeeded,
+    Proved,
+}
+
+impl Endpoints {
+    fn audit(&self, caller: &Caller, kind: &str, detail: Value) {
+        self.registry.audit_event(
+            kind,
+            Some(&caller.entry.consumer),
+            Some(&caller.entry.prefix),
+            detail,
+        );
+    }
+
+    /// Requires `X-OTP` with a code of one of the consumer's confirmed factors when it has one
+    /// (or `always`: a call that needs a confirmed factor to make sense). A wrong code is
+    /// `OtpInvalid`, which the failure limiter counts.
+    async fn prove(&self, caller: &Caller, always: bool, endpoint: &str) -> Result<Proof, Refusal> {
+        let consumer = &caller.entry.consumer;
+        if !consumer.has_confirmed_factor() {
+            return if always {
+                Err(Refusal::Conflict(
+                    "this needs a confirmed second factor; enrol TOTP or SMS first",
+                ))
+            } else {
+                Ok(Proof::NotNeeded)
+            };
+        }
+        let Some(code) = caller.code.as_deref() else {
+            self.metrics.factor("none", "missing");
+            return Err(Refusal::OtpRequired);
+        };
+        let now = self.registry.now();
+        match self
+            .registry
+            .verify_code(consumer, Factors::ALL, code, now)
+            .await
+        {
+            Ok(factor) => {
+                self.metrics.factor(factor.as_str(), "accepted");
+                self.audit(
+                    caller,
+                    "otp_accepted",
+                    json!({"factor": factor.as_str(), "policy": POLICY, "endpoint": endpoint}),
+                );
+                if factor == crate::registry::Factor::RecoveryCode {
+                    self.audit(caller, "recovery_code_used", json!({"policy": POLICY}));
+                }
+                Ok(Proof::Proved)
+            }
+            Err(CodeFailure::Invalid) => {
+                self.metrics.factor("code", "rejected");
+                self.audit(
+                    caller,
+                    "otp_rejected",
+                    json!({"policy": POLICY, "endpoint": endpoint}),
+                );
+                Err(Refusal::OtpInvalid {
+                    entry: caller.entry.clone(),
+                })
+            }
+            Err(CodeFailure::Replayed) => {
+                self.metrics.factor("totp", "replayed");
+                self.audit(
+                    caller,
+                    "otp_replayed",
+                    json!({"policy": POLICY, "endpoint": endpoint}),
+                );
+                Err(Refusal::OtpInvalid {
+                    entry: caller.entry.clone(),
+                })
+            }
+            Err(CodeFailure::Store(error)) => {
+                tracing::error!(%error, "self-service code check failed closed: store unavailable");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    /// Texts `code` to `phone`. A failure withdraws the code (nobody got it, so it must not
+    /// stay guessable) and is 502 `sms_failed`, never a silent success.
+    async fn text(
+        &self,
+        caller: &Caller,
+        settings: &SmsSettings,
+        purpose: Purpose,
+        phone: &Phone,
+        code: &str,
+    ) -> Result<(), Refusal> {
+        let masked = phone.masked();
+        let body = sms::message(purpose, code, settings.code_ttl);
+        match settings.twilio.send(phone, &body).await {
+            Ok(sid) => {
+                self.metrics.factor("sms", "sent");
+                self.audit(
+                    caller,
+                    "sms_sent",
+                    json!({"purpose": purpose.as_str(), "phone": masked, "sid": sid}),
+                );
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.factor("sms", "send_failed");
+                let (twilio_status, twilio_code) = match &error {
+                    SendError::Refused { status, code } => (Some(*status), *code),
+                    _ => (None, None),
+                };
+                tracing::warn!(
+                    purpose = purpose.as_str(),
+                    phone = %masked,
+                    twilio_status,
+                    twilio_code,
+                    error = %error,
+                    "SMS not sent"
+                );
+                self.audit(
+                    caller,
+                    "sms_send_failed",
+                    json!({
+                        "purpose": purpose.as_str(), "phone": masked,
+                        "twilio_status": twilio_status, "twilio_code": twilio_code,
+                    }),
+                );
+                self.registry
+                    .withdraw_sms_code(&caller.entry.consumer, purpose)
+                    .await;
+                Err(Refusal::SmsFailed)
+            }
+        }
+    }
+
+    /// The send limits (per consumer and per destination number), before any code is made.
+    fn may_send(&self, caller: &Caller, phone: &Phone) -> Result<(), Refusal> {
+        let now = self.registry.now();
+        self.sends
+            .try_send(&caller.entry.consumer.shared_id, phone, now)
+            .map_err(|retry_after| {
+                self.metrics.factor("sms", "send_limited");
+                Refusal::TooManyAttempts { retry_after }
+            })
+    }
+}
+
+/// A registry failure as the self-service answer it means.
+fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
+    match error {
+        RegistryError::CodeInvalid => Refusal::OtpInvalid {
+            entry: entry.clone(),
+        },
+        // A factor was confirmed between the key check and this call: ask for its code.
+        RegistryError::Unproved => Refusal::OtpRequired,
+        RegistryError::Conflict(_) => {
+            Refusal::Conflict("nothing is waiting for confirmation; start the enrolment again")
+        }
+        // Requests are validated before they reach the registry; what is left is stored data
+        // that does not open (e.g. under another master key): refuse, fail closed.
+        RegistryError::Invalid(detail) => {
+            tracing::error!(%detail, "self-service call refused: stored data is unusable");
+            Refusal::Unavailable
+        }
+        RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
+            // The consumer was deleted (or lost the factor) since its key was checked.
+            Refusal::Conflict("the account changed meanwhile; reload and try again")
+        }
+        RegistryError::Store(error) => {
+            tracing::error!(%error, "self-service call failed closed: store unavailable");
+            Refusal::Unavailable
+        }
+        RegistryError::WrongMasterKey => Refusal::Unavailable,
+    }
+}
+
+fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(full_body(value.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// An answer to a call a code of an existing factor proved: the failure limiter forgets the
+/// consumer's earlier failures, as after any successful second factor.
+fn proved(mut response: Response<Body>, proof: Proof, caller: &Caller) -> Response<Body> {
+    if proof == Proof::Proved {
+        response.extensions_mut().insert(SecondFactorPassed {
+            consumer_id: caller.entry.consumer.shared_id.clone(),
+        });
+    }
+    response
+}
+
+/// The body as JSON of type `T`: `None` when empty (for calls whose body is optional). Refused
+/// with 400: another content type, malformed JSON, unknown or repeated fields.
+async fn read_json<T, B>(request: Request<B>) -> Result<Option<T>, Refusal>
+where
+    T: DeserializeOwned,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let json_type = request.headers().get(header::CONTENT_TYPE).map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|t| t.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    let limit = crate::config::SelfService::API_BODY_BYTES;
+    let bytes = Limited::new(
+        request.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    )
+    .collect()
+    .await
+    .map_err(|_| Refusal::BodyTooLarge { limit })?
+    .to_bytes();
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if json_type != Some(true) {
+        return Err(Refusal::BadRequest(
+            "a request body must be JSON with Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|_| {
+        Refusal::BadRequest(
+            "the body must be one JSON object with only the documented fields, each once",
+        )
+    })
+}
+
+/// For calls without a body: nothing, or an empty JSON object.
+async fn no_body<B>(request: Request<B>) -> Result<(), Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nothing {}
+    read_json::<Nothing, B>(request).await.map(|_| ())
+}
+
+/// `GET {prefix}/2fa`: the consumer's factors and the policies that ask it for one.
+pub async fn status<B>(
+    endpoints: &Endpoints,
+    snapshot: &Snapshot,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal> {
+    let caller = caller(&mut request)?;
+    let consumer = &caller.entry.consumer;
+    let now = endpoints.registry.now();
+    let totp = match TotpView::of(consumer) {
+        Some(t) => json!({
+            "status": t.status, "digits": t.digits, "period": t.period, "algorithm": t.algorithm,
+            "reenrolment_pending": t.reenrolment_pending,
+        }),
+        None => json!({"status": "none"}),
+    };
+    let sms = match SmsView::of(consumer) {
+        Some(s) => {
+            let mut v = json!({"status": s.status, "phone": s.phone});
+            if let Some(pending) = s.pending_phone {
+                v["pending_phone"] = pending.into();
+            }
+            v
+        }
+        None => json!({"status": "none"}),
+    };
+    let policies: Vec<PolicyView> = policies_for(snapshot, consumer, now)
+        .iter()
+        .map(PolicyView::of)
+        .collect();
+    Ok(json_answer(
+        StatusCode::OK,
+        &json!({
+            "consumer": consumer.name,
+            "enrolled": consumer.has_confirmed_factor(),
+            "factors": {
+                "totp": totp,
+                "sms": sms,
+                "recovery_codes": {"remaining": consumer.recovery_codes_remaining()},
+            },
+            "sms_available": snapshot.sms.is_some(),
+            "policies": policies,
+        }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TotpRequest {
+    digits: Option<u8>,
+    period: Option<u64>,
+    algorithm: Option<String>,
+}
+
+/// `POST {prefix}/2fa/totp`: a new secret, pending beside any confirmed one.
+pub async fn begin_totp<B>(
+    endpoints: &Endpoints,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let caller = caller(&mut request)?;
+    // Parse before checking the code, so a malformed request does not burn a code.
+    let body: TotpRequest = read_json(request).await?.unwrap_or_default();
+    let defaults = TotpParams::default();
+    let algorithm = match body.algorithm.as_deref() {
+        None => defaults.algorithm,
+        Some(text) => TotpAlgorithm::parse(text).ok_or(Refusal::BadRequest(
+            "algorithm must be SHA1, SHA256 or SHA512",
+        ))?,
+    };
+    let params = TotpParams {
+        algorithm,
+        digits: body.digits.unwrap_or(defaults.digits),
+        period: body.period.unwrap_or(defaults.period),
+    };
+    params
+        .validate()
+        .map_err(|_| Refusal::BadRequest("digits must be 6 to 8 and period 15 to 120 seconds"))?;
+    let proof = endpoints.prove(&caller, false, "totp").await?;
+    let enrolment = endpoints
+        .registry
+        .begin_totp_reenrolment(&caller.entry.consumer, params, proof == Proof::Proved)
+        .await
+        .map_err(|e| refusal(e, &caller.entry))?;
+    Ok(proved(
+        json_answer(
+            StatusCode::CREATED,
+            &json!({
+                "secret": enrolment.secret_base32,
+                "otpauth_uri": enrolment.otpauth_uri,
+                "qr_svg": enrolment.qr_svg,
+            }),
+        ),
+        proof,
+        &caller,
+    ))
+}
+
+/// `POST {prefix}/2fa/totp/confirm` with `X-OTP` from the new app: the new secret becomes the
+/// confirmed one; a new set of recovery codes.
+pub async fn confirm_totp<B>(
+    endpoints: &Endpoints,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let caller = caller(&mut request)?;
+    no_body(request).await?;
+    let consumer = &caller.entry.consumer;
+    if consumer.totp_pending.is_none() {
+        return Err(Refusal::Conflict(
+            "no TOTP enrolment is waiting for confirmation; POST 2fa/totp first",
+        ));
+    }
+    let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
+    match endpoints.registry.confirm_totp(&consumer.name, code).await {
+        Ok(codes) => {
+            endpoints.metrics.factor("totp", "enrolled");
+            Ok(json_answer(
+                StatusCode::OK,
+                &json!({"recovery_codes": codes}),
+            ))
+        }
+        Err(RegistryError::CodeInvalid) => {
+            endpoints.metrics.factor("code", "rejected");
+            endpoints.audit(
+                &caller,
+                "otp_rejected",
+                json!({"policy": POLICY, "endpoint": "totp/confirm"}),
+            );
+            Err(Refusal::OtpInvalid {
+                entry: caller.entry.clone(),
+            })
+        }
+        Err(error) => Err(refusal(error, &caller.entry)),
+    }
+}
+
+/// `POST {prefix}/2fa/recovery-codes` with `X-OTP`: a new set; the old one stops working.
+pub async fn regenerate_recovery_codes<B>(
+    endpoints: &Endpoints,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let caller = caller(&mut request)?;
+    no_body(request).await?;
+    let proof = endpoints.prove(&caller, true, "recovery-codes").await?;
+    let codes = endpoints
+        .registry
+        .regenerate_recovery_codes(&caller.entry.consumer.name)
+        .await
+        .map_err(|e| refusal(e, &caller.entry))?;
+    Ok(proved(
+        json_answer(StatusCode::CREATED, &json!({"recovery_codes": codes})),
+        proof,
+        &caller,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhoneRequest {
+    phone: String,
+}
+
+fn sms_settings(snapshot: &Snapshot) -> Result<Arc<SmsSettings>, Refusal> {
+    snapshot.sms.clone().ok_or(Refusal::SmsNotConfigured)
+}
+
+/// `POST {prefix}/2fa/sms` `{"phone"}`: texts a verification code to the new number.
+pub async fn begin_sms<B>(
+    endpoints: &Endpoints,
+    snapshot: &Snapshot,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let settings = sms_settings(snapshot)?;
+    let caller = caller(&mut request)?;
+    let body: PhoneRequest = read_json(request)
+        .await?
+        .ok_or(Refusal::BadRequest("the body must be {\"phone\": \"+…\"}"))?;
+    let phone = Phone::parse(&body.phone).map_err(Refusal::BadRequest)?;
+    let proof = endpoints.prove(&caller, false, "sms").await?;
+    endpoints.may_send(&caller, &phone)?;
+    let outgoing = endpoints
+        .registry
+        .begin_sms(
+            &caller.entry.consumer,
+            phone,
+            settings.code_ttl,
+            proof == Proof::Proved,
+        )
+        .await
+        .map_err(|e| refusal(e, &caller.entry))?;
+    endpoints
+        .text(
+            &caller,
+            &settings,
+            Purpose::Enrol,
+            &outgoing.phone,
+            &outgoing.code,
+        )
+        .await?;
+    Ok(proved(
+        json_answer(
+            StatusCode::ACCEPTED,
+            &json!({
+                "phone": outgoing.phone.masked(),
+                "expires_at": rfc3339(outgoing.expires_at),
+            }),
+        ),
+        proof,
+        &caller,
+    ))
+}
+
+/// `POST {prefix}/2fa/sms/confirm` with `X-OTP: <the texted code>`.
+pub async fn confirm_sms<B>(
+    endpoints: &Endpoints,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let caller = caller(&mut request)?;
+    no_body(request).await?;
+    let pending = caller
+        .entry
+        .consumer
+        .sms
+        .as_ref()
+        .is_some_and(|s| s.record.pending_sealed.is_some());
+    if !pending {
+        return Err(Refusal::Conflict(
+            "no phone number is waiting for confirmation; POST 2fa/sms first",
+        ));
+    }
+    let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
+    match endpoints
+        .registry
+        .confirm_sms(&caller.entry.consumer, code)
+        .await
+    {
+        Ok(codes) => {
+            endpoints.metrics.factor("sms", "enrolled");
+            let mut body = json!({"sms": "confirmed"});
+            if let Some(codes) = codes {
+                body["recovery_codes"] = json!(codes);
+            }
+            Ok(json_answer(StatusCode::OK, &body))
+        }
+        Err(RegistryError::CodeInvalid) => {
+            endpoints.metrics.factor("code", "rejected");
+            endpoints.audit(
+                &caller,
+                "otp_rejected",
+                json!({"policy": POLICY, "endpoint": "sms/confirm"}),
+            );
+            Err(Refusal::OtpInvalid {
+                entry: caller.entry.clone(),
+            })
+        }
+        Err(error) => Err(refusal(error, &caller.entry)),
+    }
+}
+
+/// `DELETE {prefix}/2fa/sms` (with `X-OTP` when a factor is confirmed).
+pub async fn remove_sms<B>(
+    endpoints: &Endpoints,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let caller = caller(&mut request)?;
+    no_body(request).await?;
+    if caller.entry.consumer.sms.is_none() {
+        return Err(Refusal::SmsNotEnrolled);
+    }
+    let proof = endpoints.prove(&caller, false, "sms").await?;
+    let consumer = &caller.entry.consumer;
+    endpoints
+        .registry
+        .remove_sms(&consumer.name, Some((&consumer.id, proof == Proof::Proved)))
+        .await
+        .map_err(|e| refusal(e, &caller.entry))?;
+    let mut response = Response::new(full_body(""));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(proved(response, proof, &caller))
+}
+
+/// `POST {prefix}/sms/send`: a login code to the confirmed number, replacing any outstanding
+/// one. Needs only the API key (the code is the second factor it asks for).
+pub async fn send_login_code<B>(
+    endpoints: &Endpoints,
+    snapshot: &Snapshot,
+    mut request: Request<B>,
+) -> Result<Response<Body>, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let settings = sms_settings(snapshot)?;
+    let caller = caller(&mut request)?;
+    no_body(request).await?;
+    let consumer = &caller.entry.consumer;
+    if !consumer.confirmed_sms() {
+        return Err(Refusal::SmsNotEnrolled);
+    }
+    let phone = endpoints
+        .registry
+        .confirmed_phone(consumer)
+        .ok_or_else(|| {
+            tracing::error!("the confirmed phone number does not decrypt with this master key");
+            Refusal::Unavailable
+        })?;
+    // Limits first: a refused send must not replace the outstanding code.
+    endpoints.may_send(&caller, &phone)?;
+    let outgoing = endpoints
+        .registry
+        .login_code(consumer, settings.code_ttl)
+        .await
+        .map_err(|e| match e {
+            RegistryError::NotFoundOther(_) => Refusal::SmsNotEnrolled,
+            other => refusal(other, &caller.entry),
+        })?;
+    endpoints
+        .text(
+            &caller,
+            &settings,
+            Purpose::Login,
+            &outgoing.phone,
+            &outgoing.code,
+        )
+        .await?;
+    Ok(json_answer(
+        StatusCode::ACCEPTED,
+        &json!({"expires_at": rfc3339(outgoing.expires_at)}),
+    ))
+}

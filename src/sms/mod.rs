@@ -1,0 +1,312 @@
+//! The SMS factor (DESIGN.md §3): phone numbers, login and verification codes, send limits,
+//! and the Twilio client ([`twilio`]). Off unless `gateway.yaml` has an `sms` section.
+//!
+//! NIST SP 800-63B treats SMS (the PSTN) as a *restricted* authenticator: numbers can be
+//! ported or redirected and messages intercepted. It is offered for consumers who have no
+//! authenticator app, never turned on by default, and a policy opts in by listing `sms`.
+//!
+//! What never happens here: a phone number is never logged or shown in full (only
+//! [`Phone::masked`]), a code is never stored (only its peppered HMAC, see
+//! `MasterKey::hash_sms_code`), and a failed send is never treated as sent.
+
+pub mod twilio;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moka::sync::Cache;
+use sha2::{Digest, Sha256};
+
+use crate::secrets::random_bytes;
+
+/// At most one text per this many seconds, per consumer and per destination number.
+pub const MIN_INTERVAL_SECS: u64 = 30;
+/// At most this many texts per hour, per consumer and per destination number.
+pub const PER_HOUR: usize = 5;
+/// Limiter entries kept at most per kind (consumers, numbers): bounded memory under a flood.
+const LIMITER_CAPACITY: u64 = 100_000;
+
+/// The SMS configuration of a snapshot: the provider client and how long a code lives.
+pub struct SmsSettings {
+    pub twilio: twilio::Twilio,
+    /// Absolute lifetime of a code from its send (5 minutes by default).
+    pub code_ttl: Duration,
+}
+
+impl std::fmt::Debug for SmsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client holds the auth token: show where it sends, nothing more.
+        f.debug_struct("SmsSettings")
+            .field("twilio", &self.twilio)
+            .field("code_ttl", &self.code_ttl)
+            .finish()
+    }
+}
+
+/// What a code is for. A verification code goes to a number not yet proven to be the
+/// consumer's, so it is never accepted as a login code (and the other way round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Sent by `POST {prefix}/sms/send` to the confirmed number: a second factor.
+    Login,
+    /// Sent by `POST {prefix}/2fa/sms` to a new number: proves the consumer holds it.
+    Enrol,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Login => "login",
+            Purpose::Enrol => "enrol",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "login" => Some(Purpose::Login),
+            "enrol" => Some(Purpose::Enrol),
+            _ => None,
+        }
+    }
+}
+
+/// An E.164 phone number: `+`, a country code that does not start with 0, 8 to 15 digits in
+/// all. Anything else (spaces, dashes, national formats) is refused rather than guessed at.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Phone(String);
+
+impl std::fmt::Debug for Phone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Debug output ends up in logs: never the whole number.
+        write!(f, "Phone({})", self.masked())
+    }
+}
+
+impl Phone {
+    pub fn parse(text: &str) -> Result<Phone, &'static str> {
+        const MESSAGE: &str =
+            "phone must be an E.164 number: `+` and 8 to 15 digits, e.g. +447700900123";
+        let digits = text.strip_prefix('+').ok_or(MESSAGE)?;
+        let valid = (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        if valid {
+            Ok(Phone(text.to_owned()))
+        } else {
+            Err(MESSAGE)
+        }
+    }
+
+    /// The number, for the provider only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `+44•••••••123`: the first two digits (the country, roughly) and the last three (two for
+    /// short numbers), so a consumer recognises the number and a reader learns little.
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+
+    /// Key of the per-destination send limit (a digest, so the limiter holds no numbers).
+    fn limiter_key(&self) -> [u8; 32] {
+        Sha256::digest(self.0.as_bytes()).into()
+    }
+}
+
+fn mask(number: &str) -> String {
+    let digits = number.trim_start_matches('+');
+    let tail = if digits.len() >= 10 { 3 } else { 2 };
+    let head = 2.min(digits.len());
+    let hidden = digits.len().saturating_sub(head + tail);
+    if hidden == 0 {
+        return "+•••".to_owned();
+    }
+    format!(
+        "+{}{}{}",
+        &digits[..head],
+        "•".repeat(hidden),
+        &digits[digits.len() - tail..]
+    )
+}
+
+/// A fresh 6-digit code, uniform over 000000–999999 from the OS CSPRNG. Values of the random
+/// u32 at or above the largest multiple of 10^6 are drawn again, so no code is likelier than
+/// another (a plain `% 1_000_000` would favour the low ones).
+pub fn new_code() -> String {
+    const RANGE: u32 = 1_000_000;
+    // 4_294_000_000: every n below it maps onto 0..RANGE exactly 4294 times.
+    const LIMIT: u32 = u32::MAX - (u32::MAX % RANGE);
+    loop {
+        let n = u32::from_le_bytes(random_bytes::<4>());
+        if n < LIMIT {
+            return format!("{:06}", n % RANGE);
+        }
+    }
+}
+
+/// Is `code` shaped like an SMS code (exactly six ASCII digits)?
+pub fn is_code_shape(code: &str) -> bool {
+    code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The message texted to the consumer. It says what the code is for and that it must not be
+/// shared; it holds nothing else about the account.
+pub fn message(purpose: Purpose, code: &str, ttl: Duration) -> String {
+    let minutes = ttl.as_secs().div_ceil(60);
+    match purpose {
+        Purpose::Login => format!(
+            "Your stepgate login code is {code}. It expires in {minutes} min. Do not share it."
+        ),
+        Purpose::Enrol => format!(
+            "Your stepgate verification code is {code}. It expires in {minutes} min. If you did \
+             not ask for it, ignore this message."
+        ),
+    }
+}
+
+/// Send times of one subject within the last hour, oldest first.
+type History = Arc<Mutex<VecDeque<u64>>>;
+
+/// Limits texts per consumer and per destination number: at most one per
+/// [`MIN_INTERVAL_SECS`] and [`PER_HOUR`] per hour each, so neither an API key nor a typed-in
+/// number can be used to flood a phone (or run up the SMS bill). Times come from the
+/// gateway's clock, so tests move time instead of sleeping. Entries live in bounded caches
+/// and leave after an hour without sends.
+pub struct SendLimiter {
+    consumers: Cache<Arc<str>, History>,
+    phones: Cache<[u8; 32], History>,
+}
+
+impl Default for SendLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SendLimiter {
+    pub fn new() -> Self {
+        Self {
+            consumers: history_cache(),
+            phones: history_cache(),
+        }
+    }
+
+    /// Records a send at `now` for `consumer` to `phone` when both are under their limits;
+    /// otherwise records nothing and returns the seconds until a send would be allowed.
+    pub fn try_send(&self, consumer: &Arc<str>, phone: &Phone, now: u64) -> Result<(), u64> {
+        let by_consumer = self.consumers.get_with(consumer.clone(), History::default);
+        let by_phone = self.phones.get_with(phone.limiter_key(), History::default);
+        // Always in this order (consumer, then number), so two sends cannot deadlock.
+        let mut by_consumer = by_consumer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_phone = by_phone.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = wait_for(&mut by_consumer, now).max(wait_for(&mut by_phone, now));
+        if wait > 0 {
+            return Err(wait);
+        }
+        by_consumer.push_back(now);
+        by_phone.push_back(now);
+        Ok(())
+    }
+}
+
+fn history_cache<K>() -> Cache<K, History>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    Cache::builder()
+        .max_capacity(LIMITER_CAPACITY)
+        .time_to_idle(Duration::from_secs(3600))
+        .build()
+}
+
+/// Seconds until `history` allows another send at `now` (0: allowed). Drops sends older than
+/// an hour.
+fn wait_for(history: &mut VecDeque<u64>, now: u64) -> u64 {
+    while history.front().is_some_and(|&t| t + 3600 <= now) {
+        history.pop_front();
+    }
+    let interval = history
+        .back()
+        .map_or(0, |&last| (last + MIN_INTERVAL_SECS).saturating_sub(now));
+    let hourly = if history.len() >= PER_HOUR {
+        history
+            .front()
+            .map_or(0, |&first| (first + 3600).saturating_sub(now))
+    } else {
+        0
+    };
+    interval.max(hourly)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_e164_only() {
+        for good in [
+            "+447700900123",
+            "+12025550123",
+            "+49301234",
+            "+123456789012345",
+        ] {
+            assert!(Phone::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "447700900123",
+            "+44 7700 900123",
+            "+44-7700-900123",
+            "+0447700900",
+            "+1234567",
+            "+1234567890123456",
+            "+４４７７００９００１２３",
+            "",
+            "+",
+        ] {
+            assert!(Phone::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_masked() {
+        let phone = Phone::parse("+447700900123").unwrap();
+        assert_eq!(phone.masked(), "+44•••••••123");
+        assert_eq!(format!("{phone:?}"), "Phone(+44•••••••123)");
+        assert_eq!(Phone::parse("+49301234").unwrap().masked(), "+49••••34");
+    }
+
+    #[test]
+    fn codes_are_six_digits_and_vary() {
+        let codes: Vec<String> = (0..200).map(|_| new_code()).collect();
+        assert!(codes.iter().all(|c| is_code_shape(c)), "{codes:?}");
+        let mut unique = codes.clone();
+        unique.sort();
+        unique.dedup();
+        assert!(unique.len() > 190, "{} distinct of 200", unique.len());
+        assert!(!is_code_shape("12345") && !is_code_shape("１２３４５６"));
+    }
+
+    #[test]
+    fn sends_are_limited_per_consumer_and_per_number() {
+        let limiter = SendLimiter::new();
+        let alice: Arc<str> = "alice".into();
+        let bob: Arc<str> = "bob".into();
+        let one = Phone::parse("+447700900001").unwrap();
+        let two = Phone::parse("+447700900002").unwrap();
+        let t = 1_000_000;
+        assert_eq!(limiter.try_send(&alice, &one, t), Ok(()));
+        // Same consumer, other number: the consumer's 30 s.
+        assert_eq!(limiter.try_send(&alice, &two, t + 10), Err(20));
+        // Other consumer, same number: the number's 30 s.
+        assert_eq!(limiter.try_send(&bob, &one, t + 10), Err(20));
+        assert_eq!(limiter.try_send(&bob, &two, t + 10), Ok(()));
+        // Five an hour.
+        for i in 1..5 {
+            assert_eq!(limiter.try_send(&alice, &one, t + 30 * i), Ok(()), "{i}");
+        }
+        assert_eq!(limiter.try_send(&alice, &one, t + 150), Err(3600 - 150));
+        assert_eq!(limiter.try_send(&alice, &one, t + 3600), Ok(()));
+    }
+}

@@ -1,0 +1,767 @@
+//! The SMS factor end to end (issue 7), against a local server speaking Twilio's wire API
+//! (`support::twilio`): enrolment with a verification code, login codes (single use, 5
+//! minutes, replaced by a newer send), send limits per consumer and per destination, Twilio
+//! failures as 502 `sms_failed` with Twilio's code in the log, `key+sms` on protected routes,
+//! what "enrolled" means with only SMS, removal, restart, failing closed, and nothing secret
+//! in logs, upstream requests or the database. Time is the injected clock; codes are read out
+//! of the texts the fake received.
+mod support;
+use support::self_service::*;
+use support::twilio::code_in;
+use support::*;
+
+use serde_json::{Value, json};
+
+fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["kind"] == kind).count()
+}
+
+/// Asserts the fake received exactly what Twilio expects, and nothing it had to refuse.
+fn assert_wire_ok(s: &Ss) {
+    assert!(
+        s.twilio.rejections().is_empty(),
+        "Twilio would have refused: {:?}",
+        s.twilio.rejections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["sms_available"], true, "{status}");
+    assert_eq!(status["factors"]["sms"]["status"], "none");
+    assert_eq!(status["enrolled"], false);
+
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let body = r.json();
+    assert_eq!(body["phone"], PHONE_MASKED);
+    assert_eq!(body["expires_at"], date_rfc3339(T0 + 300));
+    assert!(!r.text().contains("900123"), "the answer masks the number");
+
+    // What went over the wire, as Twilio wants it.
+    assert_wire_ok(&s);
+    let sent = s.twilio.last();
+    assert_eq!(sent.to, PHONE);
+    assert_eq!(sent.from.as_deref(), Some(FROM));
+    assert_eq!(sent.messaging_service_sid, None);
+    let code = code_in(&sent.body);
+    assert!(sent.body.contains("verification"), "{}", sent.body);
+    let arrived = s.twilio.arrived().pop().unwrap();
+    assert_eq!(
+        arrived.path,
+        format!(
+            "/2010-04-01/Accounts/{}/Messages.json",
+            s.twilio.account_sid
+        )
+    );
+
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["factors"]["sms"]["status"], "pending", "{status}");
+    assert_eq!(status["factors"]["sms"]["phone"], PHONE_MASKED);
+    assert_eq!(status["enrolled"], false);
+
+    // Without the code, with a wrong one, then with the texted one.
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &alice.key, None, None)
+        .await;
+    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &alice.key, Some(wrong), None)
+        .await;
+    r.assert_problem(401, "otp_invalid");
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &alice.key, Some(&code), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["sms"], "confirmed");
+    // SMS was alice's first factor: recovery codes come with it.
+    assert_eq!(strings(&body["recovery_codes"]).len(), 10);
+
+    // Used: the same code again finds nothing to confirm.
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &alice.key, Some(&code), None)
+        .await;
+    r.assert_problem(409, "conflict");
+
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["enrolled"], true, "{status}");
+    assert_eq!(status["factors"]["sms"]["status"], "confirmed");
+    assert_eq!(status["factors"]["sms"]["phone"], PHONE_MASKED);
+    assert_eq!(status["factors"]["recovery_codes"]["remaining"], 10);
+
+    // The operator's view: masked, and SMS is a factor.
+    let view = s.gw.view("alice").await;
+    assert_eq!(view["sms"]["status"], "confirmed", "{view}");
+    assert_eq!(view["sms"]["phone"], PHONE_MASKED);
+    assert_eq!(view["factors"], json!(["sms", "recovery_code"]));
+    assert!(!view.to_string().contains("900123"));
+
+    let events = s.audit("alice").await;
+    for kind in [
+        "sms_enrolment_started",
+        "sms_sent",
+        "sms_enrolled",
+        "otp_rejected",
+    ] {
+        assert_eq!(count(&events, kind), 1, "{kind}: {events:#?}");
+    }
+    let sent = events.iter().find(|e| e["kind"] == "sms_sent").unwrap();
+    assert_eq!(sent["detail"]["purpose"], "enrol");
+    assert_eq!(sent["detail"]["phone"], PHONE_MASKED);
+    assert!(sent["detail"]["sid"].as_str().unwrap().starts_with("SM"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_code_works_once_on_a_protected_route_and_expires_after_five_minutes() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+
+    // No code: the challenge names the policy's factor.
+    let r = s.call("/sms/x", &alice.key, None).await;
+    assert_otp_refused(&r, "otp_required", "sms");
+
+    let code = s.login_code(&alice.key).await;
+    let last = s.twilio.last();
+    assert_eq!(last.to, PHONE);
+    assert!(last.body.contains("login"), "{}", last.body);
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("x-step-up-token").is_some(),
+        "a code earns a token"
+    );
+    let rec = s.last_upstream();
+    assert_eq!(rec.header_all("x-stepgate-auth"), vec!["key+sms"]);
+    assert_no_credentials(&rec);
+    // Single use.
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+
+    // Valid up to its fifth minute...
+    s.advance(31);
+    let code = s.login_code(&alice.key).await;
+    s.advance(299);
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // ...and not at five minutes, absolute.
+    let code = s.login_code(&alice.key).await;
+    s.advance(300);
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+
+    // A policy accepting every factor takes SMS codes too.
+    s.advance(1);
+    let code = s.login_code(&alice.key).await;
+    let r = s.call("/any/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.last_upstream().header("x-stepgate-auth"), Some("key+sms"));
+
+    let events = s.audit("alice").await;
+    let accepted: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "otp_accepted")
+        .collect();
+    assert_eq!(accepted.len(), 3, "{events:#?}");
+    assert!(accepted.iter().all(|e| e["detail"]["factor"] == "sms"));
+    let metrics = admin_call(s.gw.admin, None, "GET", "/metrics", None).await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"stepgate_second_factor_total{factor="sms",outcome="accepted"} 3"#),
+        "{}",
+        metrics.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_send_replaces_the_outstanding_code() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let first = s.login_code(&alice.key).await;
+    s.advance(31);
+    let second = s.login_code(&alice.key).await;
+    if first != second {
+        let r = s.call("/sms/x", &alice.key, Some(&first)).await;
+        assert_otp_refused(&r, "otp_invalid", "sms");
+    }
+    let r = s.call("/sms/x", &alice.key, Some(&second)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await; // send 1 (an enrolment text counts too)
+    let code = s.login_code(&alice.key).await; // send 2
+
+    // One per 30 s per consumer.
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    assert_banned(&r, 30);
+    s.advance(10);
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    assert_banned(&r, 20);
+    // A refused send neither texts nor replaces the outstanding code.
+    assert_eq!(s.twilio.messages().len(), 2);
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Per destination: bob may not text alice's number within alice's 30 s either.
+    let bob = s.consumer("bob", &[]).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &bob.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_banned(&r, 20);
+    // Another number is fine for bob.
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &bob.key,
+            None,
+            Some(json!({"phone": "+447700900999"})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    // Five an hour per consumer: sends 3, 4, 5 at 30 s intervals, then the sixth waits for
+    // the first to be an hour old.
+    for _ in 0..3 {
+        s.advance(30);
+        s.login_code(&alice.key).await;
+    }
+    s.advance(30);
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    // The first send was at T0 + 0 (enrolment); now is T0 + 31 + 10 + 120.
+    let elapsed = s.now() - T0;
+    assert_banned(&r, 3600 - elapsed);
+    assert_eq!(s.twilio.messages().len(), 6);
+    // Limits are not failed attempts: alice is not banned from her routes.
+    let code = s.twilio.last_code();
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // An hour after the first, one more is allowed.
+    s.set(T0 + 3600);
+    s.login_code(&alice.key).await;
+    assert_wire_ok(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twilio_error_is_502_sms_failed_with_twilios_code_in_the_log() {
+    let logs = logs::capture();
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+
+    s.twilio.fail_with(
+        400,
+        json!({"code": 21211, "message": format!("The 'To' number {PHONE} is not a valid phone number."),
+               "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}),
+    );
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    let problem = r.assert_problem(502, "sms_failed");
+    assert!(
+        !problem.to_string().contains("21211"),
+        "the client gets no provider detail"
+    );
+    // The code that was to be texted is withdrawn: nobody received it.
+    let unsent = code_in(&s.twilio.arrived().pop().unwrap().body);
+    s.twilio.succeed();
+    let r = s.call("/sms/x", &alice.key, Some(&unsent)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("SMS not sent"))
+        .unwrap_or_else(|| panic!("no failure line in the log:\n{text}"));
+    assert!(line.contains("21211"), "{line}");
+    assert!(line.contains("400"), "{line}");
+    assert!(line.contains(PHONE_MASKED), "{line}");
+    assert!(!text.contains(PHONE), "the full number is in the log");
+    assert!(
+        !text.contains(&s.twilio.auth_token),
+        "the auth token is in the log"
+    );
+    let events = s.audit("alice").await;
+    let failed = events
+        .iter()
+        .find(|e| e["kind"] == "sms_send_failed")
+        .unwrap();
+    assert_eq!(failed["detail"]["twilio_code"], 21211, "{failed}");
+
+    // An enrolment text failing is a 502 too, and its code confirms nothing.
+    s.twilio.fail_with(
+        401,
+        json!({"code": 20003, "message": "Authenticate", "status": 401}),
+    );
+    let bob = s.consumer("bob", &[]).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &bob.key,
+            None,
+            Some(json!({"phone": "+447700900555"})),
+        )
+        .await;
+    r.assert_problem(502, "sms_failed");
+    let unsent = code_in(&s.twilio.arrived().pop().unwrap().body);
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &bob.key, Some(&unsent), None)
+        .await;
+    r.assert_problem(401, "otp_invalid");
+    assert!(logs.text().contains("20003"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_silent_twilio_is_502_never_a_pass() {
+    let closed = closed_port_addr().await;
+    let s = Ss::start_with(Options {
+        base_url: Some(format!("http://{closed}")),
+        ..Options::default()
+    })
+    .await;
+    let alice = s.consumer("alice", &[]).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    r.assert_problem(502, "sms_failed");
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"]["status"],
+        "pending"
+    );
+
+    let hole = BlackHole::start().await;
+    let s = Ss::start_with(Options {
+        base_url: Some(hole.url()),
+        twilio_timeout: "300ms",
+        ..Options::default()
+    })
+    .await;
+    let alice = s.consumer("alice", &[]).await;
+    let started = std::time::Instant::now();
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    r.assert_problem(502, "sms_failed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messaging_service_sends_instead_of_a_from_number() {
+    let service = format!("MG{}", uuid::Uuid::new_v4().simple());
+    let s = Ss::start_with(Options {
+        messaging_service: Some(service.clone()),
+        ..Options::default()
+    })
+    .await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let sent = s.twilio.last();
+    assert_eq!(sent.from, None);
+    assert_eq!(
+        sent.messaging_service_sid.as_deref(),
+        Some(service.as_str())
+    );
+    assert_wire_ok(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_the_logs_the_upstream_or_the_database() {
+    let logs = logs::capture();
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let confirmed = s.enrol_sms(&alice.key, None, PHONE).await;
+    let enrol_code = code_in(&s.twilio.messages()[0].body);
+    let code = s.login_code(&alice.key).await;
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let wrong = if code == "111111" { "222222" } else { "111111" };
+    s.call("/sms/x", &alice.key, Some(wrong)).await;
+    for rec in s.up.requests() {
+        assert_no_credentials(&rec);
+        for (name, value) in &rec.headers {
+            let v = value.to_str().unwrap_or("");
+            assert!(!v.contains(&code) && !v.contains("900123"), "{name}: {v}");
+        }
+    }
+    // The basic-auth credentials went to Twilio, and only there.
+    let auth = s.twilio.arrived()[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = logs.text();
+    assert!(text.contains("sms_sent"), "the capture works");
+    let digits = PHONE.trim_start_matches('+');
+    let recovery = strings(&confirmed["recovery_codes"]);
+    for (what, secret) in [
+        ("auth token", s.twilio.auth_token.as_str()),
+        ("basic credentials", auth.trim_start_matches("Basic ")),
+        ("phone number", digits),
+        ("API key", &alice.key[12..]),
+        ("recovery code", recovery[0].as_str()),
+    ] {
+        assert!(!text.contains(secret), "the {what} is in the logs");
+    }
+    for (what, secret) in [("enrol code", &enrol_code), ("login code", &code)] {
+        let found = text.match_indices(secret.as_str()).any(|(i, _)| {
+            let b = text.as_bytes();
+            !(i > 0 && (b[i - 1].is_ascii_digit() || b[i - 1] == b'.'))
+                && !b.get(i + secret.len()).is_some_and(u8::is_ascii_digit)
+        });
+        assert!(!found, "the {what} {secret} is in the logs");
+    }
+
+    // The database: the number sealed, codes hashed.
+    let mut s = s;
+    s.t.gw.shutdown().await;
+    let db = std::fs::read(s.db_path()).unwrap();
+    let wal = std::fs::read(s.db_path().with_extension("db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !contains_bytes(bytes, digits.as_bytes()),
+            "the number in clear"
+        );
+        assert!(!contains_bytes(bytes, code.as_bytes()), "a code in clear");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_sms_a_consumer_is_enrolled_for_policies_that_accept_it() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let confirmed = s.enrol_sms(&alice.key, None, PHONE).await;
+    let recovery = strings(&confirmed["recovery_codes"]);
+
+    // A policy that accepts neither SMS nor recovery codes: still not enrolled.
+    let r = s.call("/totp-only/x", &alice.key, None).await;
+    r.assert_problem(403, "enrollment_required");
+    // One that accepts recovery codes (they came with SMS): a code is asked for, and works.
+    let r = s.call("/totp/x", &alice.key, None).await;
+    assert_otp_refused(&r, "otp_required", "totp recovery_code");
+    let r = s.call("/totp/x", &alice.key, Some(&recovery[0])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // An SMS code is not a factor a TOTP policy takes.
+    let code = s.login_code(&alice.key).await;
+    let r = s.call("/totp/x", &alice.key, Some(&code)).await;
+    assert_otp_refused(&r, "otp_invalid", "totp recovery_code");
+
+    let status = s.status(&alice.key).await;
+    let policies = status["policies"].as_array().unwrap();
+    let of = |name: &str| {
+        policies
+            .iter()
+            .find(|p| p["policy"] == name)
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+            .clone()
+    };
+    assert_eq!(of("sms")["status"], "enrolled");
+    assert_eq!(of("totp-only")["status"], "required");
+    assert_eq!(of("totp")["status"], "enrolled");
+    assert!(
+        policies.iter().all(|p| p["policy"] != "admins"),
+        "not alice's role"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_sms_needs_a_code_revokes_tokens_and_takes_the_last_recovery_codes() {
+    let s = Ss::start().await;
+    // alice has TOTP and SMS; her token is earned with an SMS code on a policy taking both.
+    let alice = s.consumer("alice", &[]).await;
+    let totp = s.enrol_totp(&alice.key, None).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    s.enrol_sms(&alice.key, Some(&totp_at(&totp.secret, s.now())), PHONE)
+        .await;
+    let code = s.login_code(&alice.key).await;
+    let r = s.call("/any/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.header("x-step-up-token").unwrap().to_string();
+
+    let r = s.api("DELETE", "/2fa/sms", &alice.key, None, None).await;
+    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    let r = s
+        .api("DELETE", "/2fa/sms", &alice.key, Some("000000"), None)
+        .await;
+    r.assert_problem(401, "otp_invalid");
+    let r = s
+        .api(
+            "DELETE",
+            "/2fa/sms",
+            &alice.key,
+            Some(&totp_at(&totp.secret, s.now())),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The token is gone although alice is still enrolled (TOTP), and so are her codes' texts.
+    let r = s.call_token("/any/x", &alice.key, &token).await;
+    assert_otp_refused(&r, "step_up_invalid", "totp recovery_code sms");
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["factors"]["sms"]["status"], "none", "{status}");
+    assert_eq!(
+        status["factors"]["recovery_codes"]["remaining"], 10,
+        "TOTP is left"
+    );
+    assert_eq!(status["enrolled"], true);
+    assert_eq!(s.gw.view("alice").await["sms"], Value::Null);
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    r.assert_problem(409, "sms_not_enrolled");
+    let events = s.audit("alice").await;
+    assert_eq!(count(&events, "sms_removed"), 1);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "step_up_revoked" && e["detail"]["reason"] == "sms_removed"),
+        "{events:#?}"
+    );
+
+    // bob has only SMS: removing it leaves no factor and no recovery codes.
+    let bob = s.consumer("bob", &[]).await;
+    s.enrol_sms(&bob.key, None, "+447700900333").await;
+    let code = s.login_code(&bob.key).await;
+    let r = s
+        .api("DELETE", "/2fa/sms", &bob.key, Some(&code), None)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let status = s.status(&bob.key).await;
+    assert_eq!(
+        status["factors"]["recovery_codes"]["remaining"], 0,
+        "{status}"
+    );
+    assert_eq!(status["enrolled"], false);
+    s.call("/sms/x", &bob.key, None)
+        .await
+        .assert_problem(403, "enrollment_required");
+    let r = s.api("DELETE", "/2fa/sms", &bob.key, None, None).await;
+    r.assert_problem(409, "sms_not_enrolled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_number_replaces_the_old_only_once_confirmed() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
+    // Changing the number needs a code of the confirmed factor.
+    let other = "+447700900777";
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": other})),
+        )
+        .await;
+    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    s.advance(31);
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            Some(&code),
+            Some(json!({"phone": other})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let verification = s.twilio.last_code();
+    assert_eq!(s.twilio.last().to, other);
+    // The verification code is not a login code; the old number still gets login codes.
+    let r = s.call("/sms/x", &alice.key, Some(&verification)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["factors"]["sms"]["status"], "confirmed", "{status}");
+    assert_eq!(status["factors"]["sms"]["pending_phone"], "+44•••••••777");
+    s.advance(31);
+    let login = s.login_code(&alice.key).await;
+    assert_eq!(s.twilio.last().to, PHONE);
+    let r = s.call("/sms/x", &alice.key, Some(&login)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Confirmed: not the first factor, so no new recovery codes; texts go to the new number.
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms/confirm",
+            &alice.key,
+            Some(&verification),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["recovery_codes"], Value::Null, "{}", r.text());
+    s.advance(31);
+    s.login_code(&alice.key).await;
+    assert_eq!(s.twilio.last().to, other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_survive_a_restart_and_a_used_one_stays_used() {
+    let mut s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
+    s.t.restart().await;
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.t.restart().await;
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+    assert_eq!(s.gw.view("alice").await["sms"]["phone"], PHONE_MASKED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_fails_closed_with_503() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
+    s.advance(31);
+
+    let db = rusqlite::Connection::open(s.db_path()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER down_use BEFORE DELETE ON sms_codes BEGIN SELECT RAISE(ABORT, 'down'); END;
+         CREATE TRIGGER down_put BEFORE INSERT ON sms_codes BEGIN SELECT RAISE(ABORT, 'down'); END;",
+    )
+    .unwrap();
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    r.assert_problem(503, "unavailable");
+    let texts = s.twilio.messages().len();
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    r.assert_problem(503, "unavailable");
+    assert_eq!(
+        s.twilio.messages().len(),
+        texts,
+        "no text without a stored code"
+    );
+
+    db.execute_batch("DROP TRIGGER down_use; DROP TRIGGER down_put;")
+        .unwrap();
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "the code was not spent: {}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_masked_numbers_and_reset_or_delete_removes_sms_state() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
+    let token = s
+        .call("/sms/x", &alice.key, Some(&code))
+        .await
+        .header("x-step-up-token")
+        .unwrap()
+        .to_string();
+
+    // `stepgate sms reset` (DELETE /consumers/{name}/sms) revokes tokens.
+    let (code_, out, err) = run_cli_async(
+        &[
+            "--admin-url",
+            &format!("http://{}", s.gw.admin),
+            "--admin-token",
+            &s.gw.token,
+            "sms",
+            "reset",
+            "alice",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code_, 0, "{out}\n{err}");
+    assert!(out.contains("Removed the SMS number of alice"), "{out}");
+    assert_eq!(s.gw.view("alice").await["sms"], Value::Null);
+    assert_eq!(s.call_token("/sms/x", &alice.key, &token).await.status, 403);
+    let events = s.audit("alice").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "step_up_revoked" && e["detail"]["reason"] == "sms_removed")
+    );
+
+    // Deleting a consumer leaves no SMS row or code behind.
+    let bob = s.consumer("bob", &[]).await;
+    s.enrol_sms(&bob.key, None, "+447700900444").await;
+    s.login_code(&bob.key).await;
+    let db = rusqlite::Connection::open(s.db_path()).unwrap();
+    let rows = |table: &str| -> i64 {
+        db.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(rows("sms"), 1);
+    assert_eq!(rows("sms_codes"), 1);
+    s.gw.ok("DELETE", "/consumers/bob", None, 204).await;
+    assert_eq!(rows("sms"), 0);
+    assert_eq!(rows("sms_codes"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sms_configured_the_sms_calls_say_so() {
+    let s = Ss::start_with(Options {
+        sms: false,
+        ..Options::default()
+    })
+    .await;
+    let alice = s.consumer("alice", &[]).await;
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["sms_available"], false, "{status}");
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    r.assert_problem(404, "sms_not_configured");
+    let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
+    r.assert_problem(404, "sms_not_configured");
+    assert!(s.twilio.arrived().is_empty());
+}

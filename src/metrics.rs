@@ -1,15 +1,23 @@
 //! Prometheus metrics (prometheus-client), served as text on the admin listener's `/metrics`.
 //! Every label value comes from a small, closed set (route and upstream names from the
 //! configuration, status codes, fixed outcome names), never from a path, key or consumer.
+//!
+//! What every request records goes through handles resolved once per route and upstream
+//! ([`RouteHandles`], [`UpstreamHandles`]) onto lock-free, per-thread [`sharded`] metrics:
+//! a family lookup takes a read lock and hashes the labels, a handle is a few atomics.
 
-use std::sync::Arc;
+pub mod sharded;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+pub use sharded::{Count, Latency};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
@@ -59,11 +67,14 @@ pub struct Metrics {
     registry: Registry,
     /// The `route` label of requests no route matched.
     pub no_route: Arc<str>,
-    pub requests: Family<RouteStatus, Counter>,
-    pub request_duration: Family<RouteLabel, Histogram>,
-    pub upstream_duration: Family<UpstreamLabel, Histogram>,
+    no_route_handles: RouteHandles,
+    pub requests: Family<RouteStatus, Count>,
+    pub request_duration: Family<RouteLabel, Latency>,
+    pub upstream_duration: Family<UpstreamLabel, Latency>,
     pub upstream_errors: Family<UpstreamError, Counter>,
-    pub second_factor: Family<FactorOutcome, Counter>,
+    pub second_factor: Family<FactorOutcome, Count>,
+    /// `second_factor` by (factor, outcome) index, resolved on first use.
+    factor_handles: Box<[OnceLock<Count>]>,
     pub bans_started: Family<SubjectLabel, Counter>,
     pub bans_active: Gauge,
     pub step_up_issued: Counter,
@@ -72,23 +83,54 @@ pub struct Metrics {
     pub config_last_reload_ok: Gauge,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs to ~6.5 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+/// The `factor` and `outcome` label values of `second_factor` (others are counted too, just
+/// through a family lookup).
+const FACTORS: [&str; 6] = ["totp", "recovery_code", "sms", "step_up", "code", "none"];
+const OUTCOMES: [&str; 11] = [
+    "accepted",
+    "rejected",
+    "replayed",
+    "missing",
+    "not_enrolled",
+    "grace",
+    "would_refuse",
+    "sent",
+    "send_failed",
+    "send_limited",
+    "enrolled",
+];
+
+/// Statuses per route with a handle of their own (a route answers with few).
+const STATUS_SLOTS: usize = 8;
+
+/// A route's request metrics, resolved on its first request. Each route of a configuration
+/// snapshot carries one; a reload starts new ones on the same metric families.
+#[derive(Default)]
+pub struct RouteHandles(OnceLock<RouteMetrics>);
+
+struct RouteMetrics {
+    duration: Latency,
+    statuses: [OnceLock<(u16, Count)>; STATUS_SLOTS],
 }
+
+impl std::fmt::Debug for RouteHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteHandles")
+    }
+}
+
+/// An upstream's latency histogram, resolved on its first request.
+#[derive(Default)]
+pub struct UpstreamHandles(OnceLock<Latency>);
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("stepgate");
-        let requests = Family::<RouteStatus, Counter>::default();
-        let request_duration = Family::<RouteLabel, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        let upstream_duration = Family::<UpstreamLabel, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
+        let requests = Family::<RouteStatus, Count>::default();
+        let request_duration = Family::<RouteLabel, Latency>::default();
+        let upstream_duration = Family::<UpstreamLabel, Latency>::default();
         let upstream_errors = Family::<UpstreamError, Counter>::default();
-        let second_factor = Family::<FactorOutcome, Counter>::default();
+        let second_factor = Family::<FactorOutcome, Count>::default();
         let bans_started = Family::<SubjectLabel, Counter>::default();
         let bans_active = Gauge::default();
         let step_up_issued = Counter::default();
@@ -150,11 +192,15 @@ impl Metrics {
         Arc::new(Self {
             registry,
             no_route: Arc::from(""),
+            no_route_handles: RouteHandles::default(),
             requests,
             request_duration,
             upstream_duration,
             upstream_errors,
             second_factor,
+            factor_handles: (0..FACTORS.len() * OUTCOMES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             bans_started,
             bans_active,
             step_up_issued,
@@ -165,9 +211,72 @@ impl Metrics {
     }
 
     pub fn factor(&self, factor: &'static str, outcome: &'static str) {
-        self.second_factor
-            .get_or_create(&FactorOutcome { factor, outcome })
+        let label = FactorOutcome { factor, outcome };
+        let index = FACTORS
+            .iter()
+            .position(|f| *f == factor)
+            .zip(OUTCOMES.iter().position(|o| *o == outcome))
+            .map(|(f, o)| f * OUTCOMES.len() + o);
+        match index.and_then(|i| self.factor_handles.get(i)) {
+            Some(slot) => slot
+                .get_or_init(|| self.second_factor.get_or_create(&label).clone())
+                .inc(),
+            None => self.second_factor.get_or_create(&label).inc(),
+        }
+    }
+
+    /// Counts a request answered with `status` after `elapsed`, on `route` (none matched:
+    /// `None`).
+    pub fn request(&self, route: Option<&crate::routing::Route>, status: u16, elapsed: Duration) {
+        let (label, handles) = match route {
+            Some(route) => (&route.label, &route.metrics),
+            None => (&self.no_route, &self.no_route_handles),
+        };
+        let metrics = handles.0.get_or_init(|| RouteMetrics {
+            duration: self
+                .request_duration
+                .get_or_create(&RouteLabel {
+                    route: label.clone(),
+                })
+                .clone(),
+            statuses: Default::default(),
+        });
+        metrics.duration.observe(elapsed);
+        for slot in &metrics.statuses {
+            let (slot_status, count) = slot.get_or_init(|| {
+                let count = self.requests.get_or_create(&RouteStatus {
+                    route: label.clone(),
+                    status,
+                });
+                (status, count.clone())
+            });
+            if *slot_status == status {
+                count.inc();
+                return;
+            }
+        }
+        // More statuses than slots on this route: the family, with its lookup.
+        self.requests
+            .get_or_create(&RouteStatus {
+                route: label.clone(),
+                status,
+            })
             .inc();
+    }
+
+    /// Records how long `upstream` took to answer with a response head.
+    pub fn upstream(&self, upstream: &crate::proxy::upstream::Upstream, elapsed: Duration) {
+        upstream
+            .metrics
+            .0
+            .get_or_init(|| {
+                self.upstream_duration
+                    .get_or_create(&UpstreamLabel {
+                        upstream: upstream.label.clone(),
+                    })
+                    .clone()
+            })
+            .observe(elapsed);
     }
 
     pub fn upstream_error(&self, upstream: &Arc<str>, kind: &'static str) {

@@ -16,7 +16,7 @@ use tower::{Layer, Service};
 
 use crate::config::Snapshot;
 use crate::error::ProblemCode;
-use crate::metrics::{Metrics, RouteLabel, RouteStatus};
+use crate::metrics::Metrics;
 use crate::routing::Route;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -126,19 +126,8 @@ where
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let route = response.extensions().get::<Arc<Route>>();
         let elapsed = this.start.elapsed();
-        // Shared label strings: counting a request allocates nothing.
-        let label = route.map_or_else(|| this.metrics.no_route.clone(), |r| r.label.clone());
         this.metrics
-            .requests
-            .get_or_create(&RouteStatus {
-                route: label.clone(),
-                status: response.status().as_u16(),
-            })
-            .inc();
-        this.metrics
-            .request_duration
-            .get_or_create(&RouteLabel { route: label })
-            .observe(elapsed.as_secs_f64());
+            .request(route.map(Arc::as_ref), response.status().as_u16(), elapsed);
         tracing::info!(
             target: "stepgate::access",
             method = %this.method,

@@ -24,7 +24,7 @@ use crate::clock::{SharedClock, rfc3339};
 use crate::config::Factors;
 use crate::credentials::totp::{self, TotpParams};
 use crate::credentials::{api_key, recovery};
-use crate::secrets::MasterKey;
+use crate::secrets::{DigestMap, MasterKey};
 use crate::store::{
     AuditEvent, CodeCheck, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord,
     SmsRecord, State, Store, StoreError, TotpRecord,
@@ -205,7 +205,7 @@ pub struct KeyEntry {
 
 #[derive(Default, Clone)]
 struct Index {
-    by_hash: HashMap<Hash, Arc<KeyEntry>>,
+    by_hash: DigestMap<Arc<KeyEntry>>,
     by_name: HashMap<String, Arc<Consumer>>,
 }
 

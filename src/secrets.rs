@@ -2,7 +2,9 @@
 //! peppers that API keys and recovery codes are hashed with) and the admin token. Both come
 //! from the environment or are created in the data directory, readable by the owner only.
 
+use std::collections::HashMap;
 use std::fs;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -34,6 +36,33 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     // The OS generator failing is not something a gateway can run without.
     getrandom::fill(&mut bytes).unwrap_or_else(|e| panic!("OS random generator failed: {e}"));
     bytes
+}
+
+/// A map keyed by 32-byte digests (HMACs of API keys, SHA-256 of step-up tokens). The keys
+/// are uniformly distributed already, so 8 of their bytes are the hash (bytes 8..16: the first
+/// byte picks a step-up token's shard, so it must not also pick its bucket): hashing them
+/// again (SipHash, the default) would cost more than the lookup. Flooding is not a concern:
+/// entries are only ever made by the gateway (an attacker cannot choose a key's HMAC without
+/// the pepper, nor insert a token), and looking up absent keys cannot lengthen a probe.
+pub type DigestMap<V> = HashMap<[u8; 32], V, BuildHasherDefault<DigestHasher>>;
+
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let part = bytes.get(8..16).unwrap_or(bytes);
+        let n = part.len().min(8);
+        word[..n].copy_from_slice(&part[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+
+    fn write_usize(&mut self, _length_prefix: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {

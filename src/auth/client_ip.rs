@@ -49,14 +49,13 @@ impl<B> Guard<B> for ClientAddr {
 }
 
 fn from_forwarded_for(headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
-    let mut hops: Vec<&str> = Vec::new();
-    for value in headers.get_all(&X_FORWARDED_FOR) {
-        hops.extend(value.to_str().ok()?.split(',').map(str::trim));
-    }
-    for hop in hops.iter().rev() {
-        let ip: IpAddr = hop.parse().ok()?;
-        if !trusted.iter().any(|net| net.contains(&ip)) {
-            return Some(ip);
+    // Right to left over all the header lines, as one comma-separated list.
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        for hop in value.to_str().ok()?.rsplit(',') {
+            let ip: IpAddr = hop.trim().parse().ok()?;
+            if !trusted.iter().any(|net| net.contains(&ip)) {
+                return Some(ip);
+            }
         }
     }
     None

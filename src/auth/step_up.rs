@@ -7,14 +7,13 @@
 //! entry is about 100 bytes. A lookup takes one shard's read lock (never a global one);
 //! expired entries are swept periodically, and the total is capped.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::Scope;
-use crate::secrets::{hex, random_bytes};
+use crate::secrets::{DigestMap, hex, random_bytes};
 
 pub const PREFIX: &str = "sgt_";
 /// Live tokens kept at most; beyond it the least useful are evicted (their holders simply
@@ -56,7 +55,7 @@ impl TokenRejection {
 
 const SHARDS: usize = 64;
 
-type Shard = RwLock<HashMap<[u8; 32], TokenInfo>>;
+type Shard = RwLock<DigestMap<TokenInfo>>;
 
 #[derive(Clone)]
 pub struct StepUpTokens {
@@ -73,20 +72,22 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<[u8; 32], TokenInfo>> {
+fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, DigestMap<TokenInfo>> {
     // A panic while holding the lock cannot leave a map half-updated in a way that matters
     // here (inserts and removals are single operations), so poisoning is ignored.
     shard.read().unwrap_or_else(|p| p.into_inner())
 }
 
-fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, HashMap<[u8; 32], TokenInfo>> {
+fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, DigestMap<TokenInfo>> {
     shard.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl StepUpTokens {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(DigestMap::default()))
+                .collect(),
         }
     }
 

@@ -755,6 +755,7 @@ impl Loader<'_> {
                     strip_prefix: r.strip_prefix,
                     body_bytes,
                     line: spec.referenced.line(),
+                    metrics: Default::default(),
                 };
                 if let Some(twin) = routes.iter().find(|other| other.shadows(&route)) {
                     let message = format!(
@@ -840,6 +841,7 @@ fn step_up_routes(
         name: "stepgate".to_owned(),
         label: Arc::from("stepgate"),
         target: crate::proxy::upstream::Target::StepUp,
+        metrics: Default::default(),
     });
     policies
         .iter()
@@ -856,6 +858,7 @@ fn step_up_routes(
                 strip_prefix: false,
                 body_bytes: 4096,
                 line: 0,
+                metrics: Default::default(),
             };
             (name.clone(), Arc::new(route))
         })

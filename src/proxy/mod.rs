@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::error::{Body, BoxError, Refusal};
-use crate::metrics::{Metrics, UpstreamLabel};
+use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
 use crate::routing::Route;
 use crate::server::ConnInfo;
@@ -133,13 +133,8 @@ where
         )),
         Target::Http(http) => http.send(parts, body).await,
     };
+    metrics.upstream(&route.upstream, start.elapsed());
     let upstream = &route.upstream.label;
-    metrics
-        .upstream_duration
-        .get_or_create(&UpstreamLabel {
-            upstream: upstream.clone(),
-        })
-        .observe(start.elapsed().as_secs_f64());
     if let Err(refusal) = &result {
         let kind = match refusal {
             Refusal::UpstreamTimeout { .. } => Some("timeout"),

@@ -97,24 +97,31 @@ impl Pool {
 
     /// Sends `request` (origin-form URI) and returns the response head, its body streaming.
     /// A pooled connection that turns out to be closing before the request went out is
-    /// dropped and the next one tried; only a fresh connection's failure is final.
-    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    /// dropped and the next one tried; only a fresh connection's failure is final. When no
+    /// connection could be made the request comes back untouched, for the caller to retry.
+    pub async fn send(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, (SendError, Option<Request<Body>>)> {
         for _ in 0..POOLED_TRIES {
             let Some(sender) = self.checkout() else { break };
             match self.try_send(sender, request).await {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
-                    None => return Err(SendError::Request(error.into_error())),
+                    None => return Err((SendError::Request(error.into_error()), None)),
                 },
             }
         }
         // Boxed: connecting (resolver, TCP, TLS, handshake) makes by far the largest future,
         // and every request would otherwise carry its space while only a few connect.
-        let sender = Box::pin(self.connect()).await.map_err(SendError::Connect)?;
+        let sender = match Box::pin(self.connect()).await {
+            Ok(sender) => sender,
+            Err(error) => return Err((SendError::Connect(error), Some(request))),
+        };
         self.try_send(sender, request)
             .await
-            .map_err(|error| SendError::Request(error.into_error()))
+            .map_err(|error| (SendError::Request(error.into_error()), None))
     }
 
     async fn try_send(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::{Instant, timeout_at};
 
@@ -24,6 +24,8 @@ pub struct Upstream {
     /// The name as a shared metric label.
     pub label: Arc<str>,
     pub target: Target,
+    /// This upstream's latency metric.
+    pub metrics: crate::metrics::UpstreamHandles,
 }
 
 pub enum Target {
@@ -94,6 +96,7 @@ impl Upstream {
             name: name.to_owned(),
             label: Arc::from(name),
             target: Target::Echo,
+            metrics: Default::default(),
         }
     }
 
@@ -143,6 +146,7 @@ impl Upstream {
                 pool: Pool::new(connector, scheme, authority, settings.idle_timeout),
                 settings,
             })),
+            metrics: Default::default(),
         })
     }
 }
@@ -176,16 +180,10 @@ impl HttpUpstream {
     ) -> Result<Response<Body>, Refusal> {
         parts.uri = self.uri_for(&parts.uri)?;
         let deadline = Instant::now() + self.settings.timeout;
-        // A connect failure means the request never left, so it is safe to try again, but only
-        // when nothing else could go wrong twice: an idempotent method with no body to replay.
-        let retry_template = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
-        let mut attempts_left = if retry_template.is_some() {
+        // A connect failure means the request never left, so it is safe to try again (the
+        // pool hands it back untouched), but only when nothing else could go wrong twice: an
+        // idempotent method with no body.
+        let mut attempts_left = if is_idempotent(&parts.method) && body.is_end_stream() {
             self.settings.retries
         } else {
             0
@@ -193,28 +191,23 @@ impl HttpUpstream {
         let mut request = Request::from_parts(parts, body);
         loop {
             let result = timeout_at(deadline, self.pool.send(request)).await;
-            let error = match result {
+            let (error, unsent) = match result {
                 Err(_elapsed) => {
                     return Err(Refusal::UpstreamTimeout {
                         timeout: self.settings.timeout,
                     });
                 }
                 Ok(Ok(response)) => return Ok(into_client_response(response)),
-                Ok(Err(error)) => error,
+                Ok(Err(failed)) => failed,
             };
             if let Some(limit) = limit_exceeded(&error) {
                 return Err(Refusal::BodyTooLarge { limit });
             }
-            match &retry_template {
-                Some((method, uri, headers)) if error.is_connect() && attempts_left > 0 => {
+            match unsent {
+                Some(unsent) if attempts_left > 0 => {
                     attempts_left -= 1;
                     tracing::debug!(error = %error, "upstream connect failed; retrying");
-                    let mut retry =
-                        Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
-                    *retry.method_mut() = method.clone();
-                    *retry.uri_mut() = uri.clone();
-                    *retry.headers_mut() = headers.clone();
-                    request = retry;
+                    request = unsent;
                 }
                 _ => {
                     return Err(Refusal::UpstreamUnavailable {

@@ -33,6 +33,8 @@ pub struct Route {
     pub body_bytes: u64,
     /// Line in `gateway.yaml`, for messages.
     pub line: u64,
+    /// This route's request metrics.
+    pub metrics: crate::metrics::RouteHandles,
 }
 
 impl Route {
@@ -180,6 +182,7 @@ mod tests {
             strip_prefix: false,
             body_bytes: 1,
             line: 1,
+            metrics: Default::default(),
         }
     }
 

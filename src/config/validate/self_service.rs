@@ -42,6 +42,7 @@ impl Loader<'_> {
             name: "stepgate".to_owned(),
             label: Arc::from("stepgate"),
             target: Target::SelfService,
+            metrics: Default::default(),
         });
         let route = |name: &str, policy: Policy, methods: &[Method], body_bytes: u64| {
             Arc::new(Route {
@@ -55,6 +56,7 @@ impl Loader<'_> {
                 strip_prefix: false,
                 body_bytes,
                 line: 0,
+                metrics: Default::default(),
             })
         };
         let page_route = route(

@@ -15,9 +15,11 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::config::Snapshot;
+use crate::context::Context as RequestContext;
 use crate::error::ProblemCode;
 use crate::metrics::Metrics;
 use crate::routing::Route;
+use crate::server::ConnInfo;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -75,8 +77,12 @@ where
         request
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), id.clone());
-        // Read the configuration once; the request keeps this snapshot to the end.
-        request.extensions_mut().insert(self.config.load_full());
+        // Read the configuration once; the request keeps this snapshot to the end. Without
+        // its connection's facts (never, from the listener) the layers below refuse it.
+        if let Some(conn) = request.extensions_mut().remove::<ConnInfo>() {
+            let context = RequestContext::new(self.config.load_full(), conn);
+            request.extensions_mut().insert(context);
+        }
         let method = request.method().clone();
         // A clone of the URI shares its bytes: no allocation on the request path.
         let uri = request.uri().clone();

@@ -3,12 +3,9 @@
 
 use std::convert::Infallible;
 
-use http::HeaderName;
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
-use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 
 use std::sync::Arc;
 
@@ -30,19 +27,7 @@ use crate::registry::Registry;
 use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
 use crate::selfservice::{SecurityHeadersLayer, SelfServiceLayer};
-
-/// Headers whose values are credentials.
-fn sensitive_headers() -> [HeaderName; 7] {
-    [
-        AUTHORIZATION,
-        PROXY_AUTHORIZATION,
-        COOKIE,
-        SET_COOKIE,
-        HeaderName::from_static("x-api-key"),
-        HeaderName::from_static("x-otp"),
-        HeaderName::from_static("x-step-up-token"),
-    ]
-}
+use crate::sensitive::SensitiveHeadersLayer;
 
 /// What the layers share; cheap to clone.
 #[derive(Clone)]
@@ -84,7 +69,7 @@ where
     ServiceBuilder::new()
         // First of all, mark credentials sensitive so that no Debug output anywhere below
         // (a log line, a panic message) can print them.
-        .layer(SetSensitiveHeadersLayer::new(sensitive_headers()))
+        .layer(SensitiveHeadersLayer)
         // Request id and config snapshot next, so that every answer, including every
         // refusal below, is logged once with its id, route and status.
         .layer(ObserveLayer::new(shared.config, shared.metrics.clone()))

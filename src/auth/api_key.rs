@@ -11,10 +11,10 @@ use http::Request;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Requirement;
+use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::registry::Registry;
-use crate::routing::Route;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
@@ -60,12 +60,12 @@ pub fn single_value<'a>(
 
 impl<B> Guard<B> for ApiKeyGuard {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let route = request
-            .extensions()
-            .get::<Arc<Route>>()
-            .cloned()
-            .ok_or(Refusal::Internal("API-key check before routing"))?;
-        if route.policy.api_key == Requirement::Off {
+        let key_required = Context::route_of(request)
+            .ok_or(Refusal::Internal("API-key check before routing"))?
+            .policy
+            .api_key
+            == Requirement::Required;
+        if !key_required {
             request.headers_mut().remove(&X_API_KEY);
             return Ok(());
         }
@@ -87,7 +87,7 @@ impl<B> Guard<B> for ApiKeyGuard {
         headers.insert(X_CONSUMER_NAME.clone(), identity.name.clone());
         headers.insert(X_CONSUMER_ROLES.clone(), identity.roles.clone());
         headers.insert(X_STEPGATE_AUTH.clone(), HeaderValue::from_static("key"));
-        request.extensions_mut().insert(entry);
+        Context::of_mut(request)?.entry = Some(entry);
         Ok(())
     }
 }

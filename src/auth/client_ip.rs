@@ -6,11 +6,10 @@ use std::net::IpAddr;
 
 use http::Request;
 
-use crate::config::Snapshot;
+use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::proxy::headers::X_FORWARDED_FOR;
-use crate::server::ConnInfo;
 
 /// The client address the failure limiter and `X-Forwarded-For` use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +24,9 @@ pub struct ClientAddr;
 
 impl<B> Guard<B> for ClientAddr {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let peer = request
-            .extensions()
-            .get::<ConnInfo>()
-            .ok_or(Refusal::Internal("request without connection info"))?
-            .peer
-            .ip();
-        let trusted = &Snapshot::of(request)?.trusted_proxies;
+        let context = Context::of(request)?;
+        let peer = context.conn.peer.ip();
+        let trusted = &context.snapshot.trusted_proxies;
         let client = if trusted.iter().any(|net| net.contains(&peer)) {
             ClientIp {
                 ip: from_forwarded_for(request.headers(), trusted).unwrap_or(peer),
@@ -43,7 +38,7 @@ impl<B> Guard<B> for ClientAddr {
                 via_trusted_proxy: false,
             }
         };
-        request.extensions_mut().insert(client);
+        Context::of_mut(request)?.client = Some(client);
         Ok(())
     }
 }

@@ -13,8 +13,8 @@ use pin_project_lite::pin_project;
 use serde_json::json;
 use tower::{Layer, Service};
 
-use super::client_ip::ClientIp;
 use super::limiter::{FailureLimiter, Recorded, Subject};
+use crate::context::Context as RequestContext;
 use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::metrics::{Metrics, SubjectLabel};
@@ -109,11 +109,9 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let context = request
-            .extensions()
-            .get::<Arc<Route>>()
-            .cloned()
-            .zip(request.extensions().get::<ClientIp>().copied());
+        let context = RequestContext::of(&request)
+            .ok()
+            .and_then(|c| c.route.clone().zip(c.client));
         let Some((route, client)) = context else {
             return FailureLimitFuture::Refused {
                 refusal: Some(Refusal::Internal("failure limiter before routing")),
@@ -269,7 +267,7 @@ impl ConsumerBan {
 
 impl<B> Guard<B> for ConsumerBan {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let Some(entry) = request.extensions().get::<Arc<KeyEntry>>() else {
+        let Some(entry) = RequestContext::entry_of(request) else {
             return Ok(()); // a public route: no consumer to ban
         };
         let subject = Subject::Consumer(entry.consumer.shared_id.clone());

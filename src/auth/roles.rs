@@ -7,10 +7,10 @@ use http::Request;
 use serde_json::json;
 
 use crate::config::RolloutMode;
+use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
-use crate::registry::{KeyEntry, Registry};
-use crate::routing::Route;
+use crate::registry::Registry;
 
 #[derive(Clone)]
 pub struct RoleCheck {
@@ -25,10 +25,8 @@ impl RoleCheck {
 
 impl<B> Guard<B> for RoleCheck {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let (Some(route), Some(entry)) = (
-            request.extensions().get::<Arc<Route>>(),
-            request.extensions().get::<Arc<KeyEntry>>(),
-        ) else {
+        let (Some(route), Some(entry)) = (Context::route_of(request), Context::entry_of(request))
+        else {
             return Ok(());
         };
         let policy = &route.policy;

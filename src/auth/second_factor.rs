@@ -22,10 +22,10 @@ use super::api_key::{X_STEPGATE_AUTH, single_value};
 use super::failures::SecondFactorPassed;
 use crate::clock::rfc3339;
 use crate::config::{Policy, Requirement, RolloutMode};
+use crate::context::Context as RequestContext;
 use crate::error::{Body, Refusal};
 use crate::metrics::Metrics;
 use crate::registry::{CodeFailure, KeyEntry, Registry};
-use crate::routing::Route;
 
 pub static X_OTP: HeaderName = HeaderName::from_static("x-otp");
 pub static X_STEP_UP_TOKEN: HeaderName = HeaderName::from_static("x-step-up-token");
@@ -79,8 +79,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let route = request.extensions().get::<Arc<Route>>().cloned();
-        let entry = request.extensions().get::<Arc<KeyEntry>>().cloned();
+        let route = RequestContext::route_of(&request).cloned();
+        let entry = RequestContext::entry_of(&request).cloned();
         let (route, entry) = match (route, entry) {
             (Some(route), Some(entry)) if route.policy.second_factor == Requirement::Required => {
                 (route, entry)

@@ -351,11 +351,6 @@ impl std::error::Error for ConfigErrors {}
 impl Snapshot {
     /// The snapshot a request was admitted under (inserted by the outermost layer).
     pub fn of<B>(request: &http::Request<B>) -> Result<&Arc<Snapshot>, crate::error::Refusal> {
-        request
-            .extensions()
-            .get::<Arc<Snapshot>>()
-            .ok_or(crate::error::Refusal::Internal(
-                "request has no configuration snapshot",
-            ))
+        crate::context::Context::of(request).map(|c| &c.snapshot)
     }
 }

@@ -19,14 +19,14 @@ use http::{Request, Response, Uri, Version, header};
 use http_body_util::BodyExt;
 use tower::Service;
 
+use crate::context::Context as RequestContext;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
 use crate::routing::Route;
-use crate::server::ConnInfo;
 use upstream::Target;
 
-/// The forwarding service. Expects the [`Route`] and [`ConnInfo`] request extensions.
+/// The forwarding service. Expects the request's [`RequestContext`] with its route.
 #[derive(Clone)]
 pub struct Forward {
     metrics: Arc<Metrics>,
@@ -61,21 +61,12 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let route: Arc<Route> =
-        request
-            .extensions()
-            .get::<Arc<Route>>()
-            .cloned()
-            .ok_or(Refusal::Internal(
-                "request reached forwarding without a route",
-            ))?;
-    let conn = request
-        .extensions()
-        .get::<ConnInfo>()
-        .cloned()
-        .ok_or(Refusal::Internal(
-            "request reached forwarding without connection info",
-        ))?;
+    let context = RequestContext::of(&request)?;
+    let route: Arc<Route> = context.route.clone().ok_or(Refusal::Internal(
+        "request reached forwarding without a route",
+    ))?;
+    let conn = context.conn.clone();
+    let via_trusted_proxy = context.client.is_some_and(|c| c.via_trusted_proxy);
 
     if let Target::StepUp = route.upstream.target {
         return step_up_answer(&request);
@@ -106,10 +97,6 @@ where
     // The upstream gets its own authority as Host (set by the client); the original is in
     // X-Forwarded-Host.
     parts.headers.remove(header::HOST);
-    let via_trusted_proxy = parts
-        .extensions
-        .get::<crate::auth::client_ip::ClientIp>()
-        .is_some_and(|c| c.via_trusted_proxy);
     headers::set_forwarded(
         &mut parts.headers,
         &conn.peer_ip,

@@ -12,6 +12,7 @@ use tower::{Layer, Service};
 
 use super::Route;
 use crate::config::Snapshot;
+use crate::context::Context as RequestContext;
 use crate::error::{Refusal, Refused};
 
 #[derive(Clone, Copy, Default)]
@@ -50,7 +51,14 @@ where
                 };
             }
         };
-        request.extensions_mut().insert(route.clone());
+        match RequestContext::of_mut(&mut request) {
+            Ok(context) => context.route = Some(route.clone()),
+            Err(refusal) => {
+                return RoutedFuture::Refused {
+                    refused: Some(refusal.into()),
+                };
+            }
+        }
         RoutedFuture::Inner {
             future: self.inner.call(request),
             route: Some(route),

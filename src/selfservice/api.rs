@@ -37,9 +37,7 @@ struct Caller {
 }
 
 fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
-    let entry = request
-        .extensions()
-        .get::<Arc<KeyEntry>>()
+    let entry = crate::context::Context::entry_of(request)
         .cloned()
         .ok_or(Refusal::Internal("self-service API without an API key"))?;
     let code = single_value(

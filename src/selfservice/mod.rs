@@ -32,7 +32,6 @@ use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
 use crate::proxy::upstream::Target;
 use crate::registry::Registry;
-use crate::routing::Route;
 use crate::sms::SendLimiter;
 
 /// What the endpoints share: the registry, metrics and the SMS send limits (which must outlive
@@ -93,9 +92,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let ours = request
-            .extensions()
-            .get::<Arc<Route>>()
+        let ours = crate::context::Context::route_of(&request)
             .is_some_and(|r| matches!(r.upstream.target, Target::SelfService));
         if !ours {
             return Either::Left(self.inner.call(request));

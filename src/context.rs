@@ -1,0 +1,65 @@
+//! What the layers learn about a request on its way in, kept in one request extension: the
+//! configuration snapshot it is served under, its connection, and, as the layers find them,
+//! its route, client address and API key. One extension is one allocation; one per fact made
+//! five, plus the map growing twice.
+
+use std::sync::Arc;
+
+use http::Request;
+
+use crate::auth::client_ip::ClientIp;
+use crate::config::Snapshot;
+use crate::error::Refusal;
+use crate::registry::KeyEntry;
+use crate::routing::Route;
+use crate::server::ConnInfo;
+
+#[derive(Clone)]
+pub struct Context {
+    /// Read once by the outermost layer; the request keeps it to its end.
+    pub snapshot: Arc<Snapshot>,
+    pub conn: ConnInfo,
+    /// Set by routing.
+    pub route: Option<Arc<Route>>,
+    /// Set by the client-address guard.
+    pub client: Option<ClientIp>,
+    /// Set by the API-key guard, when the route needs a key and it was valid.
+    pub entry: Option<Arc<KeyEntry>>,
+}
+
+impl Context {
+    pub fn new(snapshot: Arc<Snapshot>, conn: ConnInfo) -> Self {
+        Self {
+            snapshot,
+            conn,
+            route: None,
+            client: None,
+            entry: None,
+        }
+    }
+
+    /// The request's context (inserted by the outermost layer).
+    pub fn of<B>(request: &Request<B>) -> Result<&Context, Refusal> {
+        request
+            .extensions()
+            .get::<Context>()
+            .ok_or(Refusal::Internal("request has no context"))
+    }
+
+    pub fn of_mut<B>(request: &mut Request<B>) -> Result<&mut Context, Refusal> {
+        request
+            .extensions_mut()
+            .get_mut::<Context>()
+            .ok_or(Refusal::Internal("request has no context"))
+    }
+
+    /// The route, once routing has picked it.
+    pub fn route_of<B>(request: &Request<B>) -> Option<&Arc<Route>> {
+        request.extensions().get::<Context>()?.route.as_ref()
+    }
+
+    /// The consumer's key entry, once the API key has been checked.
+    pub fn entry_of<B>(request: &Request<B>) -> Option<&Arc<KeyEntry>> {
+        request.extensions().get::<Context>()?.entry.as_ref()
+    }
+}

@@ -1,0 +1,115 @@
+//! Marks credential headers sensitive, on requests and responses, so that no `Debug` output
+//! anywhere (a log line, a panic message) prints their values.
+//!
+//! tower-http's `SetSensitiveHeaders` does the same with one map lookup (hash and probe, and a
+//! capacity check) per name per message: fourteen for the seven names here. One pass over the
+//! few headers a message has, comparing names, costs a fraction of that.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::header::{AUTHORIZATION, COOKIE, HeaderMap, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::auth::api_key::X_API_KEY;
+use crate::auth::second_factor::{X_OTP, X_STEP_UP_TOKEN};
+
+/// Headers whose values are credentials.
+pub fn names() -> [&'static HeaderName; 7] {
+    [
+        &AUTHORIZATION,
+        &PROXY_AUTHORIZATION,
+        &COOKIE,
+        &SET_COOKIE,
+        &X_API_KEY,
+        &X_OTP,
+        &X_STEP_UP_TOKEN,
+    ]
+}
+
+fn mark(headers: &mut HeaderMap) {
+    let names = names();
+    for (name, value) in headers.iter_mut() {
+        if names.contains(&name) {
+            value.set_sensitive(true);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct SensitiveHeadersLayer;
+
+impl<S> Layer<S> for SensitiveHeadersLayer {
+    type Service = SensitiveHeaders<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        SensitiveHeaders { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct SensitiveHeaders<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<Request<B>> for SensitiveHeaders<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = SensitiveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        mark(request.headers_mut());
+        SensitiveFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    pub struct SensitiveFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, R, E> Future for SensitiveFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut response = ready!(self.project().inner.poll(cx))?;
+        mark(response.headers_mut());
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_headers_are_marked_and_others_are_not() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "sgk_secret".parse().unwrap());
+        headers.append("x-otp", "123456".parse().unwrap());
+        headers.append("x-otp", "654321".parse().unwrap());
+        headers.insert("authorization", "Bearer t".parse().unwrap());
+        headers.insert("x-step-up-token", "sgt_t".parse().unwrap());
+        headers.insert("x-other", "visible".parse().unwrap());
+        mark(&mut headers);
+        for (name, value) in &headers {
+            assert_eq!(value.is_sensitive(), name != "x-other", "{name}");
+        }
+        assert!(!format!("{headers:?}").contains("secret"));
+    }
+}

@@ -24,7 +24,8 @@ CODE_CONSUMERS="${BENCH_CODE_CONSUMERS:-0}"         # (e): 0 = the CONSUMERS abo
 FLOOD_CONSUMERS="${BENCH_FLOOD_CONSUMERS:-1000}"    # (f): keys the flood sends wrong codes for
 LEGIT_CONNS="${BENCH_LEGIT_CONNS:-8}"               # (f): legitimate (d) traffic ...
 LEGIT_RATE="${BENCH_LEGIT_RATE:-1000}"              # ... paced to about this many req/s; 0: flat out
-FLOOD_CONNS="${BENCH_FLOOD_CONNS:-256}"             # (f): the flood
+FLOOD_CONNS="${BENCH_FLOOD_CONNS:-256}"             # (f): the flood ...
+FLOOD_RATE="${BENCH_FLOOD_RATE:-20000}"             # ... paced to about this many req/s; 0: flat out
 SEED_WORKERS="${BENCH_SEED_WORKERS:-12}"
 PICK="${BENCH_PICK:-rr}"                            # rr | random: how lines.lua picks a consumer
 
@@ -63,6 +64,12 @@ LEGIT_DELAY_MS=0
 if ((LEGIT_RATE > 0)); then
     LEGIT_DELAY_MS=$(((LEGIT_CONNS * 1000 + LEGIT_RATE / 2) / LEGIT_RATE))
     ((LEGIT_DELAY_MS >= 1)) || LEGIT_DELAY_MS=1
+fi
+is_uint "$FLOOD_RATE" && ((FLOOD_RATE <= 10000000)) || die "BENCH_FLOOD_RATE must be 0..10000000 (got '$FLOOD_RATE')"
+FLOOD_DELAY_MS=0
+if ((FLOOD_RATE > 0)); then
+    FLOOD_DELAY_MS=$(((FLOOD_CONNS * 1000 + FLOOD_RATE / 2) / FLOOD_RATE))
+    ((FLOOD_DELAY_MS >= 1)) || FLOOD_DELAY_MS=1
 fi
 is_uint "$SEED_WORKERS" && ((SEED_WORKERS >= 1 && SEED_WORKERS <= 64)) || die "BENCH_SEED_WORKERS must be 1..64"
 [[ "$PICK" == rr || "$PICK" == random ]] || die "BENCH_PICK must be rr or random (got '$PICK')"
@@ -265,7 +272,7 @@ wrk_args() {
                 -- "$DATA/codes.txt" /stepup "$THREADS") ;;
         f-flood)
             WRK_ARGS+=(-s "$LUA_DIR/flood.lua" "http://127.0.0.1:$target/flood"
-                -- "$DATA/flood-keys.txt" /flood "$THREADS") ;;
+                -- "$DATA/flood-keys.txt" /flood "$THREADS" "$FLOOD_DELAY_MS") ;;
         *) die "unknown scenario $scen" ;;
     esac
 }
@@ -400,7 +407,7 @@ python3 "$BENCH_DIR/auth_report.py" \
     --meta "nproc=$(nproc)" \
     --meta "kernel=$(uname -sr)" \
     --meta "wrk=-t$THREADS -c{$CONNS_LIST} -d$DURATION --latency, $ROUNDS rounds, warm-up $WARMUP, consumers picked $PICK" \
-    --meta "flood=legit (d) traffic -c$LEGIT_CONNS paced with ${LEGIT_DELAY_MS} ms per connection before each request (target ~$LEGIT_RATE req/s; 0 = flat out) + flood -c$FLOOD_CONNS, $FLOOD_CONSUMERS flood consumers, random X-Forwarded-For in 10.0.0.0/8" \
+    --meta "flood=legit (d) traffic -c$LEGIT_CONNS paced with ${LEGIT_DELAY_MS} ms per connection before each request (target ~$LEGIT_RATE req/s; 0 = flat out) + flood -c$FLOOD_CONNS paced with ${FLOOD_DELAY_MS} ms per connection before each request (target ~$FLOOD_RATE req/s; 0 = flat out), $FLOOD_CONSUMERS flood consumers, random X-Forwarded-For in 10.0.0.0/8" \
     --meta "consumers=$CONSUMERS with step-up tokens (also the keys of b and c), $CODES_DESC, $FLOOD_CONSUMERS for the flood" \
     --meta "seed=${SEED_SECONDS} s ($SEED_LOG_LINES stepgate log lines); stepgate RSS after seeding $((SEED_RSS_KIB / 1024)) MiB (peak $((SEED_HWM_KIB / 1024)) MiB); at the end $((FINAL_RSS_KIB / 1024)) MiB" \
     --meta "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')" \

@@ -4,8 +4,10 @@
 -- so the failures count against the fake addresses and these consumers, never against
 -- 127.0.0.1 (where the legitimate traffic comes from, without XFF).
 --
---   wrk -t1 -c256 -d10s -s bench/lua/flood.lua http://127.0.0.1:PORT/ -- FILE PATH NTHREADS [POOL]
+--   wrk -t1 -c256 -d10s -s bench/lua/flood.lua http://127.0.0.1:PORT/ -- FILE PATH NTHREADS [DELAY_MS [POOL]]
 --
+-- DELAY_MS (default 0: flat out) paces the flood: each connection pauses that long before
+-- each request, so the flood runs at a chosen rate instead of at whatever the CPU allows.
 -- POOL (default 65536) requests per thread are formatted in init() and cycled through,
 -- so wrk spends its time sending, not formatting.
 
@@ -18,8 +20,13 @@ end
 local reqs, n, i = {}, 0, 0
 
 function init(args)
-    local file, path, nthreads, pool = args[1], args[2], tonumber(args[3]), tonumber(args[4] or "65536")
-    assert(file and path and nthreads and pool and pool > 0, "usage: -- FILE PATH NTHREADS [POOL]")
+    local file, path, nthreads = args[1], args[2], tonumber(args[3])
+    local delay_ms, pool = tonumber(args[4] or "0"), tonumber(args[5] or "65536")
+    assert(file and path and nthreads and delay_ms and pool and pool > 0,
+        "usage: -- FILE PATH NTHREADS [DELAY_MS [POOL]]")
+    if delay_ms > 0 then
+        function delay() return delay_ms end
+    end
     local keys = {}
     for line in io.lines(file) do
         local key = line:match("^(%S+)")

@@ -168,6 +168,32 @@ fn bad_size() {
 }
 
 #[test]
+fn worker_threads_are_bounded() {
+    let yaml = GOOD.replace(
+        "  drain_timeout: 1500ms\n",
+        "  drain_timeout: 1500ms\n  workers: 0\n",
+    );
+    assert_fails_with(
+        &yaml,
+        "workers: 0",
+        0,
+        &["limits.workers", "greater than 0"],
+    );
+    let yaml = GOOD.replace(
+        "  drain_timeout: 1500ms\n",
+        "  drain_timeout: 1500ms\n  workers: 5000\n",
+    );
+    assert_fails_with(&yaml, "workers: 5000", 0, &["limits.workers", "1024"]);
+    let yaml = GOOD.replace(
+        "  drain_timeout: 1500ms\n",
+        "  drain_timeout: 1500ms\n  workers: 3\n",
+    );
+    let dir = write_config(&yaml);
+    let (code, _, stderr) = check(&dir);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn unknown_keys() {
     let yaml = format!("{GOOD}colour: blue\n");
     assert_fails_with(&yaml, "colour: blue", 0, &["colour"]);

@@ -29,6 +29,9 @@ use crate::routing::{Route, RouteTable};
 use crate::tls;
 use std::num::NonZeroU32;
 
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
 /// Reads and validates `gateway.yaml` at `path` and the policies it points at.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Errors::default();
@@ -237,6 +240,16 @@ impl Loader<'_> {
 
     fn limits(&mut self, raw: &raw::Limits) -> Limits {
         let d = Limits::default();
+        let mut workers = self.size_or("limits.workers", &raw.workers, d.workers);
+        if let Some(value) = &raw.workers
+            && workers > MAX_WORKERS
+        {
+            self.at(
+                &value.referenced,
+                format!("limits.workers: {workers} is more than {MAX_WORKERS} threads"),
+            );
+            workers = d.workers;
+        }
         Limits {
             header_bytes: self.size_or("limits.header_bytes", &raw.header_bytes, d.header_bytes),
             header_count: self.size_or("limits.header_count", &raw.header_count, d.header_count),
@@ -257,7 +270,7 @@ impl Loader<'_> {
                 &raw.max_connections,
                 d.max_connections,
             ),
-            workers: self.size_or("limits.workers", &raw.workers, d.workers),
+            workers,
             drain_timeout: self.duration_or(
                 "limits.drain_timeout",
                 &raw.drain_timeout,

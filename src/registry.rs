@@ -157,12 +157,15 @@ impl Consumer {
     }
 
     /// Is the consumer enrolled for a policy accepting `factors`: does it hold a confirmed
-    /// factor the policy accepts (recovery codes count where accepted, since they come with
-    /// every confirmed factor)?
+    /// factor the policy accepts? Recovery codes back up the factor they came with, so they
+    /// count only beside one the policy would take itself: beside TOTP always (a policy that
+    /// takes recovery codes and not TOTP is no weaker than TOTP), beside SMS only where the
+    /// policy accepts SMS. Otherwise recovery codes made by an SMS enrolment would get an
+    /// SMS-only consumer through a policy that chose to exclude SMS.
     pub fn enrolled_for(&self, factors: Factors) -> bool {
         let totp = self.confirmed_totp().is_some();
-        let sms = self.confirmed_sms();
-        (factors.totp && totp) || (factors.sms && sms) || (factors.recovery_code && (totp || sms))
+        let sms = self.confirmed_sms() && factors.sms;
+        (factors.totp && totp) || sms || (factors.recovery_code && totp)
     }
 
     /// The account's level: what a self-service change to its factors must be proved with.

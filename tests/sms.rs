@@ -484,6 +484,11 @@ async fn nothing_secret_reaches_the_logs_the_upstream_or_the_database() {
     }
 }
 
+/// Review I3: recovery codes back up the factor they came with, so they count only beside a
+/// confirmed factor the policy itself accepts. An SMS-only consumer is enrolled for policies
+/// listing `sms`, and not for `[totp, recovery_code]` ones: those chose to exclude SMS, and
+/// recovery codes obtained through an SMS enrolment must not get around that. (This test
+/// asserted the opposite before the review: the SMS-made recovery codes passed `/totp`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_only_sms_a_consumer_is_enrolled_for_policies_that_accept_it() {
     let s = Ss::start().await;
@@ -491,18 +496,24 @@ async fn with_only_sms_a_consumer_is_enrolled_for_policies_that_accept_it() {
     let confirmed = s.enrol_sms(&alice.key, None, PHONE).await;
     let recovery = strings(&confirmed["recovery_codes"]);
 
-    // A policy that accepts neither SMS nor recovery codes: still not enrolled.
+    // Policies that do not accept SMS: not enrolled, whether or not they take recovery
+    // codes; a recovery code (made by the SMS enrolment) does not get in.
     let r = s.call("/totp-only/x", &alice.key, None).await;
     r.assert_problem(403, "enrollment_required");
-    // One that accepts recovery codes (they came with SMS): a code is asked for, and works.
     let r = s.call("/totp/x", &alice.key, None).await;
-    assert_otp_refused(&r, "otp_required", "totp recovery_code");
+    r.assert_problem(403, "enrollment_required");
     let r = s.call("/totp/x", &alice.key, Some(&recovery[0])).await;
+    r.assert_problem(403, "enrollment_required");
+    // In a grace period: passes with the warning, like any consumer not enrolled.
+    let r = s.call("/grace/x", &alice.key, None).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    // An SMS code is not a factor a TOTP policy takes.
+    assert!(r.header("x-stepgate-warning").is_some());
+    // A policy that accepts SMS takes her recovery codes too.
+    let r = s.call("/any/x", &alice.key, Some(&recovery[0])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let code = s.login_code(&alice.key).await;
-    let r = s.call("/totp/x", &alice.key, Some(&code)).await;
-    assert_otp_refused(&r, "otp_invalid", "totp recovery_code");
+    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 
     let status = s.status(&alice.key).await;
     let policies = status["policies"].as_array().unwrap();
@@ -514,8 +525,21 @@ async fn with_only_sms_a_consumer_is_enrolled_for_policies_that_accept_it() {
             .clone()
     };
     assert_eq!(of("sms")["status"], "enrolled");
+    assert_eq!(of("any")["status"], "enrolled");
     assert_eq!(of("totp-only")["status"], "required");
-    assert_eq!(of("totp")["status"], "enrolled");
+    assert_eq!(of("totp")["status"], "required");
+    assert_eq!(of("grace")["status"], "grace");
+    // And the operators' report lists her for those.
+    let report = s.gw.ok("GET", "/reports/enrollment", None, 200).await;
+    let mut listed: Vec<&str> = report["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["consumer"] == "alice")
+        .map(|e| e["policy"].as_str().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["grace", "totp", "totp-only"], "{report:#}");
     assert!(
         policies.iter().all(|p| p["policy"] != "admins"),
         "not alice's role"

@@ -20,7 +20,8 @@ pub enum Standing {
     Enrolled,
     /// Not enrolled; passes (with a warning) until the policy's grace deadline.
     Grace,
-    /// Not enrolled and no grace left: refused with 403 `enrollment_required`.
+    /// Not enrolled and no grace left: refused with 403 `enrollment_required` (under
+    /// `report_only`, forwarded and audited as `would_refuse`).
     Required,
 }
 
@@ -75,6 +76,8 @@ pub struct PolicyView {
     pub grace_until: Option<String>,
     /// `enrolled`, `grace` or `required`.
     pub status: Standing,
+    /// `enforce` or `report_only` (calls pass whatever the standing; refusals are audited).
+    pub mode: &'static str,
 }
 
 impl PolicyView {
@@ -84,7 +87,16 @@ impl PolicyView {
             factors: p.policy.factors.names(),
             grace_until: p.policy.rollout.grace_until.map(rfc3339),
             status: p.standing,
+            mode: mode_name(p.policy.rollout.mode),
         }
+    }
+}
+
+/// A rollout mode as the report and the status object spell it.
+fn mode_name(mode: RolloutMode) -> &'static str {
+    match mode {
+        RolloutMode::Enforce => "enforce",
+        RolloutMode::ReportOnly => "report_only",
     }
 }
 
@@ -141,10 +153,7 @@ pub fn report(
                 pending: pending.clone(),
                 grace_until: p.policy.rollout.grace_until.map(rfc3339),
                 status,
-                mode: match p.policy.rollout.mode {
-                    RolloutMode::Enforce => "enforce",
-                    RolloutMode::ReportOnly => "report_only",
-                },
+                mode: mode_name(p.policy.rollout.mode),
             });
         }
     }

@@ -74,6 +74,23 @@ pub enum Refusal {
     Forbidden,
     #[error("too many failed attempts; try again in {retry_after} seconds")]
     TooManyAttempts { retry_after: u64 },
+    /// Self-service: the SMS send limits (not failed attempts: nothing is counted or banned).
+    #[error(
+        "too many text messages for this account or number in a short time; try again in \
+         {retry_after} seconds"
+    )]
+    SendLimited { retry_after: u64 },
+    /// Self-service: a change to a factor needs `X-OTP` with a code as strong as the account
+    /// (`registry::assurance`); 401 `otp_required`, its challenge naming what would do.
+    #[error("this change needs X-OTP with {}", .needs.wanted())]
+    ChangeOtpRequired { needs: crate::registry::Assurance },
+    /// Self-service: the code does not prove the change (wrong, used, or of a weaker factor
+    /// than the account's); 401 `otp_invalid`, counted like any wrong code.
+    #[error("the code is not valid for this change, which needs {}", .needs.wanted())]
+    ChangeOtpInvalid {
+        entry: Arc<crate::registry::KeyEntry>,
+        needs: crate::registry::Assurance,
+    },
     #[error("a dependency is unavailable; the request was refused to stay safe")]
     Unavailable,
     /// Self-service: the request does not fit the consumer's current state.
@@ -113,12 +130,18 @@ impl Refusal {
             Refusal::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             Refusal::ApiKeyMissing => (StatusCode::UNAUTHORIZED, "api_key_missing"),
             Refusal::ApiKeyInvalid => (StatusCode::UNAUTHORIZED, "api_key_invalid"),
-            Refusal::OtpRequired => (StatusCode::UNAUTHORIZED, "otp_required"),
-            Refusal::OtpInvalid { .. } => (StatusCode::UNAUTHORIZED, "otp_invalid"),
+            Refusal::OtpRequired | Refusal::ChangeOtpRequired { .. } => {
+                (StatusCode::UNAUTHORIZED, "otp_required")
+            }
+            Refusal::OtpInvalid { .. } | Refusal::ChangeOtpInvalid { .. } => {
+                (StatusCode::UNAUTHORIZED, "otp_invalid")
+            }
             Refusal::StepUpInvalid { .. } => (StatusCode::UNAUTHORIZED, "step_up_invalid"),
             Refusal::EnrollmentRequired => (StatusCode::FORBIDDEN, "enrollment_required"),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            Refusal::TooManyAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
+            Refusal::TooManyAttempts { .. } | Refusal::SendLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+            }
             Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Refusal::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Refusal::SmsNotEnrolled => (StatusCode::CONFLICT, "sms_not_enrolled"),
@@ -142,14 +165,17 @@ impl Refusal {
     /// The `WWW-Authenticate` challenge that goes with a 401; the OTP one names the factors
     /// the route's policy accepts.
     fn challenge(&self, route: Option<&Route>) -> Option<HeaderValue> {
-        let otp = |error: &str| {
-            let methods = route.map_or("totp recovery_code", |r| {
-                r.policy.challenge_methods.as_str()
-            });
+        let challenge = |error: &str, methods: &str| {
             HeaderValue::from_str(&format!(
                 r#"OTP realm="stepgate", error="{error}", methods="{methods}""#
             ))
             .ok()
+        };
+        let otp = |error: &str| {
+            let methods = route.map_or("totp recovery_code", |r| {
+                r.policy.challenge_methods.as_str()
+            });
+            challenge(error, methods)
         };
         match self {
             Refusal::ApiKeyMissing | Refusal::ApiKeyInvalid => {
@@ -158,6 +184,13 @@ impl Refusal {
             Refusal::OtpRequired => otp("otp_required"),
             Refusal::OtpInvalid { .. } => otp("otp_invalid"),
             Refusal::StepUpInvalid { .. } => otp("step_up_invalid"),
+            // A change names the factors that prove it on this account, not the route's.
+            Refusal::ChangeOtpRequired { needs } => {
+                challenge("otp_required", needs.challenge_methods())
+            }
+            Refusal::ChangeOtpInvalid { needs, .. } => {
+                challenge("otp_invalid", needs.challenge_methods())
+            }
             _ => None,
         }
     }
@@ -167,7 +200,9 @@ impl Refusal {
     pub fn failed_attempt(&self) -> Option<Option<&Arc<crate::registry::KeyEntry>>> {
         match self {
             Refusal::ApiKeyInvalid => Some(None),
-            Refusal::OtpInvalid { entry } | Refusal::StepUpInvalid { entry } => Some(Some(entry)),
+            Refusal::OtpInvalid { entry }
+            | Refusal::StepUpInvalid { entry }
+            | Refusal::ChangeOtpInvalid { entry, .. } => Some(Some(entry)),
             _ => None,
         }
     }
@@ -222,7 +257,8 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, challenge);
     }
-    if let Refusal::TooManyAttempts { retry_after } = refusal {
+    if let Refusal::TooManyAttempts { retry_after } | Refusal::SendLimited { retry_after } = refusal
+    {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));

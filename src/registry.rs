@@ -3,9 +3,15 @@
 //! operations the admin API performs, each written through to the store and then published as
 //! a new index.
 //!
-//! SMS enrolment, login codes and removal are in [`sms`].
+//! SMS enrolment, login codes and removal are in [`sms`]; the proof rule of self-service
+//! changes (what code a change needs, which pending enrolments may still be confirmed) is in
+//! [`assurance`].
 
+mod assurance;
 mod sms;
+
+pub use assurance::Assurance;
+pub use sms::Outgoing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +35,11 @@ use crate::store::{
     AuditEvent, CodeCheck, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord,
     SmsRecord, State, Store, StoreError, TotpRecord,
 };
+
+/// How long a pending enrolment (a TOTP secret, an SMS number) can be confirmed after it was
+/// started: long enough to set up an app, short enough that an abandoned one is not picked up
+/// later by whoever else saw the key.
+pub const PENDING_TTL_SECS: u64 = 15 * 60;
 
 const MASTER_CHECK_META: &str = "master_key_check";
 const MASTER_CHECK_PLAINTEXT: &[u8] = b"stepgate master key check v1";
@@ -146,12 +157,20 @@ impl Consumer {
     }
 
     /// Is the consumer enrolled for a policy accepting `factors`: does it hold a confirmed
-    /// factor the policy accepts (recovery codes count where accepted, since they come with
-    /// every confirmed factor)?
+    /// factor the policy accepts? Recovery codes back up the factor they came with, so they
+    /// count only beside one the policy would take itself: beside TOTP always (a policy that
+    /// takes recovery codes and not TOTP is no weaker than TOTP), beside SMS only where the
+    /// policy accepts SMS. Otherwise recovery codes made by an SMS enrolment would get an
+    /// SMS-only consumer through a policy that chose to exclude SMS.
     pub fn enrolled_for(&self, factors: Factors) -> bool {
         let totp = self.confirmed_totp().is_some();
-        let sms = self.confirmed_sms();
-        (factors.totp && totp) || (factors.sms && sms) || (factors.recovery_code && (totp || sms))
+        let sms = self.confirmed_sms() && factors.sms;
+        (factors.totp && totp) || sms || (factors.recovery_code && totp)
+    }
+
+    /// The account's level: what a self-service change to its factors must be proved with.
+    pub fn assurance(&self) -> Assurance {
+        Assurance::of_account(self.confirmed_totp().is_some(), self.confirmed_sms())
     }
 
     /// Confirmed factors by name: `totp`, `sms`, `recovery_code`.
@@ -307,9 +326,17 @@ pub enum RegistryError {
     /// A wrong, expired or already used code where one was asked for.
     #[error("the code is not valid")]
     CodeInvalid,
-    /// A change to a consumer with a confirmed factor, without a code of it.
+    /// A change to a consumer with a confirmed factor, without a code strong enough for it
+    /// (`assurance`): the account is at the level given.
     #[error("a code of an existing factor is needed")]
-    Unproved,
+    Unproved(Assurance),
+    /// The pending enrolment a confirmation was for is gone: expired, or started on a weaker
+    /// account than the consumer's now (the text says which, for the consumer).
+    #[error("{0}")]
+    PendingGone(&'static str),
+    /// A self-service change for a consumer disabled since its key was checked.
+    #[error("the consumer is disabled")]
+    Disabled,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -426,6 +453,20 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
     }
 
+    /// The current state of `consumer` for a change it makes itself (self-service), under the
+    /// write lock: by name and the same id (a deleted and re-created namesake is someone
+    /// else), and not disabled since its key was checked.
+    fn own(&self, consumer: &Consumer) -> Result<Arc<Consumer>, RegistryError> {
+        let current = self.get(&consumer.name)?;
+        if current.id != consumer.id {
+            return Err(RegistryError::NotFound(consumer.name.clone()));
+        }
+        if current.disabled {
+            return Err(RegistryError::Disabled);
+        }
+        Ok(current)
+    }
+
     fn publish(&self, change: impl FnOnce(&mut Index)) {
         let mut index = Index::clone(&self.index.load());
         change(&mut index);
@@ -537,6 +578,42 @@ impl Registry {
             };
         }
         Err(CodeFailure::Invalid)
+    }
+
+    /// The hash of `code` if it is one of the consumer's unused recovery codes, as held in
+    /// memory, without spending it: for a call that must first do something that can fail
+    /// (texting), so a failure costs no recovery code. Spend it with
+    /// [`spend_recovery_code`](Self::spend_recovery_code), which alone decides (a code used
+    /// elsewhere meanwhile is refused there). Every stored code is compared, in constant time.
+    pub fn unused_recovery_code(&self, consumer: &Consumer, code: &str) -> Option<Hash> {
+        let hash = self.master.hash_recovery_code(&recovery::normalize(code)?);
+        let found = consumer
+            .recovery_codes
+            .iter()
+            .filter(|c| c.used_at.is_none())
+            .fold(subtle::Choice::from(0), |found, c| {
+                found | c.hash.ct_eq(&hash)
+            });
+        bool::from(found).then_some(hash)
+    }
+
+    /// Spends a recovery code found by [`unused_recovery_code`](Self::unused_recovery_code):
+    /// false when it was used meanwhile (or the set was replaced).
+    pub async fn spend_recovery_code(
+        &self,
+        consumer: &Consumer,
+        hash: Hash,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let spent = self
+            .store
+            .use_recovery_code(consumer.id.clone(), hash, now)
+            .await?;
+        if spent {
+            self.mark_recovery_code_used(&consumer.name, hash, now)
+                .await;
+        }
+        Ok(spent)
     }
 
     async fn mark_recovery_code_used(&self, name: &str, hash: Hash, now: u64) {
@@ -742,38 +819,42 @@ impl Registry {
 
     /// A consumer's own (re-)enrolment: pending beside any confirmed enrolment, which keeps
     /// working until this one is confirmed, so an abandoned re-enrolment locks no one out.
-    /// `proved`: the caller checked a code of an existing factor; without one this is refused
-    /// if the consumer has a confirmed factor by now (one confirmed since its key was checked).
+    /// `proof`: how strongly the caller proved the change; refused if that is below the
+    /// account's level by now (a factor confirmed since the key was checked).
     pub async fn begin_totp_reenrolment(
         &self,
         consumer: &Consumer,
         params: TotpParams,
-        proved: bool,
+        proof: Assurance,
     ) -> Result<totp::Enrolment, RegistryError> {
-        self.start_totp(&consumer.name, Some((&consumer.id, proved)), params)
+        self.start_totp(&consumer.name, Some((consumer, proof)), params)
             .await
     }
 
-    /// `reenrol`: the consumer (by id, so a deleted and re-created namesake is not it) whose
-    /// confirmed enrolment may stay beside the new one, and whether a code was proved.
+    /// `by_consumer`: the consumer's own call (it must still be that consumer, enabled) and
+    /// how strongly it was proved; `None` for the admin API. The pending enrolment records the
+    /// level it was started at: the account's for the consumer's own, the highest for an
+    /// operator's (only whoever the operator gave the secret to can confirm it anyway).
     async fn start_totp(
         &self,
         name: &str,
-        reenrol: Option<(&str, bool)>,
+        by_consumer: Option<(&Consumer, Assurance)>,
         params: TotpParams,
     ) -> Result<totp::Enrolment, RegistryError> {
         params.validate().map_err(RegistryError::Invalid)?;
         let _write = self.writes.lock().await;
-        let old = self.get(name)?;
-        if let Some((id, proved)) = reenrol {
-            if old.id != id {
-                return Err(RegistryError::NotFound(name.to_owned()));
+        let (old, started_with) = match by_consumer {
+            Some((consumer, proof)) => {
+                let old = self.own(consumer)?;
+                let level = old.assurance();
+                if proof < level {
+                    return Err(RegistryError::Unproved(level));
+                }
+                (old, level)
             }
-            if !proved && old.has_confirmed_factor() {
-                return Err(RegistryError::Unproved);
-            }
-        }
-        if reenrol.is_none() && old.confirmed_totp().is_some() {
+            None => (self.get(name)?, Assurance::Totp),
+        };
+        if by_consumer.is_none() && old.confirmed_totp().is_some() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has a confirmed TOTP enrolment; reset it first"
             )));
@@ -788,6 +869,7 @@ impl Registry {
             confirmed: false,
             last_step: None,
             created_at: self.clock.now(),
+            started_with,
         };
         self.store.put_pending_totp(record.clone()).await?;
         let updated = old.with(|p| p.factors.totp_pending = Some(record));
@@ -815,22 +897,65 @@ impl Registry {
 
     /// Confirms the pending enrolment with a current code of it; returns the new recovery
     /// codes (shown once; any old set stops working). A confirmed enrolment it replaces stops
-    /// working, and so do the step-up tokens earned with it.
+    /// working, and so do the step-up tokens earned before. A pending SMS number entered on
+    /// a weaker account than this makes is dropped in the same transaction. `by_consumer`:
+    /// the consumer's own call (it must still be that consumer, enabled); `None` for the
+    /// admin API. Either way, an enrolment older than [`PENDING_TTL_SECS`], or started on a
+    /// weaker account than the consumer's now, is refused and dropped.
     pub async fn confirm_totp(&self, name: &str, code: &str) -> Result<Vec<String>, RegistryError> {
+        self.confirm_pending_totp(name, None, code).await
+    }
+
+    /// The consumer's own confirmation (self-service): as [`confirm_totp`](Self::confirm_totp),
+    /// for the consumer of that id only, and not once it is disabled.
+    pub async fn confirm_own_totp(
+        &self,
+        consumer: &Consumer,
+        code: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        self.confirm_pending_totp(&consumer.name, Some(consumer), code)
+            .await
+    }
+
+    async fn confirm_pending_totp(
+        &self,
+        name: &str,
+        by_consumer: Option<&Consumer>,
+        code: &str,
+    ) -> Result<Vec<String>, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.get(name)?;
+        let old = match by_consumer {
+            Some(consumer) => self.own(consumer)?,
+            None => self.get(name)?,
+        };
         let pending = old.totp_pending.as_ref().ok_or_else(|| {
             RegistryError::Conflict(format!("`{name}` has no pending TOTP enrolment"))
         })?;
+        let now = self.clock.now();
+        if now >= pending.created_at.saturating_add(PENDING_TTL_SECS) {
+            self.drop_pending_totp(&old, "expired").await?;
+            return Err(RegistryError::PendingGone(
+                "the TOTP enrolment expired (15 minutes); start it again",
+            ));
+        }
+        if pending.started_with < old.assurance() {
+            // Normally dropped when the factor that raised the level was confirmed; this holds
+            // for enrolments pending from before that rule, too.
+            self.drop_pending_totp(&old, "started_before_a_factor")
+                .await?;
+            return Err(RegistryError::PendingGone(
+                "this TOTP enrolment was started before another factor was confirmed; start it \
+                 again, with a code of that factor",
+            ));
+        }
         let generator = self.generator_of(&old, pending).ok_or_else(|| {
             RegistryError::Invalid("the enrolment cannot be decrypted with this master key".into())
         })?;
-        let now = self.clock.now();
         let step = totp::verify(&generator, code, now).ok_or(RegistryError::CodeInvalid)?;
         let (codes, hashes) = self.new_recovery_codes();
         if !self
             .store
-            .confirm_totp(old.id.clone(), step, hashes.clone())
+            .confirm_totp(old.id.clone(), step, hashes.clone(), Assurance::Totp)
             .await?
         {
             return Err(RegistryError::CodeInvalid);
@@ -841,10 +966,16 @@ impl Registry {
             ..pending.clone()
         };
         let replaced = old.totp.is_some();
+        let drops_sms = old.sms.as_ref().is_some_and(|s| {
+            s.record.pending_sealed.is_some() && s.record.pending_with < Assurance::Totp
+        });
         let updated = old.with(|p| {
             p.factors.totp = Some(confirmed);
             p.factors.totp_pending = None;
             p.factors.recovery_codes = unused_codes(&p.record.id, &hashes);
+            if drops_sms {
+                sms::forget_pending(&mut p.factors.sms);
+            }
         });
         self.audit_event(
             "totp_enrolled",
@@ -852,11 +983,42 @@ impl Registry {
             None,
             json!({"replaced": replaced}),
         );
+        if drops_sms {
+            self.audit_event(
+                "enrolment_dropped",
+                Some(&updated),
+                None,
+                json!({"factor": "sms", "reason": "started_before_a_factor"}),
+            );
+        }
         self.publish(|index| index.put(updated));
-        if replaced {
-            self.revoke_tokens(&old, None, "totp_replaced");
+        // A replaced secret or recovery set: tokens earned before were earned with it.
+        if old.has_confirmed_factor() {
+            self.revoke_tokens(
+                &old,
+                None,
+                if replaced {
+                    "totp_replaced"
+                } else {
+                    "factor_added"
+                },
+            );
         }
         Ok(codes)
+    }
+
+    /// Drops the pending TOTP enrolment (the confirmed one stays), with an audit event.
+    async fn drop_pending_totp(&self, old: &Consumer, reason: &str) -> Result<(), RegistryError> {
+        self.store.delete_pending_totp(old.id.clone()).await?;
+        let updated = old.with(|p| p.factors.totp_pending = None);
+        self.audit_event(
+            "enrolment_dropped",
+            Some(&updated),
+            None,
+            json!({"factor": "totp", "reason": reason}),
+        );
+        self.publish(|index| index.put(updated));
+        Ok(())
     }
 
     /// Removes the TOTP enrolment (confirmed and pending). Recovery codes go with it unless
@@ -897,13 +1059,42 @@ impl Registry {
         (codes, hashes)
     }
 
-    /// A new set of recovery codes; the old set stops working.
+    /// A new set of recovery codes; the old set stops working, and so do the step-up tokens
+    /// earned before (one may have been earned with a code of the set being replaced).
     pub async fn regenerate_recovery_codes(
         &self,
         name: &str,
     ) -> Result<Vec<String>, RegistryError> {
+        self.replace_recovery_codes(name, None).await
+    }
+
+    /// The consumer's own regeneration (self-service), proved at `proof`: refused below the
+    /// account's level, for another consumer of that name, or once disabled.
+    pub async fn regenerate_own_recovery_codes(
+        &self,
+        consumer: &Consumer,
+        proof: Assurance,
+    ) -> Result<Vec<String>, RegistryError> {
+        self.replace_recovery_codes(&consumer.name, Some((consumer, proof)))
+            .await
+    }
+
+    async fn replace_recovery_codes(
+        &self,
+        name: &str,
+        by_consumer: Option<(&Consumer, Assurance)>,
+    ) -> Result<Vec<String>, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.get(name)?;
+        let old = match by_consumer {
+            Some((consumer, proof)) => {
+                let old = self.own(consumer)?;
+                if proof < old.assurance() {
+                    return Err(RegistryError::Unproved(old.assurance()));
+                }
+                old
+            }
+            None => self.get(name)?,
+        };
         if !old.has_confirmed_factor() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has no confirmed second factor; recovery codes come with one"
@@ -923,6 +1114,7 @@ impl Registry {
             json!({}),
         );
         self.publish(|index| index.put(updated));
+        self.revoke_tokens(&old, None, "recovery_codes_regenerated");
         Ok(codes)
     }
 

@@ -209,9 +209,45 @@ async fn enrol_an_authenticator_app_in_chromium() {
     let b = Browser::start(1024, 900).await;
     b.goto(&page_url(&tf, PAGE)).await;
     assert_page_loaded_cleanly(&b).await;
+    // The key field is no password field (a password manager would offer to save the key),
+    // but masked, and kept out of autofill and spell checking.
+    let field = b
+        .js(
+            "const i = document.getElementById('api-key');
+             return [i.type, i.autocomplete, i.spellcheck,
+                     getComputedStyle(i).webkitTextSecurity];",
+            vec![],
+        )
+        .await;
+    assert_eq!(field, json!(["text", "off", false, "disc"]), "{field}");
 
     sign_in(&b, &alice.key, "alice").await;
     assert_eq!(b.text("#st-totp").await.as_deref(), Some("Not set up"));
+    // A report_only policy is worded as letting calls through; an enforced one as refusing.
+    let policy_text = |name: &'static str| {
+        let b = &b;
+        async move {
+            b.until(
+                "the policy list",
+                &format!(
+                    "const li = [...document.querySelectorAll('#policies li')]
+                       .find((e) => e.textContent.startsWith('{name}:'));
+                     return li && li.textContent;"
+                ),
+            )
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+        }
+    };
+    let report = policy_text("report").await;
+    assert!(
+        report.contains("calls are let through for now") && !report.contains("refused"),
+        "{report}"
+    );
+    let enforced = policy_text("two-factor").await;
+    assert!(enforced.contains("calls are refused until"), "{enforced}");
     assert_eq!(b.text("#st-recovery").await.as_deref(), Some("None left"));
     // The grace policy applies to alice; its deadline is shown as a date.
     let grace = b

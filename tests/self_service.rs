@@ -195,11 +195,11 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
 
     // A re-enrolment changes an existing factor: X-OTP, checked like a route's.
     let r = s.api("POST", "/2fa/totp", &alice.key, None, None).await;
-    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    assert_otp_refused(&r, "otp_required", "totp recovery_code");
     let r = s
         .api("POST", "/2fa/totp", &alice.key, Some(&code), None)
         .await;
-    assert_otp_refused(&r, "otp_invalid", "totp recovery_code sms");
+    assert_otp_refused(&r, "otp_invalid", "totp recovery_code");
     s.advance(60);
     let code = totp_at_with(&first, "SHA256", 8, 60, s.now());
     let r = s
@@ -298,7 +298,7 @@ async fn regenerating_recovery_codes_needs_a_confirmed_factor_and_its_code() {
     let r = s
         .api("POST", "/2fa/recovery-codes", &alice.key, None, None)
         .await;
-    assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
+    assert_otp_refused(&r, "otp_required", "totp recovery_code");
     // A recovery code is a code of an existing factor too.
     let r = s
         .api(
@@ -424,6 +424,7 @@ async fn ambiguous_input_is_refused_with_400() {
             }
         };
     let json_type = ("content-type", "application/json");
+    let mut refused = 0;
     for (rest, headers, body) in [
         ("/2fa/totp", vec![json_type], "{not json"),
         (
@@ -475,11 +476,49 @@ async fn ambiguous_input_is_refused_with_400() {
             s.twilio.arrived().is_empty(),
             "{rest} {body}: nothing was texted"
         );
+        refused += 1;
     }
-    // None of that created an enrolment or counted as a failure.
+    // None of that created an enrolment or counted as a failure: more bad requests than the
+    // built-in policy's 5 failures were refused, and a call through the same failure limiter
+    // is still answered (no 429) and no ban started.
+    assert!(refused > 5, "{refused}");
     let status = s.status(key).await;
     assert_eq!(status["factors"]["totp"]["status"], "none", "{status}");
     assert_eq!(status["factors"]["sms"]["status"], "none");
+    let r = s.api("POST", "/2fa/totp", key, None, None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // With a factor, a malformed change carrying a wrong code is a 400 before the code is
+    // looked at: neither counted nor spent, however many there are.
+    let bob = s.consumer("bob", &[]).await;
+    let e = s.enrol_totp(&bob.key, None).await;
+    let wrong = wrong_at(&e.secret, s.now());
+    for _ in 0..8 {
+        let r = s
+            .raw(
+                "POST",
+                &s.p("/2fa/totp"),
+                &[("x-api-key", &bob.key), ("x-otp", &wrong)],
+                Some(r#"{"digits": 9}"#.into()),
+            )
+            .await;
+        r.assert_problem(400, "bad_request");
+    }
+    let r = s
+        .api(
+            "POST",
+            "/2fa/recovery-codes",
+            &bob.key,
+            Some(&totp_at(&e.secret, s.now())),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 201, "not banned: {}", r.text());
+    let events = s.audit_all().await;
+    assert!(
+        !events.iter().any(|e| e["kind"] == "ban_started"),
+        "{events:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -634,4 +673,214 @@ fn explain_says_the_gateway_answers_under_the_prefix_itself() {
     let (code, out, _) = run_cli(&["explain", "GET", "/x", "-c", &config]);
     assert_eq!(code, 0);
     assert!(out.contains("route:     all"), "{out}");
+}
+
+/// Review C1: an enrolment started with only the API key while the consumer had no factor
+/// (so no code could be asked for) must not be confirmable once the owner has confirmed one.
+/// Otherwise whoever once saw the key plants a secret early, waits, and later confirms it
+/// with their own code: new recovery codes, the owner's old ones dead, the owner's phone
+/// removable with the planted app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_totp_enrolment_planted_before_any_factor_dies_when_the_owner_confirms_one() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    // Someone with alice's key only starts TOTP and keeps the secret.
+    let r = s.api("POST", "/2fa/totp", &alice.key, None, None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let planted = r.json()["secret"].as_str().unwrap().to_string();
+    // alice, on the page, enrols SMS and keeps her recovery codes.
+    let confirmed = s.enrol_sms(&alice.key, None, PHONE).await;
+    let recovery = strings(&confirmed["recovery_codes"]);
+
+    // Her confirmation dropped the planted enrolment, in the same transaction.
+    let status = s.status(&alice.key).await;
+    assert_eq!(status["factors"]["totp"]["status"], "none", "{status}");
+    let r = s
+        .api(
+            "POST",
+            "/2fa/totp/confirm",
+            &alice.key,
+            Some(&totp_at(&planted, s.now())),
+            None,
+        )
+        .await;
+    r.assert_problem(409, "conflict");
+    // Still gone after a restart (the store dropped it, not only the index).
+    let mut s = s;
+    s.t.restart().await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/totp/confirm",
+            &alice.key,
+            Some(&totp_at(&planted, s.now())),
+            None,
+        )
+        .await;
+    r.assert_problem(409, "conflict");
+    // alice's recovery codes and number are untouched.
+    let r = s.call("/any/x", &alice.key, Some(&recovery[0])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.gw.view("alice").await["sms"]["phone"], PHONE_MASKED);
+    let events = s.audit("alice").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "enrolment_dropped" && e["detail"]["factor"] == "totp"),
+        "{events:#?}"
+    );
+}
+
+/// Review C1: a pending TOTP enrolment lives 15 minutes (on the gateway's clock), so an
+/// abandoned one cannot be picked up much later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_totp_enrolment_expires_after_15_minutes() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let r = s.api("POST", "/2fa/totp", &alice.key, None, None).await;
+    let secret = r.json()["secret"].as_str().unwrap().to_string();
+    s.advance(15 * 60);
+    let r = s
+        .api(
+            "POST",
+            "/2fa/totp/confirm",
+            &alice.key,
+            Some(&totp_at(&secret, s.now())),
+            None,
+        )
+        .await;
+    let problem = r.assert_problem(409, "conflict");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("expired"),
+        "{problem}"
+    );
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["totp"]["status"],
+        "none"
+    );
+    // Within the lifetime it confirms as usual.
+    let r = s.api("POST", "/2fa/totp", &alice.key, None, None).await;
+    let secret = r.json()["secret"].as_str().unwrap().to_string();
+    s.advance(14 * 60);
+    let r = s
+        .api(
+            "POST",
+            "/2fa/totp/confirm",
+            &alice.key,
+            Some(&totp_at(&secret, s.now())),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Review minor 1: each policy on the status object says whether it is enforced or only
+/// reported, so the page can say that a `report_only` policy lets calls through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_gives_each_policys_rollout_mode() {
+    let t = TwoFactor::start().await;
+    let alice = t.consumer("alice", &[]).await;
+    let r = get_keyed(t.addr(), "/_stepgate/2fa", &alice.key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let status = r.json();
+    let mode = |name: &str| {
+        status["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["policy"] == name)
+            .unwrap_or_else(|| panic!("{name} in {status}"))["mode"]
+            .clone()
+    };
+    assert_eq!(mode("report"), "report_only", "{status}");
+    assert_eq!(mode("two-factor"), "enforce", "{status}");
+    assert_eq!(mode("grace"), "enforce", "{status}");
+}
+
+/// A JSON body over the 16 KiB limit of the self-service API is 413, before anything is
+/// parsed, texted or counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_over_16_kib_is_413() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let big = format!("{{\"phone\":\"+44{}\"}}", "1".repeat(20_000));
+    let r = s
+        .raw(
+            "POST",
+            &s.p("/2fa/sms"),
+            &[("x-api-key", &alice.key)],
+            Some(big),
+        )
+        .await;
+    r.assert_problem(413, "too_large");
+    assert_security_headers(&r);
+    assert!(s.twilio.arrived().is_empty());
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"]["status"],
+        "none"
+    );
+}
+
+/// One code sent at once to a self-service change and to a protected route is accepted by
+/// exactly one of them (the store's compare-and-set decides), for a TOTP code and for a
+/// recovery code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_code_on_a_self_service_call_and_a_protected_route_is_accepted_once() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let e = s.enrol_totp(&alice.key, None).await;
+    for round in 0..3 {
+        let code = totp_at(&e.secret, s.now());
+        let (change, route) = tokio::join!(
+            s.api("POST", "/2fa/recovery-codes", &alice.key, Some(&code), None),
+            s.call("/totp/x", &alice.key, Some(&code)),
+        );
+        let wins = [change.status == 201, route.status == 200];
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {} {} / {} {}",
+            change.status,
+            change.text(),
+            route.status,
+            route.text()
+        );
+        for r in [&change, &route] {
+            if r.status != 200 && r.status != 201 {
+                r.assert_problem(401, "otp_invalid");
+            }
+        }
+        s.advance(30);
+    }
+    // A recovery code, on an SMS enrolment (which spends it only after the text went out).
+    let code = totp_at(&e.secret, s.now());
+    let fresh = strings(
+        &s.api("POST", "/2fa/recovery-codes", &alice.key, Some(&code), None)
+            .await
+            .json()["recovery_codes"],
+    );
+    let (change, route) = tokio::join!(
+        s.api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            Some(&fresh[0]),
+            Some(json!({"phone": PHONE}))
+        ),
+        s.call("/totp/x", &alice.key, Some(&fresh[0])),
+    );
+    let wins = [change.status == 202, route.status == 200];
+    assert_eq!(
+        wins.iter().filter(|w| **w).count(),
+        1,
+        "{} {} / {} {}",
+        change.status,
+        change.text(),
+        route.status,
+        route.text()
+    );
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["recovery_codes"]["remaining"],
+        9
+    );
 }

@@ -139,26 +139,43 @@ fn sms_settings_are_validated_at_their_line() {
     assert_refused("sms: {}\n", "sms:", &["twilio"]);
 }
 
+/// World-readable, group-readable (0640, the usual "secret for a service group") and
+/// group-writable files are all refused: only the owner may read the token.
 #[test]
 fn a_token_file_readable_by_others_is_refused() {
+    for mode in [0o644, 0o640, 0o620, 0o604] {
+        let secrets = tempfile::tempdir().unwrap();
+        let path = token_file(&secrets, mode);
+        let yaml = base(&format!(
+            "sms:\n  twilio:\n    account_sid: {SID}\n    auth_token_file: \"{path}\"\n    from: \"+15005550006\"\n"
+        ));
+        let dir = write_config_with(&yaml, &[("policies/p.yaml", SMS_POLICY)]);
+        let errors = stepgate::config::load(&config_path(&dir))
+            .err()
+            .unwrap_or_else(|| panic!("mode {mode:o} accepted"))
+            .to_string();
+        assert!(
+            errors.contains("gateway.yaml:6:")
+                && errors.contains("other users")
+                && errors.contains(&format!("mode {mode:o}"))
+                && errors.contains("chmod 600"),
+            "{mode:o}: {errors}"
+        );
+        // The policy's `sms` is not also reported: the section is there, only broken.
+        assert!(!errors.contains("p.yaml"), "{errors}");
+    }
+    // A directory in its place is refused too, not read.
     let secrets = tempfile::tempdir().unwrap();
-    let path = token_file(&secrets, 0o644);
     let yaml = base(&format!(
-        "sms:\n  twilio:\n    account_sid: {SID}\n    auth_token_file: \"{path}\"\n    from: \"+15005550006\"\n"
+        "sms:\n  twilio:\n    account_sid: {SID}\n    auth_token_file: \"{}\"\n    from: \"+15005550006\"\n",
+        path_str(secrets.path())
     ));
     let dir = write_config_with(&yaml, &[("policies/p.yaml", SMS_POLICY)]);
     let errors = stepgate::config::load(&config_path(&dir))
         .err()
-        .expect("refused")
+        .expect("a directory is refused")
         .to_string();
-    assert!(
-        errors.contains("gateway.yaml:6:")
-            && errors.contains("readable by other users")
-            && errors.contains("chmod 600"),
-        "{errors}"
-    );
-    // The policy's `sms` is not also reported: the section is there, only broken.
-    assert!(!errors.contains("p.yaml"), "{errors}");
+    assert!(errors.contains("gateway.yaml:6:"), "{errors}");
 }
 
 #[test]

@@ -25,7 +25,8 @@
     api_key_missing: 'Paste your API key first.',
     api_key_invalid: 'That API key was not accepted. Check that you pasted all of it.',
     otp_required: 'This change needs a current code from a factor you already have: your ' +
-      'authenticator app, a texted login code or a recovery code.',
+      'authenticator app or a recovery code; a texted login code only when text messages ' +
+      'are your only factor.',
     otp_invalid: 'That code was not accepted: it is wrong, expired or already used. ' +
       'Wait for the next code and try again.',
     too_many_attempts: 'Too many failed attempts.',
@@ -56,9 +57,15 @@
   function problemText(res, data) {
     const code = data && typeof data.code === 'string' ? data.code : '';
     let text = WORDS[code] || `The gateway refused the request (HTTP ${res.status}).`;
-    if (res.status === 429) text += ' ' + retryWords(res.headers.get('Retry-After'));
     const detail = data && typeof data.detail === 'string' ? data.detail : '';
-    if (detail && (!WORDS[code] || SHOW_DETAIL.has(code))) text += ` (${detail})`;
+    // The send limits share the 429 code with failed attempts; their detail tells them apart.
+    if (code === 'too_many_attempts' && detail.startsWith('too many text messages')) {
+      text = 'Too many text messages were asked for in a short time.';
+    }
+    if (res.status === 429) text += ' ' + retryWords(res.headers.get('Retry-After'));
+    // A change refused for the kind of code (a texted code while an app is set up) says so.
+    const changeDetail = code === 'otp_invalid' && detail.includes('for this change');
+    if (detail && (!WORDS[code] || SHOW_DETAIL.has(code) || changeDetail)) text += ` (${detail})`;
     return text;
   }
 

@@ -50,10 +50,15 @@ impl Failure {
                     RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
                         (StatusCode::NOT_FOUND, "not_found", detail)
                     }
-                    RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict", detail),
+                    // An expired pending enrolment, or one started on a weaker account.
+                    RegistryError::Conflict(_)
+                    | RegistryError::PendingGone(_)
+                    | RegistryError::Disabled => (StatusCode::CONFLICT, "conflict", detail),
                     RegistryError::Invalid(_)
                     | RegistryError::CodeInvalid
-                    | RegistryError::Unproved => (StatusCode::BAD_REQUEST, "bad_request", detail),
+                    | RegistryError::Unproved(_) => {
+                        (StatusCode::BAD_REQUEST, "bad_request", detail)
+                    }
                     RegistryError::Store(_) | RegistryError::WrongMasterKey => {
                         tracing::error!(error = %detail, "admin call failed in the store");
                         (

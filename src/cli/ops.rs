@@ -752,23 +752,47 @@ async fn enrollment_report(client: &AdminClient, out: &Output) -> Result<(), Cal
         ]);
     }
     print_table(out, &rows);
-    let overdue = entries.iter().filter(|e| e["status"] == "overdue").count();
+    say!(out);
+    say!(out, "{}", report_summary(&entries));
+    Ok(())
+}
+
+/// The closing line of the enrolment report. An overdue entry under a `report_only` policy is
+/// not refused: its calls are forwarded and audited as `would_refuse`, so it is counted apart.
+fn report_summary(entries: &[Value]) -> String {
+    let overdue = |mode: &str| {
+        entries
+            .iter()
+            .filter(|e| e["status"] == "overdue" && e["mode"] == mode)
+            .count()
+    };
+    let (refused, reported) = (overdue("enforce"), overdue("report_only"));
+    let grace = entries.iter().filter(|e| e["status"] == "grace").count();
     let mut consumers: Vec<&str> = entries
         .iter()
         .filter_map(|e| e["consumer"].as_str())
         .collect();
+    consumers.sort_unstable();
     consumers.dedup();
-    say!(out);
-    say!(
-        out,
-        "{} consumer(s) to enrol; {overdue} entr{} overdue (refused with 403 enrollment_required), \
-         {} in grace (passing with a warning until the deadline). Consumers enrol themselves \
-         on the security page, or an operator runs `stepgate totp enroll NAME`.",
+    let entries_word = |n: usize| if n == 1 { "entry" } else { "entries" };
+    let mut parts = vec![format!(
+        "{refused} {} overdue (refused with 403 enrollment_required)",
+        entries_word(refused)
+    )];
+    if reported > 0 {
+        parts.push(format!(
+            "{reported} overdue under report_only (forwarded, audited as would_refuse)"
+        ));
+    }
+    parts.push(format!(
+        "{grace} in grace (passing with a warning until the deadline)"
+    ));
+    format!(
+        "{} consumer(s) to enrol; {}. Consumers enrol themselves on the security page, or an \
+         operator runs `stepgate totp enroll NAME`.",
         consumers.len(),
-        if overdue == 1 { "y" } else { "ies" },
-        entries.len() - overdue
-    );
-    Ok(())
+        parts.join(", ")
+    )
 }
 
 fn print_recovery_codes(out: &Output, body: &Value) {
@@ -924,6 +948,32 @@ fn print_table(out: &Output, rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_summary_does_not_call_report_only_entries_refused() {
+        let entry = |consumer: &str, status: &str, mode: &str| serde_json::json!({"consumer": consumer, "status": status, "mode": mode});
+        let line = report_summary(&[
+            entry("alice", "overdue", "enforce"),
+            entry("alice", "overdue", "report_only"),
+            entry("bob", "overdue", "report_only"),
+            entry("bob", "grace", "enforce"),
+        ]);
+        assert!(line.starts_with("2 consumer(s) to enrol; "), "{line}");
+        assert!(
+            line.contains("1 entry overdue (refused with 403 enrollment_required)"),
+            "{line}"
+        );
+        assert!(
+            line.contains("2 overdue under report_only (forwarded, audited as would_refuse)"),
+            "{line}"
+        );
+        assert!(line.contains("1 in grace"), "{line}");
+        let line = report_summary(&[entry("carol", "grace", "enforce")]);
+        assert!(
+            line.contains("0 entries overdue") && !line.contains("report_only"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn wildcard_admin_addresses_are_reached_over_loopback() {

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Consumer, Registry, RegistryError, SmsState, unused_codes};
+use super::{
+    Assurance, Consumer, PENDING_TTL_SECS, Registry, RegistryError, SmsState, unused_codes,
+};
 use crate::secrets::MasterKey;
 use crate::sms::{self, Phone, Purpose};
-use crate::store::{CodeCheck, SmsCodeRecord, SmsRecord};
+use crate::store::{CodeCheck, Hash, SmsCodeRecord, SmsRecord};
 
 /// Associated data for a sealed number: the consumer id (so a ciphertext moved to another
 /// consumer fails to open, like TOTP secrets) plus a label, so that a sealed TOTP secret
@@ -39,11 +41,27 @@ pub(super) fn state_of(master: &MasterKey, record: SmsRecord) -> SmsState {
     }
 }
 
-/// A code to text: the code itself (never stored), the number, and when it expires.
+/// Forgets the pending number of an in-memory SMS state, as the store's `drop_pending_sms`
+/// does: the state goes when no confirmed number is left.
+pub(super) fn forget_pending(sms: &mut Option<SmsState>) {
+    if let Some(state) = sms.as_mut() {
+        state.record.pending_sealed = None;
+        state.record.pending_at = None;
+        state.record.pending_with = Assurance::KeyOnly;
+        state.pending_masked = None;
+    }
+    if sms.as_ref().is_some_and(|s| !s.confirmed()) {
+        *sms = None;
+    }
+}
+
+/// A code to text: the code itself (never stored), the number, when it expires, and the hash
+/// it is stored under (to withdraw exactly this code if its text fails).
 pub struct Outgoing {
     pub code: String,
     pub phone: Phone,
     pub expires_at: u64,
+    pub hash: Hash,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -56,17 +74,6 @@ impl std::fmt::Debug for Outgoing {
 }
 
 impl Registry {
-    /// The current state of `consumer`, by name and the same id (a deleted and re-created
-    /// namesake is someone else).
-    fn same(&self, consumer: &Consumer) -> Result<std::sync::Arc<Consumer>, RegistryError> {
-        let current = self.get(&consumer.name)?;
-        if current.id == consumer.id {
-            Ok(current)
-        } else {
-            Err(RegistryError::NotFound(consumer.name.clone()))
-        }
-    }
-
     fn new_sms_code(
         &self,
         consumer_id: &str,
@@ -87,28 +94,29 @@ impl Registry {
 
     /// Starts (or restarts) SMS enrolment: `phone` is stored pending, with a verification code
     /// valid for `ttl`, to be texted by the caller. A confirmed number keeps working until the
-    /// new one is confirmed. `proved`: the caller checked a code of an existing factor
-    /// (refused without one if the consumer has a confirmed factor by now).
+    /// new one is confirmed. `proof`: how strongly the caller proved the change (refused below
+    /// the account's level by now); the pending number records that level.
     pub async fn begin_sms(
         &self,
         consumer: &Consumer,
         phone: Phone,
         ttl: Duration,
-        proved: bool,
+        proof: Assurance,
     ) -> Result<Outgoing, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.same(consumer)?;
-        if !proved && old.has_confirmed_factor() {
-            return Err(RegistryError::Unproved);
+        let old = self.own(consumer)?;
+        let level = old.assurance();
+        if proof < level {
+            return Err(RegistryError::Unproved(level));
         }
         let now = self.clock.now();
         let sealed = self
             .master
             .encrypt(phone.expose().as_bytes(), &phone_context(&old.id));
         let (code, record) = self.new_sms_code(&old.id, Purpose::Enrol, ttl);
-        let expires_at = record.expires_at;
+        let (expires_at, hash) = (record.expires_at, record.hash);
         self.store
-            .put_pending_sms(old.id.clone(), sealed.clone(), now, record)
+            .put_pending_sms(old.id.clone(), sealed.clone(), now, level, record)
             .await?;
         let masked = phone.masked();
         let updated = old.with(|p| {
@@ -118,12 +126,16 @@ impl Registry {
                     phone_sealed: None,
                     pending_sealed: None,
                     updated_at: now,
+                    pending_at: None,
+                    pending_with: Assurance::KeyOnly,
                 },
                 phone_masked: None,
                 pending_masked: None,
             });
             sms.record.pending_sealed = Some(sealed);
             sms.record.updated_at = now;
+            sms.record.pending_at = Some(now);
+            sms.record.pending_with = level;
             sms.pending_masked = Some(masked.clone());
             p.factors.sms = Some(sms);
         });
@@ -138,26 +150,48 @@ impl Registry {
             code,
             phone,
             expires_at,
+            hash,
         })
     }
 
     /// Confirms the pending number with its verification code. Returns recovery codes (shown
     /// once) when this is the consumer's first confirmed factor. A confirmed number it
-    /// replaces stops receiving codes, and the step-up tokens earned before are revoked.
+    /// replaces stops receiving codes, its outstanding login codes die, and the step-up tokens
+    /// earned before are revoked. A pending TOTP enrolment started on a weaker account than
+    /// this makes is dropped in the same transaction. A number pending longer than
+    /// [`PENDING_TTL_SECS`], or entered on a weaker account than the consumer's now, is
+    /// refused and dropped.
     pub async fn confirm_sms(
         &self,
         consumer: &Consumer,
         code: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.same(consumer)?;
-        let has_pending = old
+        let old = self.own(consumer)?;
+        let Some(pending) = old
             .sms
             .as_ref()
-            .is_some_and(|s| s.record.pending_sealed.is_some());
-        if !has_pending {
+            .map(|s| &s.record)
+            .filter(|r| r.pending_sealed.is_some())
+        else {
             return Err(RegistryError::Conflict(
                 "no phone number is waiting for confirmation; POST the number first".into(),
+            ));
+        };
+        let now = self.clock.now();
+        let entered = pending.pending_at.unwrap_or(pending.updated_at);
+        if now >= entered.saturating_add(PENDING_TTL_SECS) {
+            self.drop_pending_sms(&old, "expired").await?;
+            return Err(RegistryError::PendingGone(
+                "the number waited too long for its code (15 minutes); enter it again",
+            ));
+        }
+        if pending.pending_with < old.assurance() {
+            self.drop_pending_sms(&old, "started_before_a_factor")
+                .await?;
+            return Err(RegistryError::PendingGone(
+                "this number was entered before another factor was confirmed; enter it again, \
+                 with a code of that factor",
             ));
         }
         if !sms::is_code_shape(code) {
@@ -172,10 +206,11 @@ impl Registry {
         } else {
             (None, None)
         };
-        let now = self.clock.now();
+        // The level the account has once this number is confirmed.
+        let level = Assurance::of_account(old.confirmed_totp().is_some(), true);
         match self
             .store
-            .confirm_sms(old.id.clone(), hash, now, hashes.clone())
+            .confirm_sms(old.id.clone(), hash, now, hashes.clone(), level)
             .await?
         {
             CodeCheck::Accepted => {}
@@ -184,14 +219,23 @@ impl Registry {
             }
         }
         let replaced = old.confirmed_sms();
+        let drops_totp = old
+            .totp_pending
+            .as_ref()
+            .is_some_and(|t| t.started_with < level);
         let updated = old.with(|p| {
             if let Some(sms) = p.factors.sms.as_mut() {
                 sms.record.phone_sealed = sms.record.pending_sealed.take();
                 sms.phone_masked = sms.pending_masked.take();
                 sms.record.updated_at = now;
+                sms.record.pending_at = None;
+                sms.record.pending_with = Assurance::KeyOnly;
             }
             if let Some(hashes) = &hashes {
                 p.factors.recovery_codes = unused_codes(&p.record.id, hashes);
+            }
+            if drops_totp {
+                p.factors.totp_pending = None;
             }
         });
         let masked = updated.sms.as_ref().and_then(|s| s.phone_masked.clone());
@@ -201,11 +245,33 @@ impl Registry {
             None,
             json!({"phone": masked, "replaced": replaced}),
         );
+        if drops_totp {
+            self.audit_event(
+                "enrolment_dropped",
+                Some(&updated),
+                None,
+                json!({"factor": "totp", "reason": "started_before_a_factor"}),
+            );
+        }
         self.publish(|index| index.put(updated));
         if replaced {
             self.revoke_tokens(&old, None, "sms_replaced");
         }
         Ok(codes)
+    }
+
+    /// Drops the pending number (the confirmed one stays), with an audit event.
+    async fn drop_pending_sms(&self, old: &Consumer, reason: &str) -> Result<(), RegistryError> {
+        self.store.drop_pending_sms(old.id.clone(), None).await?;
+        let updated = old.with(|p| forget_pending(&mut p.factors.sms));
+        self.audit_event(
+            "enrolment_dropped",
+            Some(&updated),
+            None,
+            json!({"factor": "sms", "reason": reason}),
+        );
+        self.publish(|index| index.put(updated));
+        Ok(())
     }
 
     /// A login code for the consumer's confirmed number, valid for `ttl`; it replaces any
@@ -216,7 +282,7 @@ impl Registry {
         ttl: Duration,
     ) -> Result<Outgoing, RegistryError> {
         let _write = self.writes.lock().await;
-        let current = self.same(consumer)?;
+        let current = self.own(consumer)?;
         let phone = current
             .sms
             .as_ref()
@@ -235,12 +301,13 @@ impl Registry {
                 })
             })?;
         let (code, record) = self.new_sms_code(&current.id, Purpose::Login, ttl);
-        let expires_at = record.expires_at;
+        let (expires_at, hash) = (record.expires_at, record.hash);
         self.store.put_sms_code(record).await?;
         Ok(Outgoing {
             code,
             phone,
             expires_at,
+            hash,
         })
     }
 
@@ -256,37 +323,64 @@ impl Registry {
         open_phone(&self.master, &consumer.id, sealed)
     }
 
-    /// Withdraws a code whose text could not be sent: a code nobody received must not stay
-    /// guessable. Best effort; a failure only leaves the code to expire.
-    pub async fn withdraw_sms_code(&self, consumer: &Consumer, purpose: Purpose) {
+    /// Withdraws the login code of `sent` whose text could not be sent: a code nobody received
+    /// must not stay guessable. Only that code (by its hash): a newer one, sent meanwhile and
+    /// delivered, stays. Best effort; a failure only leaves the code to expire.
+    pub async fn withdraw_sms_code(&self, consumer: &Consumer, purpose: Purpose, sent: &Outgoing) {
         if let Err(error) = self
             .store
-            .delete_sms_code(consumer.id.clone(), purpose)
+            .delete_sms_code(consumer.id.clone(), purpose, sent.hash)
             .await
         {
             tracing::warn!(%error, "could not withdraw an unsent SMS code; it expires on its own");
         }
     }
 
+    /// Undoes an SMS enrolment whose verification text could not be sent (or that must not go
+    /// on): its code is withdrawn and the number no longer shows as pending, unless a newer
+    /// enrolment replaced it meanwhile. Best effort, like [`withdraw_sms_code`](Self::withdraw_sms_code).
+    pub async fn abandon_sms_enrolment(&self, consumer: &Consumer, sent: &Outgoing) {
+        let _write = self.writes.lock().await;
+        match self
+            .store
+            .drop_pending_sms(consumer.id.clone(), Some(sent.hash))
+            .await
+        {
+            Ok(true) => {
+                if let Ok(old) = self.get(&consumer.name)
+                    && old.id == consumer.id
+                {
+                    let updated = old.with(|p| forget_pending(&mut p.factors.sms));
+                    self.publish(|index| index.put(updated));
+                }
+            }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "could not undo an unsent SMS enrolment; its code expires on its own");
+            }
+        }
+    }
+
     /// Removes the consumer's SMS factor (numbers and outstanding codes) and revokes its
     /// step-up tokens. Recovery codes go too unless a confirmed TOTP is left. `by_consumer`:
-    /// the self-service call, only if the consumer of that name is still this id, and with a
-    /// code proved when it has a confirmed factor; `None` for the admin API.
+    /// the self-service call, only if the consumer of that name is still this one and enabled,
+    /// and proved at the account's level; `None` for the admin API.
     pub async fn remove_sms(
         &self,
         name: &str,
-        by_consumer: Option<(&str, bool)>,
+        by_consumer: Option<(&Consumer, Assurance)>,
     ) -> Result<(), RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.get(name)?;
-        if let Some((id, proved)) = by_consumer {
-            if id != old.id {
-                return Err(RegistryError::NotFound(name.to_owned()));
+        let old = match by_consumer {
+            Some((consumer, proof)) => {
+                let old = self.own(consumer)?;
+                if proof < old.assurance() {
+                    return Err(RegistryError::Unproved(old.assurance()));
+                }
+                old
             }
-            if !proved && old.has_confirmed_factor() {
-                return Err(RegistryError::Unproved);
-            }
-        }
+            None => self.get(name)?,
+        };
         if old.sms.is_none() {
             return Err(RegistryError::NotFoundOther(format!(
                 "`{name}` has no SMS number"
@@ -313,29 +407,33 @@ mod tests {
     use std::time::Duration;
 
     use crate::clock::ManualClock;
+    use crate::config::Factors;
     use crate::credentials::totp::TotpParams;
-    use crate::registry::{Registry, RegistryError};
+    use crate::registry::{Assurance, Registry, RegistryError};
     use crate::secrets::MasterKey;
-    use crate::sms::Phone;
+    use crate::sms::{Phone, Purpose};
+    use crate::store::TotpRecord;
     use crate::store::sqlite::SqliteStore;
 
     const NOW: u64 = 1_800_000_000;
+    const TTL: Duration = Duration::from_secs(300);
 
-    /// A factor confirmed after the caller's key was checked (so the caller's view of the
-    /// consumer has none, and no code was asked for) still needs its code: the registry checks
-    /// again under its write lock.
-    #[tokio::test]
-    async fn a_factor_confirmed_meanwhile_still_needs_its_code() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn registry(dir: &tempfile::TempDir) -> (Registry, Arc<ManualClock>) {
         let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
         let clock = Arc::new(ManualClock::new(NOW));
-        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock, None)
+        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
             .await
             .unwrap();
-        registry.create_consumer("alice", vec![]).await.unwrap();
-        let stale = registry.consumer_state("alice").unwrap();
-        assert!(!stale.has_confirmed_factor());
+        (registry, clock)
+    }
 
+    /// alice with a confirmed TOTP enrolment (by the admin path).
+    async fn with_totp(registry: &Registry) {
+        registry.create_consumer("alice", vec![]).await.unwrap();
+        enrol_totp(registry).await;
+    }
+
+    async fn enrol_totp(registry: &Registry) {
         registry
             .begin_totp("alice", TotpParams::default())
             .await
@@ -344,38 +442,187 @@ mod tests {
         let code = registry
             .totp_generator(&pending)
             .unwrap()
-            .generate(NOW)
+            .generate(registry.now())
             .to_string();
         registry.confirm_totp("alice", &code).await.unwrap();
+    }
+
+    /// A factor confirmed after the caller's key was checked (so the caller's view of the
+    /// consumer has none, and no code was asked for) still needs its code: the registry checks
+    /// again under its write lock, against the account's level by then.
+    #[tokio::test]
+    async fn a_factor_confirmed_meanwhile_still_needs_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, _) = registry(&dir).await;
+        registry.create_consumer("alice", vec![]).await.unwrap();
+        let stale = registry.consumer_state("alice").unwrap();
+        assert_eq!(stale.assurance(), Assurance::KeyOnly);
+        enrol_totp(&registry).await;
+        let now = registry.consumer_state("alice").unwrap();
+        assert_eq!(now.assurance(), Assurance::Totp);
 
         let phone = Phone::parse("+447700900123").unwrap();
-        let ttl = Duration::from_secs(300);
-        assert!(matches!(
-            registry
-                .begin_totp_reenrolment(&stale, TotpParams::default(), false)
-                .await,
-            Err(RegistryError::Unproved)
-        ));
-        assert!(matches!(
-            registry.begin_sms(&stale, phone.clone(), ttl, false).await,
-            Err(RegistryError::Unproved)
-        ));
-        // With a code proved, both go ahead; the confirmed TOTP stays beside the new one.
-        registry.begin_sms(&stale, phone, ttl, true).await.unwrap();
+        for weak in [Assurance::KeyOnly, Assurance::Sms] {
+            assert!(matches!(
+                registry
+                    .begin_totp_reenrolment(&stale, TotpParams::default(), weak)
+                    .await,
+                Err(RegistryError::Unproved(Assurance::Totp))
+            ));
+            assert!(matches!(
+                registry.begin_sms(&stale, phone.clone(), TTL, weak).await,
+                Err(RegistryError::Unproved(Assurance::Totp))
+            ));
+            assert!(matches!(
+                registry.regenerate_own_recovery_codes(&stale, weak).await,
+                Err(RegistryError::Unproved(Assurance::Totp))
+            ));
+        }
+        // Proved at the account's level, both go ahead; the confirmed TOTP stays beside.
         registry
-            .begin_totp_reenrolment(&stale, TotpParams::default(), true)
+            .begin_sms(&stale, phone, TTL, Assurance::Totp)
+            .await
+            .unwrap();
+        registry
+            .begin_totp_reenrolment(&stale, TotpParams::default(), Assurance::Totp)
             .await
             .unwrap();
         let now = registry.consumer_state("alice").unwrap();
         assert!(now.confirmed_totp().is_some() && now.totp_pending.is_some());
         assert!(matches!(
-            registry.remove_sms("alice", Some((&stale.id, false))).await,
-            Err(RegistryError::Unproved)
+            registry
+                .remove_sms("alice", Some((&stale, Assurance::Sms)))
+                .await,
+            Err(RegistryError::Unproved(_))
         ));
         registry
-            .remove_sms("alice", Some((&stale.id, true)))
+            .remove_sms("alice", Some((&stale, Assurance::Totp)))
             .await
             .unwrap();
         assert!(registry.consumer_state("alice").unwrap().sms.is_none());
+    }
+
+    /// Review I5: withdrawing a code whose text failed (a provider timeout can outlast the
+    /// send interval) deletes that code only, not a newer one that was delivered meanwhile.
+    #[tokio::test]
+    async fn withdrawing_an_unsent_code_leaves_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, clock) = registry(&dir).await;
+        registry.create_consumer("bob", vec![]).await.unwrap();
+        let bob = registry.consumer_state("bob").unwrap();
+        let phone = Phone::parse("+447700900123").unwrap();
+        let enrol = registry
+            .begin_sms(&bob, phone, TTL, Assurance::KeyOnly)
+            .await
+            .unwrap();
+        let bob = registry.consumer_state("bob").unwrap();
+        registry.confirm_sms(&bob, &enrol.code).await.unwrap();
+        let bob = registry.consumer_state("bob").unwrap();
+
+        let slow = registry.login_code(&bob, TTL).await.unwrap();
+        clock.advance(31);
+        let newer = registry.login_code(&bob, TTL).await.unwrap();
+        registry
+            .withdraw_sms_code(&bob, Purpose::Login, &slow)
+            .await;
+        let factors = Factors {
+            totp: false,
+            recovery_code: false,
+            sms: true,
+        };
+        let accepted = registry
+            .verify_code(&bob, factors, &newer.code, registry.now())
+            .await;
+        assert!(
+            accepted.is_ok(),
+            "the newer code was withdrawn: {accepted:?}"
+        );
+    }
+
+    /// Review C1 (defence in depth): a pending enrolment started on a weaker account than the
+    /// consumer's now, say one stored before the rule existed, is refused and dropped at
+    /// confirmation, even with its own valid code.
+    #[tokio::test]
+    async fn a_pending_enrolment_started_on_a_weaker_account_is_not_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, clock) = registry(&dir).await;
+        with_totp(&registry).await;
+        let alice = registry.consumer_state("alice").unwrap();
+        // A pending secret as the old schema left it: started with the key alone.
+        registry
+            .begin_totp_reenrolment(&alice, TotpParams::default(), Assurance::Totp)
+            .await
+            .unwrap();
+        let planted = TotpRecord {
+            started_with: Assurance::KeyOnly,
+            ..registry
+                .consumer_state("alice")
+                .unwrap()
+                .totp_pending
+                .clone()
+                .unwrap()
+        };
+        registry.store().put_pending_totp(planted).await.unwrap();
+        let store = registry.store().clone();
+        drop(registry);
+        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
+            .await
+            .unwrap();
+        let alice = registry.consumer_state("alice").unwrap();
+        clock.advance(30);
+        let pending = alice.totp_pending.clone().unwrap();
+        let code = registry
+            .generator_of(&alice, &pending)
+            .unwrap()
+            .generate(registry.now())
+            .to_string();
+        assert!(matches!(
+            registry.confirm_own_totp(&alice, &code).await,
+            Err(RegistryError::PendingGone(_))
+        ));
+        let alice = registry.consumer_state("alice").unwrap();
+        assert!(alice.totp_pending.is_none() && alice.confirmed_totp().is_some());
+        assert!(registry.store().load().await.unwrap().totp.len() == 1);
+    }
+
+    /// Review minor 5: a consumer disabled after its key was checked changes nothing.
+    #[tokio::test]
+    async fn self_service_writes_refuse_a_consumer_disabled_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, _) = registry(&dir).await;
+        with_totp(&registry).await;
+        let stale = registry.consumer_state("alice").unwrap();
+        registry
+            .update_consumer("alice", None, Some(true))
+            .await
+            .unwrap();
+        let phone = Phone::parse("+447700900123").unwrap();
+        let proof = Assurance::Totp;
+        assert!(matches!(
+            registry
+                .begin_totp_reenrolment(&stale, TotpParams::default(), proof)
+                .await,
+            Err(RegistryError::Disabled)
+        ));
+        assert!(matches!(
+            registry.begin_sms(&stale, phone, TTL, proof).await,
+            Err(RegistryError::Disabled)
+        ));
+        assert!(matches!(
+            registry.regenerate_own_recovery_codes(&stale, proof).await,
+            Err(RegistryError::Disabled)
+        ));
+        assert!(matches!(
+            registry.confirm_own_totp(&stale, "123456").await,
+            Err(RegistryError::Disabled)
+        ));
+        assert!(matches!(
+            registry.login_code(&stale, TTL).await,
+            Err(RegistryError::Disabled)
+        ));
+        assert!(matches!(
+            registry.remove_sms("alice", Some((&stale, proof))).await,
+            Err(RegistryError::Disabled)
+        ));
     }
 }

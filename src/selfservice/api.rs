@@ -19,13 +19,16 @@ use crate::auth::api_key::single_value;
 use crate::auth::failures::SecondFactorPassed;
 use crate::auth::second_factor::X_OTP;
 use crate::clock::rfc3339;
-use crate::config::{Factors, Snapshot};
+use crate::config::Snapshot;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 use crate::enrollment::{PolicyView, policies_for};
 use crate::error::{Body, BoxError, Refusal, full_body};
-use crate::registry::{CodeFailure, KeyEntry, RegistryError, SmsView, TotpView};
+use crate::registry::{
+    Assurance, CodeFailure, Factor, KeyEntry, Outgoing, RegistryError, SmsView, TotpView,
+};
 use crate::sms::twilio::SendError;
-use crate::sms::{self, Phone, Purpose, SmsSettings};
+use crate::sms::{self, Phone, Purpose, Reservation, SmsSettings};
+use crate::store::Hash;
 
 /// The built-in policy's name, for audit events.
 const POLICY: &str = "stepgate/self-service";
@@ -50,12 +53,19 @@ fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
     Ok(Caller { entry, code })
 }
 
-/// Did a code of an existing factor prove this call?
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proof {
-    /// The consumer has no confirmed factor, so there was nothing to prove.
-    NotNeeded,
-    Proved,
+/// What proved a change: the account's level it was proved at (`KeyOnly` when the consumer
+/// has no confirmed factor, so nothing could be asked), and a recovery code checked but not
+/// yet spent, for a call that spends it only once the rest succeeded.
+#[derive(Debug, Clone, Copy)]
+struct Proof {
+    level: Assurance,
+    unspent_recovery_code: Option<Hash>,
+}
+
+impl Proof {
+    fn proved(&self) -> bool {
+        self.level > Assurance::KeyOnly
+    }
 }
 
 impl Endpoints {
@@ -68,63 +78,80 @@ impl Endpoints {
         );
     }
 
-    /// Requires `X-OTP` with a code of one of the consumer's confirmed factors when it has one
-    /// (or `always`: a call that needs a confirmed factor to make sense). A wrong code is
-    /// `OtpInvalid`, which the failure limiter counts.
-    async fn prove(&self, caller: &Caller, always: bool, endpoint: &str) -> Result<Proof, Refusal> {
+    /// Proves a change to the consumer's factors (README "Self-service", the proof rule in
+    /// `registry::assurance`): with a confirmed factor, `X-OTP` must carry a code of a factor
+    /// as strong as the account (with TOTP confirmed: a TOTP or recovery code, never an SMS
+    /// code), checked exactly as on a protected route. Without one there is nothing to ask for,
+    /// unless `always` (a call that needs a confirmed factor to make sense). A wrong code is
+    /// `ChangeOtpInvalid`, which the failure limiter counts.
+    ///
+    /// `defer_recovery`: a recovery code is only checked here, and spent by
+    /// [`spend_deferred`](Self::spend_deferred) once the call has done what can fail (texting):
+    /// a lost recovery code cannot be had back, a TOTP or SMS code can (the next one).
+    async fn prove(
+        &self,
+        caller: &Caller,
+        always: bool,
+        endpoint: &str,
+        defer_recovery: bool,
+    ) -> Result<Proof, Refusal> {
         let consumer = &caller.entry.consumer;
-        if !consumer.has_confirmed_factor() {
+        let needs = consumer.assurance();
+        if needs == Assurance::KeyOnly {
             return if always {
                 Err(Refusal::Conflict(
                     "this needs a confirmed second factor; enrol TOTP or SMS first",
                 ))
             } else {
-                Ok(Proof::NotNeeded)
+                Ok(Proof {
+                    level: needs,
+                    unspent_recovery_code: None,
+                })
             };
         }
         let Some(code) = caller.code.as_deref() else {
             self.metrics.factor("none", "missing");
-            return Err(Refusal::OtpRequired);
+            return Err(Refusal::ChangeOtpRequired { needs });
         };
+        let invalid = || Refusal::ChangeOtpInvalid {
+            entry: caller.entry.clone(),
+            needs,
+        };
+        let rejected = |kind: &str| {
+            self.audit(
+                caller,
+                kind,
+                json!({"policy": POLICY, "endpoint": endpoint}),
+            );
+        };
+        if defer_recovery && let Some(hash) = self.registry.unused_recovery_code(consumer, code) {
+            return Ok(Proof {
+                level: needs,
+                unspent_recovery_code: Some(hash),
+            });
+        }
         let now = self.registry.now();
         match self
             .registry
-            .verify_code(consumer, Factors::ALL, code, now)
+            .verify_code(consumer, needs.proofs(), code, now)
             .await
         {
             Ok(factor) => {
-                self.metrics.factor(factor.as_str(), "accepted");
-                self.audit(
-                    caller,
-                    "otp_accepted",
-                    json!({"factor": factor.as_str(), "policy": POLICY, "endpoint": endpoint}),
-                );
-                if factor == crate::registry::Factor::RecoveryCode {
-                    self.audit(caller, "recovery_code_used", json!({"policy": POLICY}));
-                }
-                Ok(Proof::Proved)
+                self.accepted(caller, factor, endpoint);
+                Ok(Proof {
+                    level: needs,
+                    unspent_recovery_code: None,
+                })
             }
             Err(CodeFailure::Invalid) => {
                 self.metrics.factor("code", "rejected");
-                self.audit(
-                    caller,
-                    "otp_rejected",
-                    json!({"policy": POLICY, "endpoint": endpoint}),
-                );
-                Err(Refusal::OtpInvalid {
-                    entry: caller.entry.clone(),
-                })
+                rejected("otp_rejected");
+                Err(invalid())
             }
             Err(CodeFailure::Replayed) => {
                 self.metrics.factor("totp", "replayed");
-                self.audit(
-                    caller,
-                    "otp_replayed",
-                    json!({"policy": POLICY, "endpoint": endpoint}),
-                );
-                Err(Refusal::OtpInvalid {
-                    entry: caller.entry.clone(),
-                })
+                rejected("otp_replayed");
+                Err(invalid())
             }
             Err(CodeFailure::Store(error)) => {
                 tracing::error!(%error, "self-service code check failed closed: store unavailable");
@@ -133,19 +160,71 @@ impl Endpoints {
         }
     }
 
-    /// Texts `code` to `phone`. A failure withdraws the code (nobody got it, so it must not
-    /// stay guessable) and is 502 `sms_failed`, never a silent success.
+    /// A code that proved a change, in the metrics and the audit log.
+    fn accepted(&self, caller: &Caller, factor: Factor, endpoint: &str) {
+        self.metrics.factor(factor.as_str(), "accepted");
+        self.audit(
+            caller,
+            "otp_accepted",
+            json!({"factor": factor.as_str(), "policy": POLICY, "endpoint": endpoint}),
+        );
+        if factor == Factor::RecoveryCode {
+            self.audit(caller, "recovery_code_used", json!({"policy": POLICY}));
+        }
+    }
+
+    /// Spends the recovery code [`prove`](Self::prove) left unspent, if any. Refused when it
+    /// was used elsewhere meanwhile (exactly one use wins, in the store).
+    async fn spend_deferred(
+        &self,
+        caller: &Caller,
+        proof: &Proof,
+        endpoint: &str,
+    ) -> Result<(), Refusal> {
+        let Some(hash) = proof.unspent_recovery_code else {
+            return Ok(());
+        };
+        let consumer = &caller.entry.consumer;
+        match self
+            .registry
+            .spend_recovery_code(consumer, hash, self.registry.now())
+            .await
+        {
+            Ok(true) => {
+                self.accepted(caller, Factor::RecoveryCode, endpoint);
+                Ok(())
+            }
+            Ok(false) => {
+                self.metrics.factor("code", "rejected");
+                self.audit(
+                    caller,
+                    "otp_rejected",
+                    json!({"policy": POLICY, "endpoint": endpoint}),
+                );
+                Err(Refusal::ChangeOtpInvalid {
+                    entry: caller.entry.clone(),
+                    needs: proof.level,
+                })
+            }
+            Err(error) => {
+                tracing::error!(%error, "self-service code check failed closed: store unavailable");
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    /// Texts `code` to `phone`. A failure is 502 `sms_failed`, never a silent success; the
+    /// caller withdraws the code (nobody got it, so it must not stay guessable).
     async fn text(
         &self,
         caller: &Caller,
         settings: &SmsSettings,
         purpose: Purpose,
-        phone: &Phone,
-        code: &str,
+        outgoing: &Outgoing,
     ) -> Result<(), Refusal> {
-        let masked = phone.masked();
-        let body = sms::message(purpose, code, settings.code_ttl);
-        match settings.twilio.send(phone, &body).await {
+        let masked = outgoing.phone.masked();
+        let body = sms::message(purpose, &outgoing.code, settings.code_ttl);
+        match settings.twilio.send(&outgoing.phone, &body).await {
             Ok(sid) => {
                 self.metrics.factor("sms", "sent");
                 self.audit(
@@ -177,22 +256,24 @@ impl Endpoints {
                         "twilio_status": twilio_status, "twilio_code": twilio_code,
                     }),
                 );
-                self.registry
-                    .withdraw_sms_code(&caller.entry.consumer, purpose)
-                    .await;
                 Err(Refusal::SmsFailed)
             }
         }
     }
 
-    /// The send limits (per consumer and per destination number), before any code is made.
-    fn may_send(&self, caller: &Caller, phone: &Phone) -> Result<(), Refusal> {
+    /// Reserves a send against the limits before anything is spent or made: the consumer's
+    /// budget, and `destination`'s for a text to a number the consumer has not confirmed.
+    fn reserve_send(
+        &self,
+        caller: &Caller,
+        destination: Option<&Phone>,
+    ) -> Result<Reservation, Refusal> {
         let now = self.registry.now();
         self.sends
-            .try_send(&caller.entry.consumer.shared_id, phone, now)
+            .reserve(&caller.entry.consumer.shared_id, destination, now)
             .map_err(|retry_after| {
                 self.metrics.factor("sms", "send_limited");
-                Refusal::TooManyAttempts { retry_after }
+                Refusal::SendLimited { retry_after }
             })
     }
 }
@@ -204,10 +285,13 @@ fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
             entry: entry.clone(),
         },
         // A factor was confirmed between the key check and this call: ask for its code.
-        RegistryError::Unproved => Refusal::OtpRequired,
+        RegistryError::Unproved(needs) => Refusal::ChangeOtpRequired { needs },
         RegistryError::Conflict(_) => {
             Refusal::Conflict("nothing is waiting for confirmation; start the enrolment again")
         }
+        RegistryError::PendingGone(detail) => Refusal::Conflict(detail),
+        // Disabled since its key was checked: as the key layer answers a disabled consumer.
+        RegistryError::Disabled => Refusal::ApiKeyInvalid,
         // Requests are validated before they reach the registry; what is left is stored data
         // that does not open (e.g. under another master key): refuse, fail closed.
         RegistryError::Invalid(detail) => {
@@ -240,8 +324,8 @@ fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {
 
 /// An answer to a call a code of an existing factor proved: the failure limiter forgets the
 /// consumer's earlier failures, as after any successful second factor.
-fn proved(mut response: Response<Body>, proof: Proof, caller: &Caller) -> Response<Body> {
-    if proof == Proof::Proved {
+fn proved(mut response: Response<Body>, proof: &Proof, caller: &Caller) -> Response<Body> {
+    if proof.proved() {
         response.extensions_mut().insert(SecondFactorPassed {
             consumer_id: caller.entry.consumer.shared_id.clone(),
         });
@@ -380,10 +464,10 @@ where
     params
         .validate()
         .map_err(|_| Refusal::BadRequest("digits must be 6 to 8 and period 15 to 120 seconds"))?;
-    let proof = endpoints.prove(&caller, false, "totp").await?;
+    let proof = endpoints.prove(&caller, false, "totp", false).await?;
     let enrolment = endpoints
         .registry
-        .begin_totp_reenrolment(&caller.entry.consumer, params, proof == Proof::Proved)
+        .begin_totp_reenrolment(&caller.entry.consumer, params, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     Ok(proved(
@@ -395,7 +479,7 @@ where
                 "qr_svg": enrolment.qr_svg,
             }),
         ),
-        proof,
+        &proof,
         &caller,
     ))
 }
@@ -419,7 +503,7 @@ where
         ));
     }
     let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
-    match endpoints.registry.confirm_totp(&consumer.name, code).await {
+    match endpoints.registry.confirm_own_totp(consumer, code).await {
         Ok(codes) => {
             endpoints.metrics.factor("totp", "enrolled");
             Ok(json_answer(
@@ -453,15 +537,17 @@ where
 {
     let caller = caller(&mut request)?;
     no_body(request).await?;
-    let proof = endpoints.prove(&caller, true, "recovery-codes").await?;
+    let proof = endpoints
+        .prove(&caller, true, "recovery-codes", false)
+        .await?;
     let codes = endpoints
         .registry
-        .regenerate_recovery_codes(&caller.entry.consumer.name)
+        .regenerate_own_recovery_codes(&caller.entry.consumer, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     Ok(proved(
         json_answer(StatusCode::CREATED, &json!({"recovery_codes": codes})),
-        proof,
+        &proof,
         &caller,
     ))
 }
@@ -492,27 +578,40 @@ where
         .await?
         .ok_or(Refusal::BadRequest("the body must be {\"phone\": \"+…\"}"))?;
     let phone = Phone::parse(&body.phone).map_err(Refusal::BadRequest)?;
-    let proof = endpoints.prove(&caller, false, "sms").await?;
-    endpoints.may_send(&caller, &phone)?;
+    let consumer = &caller.entry.consumer;
+    // The number's own budget applies unless it is the consumer's confirmed number.
+    let own_number = endpoints.registry.confirmed_phone(consumer).as_ref() == Some(&phone);
+    // Limits first, before the proof is spent (a 429 must cost no code)...
+    let reservation = endpoints.reserve_send(&caller, (!own_number).then_some(&phone))?;
+    // ...and a recovery code given as proof is spent only once the text went out.
+    let proof = endpoints.prove(&caller, false, "sms", true).await?;
     let outgoing = endpoints
         .registry
-        .begin_sms(
-            &caller.entry.consumer,
-            phone,
-            settings.code_ttl,
-            proof == Proof::Proved,
-        )
+        .begin_sms(consumer, phone, settings.code_ttl, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
-    endpoints
-        .text(
-            &caller,
-            &settings,
-            Purpose::Enrol,
-            &outgoing.phone,
-            &outgoing.code,
-        )
-        .await?;
+    let sent = endpoints
+        .text(&caller, &settings, Purpose::Enrol, &outgoing)
+        .await;
+    if let Err(refused) = sent {
+        // Nobody received the code: withdraw it, and leave no number pending.
+        endpoints
+            .registry
+            .abandon_sms_enrolment(consumer, &outgoing)
+            .await;
+        return Err(refused);
+    }
+    // The text went out: it counts against the limits whatever happens next.
+    reservation.commit();
+    if let Err(refused) = endpoints.spend_deferred(&caller, &proof, "sms").await {
+        // The recovery code was used elsewhere meanwhile: this change is not proved after
+        // all. The texted code must not confirm anything.
+        endpoints
+            .registry
+            .abandon_sms_enrolment(consumer, &outgoing)
+            .await;
+        return Err(refused);
+    }
     Ok(proved(
         json_answer(
             StatusCode::ACCEPTED,
@@ -521,7 +620,7 @@ where
                 "expires_at": rfc3339(outgoing.expires_at),
             }),
         ),
-        proof,
+        &proof,
         &caller,
     ))
 }
@@ -591,11 +690,11 @@ where
     if caller.entry.consumer.sms.is_none() {
         return Err(Refusal::SmsNotEnrolled);
     }
-    let proof = endpoints.prove(&caller, false, "sms").await?;
+    let proof = endpoints.prove(&caller, false, "sms", false).await?;
     let consumer = &caller.entry.consumer;
     endpoints
         .registry
-        .remove_sms(&consumer.name, Some((&consumer.id, proof == Proof::Proved)))
+        .remove_sms(&consumer.name, Some((consumer, proof.level)))
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
     let mut response = Response::new(full_body(""));
@@ -603,7 +702,7 @@ where
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(proved(response, proof, &caller))
+    Ok(proved(response, &proof, &caller))
 }
 
 /// `POST {prefix}/sms/send`: a login code to the confirmed number, replacing any outstanding
@@ -624,15 +723,15 @@ where
     if !consumer.confirmed_sms() {
         return Err(Refusal::SmsNotEnrolled);
     }
-    let phone = endpoints
-        .registry
-        .confirmed_phone(consumer)
-        .ok_or_else(|| {
-            tracing::error!("the confirmed phone number does not decrypt with this master key");
-            Refusal::Unavailable
-        })?;
-    // Limits first: a refused send must not replace the outstanding code.
-    endpoints.may_send(&caller, &phone)?;
+    // Fail closed before anything is counted when the number does not open.
+    if endpoints.registry.confirmed_phone(consumer).is_none() {
+        tracing::error!("the confirmed phone number does not decrypt with this master key");
+        return Err(Refusal::Unavailable);
+    }
+    // Limits first: a refused send must not replace the outstanding code. A login code goes
+    // to the consumer's own confirmed number: only the consumer's budget applies, so others
+    // entering that number for their enrolments cannot block it.
+    let reservation = endpoints.reserve_send(&caller, None)?;
     let outgoing = endpoints
         .registry
         .login_code(consumer, settings.code_ttl)
@@ -641,15 +740,17 @@ where
             RegistryError::NotFoundOther(_) => Refusal::SmsNotEnrolled,
             other => refusal(other, &caller.entry),
         })?;
-    endpoints
-        .text(
-            &caller,
-            &settings,
-            Purpose::Login,
-            &outgoing.phone,
-            &outgoing.code,
-        )
-        .await?;
+    if let Err(refused) = endpoints
+        .text(&caller, &settings, Purpose::Login, &outgoing)
+        .await
+    {
+        endpoints
+            .registry
+            .withdraw_sms_code(consumer, Purpose::Login, &outgoing)
+            .await;
+        return Err(refused);
+    }
+    reservation.commit();
     Ok(json_answer(
         StatusCode::ACCEPTED,
         &json!({"expires_at": rfc3339(outgoing.expires_at)}),

@@ -169,11 +169,21 @@ pub fn message(purpose: Purpose, code: &str, ttl: Duration) -> String {
 /// Send times of one subject within the last hour, oldest first.
 type History = Arc<Mutex<VecDeque<u64>>>;
 
-/// Limits texts per consumer and per destination number: at most one per
-/// [`MIN_INTERVAL_SECS`] and [`PER_HOUR`] per hour each, so neither an API key nor a typed-in
-/// number can be used to flood a phone (or run up the SMS bill). Times come from the
-/// gateway's clock, so tests move time instead of sleeping. Entries live in bounded caches
-/// and leave after an hour without sends.
+/// Limits texts, at most one per [`MIN_INTERVAL_SECS`] and [`PER_HOUR`] per hour for each
+/// budget, so that neither an API key nor a typed-in number can flood a phone (or run up the
+/// SMS bill). Two budgets:
+///
+/// - **per consumer**: every text the consumer asks for (login and verification codes);
+/// - **per destination**: verification texts to a number the sender has *not* confirmed
+///   (an enrolment). A login code to the consumer's own confirmed number is left out, so
+///   another consumer entering that number cannot use up its owner's login texts. The
+///   destination budget applies the same to every enrolment text, confirmed by someone else
+///   or not, so its answer tells nothing about other consumers' numbers.
+///
+/// Times come from the gateway's clock, so tests move time instead of sleeping. A send takes
+/// a [`Reservation`] before anything is spent (the `X-OTP` proof, the provider call) and keeps
+/// it only if the text went out. Entries live in bounded caches, are created only for a send
+/// that is allowed (a flood of refused numbers adds none), and leave after an hour idle.
 pub struct SendLimiter {
     consumers: Cache<Arc<str>, History>,
     phones: Cache<[u8; 32], History>,
@@ -185,6 +195,37 @@ impl Default for SendLimiter {
     }
 }
 
+/// A send counted against its budgets while it is attempted; dropped without
+/// [`commit`](Reservation::commit) (the proof failed, the provider refused, an error on the
+/// way), it is given back.
+#[must_use = "a reservation is given back when dropped; commit it once the text went out"]
+pub struct Reservation {
+    histories: Vec<History>,
+    at: u64,
+    kept: bool,
+}
+
+impl Reservation {
+    /// The text went out: the send stays counted.
+    pub fn commit(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        for history in &self.histories {
+            let mut history = history.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = history.iter().rposition(|&t| t == self.at) {
+                history.remove(i);
+            }
+        }
+    }
+}
+
 impl SendLimiter {
     pub fn new() -> Self {
         Self {
@@ -193,21 +234,57 @@ impl SendLimiter {
         }
     }
 
-    /// Records a send at `now` for `consumer` to `phone` when both are under their limits;
-    /// otherwise records nothing and returns the seconds until a send would be allowed.
-    pub fn try_send(&self, consumer: &Arc<str>, phone: &Phone, now: u64) -> Result<(), u64> {
-        let by_consumer = self.consumers.get_with(consumer.clone(), History::default);
-        let by_phone = self.phones.get_with(phone.limiter_key(), History::default);
-        // Always in this order (consumer, then number), so two sends cannot deadlock.
-        let mut by_consumer = by_consumer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_phone = by_phone.lock().unwrap_or_else(|p| p.into_inner());
-        let wait = wait_for(&mut by_consumer, now).max(wait_for(&mut by_phone, now));
+    /// Reserves a send at `now` for `consumer`, and against `destination`'s budget when given
+    /// (an enrolment text to a number the consumer has not confirmed), if every budget allows
+    /// it; otherwise reserves nothing and returns the seconds until a send would be allowed.
+    pub fn reserve(
+        &self,
+        consumer: &Arc<str>,
+        destination: Option<&Phone>,
+        now: u64,
+    ) -> Result<Reservation, u64> {
+        let phone_key = destination.map(Phone::limiter_key);
+        // Look before creating entries: a refused send must leave no trace in the caches.
+        let existing = [
+            self.consumers.get(consumer),
+            phone_key.as_ref().and_then(|k| self.phones.get(k)),
+        ];
+        let wait = existing
+            .iter()
+            .flatten()
+            .map(|h| wait_for(&mut h.lock().unwrap_or_else(|p| p.into_inner()), now))
+            .max()
+            .unwrap_or(0);
         if wait > 0 {
             return Err(wait);
         }
-        by_consumer.push_back(now);
-        by_phone.push_back(now);
-        Ok(())
+        let mut histories = vec![self.consumers.get_with(consumer.clone(), History::default)];
+        if let Some(key) = phone_key {
+            histories.push(self.phones.get_with(key, History::default));
+        }
+        // Always in this order (consumer, then number), so two sends cannot deadlock; checked
+        // again under the locks, since another send may have reserved meanwhile.
+        let mut locked: Vec<_> = histories
+            .iter()
+            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let wait = locked
+            .iter_mut()
+            .map(|h| wait_for(h, now))
+            .max()
+            .unwrap_or(0);
+        if wait > 0 {
+            return Err(wait);
+        }
+        for history in &mut locked {
+            history.push_back(now);
+        }
+        drop(locked);
+        Ok(Reservation {
+            histories,
+            at: now,
+            kept: false,
+        })
     }
 }
 
@@ -291,22 +368,55 @@ mod tests {
     #[test]
     fn sends_are_limited_per_consumer_and_per_number() {
         let limiter = SendLimiter::new();
+        let send = |who: &Arc<str>, to: Option<&Phone>, at: u64| {
+            limiter.reserve(who, to, at).map(Reservation::commit)
+        };
         let alice: Arc<str> = "alice".into();
         let bob: Arc<str> = "bob".into();
         let one = Phone::parse("+447700900001").unwrap();
         let two = Phone::parse("+447700900002").unwrap();
         let t = 1_000_000;
-        assert_eq!(limiter.try_send(&alice, &one, t), Ok(()));
+        assert_eq!(send(&alice, Some(&one), t), Ok(()));
         // Same consumer, other number: the consumer's 30 s.
-        assert_eq!(limiter.try_send(&alice, &two, t + 10), Err(20));
+        assert_eq!(send(&alice, Some(&two), t + 10), Err(20));
         // Other consumer, same number: the number's 30 s.
-        assert_eq!(limiter.try_send(&bob, &one, t + 10), Err(20));
-        assert_eq!(limiter.try_send(&bob, &two, t + 10), Ok(()));
+        assert_eq!(send(&bob, Some(&one), t + 10), Err(20));
+        assert_eq!(send(&bob, Some(&two), t + 10), Ok(()));
         // Five an hour.
         for i in 1..5 {
-            assert_eq!(limiter.try_send(&alice, &one, t + 30 * i), Ok(()), "{i}");
+            assert_eq!(send(&alice, Some(&one), t + 30 * i), Ok(()), "{i}");
         }
-        assert_eq!(limiter.try_send(&alice, &one, t + 150), Err(3600 - 150));
-        assert_eq!(limiter.try_send(&alice, &one, t + 3600), Ok(()));
+        assert_eq!(send(&alice, Some(&one), t + 150), Err(3600 - 150));
+        // The number's budget is spent, but a login text (no destination budget) of a
+        // consumer whose own budget allows it still goes.
+        let carol: Arc<str> = "carol".into();
+        assert_eq!(send(&carol, None, t + 150), Ok(()));
+        assert_eq!(send(&alice, Some(&one), t + 3600), Ok(()));
+    }
+
+    #[test]
+    fn a_reservation_not_committed_is_given_back() {
+        let limiter = SendLimiter::new();
+        let alice: Arc<str> = "alice".into();
+        let one = Phone::parse("+447700900001").unwrap();
+        let held = limiter.reserve(&alice, Some(&one), 100).unwrap();
+        // While held, it counts: a concurrent send waits.
+        assert_eq!(limiter.reserve(&alice, None, 101).err(), Some(29));
+        drop(held);
+        limiter.reserve(&alice, Some(&one), 101).unwrap().commit();
+        assert_eq!(limiter.reserve(&alice, Some(&one), 102).err(), Some(29));
+    }
+
+    #[test]
+    fn refused_sends_create_no_entries() {
+        let limiter = SendLimiter::new();
+        let alice: Arc<str> = "alice".into();
+        limiter.reserve(&alice, None, 100).unwrap().commit();
+        for n in 0..50 {
+            let phone = Phone::parse(&format!("+4477009{n:05}")).unwrap();
+            assert!(limiter.reserve(&alice, Some(&phone), 101).is_err());
+        }
+        limiter.phones.run_pending_tasks();
+        assert_eq!(limiter.phones.entry_count(), 0);
     }
 }

@@ -8,6 +8,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::credentials::totp::TotpParams;
+use crate::registry::Assurance;
 
 pub type Hash = [u8; 32];
 
@@ -46,6 +47,10 @@ pub struct TotpRecord {
     /// The last accepted time step: only a later one is ever accepted again.
     pub last_step: Option<u64>,
     pub created_at: u64,
+    /// For a pending enrolment, the account's level when it was started: it is confirmed only
+    /// while the account is not stronger than that (`registry::assurance`). Kept, unused, once
+    /// confirmed.
+    pub started_with: Assurance,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +69,10 @@ pub struct SmsRecord {
     pub phone_sealed: Option<Vec<u8>>,
     pub pending_sealed: Option<Vec<u8>>,
     pub updated_at: u64,
+    /// When the pending number was entered (it lives `registry::PENDING_TTL` from then).
+    pub pending_at: Option<u64>,
+    /// The account's level when the pending number was entered, as for TOTP.
+    pub pending_with: Assurance,
 }
 
 /// An outstanding SMS code: only its peppered HMAC, with an absolute expiry. One per consumer
@@ -151,37 +160,55 @@ pub trait Store: Send + Sync + 'static {
     /// stays in force until this one is confirmed.
     async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError>;
     /// Makes the pending enrolment the confirmed one (replacing any confirmed one) with its
-    /// replay watermark at `step`, and installs `recovery` codes in place of any old set, all
-    /// atomically. False when there is no pending enrolment (e.g. a concurrent confirm won).
+    /// replay watermark at `step`, installs `recovery` codes in place of any old set, and drops
+    /// a pending SMS number (with its verification code) that was started below
+    /// `drop_pending_below`, all atomically. False when there is no pending enrolment (e.g. a
+    /// concurrent confirm won).
     async fn confirm_totp(
         &self,
         consumer_id: String,
         step: u64,
         recovery: Vec<Hash>,
+        drop_pending_below: Assurance,
     ) -> Result<bool, StoreError>;
+    /// Removes the pending enrolment only (the confirmed one stays): expired or refused.
+    async fn delete_pending_totp(&self, consumer_id: String) -> Result<(), StoreError>;
     /// Removes the confirmed and any pending enrolment; with `drop_recovery` also the recovery
     /// codes (when no other factor is left for them to back up).
     async fn delete_totp(&self, consumer_id: String, drop_recovery: bool)
     -> Result<(), StoreError>;
-    /// Stores a new number awaiting verification with its verification `code` (replacing an
-    /// earlier pending number and code), atomically. A confirmed number stays in force.
+    /// Stores a new number awaiting verification, entered at `at` on an account at level
+    /// `started_with`, with its verification `code` (replacing an earlier pending number and
+    /// code), atomically. A confirmed number stays in force.
     async fn put_pending_sms(
         &self,
         consumer_id: String,
         phone_sealed: Vec<u8>,
         at: u64,
+        started_with: Assurance,
         code: SmsCodeRecord,
     ) -> Result<(), StoreError>;
     /// Checks the verification code like [`use_sms_code`](Self::use_sms_code); when accepted,
-    /// the pending number becomes the confirmed one and `recovery` codes (if given) replace any
-    /// old set, in the same transaction.
+    /// in the same transaction: the pending number becomes the confirmed one, the login codes
+    /// outstanding for the old number are deleted, `recovery` codes (if given) replace any old
+    /// set, and a pending TOTP enrolment started below `drop_pending_below` is dropped.
     async fn confirm_sms(
         &self,
         consumer_id: String,
         hash: Hash,
         now: u64,
         recovery: Option<Vec<Hash>>,
+        drop_pending_below: Assurance,
     ) -> Result<CodeCheck, StoreError>;
+    /// Drops the pending number and its verification code, atomically: with `code`, only if
+    /// that verification code is still the outstanding one (its text could not be sent, and a
+    /// newer enrolment must not be undone); without, unconditionally (it expired). True when
+    /// something was dropped.
+    async fn drop_pending_sms(
+        &self,
+        consumer_id: String,
+        code: Option<Hash>,
+    ) -> Result<bool, StoreError>;
     /// Removes the consumer's numbers and outstanding codes; with `drop_recovery` also the
     /// recovery codes.
     async fn delete_sms(&self, consumer_id: String, drop_recovery: bool) -> Result<(), StoreError>;
@@ -196,11 +223,13 @@ pub trait Store: Send + Sync + 'static {
         hash: Hash,
         now: u64,
     ) -> Result<CodeCheck, StoreError>;
-    /// Withdraws an outstanding code (its text could not be sent).
+    /// Withdraws an outstanding code whose text could not be sent, only if it is still the one
+    /// with `hash` (a newer, delivered code must stay).
     async fn delete_sms_code(
         &self,
         consumer_id: String,
         purpose: crate::sms::Purpose,
+        hash: Hash,
     ) -> Result<(), StoreError>;
     async fn replace_recovery_codes(
         &self,

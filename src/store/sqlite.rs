@@ -14,6 +14,7 @@ use super::{
     SmsCodeRecord, SmsRecord, State, Store, StoreError, TotpRecord,
 };
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+use crate::registry::Assurance;
 use crate::sms::Purpose;
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`. Never edit a
@@ -95,6 +96,15 @@ CREATE TABLE sms_codes (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (consumer_id, purpose)
 );
+"#,
+    // Review of issue 7: a pending enrolment remembers the account's level when it was started
+    // (`registry::assurance`) and when the number was entered. Enrolments pending from before
+    // get level 0, the weakest: they can no longer be confirmed beside a confirmed factor.
+    r#"
+ALTER TABLE totp_pending ADD COLUMN started_with INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sms ADD COLUMN pending_with INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sms ADD COLUMN pending_at INTEGER;
+UPDATE sms SET pending_at = updated_at WHERE pending_phone IS NOT NULL;
 "#,
 ];
 
@@ -249,13 +259,14 @@ impl Store for SqliteStore {
                         confirmed: row.get(5)?,
                         last_step: row.get::<_, Option<i64>>(6)?.map(to_u64),
                         created_at: to_u64(row.get(7)?),
+                        started_with: Assurance::KeyOnly,
                     })
                 })
                 .map_err(unavailable)?;
             state.totp = rows.collect::<Result<_, _>>().map_err(unavailable)?;
 
             let mut stmt = conn
-                .prepare("SELECT consumer_id, secret, algorithm, digits, period, created_at FROM totp_pending")
+                .prepare("SELECT consumer_id, secret, algorithm, digits, period, created_at, started_with FROM totp_pending")
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map([], |row| {
@@ -271,6 +282,7 @@ impl Store for SqliteStore {
                         confirmed: false,
                         last_step: None,
                         created_at: to_u64(row.get(5)?),
+                        started_with: Assurance::from_db(row.get(6)?),
                     })
                 })
                 .map_err(unavailable)?;
@@ -279,7 +291,7 @@ impl Store for SqliteStore {
             }
 
             let mut stmt = conn
-                .prepare("SELECT consumer_id, phone, pending_phone, updated_at FROM sms")
+                .prepare("SELECT consumer_id, phone, pending_phone, updated_at, pending_at, pending_with FROM sms")
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map([], |row| {
@@ -288,6 +300,8 @@ impl Store for SqliteStore {
                         phone_sealed: row.get(1)?,
                         pending_sealed: row.get(2)?,
                         updated_at: to_u64(row.get(3)?),
+                        pending_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+                        pending_with: Assurance::from_db(row.get(5)?),
                     })
                 })
                 .map_err(unavailable)?;
@@ -399,8 +413,8 @@ impl Store for SqliteStore {
     async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
         self.with(move |conn| {
             conn.execute(
-                "INSERT OR REPLACE INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at, started_with)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     totp.consumer_id,
                     totp.secret_sealed,
@@ -408,6 +422,7 @@ impl Store for SqliteStore {
                     totp.params.digits,
                     to_i64(totp.params.period),
                     to_i64(totp.created_at),
+                    totp.started_with.to_db(),
                 ],
             )
             .map_err(unavailable)?;
@@ -421,6 +436,7 @@ impl Store for SqliteStore {
         consumer_id: String,
         step: u64,
         recovery: Vec<Hash>,
+        drop_pending_below: Assurance,
     ) -> Result<bool, StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
@@ -440,8 +456,21 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM totp_pending WHERE consumer_id = ?1", params![consumer_id])
                 .map_err(unavailable)?;
             replace_codes(&tx, &consumer_id, &recovery)?;
+            drop_pending_number(&tx, &consumer_id, Some(drop_pending_below), None)?;
             tx.commit().map_err(unavailable)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_pending_totp(&self, consumer_id: String) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM totp_pending WHERE consumer_id = ?1",
+                params![consumer_id],
+            )
+            .map_err(unavailable)?;
+            Ok(())
         })
         .await
     }
@@ -480,14 +509,17 @@ impl Store for SqliteStore {
         consumer_id: String,
         phone_sealed: Vec<u8>,
         at: u64,
+        started_with: Assurance,
         code: SmsCodeRecord,
     ) -> Result<(), StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
-                "INSERT INTO sms (consumer_id, phone, pending_phone, updated_at) VALUES (?1, NULL, ?2, ?3)
-                 ON CONFLICT (consumer_id) DO UPDATE SET pending_phone = ?2, updated_at = ?3",
-                params![consumer_id, phone_sealed, to_i64(at)],
+                "INSERT INTO sms (consumer_id, phone, pending_phone, updated_at, pending_at, pending_with)
+                 VALUES (?1, NULL, ?2, ?3, ?3, ?4)
+                 ON CONFLICT (consumer_id) DO UPDATE
+                 SET pending_phone = ?2, updated_at = ?3, pending_at = ?3, pending_with = ?4",
+                params![consumer_id, phone_sealed, to_i64(at), started_with.to_db()],
             )
             .map_err(unavailable)?;
             put_code(&tx, &code)?;
@@ -502,6 +534,7 @@ impl Store for SqliteStore {
         hash: Hash,
         now: u64,
         recovery: Option<Vec<Hash>>,
+        drop_pending_below: Assurance,
     ) -> Result<CodeCheck, StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
@@ -509,7 +542,8 @@ impl Store for SqliteStore {
             if check == CodeCheck::Accepted {
                 let changed = tx
                     .execute(
-                        "UPDATE sms SET phone = pending_phone, pending_phone = NULL, updated_at = ?2
+                        "UPDATE sms SET phone = pending_phone, pending_phone = NULL, pending_at = NULL,
+                                        pending_with = 0, updated_at = ?2
                          WHERE consumer_id = ?1 AND pending_phone IS NOT NULL",
                         params![consumer_id, to_i64(now)],
                     )
@@ -519,12 +553,37 @@ impl Store for SqliteStore {
                     tx.commit().map_err(unavailable)?;
                     return Ok(CodeCheck::Missing);
                 }
+                // Login codes texted to the old number must not outlive it.
+                tx.execute(
+                    "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+                    params![consumer_id, Purpose::Login.as_str()],
+                )
+                .map_err(unavailable)?;
                 if let Some(recovery) = &recovery {
                     replace_codes(&tx, &consumer_id, recovery)?;
                 }
+                tx.execute(
+                    "DELETE FROM totp_pending WHERE consumer_id = ?1 AND started_with < ?2",
+                    params![consumer_id, drop_pending_below.to_db()],
+                )
+                .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)?;
             Ok(check)
+        })
+        .await
+    }
+
+    async fn drop_pending_sms(
+        &self,
+        consumer_id: String,
+        code: Option<Hash>,
+    ) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let dropped = drop_pending_number(&tx, &consumer_id, None, code.as_ref())?;
+            tx.commit().map_err(unavailable)?;
+            Ok(dropped)
         })
         .await
     }
@@ -578,11 +637,14 @@ impl Store for SqliteStore {
         &self,
         consumer_id: String,
         purpose: Purpose,
+        hash: Hash,
     ) -> Result<(), StoreError> {
         self.with(move |conn| {
+            // By hash too: the text of this code may have timed out after a newer send that
+            // was delivered (the provider's timeout can exceed the send interval).
             conn.execute(
-                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
-                params![consumer_id, purpose.as_str()],
+                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2 AND hash = ?3",
+                params![consumer_id, purpose.as_str(), hash.as_slice()],
             )
             .map_err(unavailable)?;
             Ok(())
@@ -830,6 +892,52 @@ fn check_code(
     }
 }
 
+/// Drops the consumer's pending number and its verification code inside the caller's
+/// transaction: with `below`, only one entered on an account weaker than that; with `code`,
+/// only while that verification code is the outstanding one. A row left with no number at all
+/// goes. True when a pending number was dropped.
+fn drop_pending_number(
+    conn: &Connection,
+    consumer_id: &str,
+    below: Option<Assurance>,
+    code: Option<&Hash>,
+) -> Result<bool, StoreError> {
+    if let Some(hash) = code {
+        let withdrawn = conn
+            .execute(
+                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2 AND hash = ?3",
+                params![consumer_id, Purpose::Enrol.as_str(), hash.as_slice()],
+            )
+            .map_err(unavailable)?;
+        if withdrawn == 0 {
+            // A newer enrolment replaced that code: it is not ours to undo.
+            return Ok(false);
+        }
+    }
+    let below = below.map_or(i64::MAX, Assurance::to_db);
+    let changed = conn
+        .execute(
+            "UPDATE sms SET pending_phone = NULL, pending_at = NULL, pending_with = 0
+             WHERE consumer_id = ?1 AND pending_phone IS NOT NULL AND pending_with < ?2",
+            params![consumer_id, below],
+        )
+        .map_err(unavailable)?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    conn.execute(
+        "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+        params![consumer_id, Purpose::Enrol.as_str()],
+    )
+    .map_err(unavailable)?;
+    conn.execute(
+        "DELETE FROM sms WHERE consumer_id = ?1 AND phone IS NULL",
+        params![consumer_id],
+    )
+    .map_err(unavailable)?;
+    Ok(true)
+}
+
 fn replace_codes(conn: &Connection, consumer_id: &str, hashes: &[Hash]) -> Result<(), StoreError> {
     conn.execute(
         "DELETE FROM recovery_codes WHERE consumer_id = ?1",
@@ -903,12 +1011,15 @@ mod tests {
         // dave's pending enrolment confirms like any.
         assert!(
             store
-                .confirm_totp("c1".into(), 7, vec![[9; 32]])
+                .confirm_totp("c1".into(), 7, vec![[9; 32]], Assurance::Totp)
                 .await
                 .unwrap()
         );
         assert!(
-            !store.confirm_totp("c1".into(), 8, vec![]).await.unwrap(),
+            !store
+                .confirm_totp("c1".into(), 8, vec![], Assurance::Totp)
+                .await
+                .unwrap(),
             "once"
         );
     }
@@ -961,11 +1072,17 @@ mod tests {
             expires_at: 100,
         };
         store
-            .put_pending_sms("c1".into(), vec![1, 1], 10, enrol)
+            .put_pending_sms("c1".into(), vec![1, 1], 10, Assurance::KeyOnly, enrol)
             .await
             .unwrap();
         let wrong = store
-            .confirm_sms("c1".into(), [8; 32], 20, Some(vec![[1; 32]]))
+            .confirm_sms(
+                "c1".into(),
+                [8; 32],
+                20,
+                Some(vec![[1; 32]]),
+                Assurance::Sms,
+            )
             .await
             .unwrap();
         assert_eq!(wrong, CodeCheck::Wrong);
@@ -973,7 +1090,13 @@ mod tests {
         assert_eq!(state.sms[0].phone_sealed, None);
         assert!(state.recovery_codes.is_empty());
         let right = store
-            .confirm_sms("c1".into(), [7; 32], 20, Some(vec![[1; 32]]))
+            .confirm_sms(
+                "c1".into(),
+                [7; 32],
+                20,
+                Some(vec![[1; 32]]),
+                Assurance::Sms,
+            )
             .await
             .unwrap();
         assert_eq!(right, CodeCheck::Accepted);
@@ -984,5 +1107,178 @@ mod tests {
         store.delete_sms("c1".into(), true).await.unwrap();
         let state = store.load().await.unwrap();
         assert!(state.sms.is_empty() && state.recovery_codes.is_empty());
+    }
+
+    fn code(purpose: Purpose, hash: u8) -> SmsCodeRecord {
+        SmsCodeRecord {
+            consumer_id: "c1".into(),
+            purpose,
+            hash: [hash; 32],
+            expires_at: 100,
+        }
+    }
+
+    fn pending_totp(started_with: Assurance) -> TotpRecord {
+        TotpRecord {
+            consumer_id: "c1".into(),
+            secret_sealed: vec![1],
+            params: TotpParams::default(),
+            confirmed: false,
+            last_step: None,
+            created_at: 1,
+            started_with,
+        }
+    }
+
+    /// Review I5: a withdrawn code is deleted by its hash, so withdrawing one whose text timed
+    /// out leaves a newer code that replaced it.
+    #[tokio::test]
+    async fn withdrawing_a_code_deletes_only_that_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        store.put_sms_code(code(Purpose::Login, 1)).await.unwrap();
+        store.put_sms_code(code(Purpose::Login, 2)).await.unwrap();
+        store
+            .delete_sms_code("c1".into(), Purpose::Login, [1; 32])
+            .await
+            .unwrap();
+        let check = store
+            .use_sms_code("c1".into(), Purpose::Login, [2; 32], 10)
+            .await
+            .unwrap();
+        assert_eq!(check, CodeCheck::Accepted);
+        store.put_sms_code(code(Purpose::Login, 3)).await.unwrap();
+        store
+            .delete_sms_code("c1".into(), Purpose::Login, [3; 32])
+            .await
+            .unwrap();
+        let check = store
+            .use_sms_code("c1".into(), Purpose::Login, [3; 32], 10)
+            .await
+            .unwrap();
+        assert_eq!(check, CodeCheck::Missing);
+    }
+
+    /// Review I2 and C1: confirming a number deletes the login codes texted to the old one and
+    /// the pending TOTP enrolment started below the new level, in its transaction; a pending
+    /// one started at that level stays.
+    #[tokio::test]
+    async fn confirming_a_number_drops_old_login_codes_and_weaker_pending_enrolments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        for (started_with, stays) in [(Assurance::KeyOnly, false), (Assurance::Sms, true)] {
+            store
+                .put_pending_totp(pending_totp(started_with))
+                .await
+                .unwrap();
+            store.put_sms_code(code(Purpose::Login, 5)).await.unwrap();
+            store
+                .put_pending_sms(
+                    "c1".into(),
+                    vec![2],
+                    10,
+                    Assurance::Sms,
+                    code(Purpose::Enrol, 7),
+                )
+                .await
+                .unwrap();
+            let check = store
+                .confirm_sms("c1".into(), [7; 32], 20, None, Assurance::Sms)
+                .await
+                .unwrap();
+            assert_eq!(check, CodeCheck::Accepted);
+            let old_login = store
+                .use_sms_code("c1".into(), Purpose::Login, [5; 32], 20)
+                .await
+                .unwrap();
+            assert_eq!(old_login, CodeCheck::Missing, "the old number's login code");
+            let state = store.load().await.unwrap();
+            assert_eq!(
+                state.totp.iter().any(|t| !t.confirmed),
+                stays,
+                "{started_with:?}"
+            );
+        }
+    }
+
+    /// Review C1: confirming TOTP drops a pending number entered below TOTP level (with its
+    /// verification code) in the same transaction; a row left without any number goes.
+    #[tokio::test]
+    async fn confirming_totp_drops_a_weaker_pending_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        store
+            .put_pending_sms(
+                "c1".into(),
+                vec![2],
+                10,
+                Assurance::KeyOnly,
+                code(Purpose::Enrol, 7),
+            )
+            .await
+            .unwrap();
+        store
+            .put_pending_totp(pending_totp(Assurance::KeyOnly))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .confirm_totp("c1".into(), 3, vec![[1; 32]], Assurance::Totp)
+                .await
+                .unwrap()
+        );
+        let state = store.load().await.unwrap();
+        assert!(state.sms.is_empty(), "{:?}", state.sms);
+        let planted = store
+            .use_sms_code("c1".into(), Purpose::Enrol, [7; 32], 20)
+            .await
+            .unwrap();
+        assert_eq!(planted, CodeCheck::Missing);
+    }
+
+    /// Review minor 7: an enrolment whose text failed is undone only while its code is the
+    /// outstanding one; a newer enrolment is not touched.
+    #[tokio::test]
+    async fn an_unsent_enrolment_is_undone_unless_a_newer_one_replaced_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        consumer(&store, "c1").await;
+        let pending = |hash: u8| {
+            let store = store.clone();
+            async move {
+                store
+                    .put_pending_sms(
+                        "c1".into(),
+                        vec![hash],
+                        10,
+                        Assurance::KeyOnly,
+                        code(Purpose::Enrol, hash),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        pending(1).await;
+        pending(2).await;
+        assert!(
+            !store
+                .drop_pending_sms("c1".into(), Some([1; 32]))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.load().await.unwrap().sms[0].pending_sealed,
+            Some(vec![2])
+        );
+        assert!(
+            store
+                .drop_pending_sms("c1".into(), Some([2; 32]))
+                .await
+                .unwrap()
+        );
+        assert!(store.load().await.unwrap().sms.is_empty());
     }
 }

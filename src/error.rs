@@ -289,15 +289,19 @@ pub fn problem_response(
         #[serde(rename = "type")]
         kind: &'a str,
     }
-    let body = serde_json::to_vec(&Problem {
-        code,
-        detail,
-        request_id,
-        status: status.as_u16(),
-        title: status.canonical_reason().unwrap_or("Error"),
-        kind: "about:blank",
-    })
-    .unwrap_or_default();
+    let mut body = Vec::with_capacity(256);
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(
+        &mut body,
+        &Problem {
+            code,
+            detail,
+            request_id,
+            status: status.as_u16(),
+            title: status.canonical_reason().unwrap_or("Error"),
+            kind: "about:blank",
+        },
+    );
     let mut response = Response::new(full_body(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();

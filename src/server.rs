@@ -331,6 +331,7 @@ impl Worker {
                 // Reports the end of accepting however it comes, a panic included.
                 let stopped_accepting = SendOnDrop(stopped_accepting);
                 runtime.block_on(async move {
+                    tokio::spawn(sweep_idle_connections(shared.clone()));
                     match TcpListener::from_std(listener) {
                         Ok(listener) => accept_loop(listener, &shared, service).await,
                         Err(error) => tracing::error!(%error, "worker cannot use the listener"),
@@ -343,6 +344,25 @@ impl Worker {
                 let _ = stopped_tx.send(());
             })?;
         Ok(Worker { stopped })
+    }
+}
+
+/// How often a worker closes the upstream connections it holds idle past their time.
+const POOL_SWEEP: Duration = Duration::from_secs(5);
+
+/// Runs on each worker (its pools are its own) until the worker's runtime goes.
+async fn sweep_idle_connections(shared: Arc<WorkerShared>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(POOL_SWEEP) => {}
+            () = shared.hard_stop.cancelled() => return,
+        }
+        let snapshot = shared.config.load_full();
+        for upstream in snapshot.upstreams.values() {
+            if let crate::proxy::upstream::Target::Http(http) = &upstream.target {
+                http.sweep_idle();
+            }
+        }
     }
 }
 

@@ -149,6 +149,17 @@ impl Pool {
         }
     }
 
+    /// Closes this thread's connections that have been idle past the idle timeout, or that
+    /// the upstream closed (each worker calls it now and then, so an idle gateway does not
+    /// hold connections open until the next request).
+    pub fn sweep(&self) {
+        let Some(idle) = self.idle.get() else { return };
+        let now = Instant::now();
+        idle.borrow_mut().retain(|entry| {
+            !entry.sender.is_closed() && now.duration_since(entry.since) < self.idle_timeout
+        });
+    }
+
     /// This thread's newest usable idle connection; closed and expired ones are dropped on the
     /// way. HTTP/1.1 connections still busy with a response stay for later.
     fn checkout(&self) -> Option<Sender> {

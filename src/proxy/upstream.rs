@@ -152,6 +152,11 @@ impl Upstream {
 }
 
 impl HttpUpstream {
+    /// Closes this thread's idle connections that are past their time (see [`Pool::sweep`]).
+    pub fn sweep_idle(&self) {
+        self.pool.sweep();
+    }
+
     fn uri_for(&self, uri: &Uri) -> Result<Uri, Refusal> {
         if self.base_path.is_empty() {
             return Ok(uri.clone());

@@ -228,7 +228,10 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-/// Runs one request through the stack, polling its future once: it must be ready.
+/// Runs one request through the stack, polling its future once: it must be ready. Never
+/// inlined, so that a profiler (`valgrind --tool=callgrind --toggle-collect='*decide*'`) can
+/// count exactly this.
+#[inline(never)]
 fn decide<S>(service: &mut S, request: Request<Empty<Bytes>>) -> Response<Body>
 where
     S: Service<Request<Empty<Bytes>>, Response = Response<Body>, Error = Infallible>,

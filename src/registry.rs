@@ -580,42 +580,6 @@ impl Registry {
         Err(CodeFailure::Invalid)
     }
 
-    /// The hash of `code` if it is one of the consumer's unused recovery codes, as held in
-    /// memory, without spending it: for a call that must first do something that can fail
-    /// (texting), so a failure costs no recovery code. Spend it with
-    /// [`spend_recovery_code`](Self::spend_recovery_code), which alone decides (a code used
-    /// elsewhere meanwhile is refused there). Every stored code is compared, in constant time.
-    pub fn unused_recovery_code(&self, consumer: &Consumer, code: &str) -> Option<Hash> {
-        let hash = self.master.hash_recovery_code(&recovery::normalize(code)?);
-        let found = consumer
-            .recovery_codes
-            .iter()
-            .filter(|c| c.used_at.is_none())
-            .fold(subtle::Choice::from(0), |found, c| {
-                found | c.hash.ct_eq(&hash)
-            });
-        bool::from(found).then_some(hash)
-    }
-
-    /// Spends a recovery code found by [`unused_recovery_code`](Self::unused_recovery_code):
-    /// false when it was used meanwhile (or the set was replaced).
-    pub async fn spend_recovery_code(
-        &self,
-        consumer: &Consumer,
-        hash: Hash,
-        now: u64,
-    ) -> Result<bool, StoreError> {
-        let spent = self
-            .store
-            .use_recovery_code(consumer.id.clone(), hash, now)
-            .await?;
-        if spent {
-            self.mark_recovery_code_used(&consumer.name, hash, now)
-                .await;
-        }
-        Ok(spent)
-    }
-
     async fn mark_recovery_code_used(&self, name: &str, hash: Hash, now: u64) {
         let _write = self.writes.lock().await;
         let Ok(old) = self.get(name) else { return };

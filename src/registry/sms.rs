@@ -336,9 +336,11 @@ impl Registry {
         }
     }
 
-    /// Undoes an SMS enrolment whose verification text could not be sent (or that must not go
-    /// on): its code is withdrawn and the number no longer shows as pending, unless a newer
-    /// enrolment replaced it meanwhile. Best effort, like [`withdraw_sms_code`](Self::withdraw_sms_code).
+    /// Undoes an SMS enrolment whose verification text could not be sent: its code is withdrawn
+    /// and the number no longer shows as pending, unless a newer enrolment replaced it
+    /// meanwhile. Best effort, like [`withdraw_sms_code`](Self::withdraw_sms_code): a failure
+    /// leaves a pending number whose code nobody received (its proof was spent before it was
+    /// started), to expire on its own. Nothing relies on this undo to stay secure.
     pub async fn abandon_sms_enrolment(&self, consumer: &Consumer, sent: &Outgoing) {
         let _write = self.writes.lock().await;
         match self

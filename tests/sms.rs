@@ -1198,3 +1198,56 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(recovery_left(&s, &alice.key).await, 9);
 }
+
+/// A number waiting for its code is shown only while it can still be confirmed (15 minutes):
+/// as the first factor (status `pending`) and beside a confirmed number (`pending_phone`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_pending_number_is_shown_as_absent() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    s.advance(15 * 60 - 1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"]["status"],
+        "pending"
+    );
+    s.advance(1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"],
+        json!({"status": "none"})
+    );
+    assert_eq!(s.gw.view("alice").await["sms"], Value::Null);
+
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
+    s.advance(31);
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            Some(&code),
+            Some(json!({"phone": "+447700900777"})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let pending = |v: &Value| v["factors"]["sms"]["pending_phone"].clone();
+    assert_eq!(pending(&s.status(&alice.key).await), "+44•••••••777");
+    s.advance(15 * 60);
+    let status = s.status(&alice.key).await;
+    assert_eq!(pending(&status), Value::Null, "{status}");
+    assert_eq!(status["factors"]["sms"]["status"], "confirmed");
+    assert_eq!(
+        s.gw.view("alice").await["sms"]["pending_phone"],
+        Value::Null
+    );
+}

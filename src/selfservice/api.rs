@@ -331,14 +331,14 @@ pub async fn status<B>(
     let caller = caller(&mut request)?;
     let consumer = &caller.entry.consumer;
     let now = endpoints.registry.now();
-    let totp = match TotpView::of(consumer) {
+    let totp = match TotpView::of(consumer, now) {
         Some(t) => json!({
             "status": t.status, "digits": t.digits, "period": t.period, "algorithm": t.algorithm,
             "reenrolment_pending": t.reenrolment_pending,
         }),
         None => json!({"status": "none"}),
     };
-    let sms = match SmsView::of(consumer) {
+    let sms = match SmsView::of(consumer, now) {
         Some(s) => {
             let mut v = json!({"status": s.status, "phone": s.phone});
             if let Some(pending) = s.pending_phone {

@@ -860,9 +860,15 @@ impl Registry {
         };
         self.store.put_pending_totp(record.clone()).await?;
         let updated = old.with(|p| p.factors.totp_pending = Some(record));
+        // What the change was proved with: the account's level for the consumer's own (the
+        // code itself is in the `otp_accepted` event before), or the admin API.
+        let proved_with = match by_consumer {
+            Some(_) => started_with.as_str(),
+            None => "operator",
+        };
         self.audit_event("totp_enrolment_started", Some(&updated), None, json!({
             "algorithm": params.algorithm.as_str(), "digits": params.digits, "period": params.period,
-            "reenrolment": updated.totp.is_some(),
+            "reenrolment": updated.totp.is_some(), "proved_with": proved_with,
         }));
         self.publish(|index| index.put(updated));
         Ok(enrolment)

@@ -273,6 +273,13 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
             .iter()
             .any(|e| e["kind"] == "step_up_revoked" && e["detail"]["reason"] == "totp_replaced")
     );
+    // Each start records what proved it (newest first): the old app's code, the key alone.
+    let proved: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "totp_enrolment_started")
+        .map(|e| &e["detail"]["proved_with"])
+        .collect();
+    assert_eq!(proved, [&json!("totp"), &json!("key_only")], "{events:#?}");
     // Nothing to confirm any more.
     let r = s
         .api(

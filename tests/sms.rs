@@ -120,6 +120,11 @@ async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
     ] {
         assert_eq!(count(&events, kind), 1, "{kind}: {events:#?}");
     }
+    let started = events
+        .iter()
+        .find(|e| e["kind"] == "sms_enrolment_started")
+        .unwrap();
+    assert_eq!(started["detail"]["proved_with"], "key_only", "{started}");
     let sent = events.iter().find(|e| e["kind"] == "sms_sent").unwrap();
     assert_eq!(sent["detail"]["purpose"], "enrol");
     assert_eq!(sent["detail"]["phone"], PHONE_MASKED);

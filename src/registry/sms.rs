@@ -143,7 +143,10 @@ impl Registry {
             "sms_enrolment_started",
             Some(&updated),
             None,
-            json!({"phone": masked, "replaces_confirmed": updated.confirmed_sms()}),
+            json!({
+                "phone": masked, "replaces_confirmed": updated.confirmed_sms(),
+                "proved_with": level.as_str(),
+            }),
         );
         self.publish(|index| index.put(updated));
         Ok(Outgoing {

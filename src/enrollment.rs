@@ -129,9 +129,9 @@ pub fn report(
 ) -> Vec<ReportEntry> {
     let mut entries = Vec::new();
     for consumer in consumers.iter().filter(|c| !c.disabled) {
-        let view = ConsumerView::of(consumer);
+        let view = ConsumerView::of(consumer, now);
         let mut pending = Vec::new();
-        if consumer.totp_pending.is_some() && consumer.confirmed_totp().is_none() {
+        if view.totp.as_ref().is_some_and(|t| t.status == "pending") {
             pending.push("totp");
         }
         if view.sms.as_ref().is_some_and(|s| s.status == "pending") {

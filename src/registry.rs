@@ -168,6 +168,28 @@ impl Consumer {
         (factors.totp && totp) || sms || (factors.recovery_code && totp)
     }
 
+    /// The pending TOTP enrolment that can still be confirmed at `now`: younger than
+    /// [`PENDING_TTL_SECS`] and started on an account no weaker than this one. Others are
+    /// dropped at their confirmation attempt, and are shown as absent meanwhile.
+    pub fn live_totp_pending(&self, now: u64) -> Option<&TotpRecord> {
+        self.totp_pending
+            .as_ref()
+            .filter(|p| self.pending_is_live(p.created_at, p.started_with, now))
+    }
+
+    /// The SMS counterpart of [`Consumer::live_totp_pending`]: a number awaiting its code.
+    pub fn live_sms_pending(&self, now: u64) -> Option<&SmsState> {
+        self.sms.as_ref().filter(|s| {
+            let r = &s.record;
+            r.pending_sealed.is_some()
+                && self.pending_is_live(r.pending_at.unwrap_or(r.updated_at), r.pending_with, now)
+        })
+    }
+
+    fn pending_is_live(&self, started_at: u64, started_with: Assurance, now: u64) -> bool {
+        now < started_at.saturating_add(PENDING_TTL_SECS) && started_with >= self.assurance()
+    }
+
     /// The account's level: what a self-service change to its factors must be proved with.
     pub fn assurance(&self) -> Assurance {
         Assurance::of_account(self.confirmed_totp().is_some(), self.confirmed_sms())
@@ -253,8 +275,8 @@ impl Index {
     }
 
     /// The admin view, with "last used" from the live index (the store lags by up to 30 s).
-    fn view(&self, consumer: &Consumer) -> ConsumerView {
-        let mut view = ConsumerView::of(consumer);
+    fn view(&self, consumer: &Consumer, now: u64) -> ConsumerView {
+        let mut view = ConsumerView::of(consumer, now);
         for (key, shown) in consumer.keys.iter().zip(view.keys.iter_mut()) {
             if let Some(entry) = self.by_hash.get(&key.hash) {
                 let used = entry.last_used.load(Ordering::Relaxed);
@@ -580,42 +602,6 @@ impl Registry {
         Err(CodeFailure::Invalid)
     }
 
-    /// The hash of `code` if it is one of the consumer's unused recovery codes, as held in
-    /// memory, without spending it: for a call that must first do something that can fail
-    /// (texting), so a failure costs no recovery code. Spend it with
-    /// [`spend_recovery_code`](Self::spend_recovery_code), which alone decides (a code used
-    /// elsewhere meanwhile is refused there). Every stored code is compared, in constant time.
-    pub fn unused_recovery_code(&self, consumer: &Consumer, code: &str) -> Option<Hash> {
-        let hash = self.master.hash_recovery_code(&recovery::normalize(code)?);
-        let found = consumer
-            .recovery_codes
-            .iter()
-            .filter(|c| c.used_at.is_none())
-            .fold(subtle::Choice::from(0), |found, c| {
-                found | c.hash.ct_eq(&hash)
-            });
-        bool::from(found).then_some(hash)
-    }
-
-    /// Spends a recovery code found by [`unused_recovery_code`](Self::unused_recovery_code):
-    /// false when it was used meanwhile (or the set was replaced).
-    pub async fn spend_recovery_code(
-        &self,
-        consumer: &Consumer,
-        hash: Hash,
-        now: u64,
-    ) -> Result<bool, StoreError> {
-        let spent = self
-            .store
-            .use_recovery_code(consumer.id.clone(), hash, now)
-            .await?;
-        if spent {
-            self.mark_recovery_code_used(&consumer.name, hash, now)
-                .await;
-        }
-        Ok(spent)
-    }
-
     async fn mark_recovery_code_used(&self, name: &str, hash: Hash, now: u64) {
         let _write = self.writes.lock().await;
         let Ok(old) = self.get(name) else { return };
@@ -664,7 +650,7 @@ impl Registry {
                 other => other.into(),
             })?;
         let consumer = Consumer::new(record, vec![key_record.clone()], FactorParts::default());
-        let view = ConsumerView::of(&consumer);
+        let view = ConsumerView::of(&consumer, now);
         self.audit_event(
             "consumer_created",
             Some(&consumer),
@@ -689,8 +675,9 @@ impl Registry {
     }
 
     pub fn list_consumers(&self) -> Vec<ConsumerView> {
-        let index = self.index.load();
-        let mut views: Vec<ConsumerView> = index.by_name.values().map(|c| index.view(c)).collect();
+        let (index, now) = (self.index.load(), self.clock.now());
+        let mut views: Vec<ConsumerView> =
+            index.by_name.values().map(|c| index.view(c, now)).collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
     }
@@ -701,7 +688,7 @@ impl Registry {
             .by_name
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-        Ok(index.view(consumer))
+        Ok(index.view(consumer, self.clock.now()))
     }
 
     /// Every consumer as held in memory, in name order (for reports).
@@ -734,7 +721,7 @@ impl Registry {
             }
         });
         self.store.update_consumer(updated.record()).await?;
-        let view = ConsumerView::of(&updated);
+        let view = ConsumerView::of(&updated, self.clock.now());
         self.audit_event(
             "consumer_updated",
             Some(&updated),
@@ -873,9 +860,15 @@ impl Registry {
         };
         self.store.put_pending_totp(record.clone()).await?;
         let updated = old.with(|p| p.factors.totp_pending = Some(record));
+        // What the change was proved with: the account's level for the consumer's own (the
+        // code itself is in the `otp_accepted` event before), or the admin API.
+        let proved_with = match by_consumer {
+            Some(_) => started_with.as_str(),
+            None => "operator",
+        };
         self.audit_event("totp_enrolment_started", Some(&updated), None, json!({
             "algorithm": params.algorithm.as_str(), "digits": params.digits, "period": params.period,
-            "reenrolment": updated.totp.is_some(),
+            "reenrolment": updated.totp.is_some(), "proved_with": proved_with,
         }));
         self.publish(|index| index.put(updated));
         Ok(enrolment)
@@ -1270,8 +1263,10 @@ pub struct KeyView {
 }
 
 impl TotpView {
-    pub fn of(c: &Consumer) -> Option<Self> {
-        let (status, record) = match (&c.totp, &c.totp_pending) {
+    /// The TOTP enrolment as shown at `now` (a pending one only while it can be confirmed).
+    pub fn of(c: &Consumer, now: u64) -> Option<Self> {
+        let pending = c.live_totp_pending(now);
+        let (status, record) = match (&c.totp, pending) {
             (Some(confirmed), _) => ("confirmed", confirmed),
             (None, Some(pending)) => ("pending", pending),
             (None, None) => return None,
@@ -1281,21 +1276,23 @@ impl TotpView {
             algorithm: record.params.algorithm.as_str(),
             digits: record.params.digits,
             period: record.params.period,
-            reenrolment_pending: c.totp.is_some() && c.totp_pending.is_some(),
+            reenrolment_pending: c.totp.is_some() && pending.is_some(),
         })
     }
 }
 
 impl SmsView {
-    pub fn of(c: &Consumer) -> Option<Self> {
+    /// The SMS enrolment as shown at `now` (a pending number only while it can be confirmed).
+    pub fn of(c: &Consumer, now: u64) -> Option<Self> {
         let sms = c.sms.as_ref()?;
+        let pending = c.live_sms_pending(now).is_some();
         if sms.confirmed() {
             Some(Self {
                 status: "confirmed",
                 phone: sms.phone_masked.clone(),
-                pending_phone: sms.pending_masked.clone(),
+                pending_phone: sms.pending_masked.clone().filter(|_| pending),
             })
-        } else if sms.record.pending_sealed.is_some() {
+        } else if pending {
             Some(Self {
                 status: "pending",
                 phone: sms.pending_masked.clone(),
@@ -1308,7 +1305,7 @@ impl SmsView {
 }
 
 impl ConsumerView {
-    pub fn of(c: &Consumer) -> Self {
+    pub fn of(c: &Consumer, now: u64) -> Self {
         Self {
             id: c.id.clone(),
             name: c.name.clone(),
@@ -1316,8 +1313,8 @@ impl ConsumerView {
             disabled: c.disabled,
             created_at: rfc3339(c.created_at),
             factors: c.confirmed_factors(),
-            totp: TotpView::of(c),
-            sms: SmsView::of(c),
+            totp: TotpView::of(c, now),
+            sms: SmsView::of(c, now),
             recovery_codes_remaining: c.recovery_codes_remaining(),
             keys: c
                 .keys

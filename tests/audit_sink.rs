@@ -149,6 +149,11 @@ async fn the_file_sink_gets_every_event_as_a_json_line_without_secrets() {
             "no {expected} in the sink: {kinds:?}"
         );
     }
+    let started = lines
+        .iter()
+        .find(|l| l["kind"] == "totp_enrolment_started")
+        .unwrap();
+    assert_eq!(started["detail"]["proved_with"], "operator", "{started}");
     assert_eq!(kinds.first(), Some(&"consumer_created"));
     assert_eq!(kinds.last(), Some(&"consumer_deleted"));
     // Same events as the admin API, in order.

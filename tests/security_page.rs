@@ -416,6 +416,11 @@ async fn enrol_an_authenticator_app_in_chromium() {
 
     // New codes need a current code: without one the gateway asks for it, in words...
     assert!(b.visible("#regen-otp").await);
+    assert_eq!(
+        b.text("#regen-hint").await.as_deref(),
+        Some("A code from your authenticator app or a recovery code."),
+        "with an app, a texted code proves no change, so the page does not offer one"
+    );
     let (text, kind) = message_after_click(&b, "#regen").await;
     assert_eq!(kind, "error", "{text}");
     assert!(text.contains("needs a current code"), "{text}");
@@ -675,6 +680,8 @@ async fn sms_in_chromium() {
     assert_eq!(kind, "ok", "{text}");
     assert!(text.contains("login code is on its way"), "{text}");
     assert_eq!(twilio.messages().len(), 2);
+    let hint = b.text("#regen-hint").await.unwrap_or_default();
+    assert!(hint.starts_with("A texted login code"), "{hint}");
     b.type_into("#regen-otp", &twilio.last_code()).await;
     b.click("#regen").await;
     b.until(

@@ -273,6 +273,13 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
             .iter()
             .any(|e| e["kind"] == "step_up_revoked" && e["detail"]["reason"] == "totp_replaced")
     );
+    // Each start records what proved it (newest first): the old app's code, the key alone.
+    let proved: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "totp_enrolment_started")
+        .map(|e| &e["detail"]["proved_with"])
+        .collect();
+    assert_eq!(proved, [&json!("totp"), &json!("key_only")], "{events:#?}");
     // Nothing to confirm any more.
     let r = s
         .api(
@@ -739,7 +746,28 @@ async fn a_pending_totp_enrolment_expires_after_15_minutes() {
     let alice = s.consumer("alice", &[]).await;
     let r = s.api("POST", "/2fa/totp", &alice.key, None, None).await;
     let secret = r.json()["secret"].as_str().unwrap().to_string();
-    s.advance(15 * 60);
+    s.advance(15 * 60 - 1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["totp"]["status"],
+        "pending"
+    );
+    // Expired, it is shown as absent everywhere before anyone tries to confirm it: the page,
+    // the admin view and the enrolment report would otherwise offer a dead confirmation.
+    s.advance(1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["totp"]["status"],
+        "none"
+    );
+    assert_eq!(s.gw.view("alice").await["totp"], Value::Null);
+    let report = s.gw.ok("GET", "/reports/enrollment", None, 200).await;
+    assert!(
+        report["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["pending"] == json!([])),
+        "{report:#}"
+    );
     let r = s
         .api(
             "POST",

@@ -120,6 +120,11 @@ async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
     ] {
         assert_eq!(count(&events, kind), 1, "{kind}: {events:#?}");
     }
+    let started = events
+        .iter()
+        .find(|e| e["kind"] == "sms_enrolment_started")
+        .unwrap();
+    assert_eq!(started["detail"]["proved_with"], "key_only", "{started}");
     let sent = events.iter().find(|e| e["kind"] == "sms_sent").unwrap();
     assert_eq!(sent["detail"]["purpose"], "enrol");
     assert_eq!(sent["detail"]["phone"], PHONE_MASKED);
@@ -1035,10 +1040,12 @@ async fn enrolment_texts_by_others_do_not_block_a_consumers_login_codes() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// Review I4: the send limit is checked before the `X-OTP` proof is spent, and a recovery
-/// code given as proof is spent only once the text went out: a 429 or a 502 costs none.
+/// Review I4: the send limit is checked before the `X-OTP` proof is spent, so a 429 costs no
+/// recovery code. The proof is spent before the enrolment starts (re-review finding 1): a
+/// 502 then costs it, as it costs a TOTP or SMS code, and leaves no number pending; a code
+/// used already proves nothing and texts nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_or_failed_text_spends_no_recovery_code() {
+async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
     let s = Ss::start().await;
     let alice = s.consumer("alice", &[]).await;
     let totp = s.enrol_totp(&alice.key, None).await;
@@ -1066,7 +1073,7 @@ async fn a_refused_or_failed_text_spends_no_recovery_code() {
     assert_banned(&r, 30);
     assert_eq!(recovery_left(&s, &alice.key).await, 10);
 
-    // Twilio refuses: 502, the code is not spent, and no number is left pending.
+    // Twilio refuses: 502, the code is spent, and no number is left pending.
     s.advance(31);
     s.twilio.fail_with(
         500,
@@ -1082,13 +1089,108 @@ async fn a_refused_or_failed_text_spends_no_recovery_code() {
         )
         .await;
     r.assert_problem(502, "sms_failed");
-    assert_eq!(recovery_left(&s, &alice.key).await, 10);
+    assert_eq!(recovery_left(&s, &alice.key).await, 9);
     assert_eq!(
         s.status(&alice.key).await["factors"]["sms"]["status"],
         "none"
     );
-    // The failed send did not use up the budget either: the retry goes out at once.
+    // The failed send did not use up the budget: a retry with another code goes out at once.
     s.twilio.succeed();
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            Some(&totp.recovery_codes[1]),
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(recovery_left(&s, &alice.key).await, 8);
+    // A spent code proves nothing a second time, and nothing is texted for it.
+    s.advance(31);
+    let texts = s.twilio.messages().len();
+    for spent in &totp.recovery_codes[..2] {
+        let r = s
+            .api(
+                "POST",
+                "/2fa/sms",
+                &alice.key,
+                Some(spent),
+                Some(json!({"phone": PHONE})),
+            )
+            .await;
+        r.assert_problem(401, "otp_invalid");
+    }
+    assert_eq!(s.twilio.messages().len(), texts);
+}
+
+async fn recovery_left(s: &Ss, key: &str) -> Value {
+    s.status(key).await["factors"]["recovery_codes"]["remaining"].clone()
+}
+
+/// Re-review finding 1: a recovery code given as proof for a new number is spent before the
+/// enrolment starts. When it cannot be spent (here the store refuses, and would refuse the
+/// undo of an enrolment too), the call fails closed: 503, nothing texted, nothing pending, no
+/// code that could confirm a number without the proof having been spent; the send budget is
+/// given back, and the code still works once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let totp = s.enrol_totp(&alice.key, None).await;
+    let texts = s.twilio.messages().len();
+
+    let db = rusqlite::Connection::open(s.db_path()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER down_spend BEFORE UPDATE ON recovery_codes BEGIN SELECT RAISE(ABORT, 'down'); END;
+         CREATE TRIGGER down_undo BEFORE DELETE ON sms_codes BEGIN SELECT RAISE(ABORT, 'down'); END;",
+    )
+    .unwrap();
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            Some(&totp.recovery_codes[0]),
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    r.assert_problem(503, "unavailable");
+    db.execute_batch("DROP TRIGGER down_spend; DROP TRIGGER down_undo;")
+        .unwrap();
+
+    // Whatever was texted must not confirm a number.
+    let sent: Vec<String> = s.twilio.messages()[texts..]
+        .iter()
+        .map(|m| code_in(&m.body))
+        .collect();
+    for code in &sent {
+        let r = s
+            .api("POST", "/2fa/sms/confirm", &alice.key, Some(code), None)
+            .await;
+        assert_ne!(
+            r.status,
+            200,
+            "confirmed without the proof spent: {}",
+            r.text()
+        );
+    }
+    assert!(
+        sent.is_empty(),
+        "nothing is texted before the proof is spent"
+    );
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"]["status"],
+        "none"
+    );
+    let r = s
+        .api("POST", "/2fa/sms/confirm", &alice.key, Some("123456"), None)
+        .await;
+    r.assert_problem(409, "conflict");
+    assert_eq!(recovery_left(&s, &alice.key).await, 10);
+
+    // The store is back: the same code works, at once (the send budget was given back).
     let r = s
         .api(
             "POST",
@@ -1100,20 +1202,57 @@ async fn a_refused_or_failed_text_spends_no_recovery_code() {
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(recovery_left(&s, &alice.key).await, 9);
-    // Spent now: it proves nothing a second time.
+}
+
+/// A number waiting for its code is shown only while it can still be confirmed (15 minutes):
+/// as the first factor (status `pending`) and beside a confirmed number (`pending_phone`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_pending_number_is_shown_as_absent() {
+    let s = Ss::start().await;
+    let alice = s.consumer("alice", &[]).await;
+    let r = s
+        .api(
+            "POST",
+            "/2fa/sms",
+            &alice.key,
+            None,
+            Some(json!({"phone": PHONE})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    s.advance(15 * 60 - 1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"]["status"],
+        "pending"
+    );
+    s.advance(1);
+    assert_eq!(
+        s.status(&alice.key).await["factors"]["sms"],
+        json!({"status": "none"})
+    );
+    assert_eq!(s.gw.view("alice").await["sms"], Value::Null);
+
+    s.enrol_sms(&alice.key, None, PHONE).await;
+    let code = s.login_code(&alice.key).await;
     s.advance(31);
     let r = s
         .api(
             "POST",
             "/2fa/sms",
             &alice.key,
-            Some(&totp.recovery_codes[0]),
-            Some(json!({"phone": PHONE})),
+            Some(&code),
+            Some(json!({"phone": "+447700900777"})),
         )
         .await;
-    r.assert_problem(401, "otp_invalid");
-}
-
-async fn recovery_left(s: &Ss, key: &str) -> Value {
-    s.status(key).await["factors"]["recovery_codes"]["remaining"].clone()
+    assert_eq!(r.status, 202, "{}", r.text());
+    let pending = |v: &Value| v["factors"]["sms"]["pending_phone"].clone();
+    assert_eq!(pending(&s.status(&alice.key).await), "+44•••••••777");
+    s.advance(15 * 60);
+    let status = s.status(&alice.key).await;
+    assert_eq!(pending(&status), Value::Null, "{status}");
+    assert_eq!(status["factors"]["sms"]["status"], "confirmed");
+    assert_eq!(
+        s.gw.view("alice").await["sms"]["pending_phone"],
+        Value::Null
+    );
 }

@@ -160,6 +160,12 @@
 
     // Changing factors needs proof once one exists; ask for a code only then.
     for (const p of document.querySelectorAll('.proof')) p.hidden = !s.enrolled;
+    // What proves a change: with an authenticator app, its code (a texted one is refused,
+    // the weaker factor may not change the stronger); with SMS alone, a texted code.
+    const proof = totp.status === 'confirmed'
+      ? 'A code from your authenticator app or a recovery code.'
+      : 'A texted login code ("Text me a login code", below) or a recovery code.';
+    for (const h of document.querySelectorAll('.proof-hint')) h.textContent = proof;
     if ($('totp-setup').hidden) {
       $('totp-start').textContent = totp.status === 'confirmed'
         ? 'Replace your authenticator app' : 'Set up an authenticator app';

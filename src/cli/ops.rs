@@ -612,7 +612,7 @@ async fn totp(client: &AdminClient, out: &Output, command: TotpCommand) -> Resul
                 let uri = text(&body["otpauth_uri"]);
                 say!(
                     out,
-                    "TOTP enrolment started for {name}; it stays pending until confirmed."
+                    "TOTP enrolment started for {name}; it stays pending until confirmed, 15 minutes at most."
                 );
                 say!(out);
                 match crate::credentials::totp::qr_terminal(&uri) {

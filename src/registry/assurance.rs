@@ -57,6 +57,15 @@ impl Assurance {
         }
     }
 
+    /// The level by name, for audit events (`proved_with`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assurance::Totp => "totp",
+            Assurance::Sms => "sms",
+            Assurance::KeyOnly => "key_only",
+        }
+    }
+
     /// `methods="…"` of the `WWW-Authenticate` challenge asking for such a proof.
     pub fn challenge_methods(self) -> &'static str {
         match self {

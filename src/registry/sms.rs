@@ -143,7 +143,10 @@ impl Registry {
             "sms_enrolment_started",
             Some(&updated),
             None,
-            json!({"phone": masked, "replaces_confirmed": updated.confirmed_sms()}),
+            json!({
+                "phone": masked, "replaces_confirmed": updated.confirmed_sms(),
+                "proved_with": level.as_str(),
+            }),
         );
         self.publish(|index| index.put(updated));
         Ok(Outgoing {
@@ -336,9 +339,11 @@ impl Registry {
         }
     }
 
-    /// Undoes an SMS enrolment whose verification text could not be sent (or that must not go
-    /// on): its code is withdrawn and the number no longer shows as pending, unless a newer
-    /// enrolment replaced it meanwhile. Best effort, like [`withdraw_sms_code`](Self::withdraw_sms_code).
+    /// Undoes an SMS enrolment whose verification text could not be sent: its code is withdrawn
+    /// and the number no longer shows as pending, unless a newer enrolment replaced it
+    /// meanwhile. Best effort, like [`withdraw_sms_code`](Self::withdraw_sms_code): a failure
+    /// leaves a pending number whose code nobody received (its proof was spent before it was
+    /// started), to expire on its own. Nothing relies on this undo to stay secure.
     pub async fn abandon_sms_enrolment(&self, consumer: &Consumer, sent: &Outgoing) {
         let _write = self.writes.lock().await;
         match self
@@ -412,8 +417,8 @@ mod tests {
     use crate::registry::{Assurance, Registry, RegistryError};
     use crate::secrets::MasterKey;
     use crate::sms::{Phone, Purpose};
-    use crate::store::TotpRecord;
     use crate::store::sqlite::SqliteStore;
+    use crate::store::{CodeCheck, SmsCodeRecord, TotpRecord};
 
     const NOW: u64 = 1_800_000_000;
     const TTL: Duration = Duration::from_secs(300);
@@ -583,6 +588,67 @@ mod tests {
         let alice = registry.consumer_state("alice").unwrap();
         assert!(alice.totp_pending.is_none() && alice.confirmed_totp().is_some());
         assert!(registry.store().load().await.unwrap().totp.len() == 1);
+    }
+
+    /// Re-review finding 2, the SMS twin of the test above: a pending number entered on a
+    /// weaker account than the consumer's now (key only, beside a confirmed TOTP) is refused
+    /// and dropped at confirmation, even with its own valid code.
+    #[tokio::test]
+    async fn a_pending_number_entered_on_a_weaker_account_is_not_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, clock) = registry(&dir).await;
+        with_totp(&registry).await;
+        let alice = registry.consumer_state("alice").unwrap();
+        let phone = Phone::parse("+447700900123").unwrap();
+        let sent = registry
+            .begin_sms(&alice, phone, TTL, Assurance::Totp)
+            .await
+            .unwrap();
+        // The same number and code as the old schema left them: entered with the key alone.
+        let alice = registry.consumer_state("alice").unwrap();
+        let record = alice.sms.as_ref().unwrap().record.clone();
+        let code = SmsCodeRecord {
+            consumer_id: alice.id.clone(),
+            purpose: Purpose::Enrol,
+            hash: sent.hash,
+            expires_at: sent.expires_at,
+        };
+        registry
+            .store()
+            .put_pending_sms(
+                alice.id.clone(),
+                record.pending_sealed.unwrap(),
+                registry.now(),
+                Assurance::KeyOnly,
+                code,
+            )
+            .await
+            .unwrap();
+        let store = registry.store().clone();
+        drop(registry);
+        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
+            .await
+            .unwrap();
+        let alice = registry.consumer_state("alice").unwrap();
+        assert_eq!(
+            alice.sms.as_ref().unwrap().record.pending_with,
+            Assurance::KeyOnly
+        );
+        clock.advance(30);
+        assert!(matches!(
+            registry.confirm_sms(&alice, &sent.code).await,
+            Err(RegistryError::PendingGone(_))
+        ));
+        let alice = registry.consumer_state("alice").unwrap();
+        assert!(alice.sms.is_none() && alice.confirmed_totp().is_some());
+        assert!(registry.store().load().await.unwrap().sms.is_empty());
+        // Its code went with it.
+        let planted = registry
+            .store()
+            .use_sms_code(alice.id.clone(), Purpose::Enrol, sent.hash, registry.now())
+            .await
+            .unwrap();
+        assert_eq!(planted, CodeCheck::Missing);
     }
 
     /// Review minor 5: a consumer disabled after its key was checked changes nothing.

@@ -28,7 +28,6 @@ use crate::registry::{
 };
 use crate::sms::twilio::SendError;
 use crate::sms::{self, Phone, Purpose, Reservation, SmsSettings};
-use crate::store::Hash;
 
 /// The built-in policy's name, for audit events.
 const POLICY: &str = "stepgate/self-service";
@@ -54,12 +53,10 @@ fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
 }
 
 /// What proved a change: the account's level it was proved at (`KeyOnly` when the consumer
-/// has no confirmed factor, so nothing could be asked), and a recovery code checked but not
-/// yet spent, for a call that spends it only once the rest succeeded.
+/// has no confirmed factor, so nothing could be asked). The code that proved it is spent.
 #[derive(Debug, Clone, Copy)]
 struct Proof {
     level: Assurance,
-    unspent_recovery_code: Option<Hash>,
 }
 
 impl Proof {
@@ -85,16 +82,10 @@ impl Endpoints {
     /// unless `always` (a call that needs a confirmed factor to make sense). A wrong code is
     /// `ChangeOtpInvalid`, which the failure limiter counts.
     ///
-    /// `defer_recovery`: a recovery code is only checked here, and spent by
-    /// [`spend_deferred`](Self::spend_deferred) once the call has done what can fail (texting):
-    /// a lost recovery code cannot be had back, a TOTP or SMS code can (the next one).
-    async fn prove(
-        &self,
-        caller: &Caller,
-        always: bool,
-        endpoint: &str,
-        defer_recovery: bool,
-    ) -> Result<Proof, Refusal> {
+    /// The code is spent here, before the change is made, whatever its kind: a change is never
+    /// started on a proof that might still turn out unspendable (used elsewhere meanwhile, or
+    /// the store failing), since undoing it could fail too.
+    async fn prove(&self, caller: &Caller, always: bool, endpoint: &str) -> Result<Proof, Refusal> {
         let consumer = &caller.entry.consumer;
         let needs = consumer.assurance();
         if needs == Assurance::KeyOnly {
@@ -103,10 +94,7 @@ impl Endpoints {
                     "this needs a confirmed second factor; enrol TOTP or SMS first",
                 ))
             } else {
-                Ok(Proof {
-                    level: needs,
-                    unspent_recovery_code: None,
-                })
+                Ok(Proof { level: needs })
             };
         }
         let Some(code) = caller.code.as_deref() else {
@@ -124,12 +112,6 @@ impl Endpoints {
                 json!({"policy": POLICY, "endpoint": endpoint}),
             );
         };
-        if defer_recovery && let Some(hash) = self.registry.unused_recovery_code(consumer, code) {
-            return Ok(Proof {
-                level: needs,
-                unspent_recovery_code: Some(hash),
-            });
-        }
         let now = self.registry.now();
         match self
             .registry
@@ -138,10 +120,7 @@ impl Endpoints {
         {
             Ok(factor) => {
                 self.accepted(caller, factor, endpoint);
-                Ok(Proof {
-                    level: needs,
-                    unspent_recovery_code: None,
-                })
+                Ok(Proof { level: needs })
             }
             Err(CodeFailure::Invalid) => {
                 self.metrics.factor("code", "rejected");
@@ -170,46 +149,6 @@ impl Endpoints {
         );
         if factor == Factor::RecoveryCode {
             self.audit(caller, "recovery_code_used", json!({"policy": POLICY}));
-        }
-    }
-
-    /// Spends the recovery code [`prove`](Self::prove) left unspent, if any. Refused when it
-    /// was used elsewhere meanwhile (exactly one use wins, in the store).
-    async fn spend_deferred(
-        &self,
-        caller: &Caller,
-        proof: &Proof,
-        endpoint: &str,
-    ) -> Result<(), Refusal> {
-        let Some(hash) = proof.unspent_recovery_code else {
-            return Ok(());
-        };
-        let consumer = &caller.entry.consumer;
-        match self
-            .registry
-            .spend_recovery_code(consumer, hash, self.registry.now())
-            .await
-        {
-            Ok(true) => {
-                self.accepted(caller, Factor::RecoveryCode, endpoint);
-                Ok(())
-            }
-            Ok(false) => {
-                self.metrics.factor("code", "rejected");
-                self.audit(
-                    caller,
-                    "otp_rejected",
-                    json!({"policy": POLICY, "endpoint": endpoint}),
-                );
-                Err(Refusal::ChangeOtpInvalid {
-                    entry: caller.entry.clone(),
-                    needs: proof.level,
-                })
-            }
-            Err(error) => {
-                tracing::error!(%error, "self-service code check failed closed: store unavailable");
-                Err(Refusal::Unavailable)
-            }
         }
     }
 
@@ -392,14 +331,14 @@ pub async fn status<B>(
     let caller = caller(&mut request)?;
     let consumer = &caller.entry.consumer;
     let now = endpoints.registry.now();
-    let totp = match TotpView::of(consumer) {
+    let totp = match TotpView::of(consumer, now) {
         Some(t) => json!({
             "status": t.status, "digits": t.digits, "period": t.period, "algorithm": t.algorithm,
             "reenrolment_pending": t.reenrolment_pending,
         }),
         None => json!({"status": "none"}),
     };
-    let sms = match SmsView::of(consumer) {
+    let sms = match SmsView::of(consumer, now) {
         Some(s) => {
             let mut v = json!({"status": s.status, "phone": s.phone});
             if let Some(pending) = s.pending_phone {
@@ -464,7 +403,7 @@ where
     params
         .validate()
         .map_err(|_| Refusal::BadRequest("digits must be 6 to 8 and period 15 to 120 seconds"))?;
-    let proof = endpoints.prove(&caller, false, "totp", false).await?;
+    let proof = endpoints.prove(&caller, false, "totp").await?;
     let enrolment = endpoints
         .registry
         .begin_totp_reenrolment(&caller.entry.consumer, params, proof.level)
@@ -537,9 +476,7 @@ where
 {
     let caller = caller(&mut request)?;
     no_body(request).await?;
-    let proof = endpoints
-        .prove(&caller, true, "recovery-codes", false)
-        .await?;
+    let proof = endpoints.prove(&caller, true, "recovery-codes").await?;
     let codes = endpoints
         .registry
         .regenerate_own_recovery_codes(&caller.entry.consumer, proof.level)
@@ -581,10 +518,13 @@ where
     let consumer = &caller.entry.consumer;
     // The number's own budget applies unless it is the consumer's confirmed number.
     let own_number = endpoints.registry.confirmed_phone(consumer).as_ref() == Some(&phone);
-    // Limits first, before the proof is spent (a 429 must cost no code)...
+    // Limits first, before the proof is spent (a 429 must cost no code). Then the proof is
+    // spent, before anything is started: a refused or failed spend drops the reservation
+    // (giving the send back) and leaves nothing to undo, so no texted code can confirm a
+    // number without a spent proof. A text that fails afterwards costs the code, as it costs
+    // a TOTP or SMS code.
     let reservation = endpoints.reserve_send(&caller, (!own_number).then_some(&phone))?;
-    // ...and a recovery code given as proof is spent only once the text went out.
-    let proof = endpoints.prove(&caller, false, "sms", true).await?;
+    let proof = endpoints.prove(&caller, false, "sms").await?;
     let outgoing = endpoints
         .registry
         .begin_sms(consumer, phone, settings.code_ttl, proof.level)
@@ -601,17 +541,8 @@ where
             .await;
         return Err(refused);
     }
-    // The text went out: it counts against the limits whatever happens next.
+    // The text went out: it counts against the limits.
     reservation.commit();
-    if let Err(refused) = endpoints.spend_deferred(&caller, &proof, "sms").await {
-        // The recovery code was used elsewhere meanwhile: this change is not proved after
-        // all. The texted code must not confirm anything.
-        endpoints
-            .registry
-            .abandon_sms_enrolment(consumer, &outgoing)
-            .await;
-        return Err(refused);
-    }
     Ok(proved(
         json_answer(
             StatusCode::ACCEPTED,
@@ -690,7 +621,7 @@ where
     if caller.entry.consumer.sms.is_none() {
         return Err(Refusal::SmsNotEnrolled);
     }
-    let proof = endpoints.prove(&caller, false, "sms", false).await?;
+    let proof = endpoints.prove(&caller, false, "sms").await?;
     let consumer = &caller.entry.consumer;
     endpoints
         .registry

@@ -69,7 +69,7 @@ pub struct SmsRecord {
     pub phone_sealed: Option<Vec<u8>>,
     pub pending_sealed: Option<Vec<u8>>,
     pub updated_at: u64,
-    /// When the pending number was entered (it lives `registry::PENDING_TTL` from then).
+    /// When the pending number was entered (it lives [`crate::registry::PENDING_TTL_SECS`] from then).
     pub pending_at: Option<u64>,
     /// The account's level when the pending number was entered, as for TOTP.
     pub pending_with: Assurance,

@@ -1024,6 +1024,64 @@ mod tests {
         );
     }
 
+    /// Re-review finding 3: a database of schema version 3 opens with its pending enrolments
+    /// at the weakest level (fail closed: beside dave's confirmed TOTP neither can be
+    /// confirmed any more), a pending number entered when its row was last updated, and no
+    /// entry time for a number that is not pending.
+    #[tokio::test]
+    async fn migration_4_puts_pending_enrolments_at_the_weakest_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..3] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.execute_batch(
+                "INSERT INTO consumers VALUES ('c1', 'dave', '[]', 0, 1), ('c2', 'carol', '[]', 0, 1);
+                 INSERT INTO totp VALUES ('c1', x'0102', 'SHA1', 6, 30, 1, 42, 5);
+                 INSERT INTO totp_pending VALUES ('c1', x'0304', 'SHA256', 8, 60, 6);
+                 INSERT INTO sms VALUES ('c1', NULL, x'0506', 7);
+                 INSERT INTO sms VALUES ('c2', x'0708', NULL, 8);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert!(version >= 4, "{version}");
+        let state = store.load().await.unwrap();
+        let confirmed = state.totp.iter().find(|t| t.confirmed).unwrap();
+        assert_eq!(
+            (confirmed.consumer_id.as_str(), confirmed.last_step),
+            ("c1", Some(42))
+        );
+        let pending = state.totp.iter().find(|t| !t.confirmed).unwrap();
+        assert_eq!(pending.consumer_id, "c1");
+        assert_eq!(pending.secret_sealed, vec![3, 4]);
+        assert_eq!(pending.created_at, 6);
+        assert_eq!(pending.started_with, Assurance::KeyOnly);
+        assert_eq!(state.totp.len(), 2);
+
+        let number = |id: &str| state.sms.iter().find(|s| s.consumer_id == id).unwrap();
+        let dave = number("c1");
+        assert_eq!(dave.pending_sealed, Some(vec![5, 6]));
+        assert_eq!(dave.pending_at, Some(dave.updated_at));
+        assert_eq!(dave.pending_at, Some(7));
+        assert_eq!(dave.pending_with, Assurance::KeyOnly);
+        let carol = number("c2");
+        assert_eq!(carol.phone_sealed, Some(vec![7, 8]));
+        assert_eq!(carol.pending_at, None);
+        // Weaker than dave's account: the confirm-time check refuses both.
+        let account = Assurance::of_account(true, false);
+        assert!(pending.started_with < account && dave.pending_with < account);
+    }
+
     #[tokio::test]
     async fn sms_codes_are_single_use_expire_and_are_replaced() {
         let dir = tempfile::tempdir().unwrap();

@@ -152,6 +152,23 @@ impl Endpoints {
         }
     }
 
+    /// A confirmation that failed: a wrong code is counted, audited and 401 `otp_invalid`
+    /// (which the failure limiter counts); anything else maps as every registry error does.
+    fn confirm_refused(&self, caller: &Caller, endpoint: &str, error: RegistryError) -> Refusal {
+        if !matches!(error, RegistryError::CodeInvalid) {
+            return refusal(error, &caller.entry);
+        }
+        self.metrics.factor("code", "rejected");
+        self.audit(
+            caller,
+            "otp_rejected",
+            json!({"policy": POLICY, "endpoint": endpoint}),
+        );
+        Refusal::OtpInvalid {
+            entry: caller.entry.clone(),
+        }
+    }
+
     /// Texts `code` to `phone`. A failure is 502 `sms_failed`, never a silent success; the
     /// caller withdraws the code (nobody got it, so it must not stay guessable).
     async fn text(
@@ -450,18 +467,7 @@ where
                 &json!({"recovery_codes": codes}),
             ))
         }
-        Err(RegistryError::CodeInvalid) => {
-            endpoints.metrics.factor("code", "rejected");
-            endpoints.audit(
-                &caller,
-                "otp_rejected",
-                json!({"policy": POLICY, "endpoint": "totp/confirm"}),
-            );
-            Err(Refusal::OtpInvalid {
-                entry: caller.entry.clone(),
-            })
-        }
-        Err(error) => Err(refusal(error, &caller.entry)),
+        Err(error) => Err(endpoints.confirm_refused(&caller, "totp/confirm", error)),
     }
 }
 
@@ -592,18 +598,7 @@ where
             }
             Ok(json_answer(StatusCode::OK, &body))
         }
-        Err(RegistryError::CodeInvalid) => {
-            endpoints.metrics.factor("code", "rejected");
-            endpoints.audit(
-                &caller,
-                "otp_rejected",
-                json!({"policy": POLICY, "endpoint": "sms/confirm"}),
-            );
-            Err(Refusal::OtpInvalid {
-                entry: caller.entry.clone(),
-            })
-        }
-        Err(error) => Err(refusal(error, &caller.entry)),
+        Err(error) => Err(endpoints.confirm_refused(&caller, "sms/confirm", error)),
     }
 }
 

@@ -398,12 +398,17 @@ impl BlackHole {
     }
 }
 
-/// An address on which nothing listens (bound, then closed).
+/// An address on which nothing listens, and nothing will while the test process runs: a
+/// socket bound there and never listening (without `SO_REUSEADDR`, so no other test process
+/// can bind the port) is kept open, so connecting is refused. A port bound and closed again
+/// could be taken by a concurrent test's listener (it happened: a "dead" upstream answered
+/// as another test's admin API).
 pub async fn closed_port_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
-    a
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 // ---------------------------------------------------------------------------------------------

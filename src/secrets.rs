@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -26,8 +26,13 @@ pub enum SecretsError {
     Io(String),
     #[error("{0} must be 64 hex characters (32 bytes); generate one with `openssl rand -hex 32`")]
     BadMasterKey(&'static str),
-    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error("{path} is open to other users (mode {mode:o}); run `chmod 600 {path}`")]
     LoosePermissions { path: String, mode: u32 },
+    #[error(
+        "{path} belongs to another user (uid {owner}); it must be owned by the user stepgate \
+         runs as (uid {me})"
+    )]
+    NotOwned { path: String, owner: u32, me: u32 },
 }
 
 /// 32 random bytes from the operating system's CSPRNG.
@@ -230,24 +235,23 @@ pub fn admin_token_path(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join(ADMIN_TOKEN_FILE)
 }
 
-/// Reads a secret file, refusing one that others can read; creates it with mode 0600 when it
-/// does not exist (never overwriting one that appeared meanwhile).
+/// Reads a secret file (the master key, the admin token, an SMS provider's auth token):
+/// refused when anyone but its owner could read or change it, when it belongs to another
+/// user, or when it is not a small, non-empty regular file. Returned trimmed.
+pub fn read_private(path: &Path) -> Result<String, SecretsError> {
+    let file = fs::File::open(path).map_err(|e| io_error(path, e))?;
+    read_opened_private(file, path)
+}
+
+/// Reads a secret file as [`read_private`] does; creates it with mode 0600 when it does not
+/// exist (never overwriting one that appeared meanwhile).
 fn read_or_create_private(
     path: &Path,
     make: impl FnOnce() -> String,
 ) -> Result<String, SecretsError> {
-    let io = |e: std::io::Error| SecretsError::Io(format!("{}: {e}", path.display()));
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(SecretsError::LoosePermissions {
-                    path: path.display().to_string(),
-                    mode,
-                });
-            }
-            Ok(text)
-        }
+    let io = |e: std::io::Error| io_error(path, e);
+    match fs::File::open(path) {
+        Ok(file) => read_opened_private(file, path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir).map_err(io)?;
@@ -268,9 +272,66 @@ fn read_or_create_private(
     }
 }
 
+fn io_error(path: &Path, error: std::io::Error) -> SecretsError {
+    SecretsError::Io(format!("{}: {error}", path.display()))
+}
+
+/// The checks of [`read_private`], made on the opened file (fstat), not on the path before
+/// reading it, so a file swapped in between cannot slip past them.
+fn read_opened_private(file: fs::File, path: &Path) -> Result<String, SecretsError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display().to_string();
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if !meta.is_file() {
+        return Err(SecretsError::Io(format!("{shown} is not a regular file")));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretsError::LoosePermissions { path: shown, mode });
+    }
+    if let Some(me) = current_uid()
+        && meta.uid() != me
+    {
+        return Err(SecretsError::NotOwned {
+            path: shown,
+            owner: meta.uid(),
+            me,
+        });
+    }
+    // A key or token is a few dozen bytes: a larger file is not one (and is not read whole).
+    const LIMIT: u64 = 4096;
+    let mut text = String::new();
+    file.take(LIMIT + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| io_error(path, e))?;
+    if text.len() as u64 > LIMIT {
+        return Err(SecretsError::Io(format!(
+            "{shown} is over {LIMIT} bytes: not a key or token"
+        )));
+    }
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(SecretsError::Io(format!("{shown} is empty")));
+    }
+    Ok(value.to_owned())
+}
+
+/// The effective uid of this process, without `unsafe`: Linux's procfs gives `/proc/self` the
+/// process's effective uid. `None` elsewhere, where only the mode is checked.
+fn current_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    if cfg!(target_os = "linux") {
+        fs::metadata("/proc/self").ok().map(|m| m.uid())
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn sealed_data_needs_the_same_key_and_context() {
@@ -304,6 +365,20 @@ mod tests {
             key.hash_api_key("x"),
             MasterKey::from_bytes([8; 32]).hash_api_key("x")
         );
+    }
+
+    /// An empty admin token file would make the empty string the admin token.
+    #[test]
+    fn an_empty_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        fs::write(&path, "\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        match AdminToken::load_or_create(dir.path()) {
+            Err(SecretsError::Io(message)) => assert!(message.ends_with("is empty"), "{message}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("an empty admin token was accepted"),
+        }
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl Loader<'_> {
                 let path = self.base.join(&file.value);
                 // A rotated token is a new configuration version.
                 self.hash_file(&path);
-                match read_private(&path) {
+                match crate::secrets::read_private(&path) {
                     Ok(token) => token,
                     Err(message) => {
                         self.at(
@@ -197,59 +197,5 @@ impl Loader<'_> {
             return None;
         }
         Some(token)
-    }
-}
-
-/// Reads the auth token from `path`, refusing a file that anyone but the current user could
-/// read or change. The checks are made on the file once opened (fstat), not on the path before
-/// reading it, so a file swapped in between cannot slip past them.
-fn read_private(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{shown} is not a regular file"));
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{shown} is open to other users (mode {mode:o}); run `chmod 600 {shown}`"
-        ));
-    }
-    if let Some(me) = current_uid()
-        && meta.uid() != me
-    {
-        return Err(format!(
-            "{shown} belongs to another user (uid {}); it must be owned by the user stepgate \
-             runs as (uid {me})",
-            meta.uid()
-        ));
-    }
-    // A token is a few dozen bytes: a larger file is not one (and is not read whole).
-    const LIMIT: u64 = 4096;
-    let mut text = String::new();
-    file.take(LIMIT + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if text.len() as u64 > LIMIT {
-        return Err(format!("{shown} is over {LIMIT} bytes: not an auth token"));
-    }
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(format!("{shown} is empty"));
-    }
-    Ok(token.to_owned())
-}
-
-/// The effective uid of this process, without `unsafe`: Linux's procfs gives `/proc/self` the
-/// process's effective uid. `None` elsewhere, where only the mode is checked.
-fn current_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    if cfg!(target_os = "linux") {
-        std::fs::metadata("/proc/self").ok().map(|m| m.uid())
-    } else {
-        None
     }
 }

@@ -21,7 +21,7 @@ use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
     ConfigError, ConfigErrors, Factors, Failures, Limits, Policy, Rate, Roles, Rollout,
-    RolloutMode, Scope, Snapshot, StepUp, StoreSettings,
+    RolloutMode, Scope, SelfService, Snapshot, StepUp, StoreSettings,
 };
 use crate::path;
 use crate::proxy::upstream::{HttpSettings, Upstream};
@@ -168,13 +168,7 @@ impl Loader<'_> {
             .iter()
             .filter_map(|(name, spec)| Some((name.clone(), Arc::new(self.upstream(name, spec)?))))
             .collect();
-        let routes = self.routes(
-            &raw.routes,
-            &upstreams,
-            &policies,
-            &limits,
-            &self_service.prefix,
-        );
+        let routes = self.routes(&raw.routes, &upstreams, &policies, &limits, &self_service);
 
         let digest = std::mem::replace(&mut self.digest, Sha256::new()).finalize();
         let step_up_routes = step_up_routes(&policies, &self_service.step_up_path);
@@ -631,7 +625,7 @@ impl Loader<'_> {
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         policies: &BTreeMap<String, Arc<Policy>>,
         limits: &Limits,
-        reserved: &str,
+        reserved: &SelfService,
     ) -> Vec<Route> {
         let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
         for spec in raw {
@@ -669,16 +663,16 @@ impl Loader<'_> {
 
             let path = &r.matcher.path;
             let canonical = path::normalize(&path.value).map(|p| p.into_owned());
-            let under_reserved = canonical.as_ref().is_ok_and(|p| {
-                p.strip_prefix(reserved)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            });
+            let under_reserved = canonical
+                .as_ref()
+                .is_ok_and(|p| reserved.strip(p).is_some());
             let route_path = if under_reserved {
                 self.at(
                     &path.referenced,
                     format!(
-                        "{field}.match.path: `{reserved}` is reserved for the gateway's own \
-                         endpoints (self_service.prefix)"
+                        "{field}.match.path: `{}` is reserved for the gateway's own \
+                         endpoints (self_service.prefix)",
+                        reserved.prefix
                     ),
                 );
                 None

@@ -65,6 +65,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Closed by the upstream, or idle past the timeout: to be dropped.
+    fn spent(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.sender.is_closed() || now.duration_since(self.since) >= idle_timeout
+    }
+}
+
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     scheme: Scheme,
@@ -155,9 +162,8 @@ impl Pool {
     pub fn sweep(&self) {
         let Some(idle) = self.idle.get() else { return };
         let now = Instant::now();
-        idle.borrow_mut().retain(|entry| {
-            !entry.sender.is_closed() && now.duration_since(entry.since) < self.idle_timeout
-        });
+        idle.borrow_mut()
+            .retain(|entry| !entry.spent(now, self.idle_timeout));
     }
 
     /// This thread's newest usable idle connection; closed and expired ones are dropped on the
@@ -169,7 +175,7 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let entry = &mut idle[i];
-            if entry.sender.is_closed() || now.duration_since(entry.since) >= self.idle_timeout {
+            if entry.spent(now, self.idle_timeout) {
                 idle.swap_remove(i);
                 continue;
             }
@@ -210,20 +216,12 @@ impl Pool {
                 .timer(TokioTimer::new())
                 .handshake(io)
                 .await?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream connection ended with an error");
-                }
-            });
+            drive(connection);
             self.put(Sender::H2(sender.clone()));
             Ok(Sender::H2(sender))
         } else {
             let (sender, connection) = http1::handshake(io).await?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream connection ended with an error");
-                }
-            });
+            drive(connection);
             Ok(Sender::H1(sender))
         }
     }
@@ -238,4 +236,13 @@ impl Pool {
             .or_else(|| Some(PathAndQuery::from_static("/")));
         Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
     }
+}
+
+/// Runs a client connection on this thread until it ends.
+fn drive(connection: impl Future<Output = Result<(), hyper::Error>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
 }

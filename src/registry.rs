@@ -489,6 +489,25 @@ impl Registry {
         Ok(current)
     }
 
+    /// The consumer a change is made to, as it is now: for the consumer's own change, itself,
+    /// once the change is proved at its account's level (`registry::assurance`); for the admin
+    /// API (`None`), the one named.
+    fn to_change(
+        &self,
+        name: &str,
+        by_consumer: Option<(&Consumer, Assurance)>,
+    ) -> Result<Arc<Consumer>, RegistryError> {
+        let Some((consumer, proof)) = by_consumer else {
+            return self.get(name);
+        };
+        let current = self.own(consumer)?;
+        let level = current.assurance();
+        if proof < level {
+            return Err(RegistryError::Unproved(level));
+        }
+        Ok(current)
+    }
+
     fn publish(&self, change: impl FnOnce(&mut Index)) {
         let mut index = Index::clone(&self.index.load());
         change(&mut index);
@@ -830,16 +849,10 @@ impl Registry {
     ) -> Result<totp::Enrolment, RegistryError> {
         params.validate().map_err(RegistryError::Invalid)?;
         let _write = self.writes.lock().await;
-        let (old, started_with) = match by_consumer {
-            Some((consumer, proof)) => {
-                let old = self.own(consumer)?;
-                let level = old.assurance();
-                if proof < level {
-                    return Err(RegistryError::Unproved(level));
-                }
-                (old, level)
-            }
-            None => (self.get(name)?, Assurance::Totp),
+        let old = self.to_change(name, by_consumer)?;
+        let started_with = match by_consumer {
+            Some(_) => old.assurance(),
+            None => Assurance::Totp,
         };
         if by_consumer.is_none() && old.confirmed_totp().is_some() {
             return Err(RegistryError::Conflict(format!(
@@ -1078,16 +1091,7 @@ impl Registry {
         by_consumer: Option<(&Consumer, Assurance)>,
     ) -> Result<Vec<String>, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = match by_consumer {
-            Some((consumer, proof)) => {
-                let old = self.own(consumer)?;
-                if proof < old.assurance() {
-                    return Err(RegistryError::Unproved(old.assurance()));
-                }
-                old
-            }
-            None => self.get(name)?,
-        };
+        let old = self.to_change(name, by_consumer)?;
         if !old.has_confirmed_factor() {
             return Err(RegistryError::Conflict(format!(
                 "`{name}` has no confirmed second factor; recovery codes come with one"

@@ -104,11 +104,8 @@ impl Registry {
         proof: Assurance,
     ) -> Result<Outgoing, RegistryError> {
         let _write = self.writes.lock().await;
-        let old = self.own(consumer)?;
+        let old = self.to_change(&consumer.name, Some((consumer, proof)))?;
         let level = old.assurance();
-        if proof < level {
-            return Err(RegistryError::Unproved(level));
-        }
         let now = self.clock.now();
         let sealed = self
             .master
@@ -376,16 +373,7 @@ impl Registry {
         by_consumer: Option<(&Consumer, Assurance)>,
     ) -> Result<(), RegistryError> {
         let _write = self.writes.lock().await;
-        let old = match by_consumer {
-            Some((consumer, proof)) => {
-                let old = self.own(consumer)?;
-                if proof < old.assurance() {
-                    return Err(RegistryError::Unproved(old.assurance()));
-                }
-                old
-            }
-            None => self.get(name)?,
-        };
+        let old = self.to_change(name, by_consumer)?;
         if old.sms.is_none() {
             return Err(RegistryError::NotFoundOther(format!(
                 "`{name}` has no SMS number"

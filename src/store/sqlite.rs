@@ -554,11 +554,7 @@ impl Store for SqliteStore {
                     return Ok(CodeCheck::Missing);
                 }
                 // Login codes texted to the old number must not outlive it.
-                tx.execute(
-                    "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
-                    params![consumer_id, Purpose::Login.as_str()],
-                )
-                .map_err(unavailable)?;
+                delete_code(&tx, &consumer_id, Purpose::Login, None)?;
                 if let Some(recovery) = &recovery {
                     replace_codes(&tx, &consumer_id, recovery)?;
                 }
@@ -642,12 +638,7 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             // By hash too: the text of this code may have timed out after a newer send that
             // was delivered (the provider's timeout can exceed the send interval).
-            conn.execute(
-                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2 AND hash = ?3",
-                params![consumer_id, purpose.as_str(), hash.as_slice()],
-            )
-            .map_err(unavailable)?;
-            Ok(())
+            delete_code(conn, &consumer_id, purpose, Some(&hash)).map(|_| ())
         })
         .await
     }
@@ -852,6 +843,27 @@ fn put_code(conn: &Connection, code: &SmsCodeRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes the consumer's outstanding code for `purpose` (only while it is `hash`, when given);
+/// the number of rows deleted.
+fn delete_code(
+    conn: &Connection,
+    consumer_id: &str,
+    purpose: Purpose,
+    hash: Option<&Hash>,
+) -> Result<usize, StoreError> {
+    match hash {
+        None => conn.execute(
+            "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
+            params![consumer_id, purpose.as_str()],
+        ),
+        Some(hash) => conn.execute(
+            "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2 AND hash = ?3",
+            params![consumer_id, purpose.as_str(), hash.as_slice()],
+        ),
+    }
+    .map_err(unavailable)
+}
+
 /// Checks a presented code inside the caller's transaction. The row is found by consumer and
 /// purpose, never by the hash, so the comparison itself is the constant-time one below. An
 /// accepted or expired code is deleted: a code works once, and never after its expiry.
@@ -873,13 +885,7 @@ fn check_code(
     let Some((stored, expires_at)) = row else {
         return Ok(CodeCheck::Missing);
     };
-    let delete = || {
-        conn.execute(
-            "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
-            params![consumer_id, purpose.as_str()],
-        )
-        .map_err(unavailable)
-    };
+    let delete = || delete_code(conn, consumer_id, purpose, None);
     if now >= to_u64(expires_at) {
         delete()?;
         return Ok(CodeCheck::Expired);
@@ -902,17 +908,11 @@ fn drop_pending_number(
     below: Option<Assurance>,
     code: Option<&Hash>,
 ) -> Result<bool, StoreError> {
-    if let Some(hash) = code {
-        let withdrawn = conn
-            .execute(
-                "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2 AND hash = ?3",
-                params![consumer_id, Purpose::Enrol.as_str(), hash.as_slice()],
-            )
-            .map_err(unavailable)?;
-        if withdrawn == 0 {
-            // A newer enrolment replaced that code: it is not ours to undo.
-            return Ok(false);
-        }
+    if let Some(hash) = code
+        && delete_code(conn, consumer_id, Purpose::Enrol, Some(hash))? == 0
+    {
+        // A newer enrolment replaced that code: it is not ours to undo.
+        return Ok(false);
     }
     let below = below.map_or(i64::MAX, Assurance::to_db);
     let changed = conn
@@ -925,11 +925,7 @@ fn drop_pending_number(
     if changed == 0 {
         return Ok(false);
     }
-    conn.execute(
-        "DELETE FROM sms_codes WHERE consumer_id = ?1 AND purpose = ?2",
-        params![consumer_id, Purpose::Enrol.as_str()],
-    )
-    .map_err(unavailable)?;
+    delete_code(conn, consumer_id, Purpose::Enrol, None)?;
     conn.execute(
         "DELETE FROM sms WHERE consumer_id = ?1 AND phone IS NULL",
         params![consumer_id],

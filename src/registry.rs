@@ -168,13 +168,14 @@ impl Consumer {
         (factors.totp && totp) || sms || (factors.recovery_code && totp)
     }
 
-    /// The pending TOTP enrolment that can still be confirmed at `now`: younger than
-    /// [`PENDING_TTL_SECS`] and started on an account no weaker than this one. Others are
-    /// dropped at their confirmation attempt, and are shown as absent meanwhile.
+    /// The pending TOTP enrolment that can still be confirmed at `now` (see
+    /// [`Consumer::pending_end`]). Others are dropped at their confirmation attempt, and are
+    /// shown as absent meanwhile.
     pub fn live_totp_pending(&self, now: u64) -> Option<&TotpRecord> {
-        self.totp_pending
-            .as_ref()
-            .filter(|p| self.pending_is_live(p.created_at, p.started_with, now))
+        self.totp_pending.as_ref().filter(|p| {
+            self.pending_end(p.created_at, p.started_with, now)
+                .is_none()
+        })
     }
 
     /// The SMS counterpart of [`Consumer::live_totp_pending`]: a number awaiting its code.
@@ -182,12 +183,28 @@ impl Consumer {
         self.sms.as_ref().filter(|s| {
             let r = &s.record;
             r.pending_sealed.is_some()
-                && self.pending_is_live(r.pending_at.unwrap_or(r.updated_at), r.pending_with, now)
+                && self
+                    .pending_end(r.pending_at.unwrap_or(r.updated_at), r.pending_with, now)
+                    .is_none()
         })
     }
 
-    fn pending_is_live(&self, started_at: u64, started_with: Assurance, now: u64) -> bool {
-        now < started_at.saturating_add(PENDING_TTL_SECS) && started_with >= self.assurance()
+    /// Why an enrolment pending since `started_at`, started at level `started_with`, can no
+    /// longer be confirmed at `now`: older than [`PENDING_TTL_SECS`], or started on an account
+    /// weaker than this one is now. `None`: it can.
+    fn pending_end(
+        &self,
+        started_at: u64,
+        started_with: Assurance,
+        now: u64,
+    ) -> Option<PendingEnd> {
+        if now >= started_at.saturating_add(PENDING_TTL_SECS) {
+            Some(PendingEnd::Expired)
+        } else if started_with < self.assurance() {
+            Some(PendingEnd::Outranked)
+        } else {
+            None
+        }
     }
 
     /// The account's level: what a self-service change to its factors must be proved with.
@@ -216,6 +233,25 @@ impl Consumer {
             .iter()
             .filter(|r| r.used_at.is_none())
             .count()
+    }
+}
+
+/// Why a pending enrolment can no longer be confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingEnd {
+    Expired,
+    /// Started before a stronger factor was confirmed (normally dropped at that confirmation;
+    /// this holds for enrolments pending from before that rule, too).
+    Outranked,
+}
+
+impl PendingEnd {
+    /// The `reason` of its `enrolment_dropped` audit event.
+    fn reason(self) -> &'static str {
+        match self {
+            PendingEnd::Expired => "expired",
+            PendingEnd::Outranked => "started_before_a_factor",
+        }
     }
 }
 
@@ -938,21 +974,15 @@ impl Registry {
             RegistryError::Conflict(format!("`{name}` has no pending TOTP enrolment"))
         })?;
         let now = self.clock.now();
-        if now >= pending.created_at.saturating_add(PENDING_TTL_SECS) {
-            self.drop_pending_totp(&old, "expired").await?;
-            return Err(RegistryError::PendingGone(
-                "the TOTP enrolment expired (15 minutes); start it again",
-            ));
-        }
-        if pending.started_with < old.assurance() {
-            // Normally dropped when the factor that raised the level was confirmed; this holds
-            // for enrolments pending from before that rule, too.
-            self.drop_pending_totp(&old, "started_before_a_factor")
-                .await?;
-            return Err(RegistryError::PendingGone(
-                "this TOTP enrolment was started before another factor was confirmed; start it \
-                 again, with a code of that factor",
-            ));
+        if let Some(end) = old.pending_end(pending.created_at, pending.started_with, now) {
+            self.drop_pending_totp(&old, end.reason()).await?;
+            return Err(RegistryError::PendingGone(match end {
+                PendingEnd::Expired => "the TOTP enrolment expired (15 minutes); start it again",
+                PendingEnd::Outranked => {
+                    "this TOTP enrolment was started before another factor was confirmed; start \
+                     it again, with a code of that factor"
+                }
+            }));
         }
         let generator = self.generator_of(&old, pending).ok_or_else(|| {
             RegistryError::Invalid("the enrolment cannot be decrypted with this master key".into())

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{
-    Assurance, Consumer, PENDING_TTL_SECS, Registry, RegistryError, SmsState, unused_codes,
-};
+use super::{Assurance, Consumer, PendingEnd, Registry, RegistryError, SmsState, unused_codes};
 use crate::secrets::MasterKey;
 use crate::sms::{self, Phone, Purpose};
 use crate::store::{CodeCheck, Hash, SmsCodeRecord, SmsRecord};
@@ -158,9 +156,9 @@ impl Registry {
     /// once) when this is the consumer's first confirmed factor. A confirmed number it
     /// replaces stops receiving codes, its outstanding login codes die, and the step-up tokens
     /// earned before are revoked. A pending TOTP enrolment started on a weaker account than
-    /// this makes is dropped in the same transaction. A number pending longer than
-    /// [`PENDING_TTL_SECS`], or entered on a weaker account than the consumer's now, is
-    /// refused and dropped.
+    /// this makes is dropped in the same transaction. A number that can no longer be confirmed
+    /// (`Consumer::pending_end`: pending too long, or entered on a weaker account than the
+    /// consumer's now) is refused and dropped.
     pub async fn confirm_sms(
         &self,
         consumer: &Consumer,
@@ -180,19 +178,17 @@ impl Registry {
         };
         let now = self.clock.now();
         let entered = pending.pending_at.unwrap_or(pending.updated_at);
-        if now >= entered.saturating_add(PENDING_TTL_SECS) {
-            self.drop_pending_sms(&old, "expired").await?;
-            return Err(RegistryError::PendingGone(
-                "the number waited too long for its code (15 minutes); enter it again",
-            ));
-        }
-        if pending.pending_with < old.assurance() {
-            self.drop_pending_sms(&old, "started_before_a_factor")
-                .await?;
-            return Err(RegistryError::PendingGone(
-                "this number was entered before another factor was confirmed; enter it again, \
-                 with a code of that factor",
-            ));
+        if let Some(end) = old.pending_end(entered, pending.pending_with, now) {
+            self.drop_pending_sms(&old, end.reason()).await?;
+            return Err(RegistryError::PendingGone(match end {
+                PendingEnd::Expired => {
+                    "the number waited too long for its code (15 minutes); enter it again"
+                }
+                PendingEnd::Outranked => {
+                    "this number was entered before another factor was confirmed; enter it \
+                     again, with a code of that factor"
+                }
+            }));
         }
         if !sms::is_code_shape(code) {
             return Err(RegistryError::CodeInvalid);

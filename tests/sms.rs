@@ -35,16 +35,7 @@ async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
     assert_eq!(status["factors"]["sms"]["status"], "none");
     assert_eq!(status["enrolled"], false);
 
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    let r = s.begin_sms(&alice.key, None, PHONE).await;
     assert_eq!(r.header("cache-control"), Some("no-store"));
     let body = r.json();
     assert_eq!(body["phone"], PHONE_MASKED);
@@ -238,16 +229,7 @@ async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
     // alice's login codes do not count against her number (review I1), but bob's
     // verification text to it does, so carol may not text it within 30 s of bob.
     let bob = s.consumer("bob", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &bob.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&bob.key, None, PHONE).await;
     let carol = s.consumer("carol", &[]).await;
     let r = s
         .api(
@@ -260,16 +242,7 @@ async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
         .await;
     assert_banned(&r, 30);
     // Another number is fine for carol.
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &carol.key,
-            None,
-            Some(json!({"phone": "+447700900999"})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&carol.key, None, "+447700900999").await;
 
     // Five an hour per consumer: sends 3, 4, 5 at 30 s intervals, then the sixth waits for
     // the first to be an hour old.
@@ -653,16 +626,7 @@ async fn a_new_number_replaces_the_old_only_once_confirmed() {
         )
         .await;
     assert_otp_refused(&r, "otp_required", "recovery_code sms");
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&code),
-            Some(json!({"phone": other})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&alice.key, Some(&code), other).await;
     let verification = s.twilio.last_code();
     assert_eq!(s.twilio.last().to, other);
     // The verification code is not a login code; the old number still gets login codes.
@@ -825,16 +789,7 @@ async fn a_number_planted_before_any_factor_dies_when_the_owner_confirms_one() {
     let s = Ss::start().await;
     let alice = s.consumer("alice", &[]).await;
     let theirs = "+447700900666";
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": theirs})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&alice.key, None, theirs).await;
     let planted = s.twilio.last_code();
     // alice enrols TOTP within the code's five minutes.
     s.enrol_totp(&alice.key, None).await;
@@ -921,16 +876,7 @@ async fn with_totp_enrolled_an_sms_code_proves_no_change_to_the_account() {
     s.advance(31);
     let code = s.login_code(&bob.key).await;
     s.advance(31);
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &bob.key,
-            Some(&code),
-            Some(json!({"phone": "+447700900334"})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&bob.key, Some(&code), "+447700900334").await;
     s.advance(31);
     let code = s.login_code(&bob.key).await;
     let r = s
@@ -973,16 +919,7 @@ async fn a_login_code_sent_to_the_old_number_dies_when_a_new_one_is_confirmed() 
     s.enrol_sms(&alice.key, None, PHONE).await;
     let proof = s.login_code(&alice.key).await;
     s.advance(31);
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&proof),
-            Some(json!({"phone": "+447700900777"})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&alice.key, Some(&proof), "+447700900777").await;
     let verification = s.twilio.last_code();
     s.advance(31);
     let old = s.login_code(&alice.key).await;
@@ -1051,16 +988,7 @@ async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
     let totp = s.enrol_totp(&alice.key, None).await;
     // bob's enrolment text to PHONE: alice's, within 30 s, hits the number's limit.
     let bob = s.consumer("bob", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &bob.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&bob.key, None, PHONE).await;
     let r = s
         .api(
             "POST",
@@ -1210,16 +1138,7 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
 async fn an_expired_pending_number_is_shown_as_absent() {
     let s = Ss::start().await;
     let alice = s.consumer("alice", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&alice.key, None, PHONE).await;
     s.advance(15 * 60 - 1);
     assert_eq!(
         s.status(&alice.key).await["factors"]["sms"]["status"],
@@ -1235,16 +1154,7 @@ async fn an_expired_pending_number_is_shown_as_absent() {
     s.enrol_sms(&alice.key, None, PHONE).await;
     let code = s.login_code(&alice.key).await;
     s.advance(31);
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&code),
-            Some(json!({"phone": "+447700900777"})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
+    s.begin_sms(&alice.key, Some(&code), "+447700900777").await;
     let pending = |v: &Value| v["factors"]["sms"]["pending_phone"].clone();
     assert_eq!(pending(&s.status(&alice.key).await), "+44•••••••777");
     s.advance(15 * 60);

@@ -253,15 +253,21 @@ impl Ss {
         }
     }
 
-    /// SMS enrolled through the self-service API to `phone`; returns the confirm answer. The
-    /// clock then moves past the send interval, so the next text is allowed.
-    pub async fn enrol_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Value {
+    /// `POST {prefix}/2fa/sms` for `phone`, answered 202 with one verification text sent.
+    pub async fn begin_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Resp {
         let sent = self.twilio.messages().len();
         let r = self
             .api("POST", "/2fa/sms", key, otp, Some(json!({"phone": phone})))
             .await;
         assert_eq!(r.status, 202, "{}", r.text());
         assert_eq!(self.twilio.messages().len(), sent + 1, "one text");
+        r
+    }
+
+    /// SMS enrolled through the self-service API to `phone`; returns the confirm answer. The
+    /// clock then moves past the send interval, so the next text is allowed.
+    pub async fn enrol_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Value {
+        self.begin_sms(key, otp, phone).await;
         let code = self.twilio.last_code();
         let r = self
             .api("POST", "/2fa/sms/confirm", key, Some(&code), None)

@@ -167,24 +167,12 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
     assert_eq!(status["factors"]["totp"]["status"], "pending");
     assert_eq!(status["factors"]["totp"]["digits"], 8);
     // Confirm: missing, wrong, then the new app's code.
-    let r = s
-        .api("POST", "/2fa/totp/confirm", &alice.key, None, None)
-        .await;
+    let r = s.confirm_totp(&alice.key, None).await;
     r.assert_problem(401, "otp_required");
-    let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some("12345678"),
-            None,
-        )
-        .await;
+    let r = s.confirm_totp(&alice.key, Some("12345678")).await;
     r.assert_problem(401, "otp_invalid");
     let code = totp_at_with(&first, "SHA256", 8, 60, s.now());
-    let r = s
-        .api("POST", "/2fa/totp/confirm", &alice.key, Some(&code), None)
-        .await;
+    let r = s.confirm_totp(&alice.key, Some(&code)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let old_recovery = strings(&r.json()["recovery_codes"]);
     assert_eq!(old_recovery.len(), 10);
@@ -235,13 +223,7 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
     // Confirmed: the new secret replaces the old, with a new set of recovery codes; tokens
     // earned with the old secret go.
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some(&totp_at(&second, s.now())),
-            None,
-        )
+        .confirm_totp(&alice.key, Some(&totp_at(&second, s.now())))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let new_recovery = strings(&r.json()["recovery_codes"]);
@@ -281,15 +263,7 @@ async fn totp_enrolment_then_a_reenrolment_needs_a_code_and_an_abandoned_one_loc
         .collect();
     assert_eq!(proved, [&json!("totp"), &json!("key_only")], "{events:#?}");
     // Nothing to confirm any more.
-    let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some("123456"),
-            None,
-        )
-        .await;
+    let r = s.confirm_totp(&alice.key, Some("123456")).await;
     r.assert_problem(409, "conflict");
 }
 
@@ -392,14 +366,10 @@ async fn wrong_codes_on_self_service_calls_count_until_429_then_even_a_right_one
     let secret = r.json()["secret"].as_str().unwrap().to_string();
     let wrong = wrong_at(&secret, s.now());
     for _ in 0..5 {
-        let r = s
-            .api("POST", "/2fa/totp/confirm", &bob.key, Some(&wrong), None)
-            .await;
+        let r = s.confirm_totp(&bob.key, Some(&wrong)).await;
         r.assert_problem(401, "otp_invalid");
     }
-    let r = s
-        .api("POST", "/2fa/totp/confirm", &bob.key, Some(&wrong), None)
-        .await;
+    let r = s.confirm_totp(&bob.key, Some(&wrong)).await;
     assert_banned(&r, 900);
     assert_eq!(
         s.audit("bob")
@@ -703,26 +673,14 @@ async fn a_totp_enrolment_planted_before_any_factor_dies_when_the_owner_confirms
     let status = s.status(&alice.key).await;
     assert_eq!(status["factors"]["totp"]["status"], "none", "{status}");
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some(&totp_at(&planted, s.now())),
-            None,
-        )
+        .confirm_totp(&alice.key, Some(&totp_at(&planted, s.now())))
         .await;
     r.assert_problem(409, "conflict");
     // Still gone after a restart (the store dropped it, not only the index).
     let mut s = s;
     s.t.restart().await;
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some(&totp_at(&planted, s.now())),
-            None,
-        )
+        .confirm_totp(&alice.key, Some(&totp_at(&planted, s.now())))
         .await;
     r.assert_problem(409, "conflict");
     // alice's recovery codes and number are untouched.
@@ -769,13 +727,7 @@ async fn a_pending_totp_enrolment_expires_after_15_minutes() {
         "{report:#}"
     );
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some(&totp_at(&secret, s.now())),
-            None,
-        )
+        .confirm_totp(&alice.key, Some(&totp_at(&secret, s.now())))
         .await;
     let problem = r.assert_problem(409, "conflict");
     assert!(
@@ -791,13 +743,7 @@ async fn a_pending_totp_enrolment_expires_after_15_minutes() {
     let secret = r.json()["secret"].as_str().unwrap().to_string();
     s.advance(14 * 60);
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &alice.key,
-            Some(&totp_at(&secret, s.now())),
-            None,
-        )
+        .confirm_totp(&alice.key, Some(&totp_at(&secret, s.now())))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -885,13 +885,7 @@ async fn with_totp_enrolled_an_sms_code_proves_no_change_to_the_account() {
     assert_eq!(r.status, 201, "{}", r.text());
     let secret = r.json()["secret"].as_str().unwrap().to_string();
     let r = s
-        .api(
-            "POST",
-            "/2fa/totp/confirm",
-            &bob.key,
-            Some(&totp_at(&secret, s.now())),
-            None,
-        )
+        .confirm_totp(&bob.key, Some(&totp_at(&secret, s.now())))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Now bob has an app: the pending number change proved with SMS went with it, and his

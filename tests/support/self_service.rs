@@ -237,9 +237,7 @@ impl Ss {
         assert_eq!(r.status, 201, "{}", r.text());
         let secret = r.json()["secret"].as_str().unwrap().to_string();
         let code = totp_at(&secret, self.now());
-        let r = self
-            .api("POST", "/2fa/totp/confirm", key, Some(&code), None)
-            .await;
+        let r = self.confirm_totp(key, Some(&code)).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let recovery_codes = strings(&r.json()["recovery_codes"]);
         assert_eq!(recovery_codes.len(), 10);
@@ -251,6 +249,11 @@ impl Ss {
             period: 30,
             recovery_codes,
         }
+    }
+
+    /// `POST {prefix}/2fa/totp/confirm` with `code` in `X-OTP`.
+    pub async fn confirm_totp(&self, key: &str, code: Option<&str>) -> Resp {
+        self.api("POST", "/2fa/totp/confirm", key, code, None).await
     }
 
     /// `POST {prefix}/2fa/sms` for `phone`, answered 202 with one verification text sent.

@@ -99,6 +99,21 @@ fn config(url: &str, extra: &str) -> String {
     )
 }
 
+/// A gateway with `workers` workers in front of `up` over https (as `localhost`), trusting
+/// the CA certificate `ca_pem`.
+async fn https_gateway(up: &Counting, ca_pem: &str, workers: usize) -> Gw {
+    let config = config(
+        &format!("https://localhost:{}", up.addr.port()),
+        ", ca_file: ca.pem",
+    )
+    .replace("workers: 2", &format!("workers: {workers}"));
+    let dir = write_config_with(
+        &config,
+        &[("ca.pem", ca_pem), ("policies/public.yaml", PUBLIC)],
+    );
+    start_gateway_in(dir).await
+}
+
 /// One client connection, `n` requests one after another: every answer 200, and the version
 /// the upstream saw.
 async fn sequential(gw: &Gw, n: usize) -> Vec<String> {
@@ -185,16 +200,7 @@ async fn https_upstreams_speak_http2_when_offered_and_multiplex_it() {
     let up = Counting::start(Some((&cert, &[b"h2", b"http/1.1"])), false).await;
     // One worker: pools are per worker, and which worker accepts a client connection is the
     // kernel's choice, so with two a later burst could be the first one a worker sees.
-    let one_worker = config(
-        &format!("https://localhost:{}", up.addr.port()),
-        ", ca_file: ca.pem",
-    )
-    .replace("workers: 2", "workers: 1");
-    let dir = write_config_with(
-        &one_worker,
-        &[("ca.pem", &cert.cert_pem), ("policies/public.yaml", PUBLIC)],
-    );
-    let gw = start_gateway_in(dir).await;
+    let gw = https_gateway(&up, &cert.cert_pem, 1).await;
     let versions = sequential(&gw, 5).await;
     assert!(versions.iter().all(|v| v == "HTTP/2.0"), "{versions:?}");
     let burst = || async {
@@ -237,18 +243,7 @@ async fn https_upstreams_speak_http2_when_offered_and_multiplex_it() {
 async fn https_upstreams_offering_only_http1_get_http1() {
     let cert = self_signed_localhost();
     let up = Counting::start(Some((&cert, &[b"http/1.1"])), false).await;
-    // One worker: pools are per worker, and which worker accepts a client connection is the
-    // kernel's choice, so with two a later burst could be the first one a worker sees.
-    let one_worker = config(
-        &format!("https://localhost:{}", up.addr.port()),
-        ", ca_file: ca.pem",
-    )
-    .replace("workers: 2", "workers: 1");
-    let dir = write_config_with(
-        &one_worker,
-        &[("ca.pem", &cert.cert_pem), ("policies/public.yaml", PUBLIC)],
-    );
-    let gw = start_gateway_in(dir).await;
+    let gw = https_gateway(&up, &cert.cert_pem, 2).await;
     let versions = sequential(&gw, 5).await;
     assert!(versions.iter().all(|v| v == "HTTP/1.1"), "{versions:?}");
     assert_eq!(up.connections(), 1);
@@ -259,21 +254,7 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_502() {
     let cert = self_signed_localhost();
     let other = self_signed_localhost();
     let up = Counting::start(Some((&cert, &[b"h2", b"http/1.1"])), false).await;
-    // One worker: pools are per worker, and which worker accepts a client connection is the
-    // kernel's choice, so with two a later burst could be the first one a worker sees.
-    let one_worker = config(
-        &format!("https://localhost:{}", up.addr.port()),
-        ", ca_file: ca.pem",
-    )
-    .replace("workers: 2", "workers: 1");
-    let dir = write_config_with(
-        &one_worker,
-        &[
-            ("ca.pem", &other.cert_pem),
-            ("policies/public.yaml", PUBLIC),
-        ],
-    );
-    let gw = start_gateway_in(dir).await;
+    let gw = https_gateway(&up, &other.cert_pem, 2).await;
     let r = get(gw.addr, "/x", "gw.test").await;
     r.assert_problem(502, "upstream_unavailable");
 }

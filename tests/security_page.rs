@@ -144,6 +144,18 @@ async fn message_after_click(b: &Browser, css: &str) -> (String, String) {
     next_message(b).await
 }
 
+/// The TOTP secret the page shows once set-up has started.
+async fn secret_on_page(b: &Browser) -> String {
+    b.until(
+        "the secret",
+        "return document.getElementById('totp-secret').textContent;",
+    )
+    .await
+    .as_str()
+    .unwrap()
+    .to_string()
+}
+
 async fn recovery_codes_on_page(b: &Browser) -> Vec<String> {
     let v = b
         .until(
@@ -269,15 +281,7 @@ async fn enrol_an_authenticator_app_in_chromium() {
 
     // Start set-up; read the secret the page shows.
     b.click("#totp-start").await;
-    let secret = b
-        .until(
-            "the secret",
-            "return document.getElementById('totp-secret').textContent;",
-        )
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
+    let secret = secret_on_page(&b).await;
     assert!(
         secret.len() >= 26
             && secret
@@ -558,15 +562,7 @@ async fn narrow_page_under_a_custom_prefix_explains_refusals() {
 
     sign_in(&b, &bob.key, "bob").await;
     b.click("#totp-start").await;
-    let secret = b
-        .until(
-            "the secret",
-            "return document.getElementById('totp-secret').textContent;",
-        )
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
+    let secret = secret_on_page(&b).await;
     let overflow = b
         .js(
             "return document.documentElement.scrollWidth - window.innerWidth;",

@@ -64,6 +64,25 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
+/// The connector of outgoing http(s) connections (upstreams, the SMS provider): TCP with
+/// `TCP_NODELAY` and a connect timeout, then TLS with `tls` for https URLs, offering HTTP/2
+/// and HTTP/1.1 by ALPN.
+pub fn https_connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
 /// Client config for https upstreams: the Mozilla roots from `webpki-roots`, or only the
 /// certificates in `ca_file` when one is configured.
 pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {

@@ -10,7 +10,6 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::{Instant, timeout_at};
 
 use super::body::limit_exceeded;
@@ -127,16 +126,7 @@ impl Upstream {
 
         let tls = crate::tls::client_config(settings.ca_file.as_deref())
             .map_err(UpstreamError::CaFile)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let connector = crate::tls::https_connector(tls, settings.connect_timeout);
         Ok(Self {
             name: name.to_owned(),
             label: Arc::from(name),

@@ -153,7 +153,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A policy that asks for nothing (for tests and examples).
+    /// A policy that asks for nothing: the base of the built-in self-service policies, and
+    /// for tests and examples.
     pub fn public(name: &str) -> Self {
         Policy {
             name: name.to_owned(),

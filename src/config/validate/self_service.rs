@@ -9,10 +9,7 @@ use http::Method;
 use serde_saphyr::Spanned;
 
 use super::Loader;
-use crate::config::{
-    Factors, Failures, Policy, Requirement, Roles, Rollout, RolloutMode, Scope, SelfService,
-    StepUp, raw,
-};
+use crate::config::{Factors, Policy, Requirement, Scope, SelfService, StepUp, raw};
 use crate::proxy::upstream::{Target, Upstream};
 use crate::routing::Route;
 
@@ -105,8 +102,6 @@ fn builtin_policy(name: &str, api_key: Requirement, sms: bool) -> Policy {
         sms,
     };
     Policy {
-        name: name.to_owned(),
-        shared_name: Arc::from(name),
         file: PathBuf::from("(built-in)"),
         api_key,
         // Codes are checked by the endpoints themselves: some calls need one only when a
@@ -117,13 +112,9 @@ fn builtin_policy(name: &str, api_key: Requirement, sms: bool) -> Policy {
             ttl: std::time::Duration::ZERO,
             scope: Scope::Policy,
         },
-        roles: Roles::default(),
-        failures: Failures::default(),
-        rollout: Rollout {
-            mode: RolloutMode::Enforce,
-            grace_until: None,
-        },
         challenge_methods: factors.names().join(" "),
+        // Everything else (roles, failures, rollout) as a policy that asks for nothing.
+        ..Policy::public(name)
     }
 }
 

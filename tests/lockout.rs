@@ -1,6 +1,6 @@
 //! The failure limiter end to end (issue 4), with an injected clock: a consumer banned after
 //! its policy's failures (then even the correct code or a valid token gets 429 until the ban
-//! ends or an operator unlocks it), a success resetting the count, a per-IP ban across many
+//! ends or an operator unlocks it), a fresh code (not a token) resetting the count, a per-IP ban across many
 //! unknown keys, and `X-Forwarded-For` believed only from trusted proxies.
 mod support;
 use support::*;
@@ -141,6 +141,30 @@ async fn a_success_resets_the_consumers_count() {
         assert_eq!(r.status, 401, "wrong code #{} after the success", i + 1);
     }
     assert_banned(&t.call("/2fa/x", &alice.key, Some(&wrong)).await, 900);
+}
+
+/// Only a fresh code resets the count. A client busy with its step-up token must not keep
+/// wiping the failures of someone guessing codes with its stolen key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_up_token_does_not_reset_the_count() {
+    let t = TwoFactor::start().await;
+    let alice = t.consumer("alice", &[]).await;
+    let e = t.enrol("alice").await;
+    let r = t
+        .call("/2fa/x", &alice.key, Some(&totp_at(&e.secret, t.now())))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.header("x-step-up-token").unwrap().to_string();
+    t.advance(30);
+    let wrong = wrong_at(&e.secret, t.now());
+    for round in 0..5 {
+        let r = t.call("/2fa/x", &alice.key, Some(&wrong)).await;
+        assert_eq!(r.status, 401, "wrong code #{}", round + 1);
+        let r = t.call_token("/2fa/x", &alice.key, &token).await;
+        assert_eq!(r.status, 200, "the token after wrong code #{}", round + 1);
+    }
+    assert_banned(&t.call("/2fa/x", &alice.key, Some(&wrong)).await, 900);
+    assert_banned(&t.call_token("/2fa/x", &alice.key, &token).await, 900);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,7 +72,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Refusal;
-    type Future = Either<S::Future, Either<PassedFuture<S::Future>, BoxFuture>>;
+    type Future = Either<S::Future, BoxFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         self.inner.poll_ready(cx)
@@ -94,7 +94,10 @@ where
             }
         };
         // The common case, a valid step-up token, is decided here without waiting for
-        // anything; everything else (codes, refusals, grace) takes the full path below.
+        // anything; everything else (codes, refusals, grace) takes the full path below. A
+        // token does not reset the consumer's failure count (no `SecondFactorPassed`): it was
+        // earned with a code earlier, and a client reusing it many times a second would
+        // otherwise keep wiping the count of someone guessing codes with a stolen key.
         if valid_step_up(
             &self.registry,
             &self.metrics,
@@ -102,19 +105,17 @@ where
             &entry,
             &mut request,
         ) {
-            return Either::Right(Either::Left(PassedFuture {
-                inner: self.inner.call(request),
-                consumer_id: Some(entry.consumer.shared_id.clone()),
-            }));
+            return Either::Left(self.inner.call(request));
         }
         // The ready service goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
-        Either::Right(Either::Right(Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let decision = decide(&registry, &metrics, &route.policy, &entry, &mut request).await?;
             let auth = match &decision {
+                Decision::Token => "key+step_up",
                 Decision::Proved { method, .. } => *method,
                 Decision::Unproved { .. } => "key",
             };
@@ -158,10 +159,10 @@ where
                         .headers_mut()
                         .insert(X_STEPGATE_WARNING.clone(), warning);
                 }
-                Decision::Unproved { warning: None } => {}
+                Decision::Token | Decision::Unproved { warning: None } => {}
             }
             Ok(response)
-        })))
+        }))
     }
 }
 
@@ -202,33 +203,6 @@ fn valid_step_up<B>(
     true
 }
 
-pin_project_lite::pin_project! {
-    /// The inner service's future, its response marked as having proved a second factor.
-    pub struct PassedFuture<F> {
-        #[pin]
-        inner: F,
-        consumer_id: Option<Arc<str>>,
-    }
-}
-
-impl<F> Future for PassedFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, Refusal>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = std::task::ready!(this.inner.poll(cx))?;
-        if let Some(consumer_id) = this.consumer_id.take() {
-            response
-                .extensions_mut()
-                .insert(SecondFactorPassed { consumer_id });
-        }
-        Poll::Ready(Ok(response))
-    }
-}
-
 /// A step-up token issued for this request (read by the built-in step-up endpoint).
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -237,7 +211,9 @@ pub struct IssuedToken {
 }
 
 enum Decision {
-    /// A second factor was proved; `token` is a newly issued step-up token.
+    /// A valid step-up token: a second factor proved earlier (the failure count stays).
+    Token,
+    /// A code proved a second factor; `token` is a newly issued step-up token.
     Proved {
         method: &'static str,
         token: Option<(String, u64)>,
@@ -340,10 +316,7 @@ async fn prove(
         {
             Ok(_) => {
                 metrics.factor("step_up", "accepted");
-                return Ok(Decision::Proved {
-                    method: "key+step_up",
-                    token: None,
-                });
+                return Ok(Decision::Token);
             }
             Err(rejection) => {
                 metrics.factor("step_up", "rejected");

@@ -38,7 +38,25 @@ const ENCODE: &AsciiSet = &CONTROLS
 /// True for the bytes of [`ENCODE`] and non-ASCII: a path without them is canonical already
 /// when its segments are fine.
 fn stays_encoded(b: u8) -> bool {
-    b.is_ascii_control() || !b.is_ascii() || b" \"#%<>?[\\]^`{|}".contains(&b)
+    b.is_ascii_control()
+        || !b.is_ascii()
+        || matches!(
+            b,
+            b' ' | b'"'
+                | b'#'
+                | b'%'
+                | b'<'
+                | b'>'
+                | b'?'
+                | b'['
+                | b'\\'
+                | b']'
+                | b'^'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+        )
 }
 
 /// Why a path was refused. Shown to the client in the 400 body.
@@ -151,6 +169,16 @@ fn check_segments(path: &str) -> Result<(), PathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stays_encoded_is_the_encode_set() {
+        for b in 0..128u8 {
+            let text = char::from(b).to_string();
+            let encoded = utf8_percent_encode(&text, ENCODE).to_string() != text;
+            assert_eq!(stays_encoded(b), encoded, "byte {b:#04x}");
+        }
+        assert!((128..=255).all(stays_encoded));
+    }
 
     #[test]
     fn canonical_paths_are_borrowed() {

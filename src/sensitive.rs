@@ -3,36 +3,34 @@
 //!
 //! tower-http's `SetSensitiveHeaders` does the same with one map lookup (hash and probe, and a
 //! capacity check) per name per message: fourteen for the seven names here. One pass over the
-//! few headers a message has, comparing names, costs a fraction of that.
+//! few headers a message has, matching each name's text (a length switch, then at most one
+//! comparison), costs a fraction of that.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::header::{AUTHORIZATION, COOKIE, HeaderMap, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE};
+use http::header::HeaderMap;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::auth::api_key::X_API_KEY;
-use crate::auth::second_factor::{X_OTP, X_STEP_UP_TOKEN};
-
-/// Headers whose values are credentials.
-pub fn names() -> [&'static HeaderName; 7] {
-    [
-        &AUTHORIZATION,
-        &PROXY_AUTHORIZATION,
-        &COOKIE,
-        &SET_COOKIE,
-        &X_API_KEY,
-        &X_OTP,
-        &X_STEP_UP_TOKEN,
-    ]
+/// Is `name` (lower-case, as `http` stores it) a header whose values are credentials?
+pub fn is_credential(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "proxy-authorization"
+            | "cookie"
+            | "set-cookie"
+            | "x-api-key"
+            | "x-otp"
+            | "x-step-up-token"
+    )
 }
 
 fn mark(headers: &mut HeaderMap) {
-    let names = names();
     for (name, value) in headers.iter_mut() {
-        if names.contains(&name) {
+        if is_credential(name.as_str()) {
             value.set_sensitive(true);
         }
     }
@@ -111,5 +109,24 @@ mod tests {
             assert_eq!(value.is_sensitive(), name != "x-other", "{name}");
         }
         assert!(!format!("{headers:?}").contains("secret"));
+    }
+
+    #[test]
+    fn the_credential_names_are_the_gateways_own() {
+        use crate::auth::api_key::X_API_KEY;
+        use crate::auth::second_factor::{X_OTP, X_STEP_UP_TOKEN};
+        use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
+        for name in [
+            &AUTHORIZATION,
+            &PROXY_AUTHORIZATION,
+            &COOKIE,
+            &SET_COOKIE,
+            &X_API_KEY,
+            &X_OTP,
+            &X_STEP_UP_TOKEN,
+        ] {
+            assert!(is_credential(name.as_str()), "{name}");
+        }
+        assert!(!is_credential("x-api-keys"));
     }
 }

@@ -181,7 +181,11 @@ fn valid_step_up<B>(
         return false;
     };
     // A malformed or repeated X-OTP is a 400 even beside a good token: leave that to decide.
-    if single_value(headers, &X_OTP, "").is_err() || !entry.consumer.enrolled_for(policy.factors) {
+    let Ok(code) = single_value(headers, &X_OTP, "") else {
+        return false;
+    };
+    let has_code = code.is_some();
+    if !entry.consumer.enrolled_for(policy.factors) {
         return false;
     }
     let consumer = &entry.consumer;
@@ -194,7 +198,9 @@ fn valid_step_up<B>(
     }
     metrics.factor("step_up", "accepted");
     let headers = request.headers_mut();
-    headers.remove(&X_OTP);
+    if has_code {
+        headers.remove(&X_OTP);
+    }
     headers.remove(&X_STEP_UP_TOKEN);
     headers.insert(
         X_STEPGATE_AUTH.clone(),

@@ -427,8 +427,11 @@ async fn accept_loop<S: GatewayService>(listener: TcpListener, shared: &WorkerSh
             peer,
             limits: snapshot.limits.clone(),
             tls: snapshot.tls.clone().map(TlsAcceptor::from),
-            graceful: shutdown.clone(),
-            hard_stop: shared.hard_stop.clone(),
+            // Tokens of its own: a connection's task polls them on every wake-up, and polling a
+            // token locks its waiter list; shared tokens would make that one lock for all
+            // connections on every request. A child is told when its parent is cancelled.
+            graceful: shutdown.child_token(),
+            hard_stop: shared.hard_stop.child_token(),
         };
         let service = service.clone();
         shared.connections.spawn(async move {
@@ -522,7 +525,8 @@ impl Connection {
                         connection.as_mut().graceful_shutdown();
                     }
                 }
-                () = self.hard_stop.cancelled() => return,
+                // The hard stop comes only after the graceful one (drain timeout).
+                () = self.hard_stop.cancelled(), if closing => return,
             }
         }
     }

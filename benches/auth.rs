@@ -29,6 +29,10 @@ use stepgate::stack::{self, Shared};
 use stepgate::store::sqlite::SqliteStore;
 use tower::{Service, ServiceExt};
 
+/// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NOW: u64 = 1_800_000_000;
 const CONSUMERS: usize = 10_000;
 /// `BENCH_CONSUMERS=1000` shrinks the fixture for a profiler run (valgrind spends minutes

@@ -14,6 +14,10 @@ use stepgate::secrets::MasterKey;
 use stepgate::store::sqlite::SqliteStore;
 use stepgate::store::{ConsumerRecord, KeyRecord, Store};
 
+/// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NOW: u64 = 1_800_000_000;
 
 fn rss_mib() -> f64 {

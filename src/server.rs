@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +20,6 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -496,7 +495,7 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: GatewayService,
     {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::default());
         let io = TokioIo::new(Tracked {
             inner: io,
             activity: activity.clone(),
@@ -505,7 +504,10 @@ impl Connection {
         let connection = builder.serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(connection);
 
-        let idle = self.limits.idle_timeout;
+        // The idle timeout is checked IDLE_TICKS times per period, against a flag the I/O sets:
+        // reading the clock on every read and write instead cost a clock read per I/O call.
+        let tick = (self.limits.idle_timeout / IDLE_TICKS).max(Duration::from_millis(1));
+        let mut quiet_ticks = 0;
         let mut closing = false;
         loop {
             tokio::select! {
@@ -519,8 +521,9 @@ impl Connection {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                () = tokio::time::sleep_until(activity.last() + idle), if !closing => {
-                    if activity.last().elapsed() >= idle {
+                () = tokio::time::sleep(tick), if !closing => {
+                    quiet_ticks = if activity.take() { 0 } else { quiet_ticks + 1 };
+                    if quiet_ticks >= IDLE_TICKS {
                         closing = true;
                         connection.as_mut().graceful_shutdown();
                     }
@@ -553,27 +556,27 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// When the connection last moved a byte, for the idle timeout.
+/// Checks of the idle timeout per period: a connection is closed between `idle_timeout` and
+/// `idle_timeout * (1 + 1 / IDLE_TICKS)` after its last byte.
+const IDLE_TICKS: u32 = 4;
+
+/// Whether the connection moved a byte since the idle check last looked.
+#[derive(Default)]
 struct Activity {
-    origin: Instant,
-    millis: AtomicU64,
+    moved: AtomicBool,
 }
 
 impl Activity {
-    fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            millis: AtomicU64::new(0),
+    fn touch(&self) {
+        // Only the first I/O call after a check writes: the flag's cache line stays quiet.
+        if !self.moved.load(Ordering::Relaxed) {
+            self.moved.store(true, Ordering::Relaxed);
         }
     }
 
-    fn touch(&self) {
-        let millis = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.millis.store(millis, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.millis.load(Ordering::Relaxed))
+    /// Whether a byte moved since the last call.
+    fn take(&self) -> bool {
+        self.moved.swap(false, Ordering::Relaxed)
     }
 }
 

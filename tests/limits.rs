@@ -333,3 +333,57 @@ async fn slowloris_is_cut_off_by_header_read_timeout() {
     // The gateway still serves normal clients.
     assert_eq!(get(gw.addr, "/after", "h").await.status, 200);
 }
+
+/// `limits.idle_timeout`: a keep-alive connection that moves no byte for that long is closed
+/// (between the timeout and a quarter more); one in use stays open past it. (Waiting for the
+/// next request head also counts against `header_read_timeout`, made longer here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
+    let up = Upstream::named("app").await;
+    let config = CONFIG.replace(
+        "  header_read_timeout: 300ms\n",
+        "  header_read_timeout: 5s\n  idle_timeout: 400ms\n",
+    );
+    let gw = start_gateway(&render(&config, &[("app", &up.url())])).await;
+    let request = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n";
+    let mut tmp = [0u8; 4096];
+
+    // Busy: a request every 150 ms for 1.2 s, three idle timeouts, on one connection.
+    let mut busy = TcpStream::connect(gw.addr).await.unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1200) {
+        busy.write_all(request).await.unwrap();
+        let n = busy.read(&mut tmp).await.unwrap();
+        assert!(
+            tmp[..n].starts_with(b"HTTP/1.1 200"),
+            "the busy connection was closed after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // Idle after one request: closed by the gateway.
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(request).await.unwrap();
+    let n = idle.read(&mut tmp).await.unwrap();
+    assert!(tmp[..n].starts_with(b"HTTP/1.1 200"));
+    let t0 = Instant::now();
+    let closed_after = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match idle.read(&mut tmp).await {
+                Ok(0) | Err(_) => return t0.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("an idle connection was still open after 3 s (idle_timeout: 400ms)");
+    assert!(
+        closed_after >= Duration::from_millis(350),
+        "closed before the idle timeout: {closed_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_millis(1500),
+        "closed too late: {closed_after:?}"
+    );
+}

@@ -15,6 +15,24 @@ pub trait Guard<B> {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal>;
 }
 
+/// Guards in a tuple run in order, the first refusal ending the request: one layer for several
+/// checks that sit next to each other, so the request and the futures are not moved through a
+/// layer per check.
+impl<B, G1: Guard<B>, G2: Guard<B>> Guard<B> for (G1, G2) {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        self.0.check(request)?;
+        self.1.check(request)
+    }
+}
+
+impl<B, G1: Guard<B>, G2: Guard<B>, G3: Guard<B>> Guard<B> for (G1, G2, G3) {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        self.0.check(request)?;
+        self.1.check(request)?;
+        self.2.check(request)
+    }
+}
+
 /// Wraps a service so that `G` runs before it.
 #[derive(Clone)]
 pub struct GuardLayer<G>(pub G);

@@ -78,17 +78,21 @@ where
         .layer(SecurityHeadersLayer)
         // One rescue: each refusal from below becomes its problem+json response here.
         .layer(RescueLayer)
-        // Cheap protocol guards before any parsing that depends on routes.
-        .layer(GuardLayer(ProtocolLimits))
-        // Canonicalise the path before routing, so the path routed (and later authorised) is
-        // the path forwarded; ambiguous encodings are refused here.
-        .layer(GuardLayer(NormalizePath))
+        .layer(GuardLayer((
+            // Cheap protocol guards before any parsing that depends on routes.
+            ProtocolLimits,
+            // Canonicalise the path before routing, so the path routed (and later authorised)
+            // is the path forwarded; ambiguous encodings are refused here.
+            NormalizePath,
+        )))
         // Pick the route: 404 when none, route body limit on Content-Length.
         .layer(RouteLayer)
-        // Client-sent identity headers go before anything could rely on them.
-        .layer(GuardLayer(StripIdentity))
-        // Who the client is: the socket peer, or the client a trusted proxy names.
-        .layer(GuardLayer(ClientAddr))
+        .layer(GuardLayer((
+            // Client-sent identity headers go before anything could rely on them.
+            StripIdentity,
+            // Who the client is: the socket peer, or the client a trusted proxy names.
+            ClientAddr,
+        )))
         // The failure limiter wraps every credential check below: a banned IP is refused
         // before any credential is looked at, and every failed attempt below is counted.
         .layer(FailureLimitLayer::new(
@@ -96,14 +100,16 @@ where
             registry.clone(),
             shared.metrics.clone(),
         ))
-        // First factor: the API key (removed from the request on every route), then the
-        // identity headers the upstream may trust.
-        .layer(GuardLayer(ApiKeyGuard::new(registry.clone())))
-        // A banned consumer is refused as soon as its key names it, before its code.
-        .layer(GuardLayer(ConsumerBan::new(limiter, registry.clone())))
-        // Roles before the second factor: a consumer who may not call at all learns nothing
-        // about its code.
-        .layer(GuardLayer(RoleCheck::new(registry.clone())))
+        .layer(GuardLayer((
+            // First factor: the API key (removed from the request on every route), then the
+            // identity headers the upstream may trust.
+            ApiKeyGuard::new(registry.clone()),
+            // A banned consumer is refused as soon as its key names it, before its code.
+            ConsumerBan::new(limiter, registry.clone()),
+            // Roles before the second factor: a consumer who may not call at all learns
+            // nothing about its code.
+            RoleCheck::new(registry.clone()),
+        )))
         // The self-service endpoints answer here, behind everything above (failure limiter,
         // key, ban), before the second-factor layer: they check codes per call themselves.
         .layer(SelfServiceLayer::new(

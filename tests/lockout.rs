@@ -24,14 +24,7 @@ async fn the_correct_code_gets_429_until_the_ban_ends() {
     let t = TwoFactor::start().await;
     let alice = t.consumer("alice", &[]).await;
     let e = t.enrol("alice").await;
-    let token = {
-        let r = t
-            .call("/2fa/x", &alice.key, Some(&totp_at(&e.secret, t.now())))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.header("x-step-up-token").unwrap().to_string()
-    };
-    t.advance(30);
+    let token = t.earn_token(&alice.key, &e).await;
     get_banned(&t, &alice, &e).await;
 
     // Banned: the correct code, a valid token, a key-only route, another 2FA policy: all 429,
@@ -150,12 +143,7 @@ async fn a_step_up_token_does_not_reset_the_count() {
     let t = TwoFactor::start().await;
     let alice = t.consumer("alice", &[]).await;
     let e = t.enrol("alice").await;
-    let r = t
-        .call("/2fa/x", &alice.key, Some(&totp_at(&e.secret, t.now())))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let token = r.header("x-step-up-token").unwrap().to_string();
-    t.advance(30);
+    let token = t.earn_token(&alice.key, &e).await;
     let wrong = wrong_at(&e.secret, t.now());
     for round in 0..5 {
         let r = t.call("/2fa/x", &alice.key, Some(&wrong)).await;

@@ -680,12 +680,7 @@ async fn a_store_that_cannot_be_written_fails_closed_with_503() {
     let t = TwoFactor::start().await;
     let alice = t.consumer("alice", &[]).await;
     let e = t.enrol("alice").await;
-    let r = t
-        .call("/2fa/x", &alice.key, Some(&totp_at(&e.secret, t.now())))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let token = r.header("x-step-up-token").unwrap().to_string();
-    t.advance(30);
+    let token = t.earn_token(&alice.key, &e).await;
 
     // Another connection to the same SQLite file makes every write of a code fail.
     let db = rusqlite::Connection::open(t.db_path()).unwrap();

@@ -1653,6 +1653,18 @@ impl TwoFactor {
         }
     }
 
+    /// A step-up token earned on `/2fa/x` with the current code; then moves the clock one
+    /// period on, so that the next code is fresh.
+    pub async fn earn_token(&self, key: &str, e: &Enrolled) -> String {
+        let r = self
+            .call("/2fa/x", key, Some(&totp_at(&e.secret, self.now())))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let token = r.header("x-step-up-token").unwrap().to_string();
+        self.advance(30);
+        token
+    }
+
     /// Enrols and confirms default TOTP (SHA-1, 6 digits, 30 s) at the clock's time, then
     /// moves the clock one period on, so that the next code is fresh.
     pub async fn enrol(&self, name: &str) -> Enrolled {

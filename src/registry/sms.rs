@@ -402,7 +402,7 @@ mod tests {
     use crate::secrets::MasterKey;
     use crate::sms::{Phone, Purpose};
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{CodeCheck, SmsCodeRecord, TotpRecord};
+    use crate::store::{CodeCheck, SmsCodeRecord, Store, TotpRecord};
 
     const NOW: u64 = 1_800_000_000;
     const TTL: Duration = Duration::from_secs(300);
@@ -410,10 +410,20 @@ mod tests {
     async fn registry(dir: &tempfile::TempDir) -> (Registry, Arc<ManualClock>) {
         let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
         let clock = Arc::new(ManualClock::new(NOW));
-        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
+        (open(store, &clock).await, clock)
+    }
+
+    async fn open(store: Arc<dyn Store>, clock: &Arc<ManualClock>) -> Registry {
+        Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
             .await
-            .unwrap();
-        (registry, clock)
+            .unwrap()
+    }
+
+    /// The registry a restart would build from the same store (what start-up loads).
+    async fn reopen(registry: Registry, clock: &Arc<ManualClock>) -> Registry {
+        let store = registry.store().clone();
+        drop(registry);
+        open(store, clock).await
     }
 
     /// alice with a confirmed TOTP enrolment (by the admin path).
@@ -552,11 +562,7 @@ mod tests {
                 .unwrap()
         };
         registry.store().put_pending_totp(planted).await.unwrap();
-        let store = registry.store().clone();
-        drop(registry);
-        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
-            .await
-            .unwrap();
+        let registry = reopen(registry, &clock).await;
         let alice = registry.consumer_state("alice").unwrap();
         clock.advance(30);
         let pending = alice.totp_pending.clone().unwrap();
@@ -608,11 +614,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let store = registry.store().clone();
-        drop(registry);
-        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
-            .await
-            .unwrap();
+        let registry = reopen(registry, &clock).await;
         let alice = registry.consumer_state("alice").unwrap();
         assert_eq!(
             alice.sms.as_ref().unwrap().record.pending_with,

@@ -975,7 +975,7 @@ impl Registry {
         })?;
         let now = self.clock.now();
         if let Some(end) = old.pending_end(pending.created_at, pending.started_with, now) {
-            self.drop_pending_totp(&old, end.reason()).await?;
+            self.drop_pending_totp(&old, end).await?;
             return Err(RegistryError::PendingGone(match end {
                 PendingEnd::Expired => "the TOTP enrolment expired (15 minutes); start it again",
                 PendingEnd::Outranked => {
@@ -1020,12 +1020,7 @@ impl Registry {
             json!({"replaced": replaced}),
         );
         if drops_sms {
-            self.audit_event(
-                "enrolment_dropped",
-                Some(&updated),
-                None,
-                json!({"factor": "sms", "reason": "started_before_a_factor"}),
-            );
+            self.audit_dropped(&updated, "sms", PendingEnd::Outranked);
         }
         self.publish(|index| index.put(updated));
         // A replaced secret or recovery set: tokens earned before were earned with it.
@@ -1044,17 +1039,26 @@ impl Registry {
     }
 
     /// Drops the pending TOTP enrolment (the confirmed one stays), with an audit event.
-    async fn drop_pending_totp(&self, old: &Consumer, reason: &str) -> Result<(), RegistryError> {
+    async fn drop_pending_totp(
+        &self,
+        old: &Consumer,
+        end: PendingEnd,
+    ) -> Result<(), RegistryError> {
         self.store.delete_pending_totp(old.id.clone()).await?;
         let updated = old.with(|p| p.factors.totp_pending = None);
-        self.audit_event(
-            "enrolment_dropped",
-            Some(&updated),
-            None,
-            json!({"factor": "totp", "reason": reason}),
-        );
+        self.audit_dropped(&updated, "totp", end);
         self.publish(|index| index.put(updated));
         Ok(())
+    }
+
+    /// The `enrolment_dropped` audit event of a pending `factor` (`totp`, `sms`).
+    fn audit_dropped(&self, consumer: &Consumer, factor: &str, end: PendingEnd) {
+        self.audit_event(
+            "enrolment_dropped",
+            Some(consumer),
+            None,
+            json!({"factor": factor, "reason": end.reason()}),
+        );
     }
 
     /// Removes the TOTP enrolment (confirmed and pending). Recovery codes go with it unless

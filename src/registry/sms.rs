@@ -179,7 +179,7 @@ impl Registry {
         let now = self.clock.now();
         let entered = pending.pending_at.unwrap_or(pending.updated_at);
         if let Some(end) = old.pending_end(entered, pending.pending_with, now) {
-            self.drop_pending_sms(&old, end.reason()).await?;
+            self.drop_pending_sms(&old, end).await?;
             return Err(RegistryError::PendingGone(match end {
                 PendingEnd::Expired => {
                     "the number waited too long for its code (15 minutes); enter it again"
@@ -242,12 +242,7 @@ impl Registry {
             json!({"phone": masked, "replaced": replaced}),
         );
         if drops_totp {
-            self.audit_event(
-                "enrolment_dropped",
-                Some(&updated),
-                None,
-                json!({"factor": "totp", "reason": "started_before_a_factor"}),
-            );
+            self.audit_dropped(&updated, "totp", PendingEnd::Outranked);
         }
         self.publish(|index| index.put(updated));
         if replaced {
@@ -257,15 +252,10 @@ impl Registry {
     }
 
     /// Drops the pending number (the confirmed one stays), with an audit event.
-    async fn drop_pending_sms(&self, old: &Consumer, reason: &str) -> Result<(), RegistryError> {
+    async fn drop_pending_sms(&self, old: &Consumer, end: PendingEnd) -> Result<(), RegistryError> {
         self.store.drop_pending_sms(old.id.clone(), None).await?;
         let updated = old.with(|p| forget_pending(&mut p.factors.sms));
-        self.audit_event(
-            "enrolment_dropped",
-            Some(&updated),
-            None,
-            json!({"factor": "sms", "reason": reason}),
-        );
+        self.audit_dropped(&updated, "sms", end);
         self.publish(|index| index.put(updated));
         Ok(())
     }

@@ -16,6 +16,18 @@ fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["kind"] == kind).count()
 }
 
+/// A call on the SMS-only route with `code`: forwarded.
+async fn sms_passes(s: &Ss, key: &str, code: &str) {
+    let r = s.call("/sms/x", key, Some(code)).await;
+    assert_eq!(r.status, 200, "code {code}: {}", r.text());
+}
+
+/// A call on the SMS-only route with `code`: refused as a wrong code.
+async fn sms_refused(s: &Ss, key: &str, code: &str) {
+    let r = s.call("/sms/x", key, Some(code)).await;
+    assert_otp_refused(&r, "otp_invalid", "sms");
+}
+
 /// Asserts the fake received exactly what Twilio expects, and nothing it had to refuse.
 fn assert_wire_ok(s: &Ss) {
     assert!(
@@ -146,20 +158,17 @@ async fn a_login_code_works_once_on_a_protected_route_and_expires_after_five_min
     assert_eq!(rec.header_all("x-stepgate-auth"), vec!["key+sms"]);
     assert_no_credentials(&rec);
     // Single use.
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &code).await;
 
     // Valid up to its fifth minute...
     s.advance(31);
     let code = s.login_code(&alice.key).await;
     s.advance(299);
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
     // ...and not at five minutes, absolute.
     let code = s.login_code(&alice.key).await;
     s.advance(300);
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &code).await;
 
     // A policy accepting every factor takes SMS codes too.
     s.advance(1);
@@ -194,11 +203,9 @@ async fn a_newer_send_replaces_the_outstanding_code() {
     s.advance(31);
     let second = s.login_code(&alice.key).await;
     if first != second {
-        let r = s.call("/sms/x", &alice.key, Some(&first)).await;
-        assert_otp_refused(&r, "otp_invalid", "sms");
+        sms_refused(&s, &alice.key, &first).await;
     }
-    let r = s.call("/sms/x", &alice.key, Some(&second)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,8 +229,7 @@ async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
     assert_banned(&r, 20);
     // A refused send neither texts nor replaces the outstanding code.
     assert_eq!(s.twilio.messages().len(), 2);
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
 
     // Per destination, for enrolment texts (to a number the sender has not confirmed):
     // alice's login codes do not count against her number (review I1), but bob's
@@ -258,8 +264,7 @@ async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
     assert_eq!(s.twilio.messages().len(), 7);
     // Limits are not failed attempts: alice is not banned from her routes.
     let code = s.twilio.last_code();
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
     // An hour after the first, one more is allowed.
     s.set(T0 + 3600);
     s.login_code(&alice.key).await;
@@ -287,8 +292,7 @@ async fn a_twilio_error_is_502_sms_failed_with_twilios_code_in_the_log() {
     // The code that was to be texted is withdrawn: nobody received it.
     let unsent = code_in(&s.twilio.arrived().pop().unwrap().body);
     s.twilio.succeed();
-    let r = s.call("/sms/x", &alice.key, Some(&unsent)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &unsent).await;
 
     let text = logs.text();
     let line = text
@@ -410,8 +414,7 @@ async fn nothing_secret_reaches_the_logs_the_upstream_or_the_database() {
     let confirmed = s.enrol_sms(&alice.key, None, PHONE).await;
     let enrol_code = code_in(&s.twilio.messages()[0].body);
     let code = s.login_code(&alice.key).await;
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
     let wrong = if code == "111111" { "222222" } else { "111111" };
     s.call("/sms/x", &alice.key, Some(wrong)).await;
     for rec in s.up.requests() {
@@ -490,8 +493,7 @@ async fn with_only_sms_a_consumer_is_enrolled_for_policies_that_accept_it() {
     let r = s.call("/any/x", &alice.key, Some(&recovery[0])).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let code = s.login_code(&alice.key).await;
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
 
     let status = s.status(&alice.key).await;
     let policies = status["policies"].as_array().unwrap();
@@ -630,16 +632,14 @@ async fn a_new_number_replaces_the_old_only_once_confirmed() {
     let verification = s.twilio.last_code();
     assert_eq!(s.twilio.last().to, other);
     // The verification code is not a login code; the old number still gets login codes.
-    let r = s.call("/sms/x", &alice.key, Some(&verification)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &verification).await;
     let status = s.status(&alice.key).await;
     assert_eq!(status["factors"]["sms"]["status"], "confirmed", "{status}");
     assert_eq!(status["factors"]["sms"]["pending_phone"], "+44•••••••777");
     s.advance(31);
     let login = s.login_code(&alice.key).await;
     assert_eq!(s.twilio.last().to, PHONE);
-    let r = s.call("/sms/x", &alice.key, Some(&login)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &login).await;
     // Confirmed: not the first factor, so no new recovery codes; texts go to the new number.
     let r = s
         .api(
@@ -664,11 +664,9 @@ async fn codes_survive_a_restart_and_a_used_one_stays_used() {
     s.enrol_sms(&alice.key, None, PHONE).await;
     let code = s.login_code(&alice.key).await;
     s.t.restart().await;
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
     s.t.restart().await;
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &code).await;
     assert_eq!(s.gw.view("alice").await["sms"]["phone"], PHONE_MASKED);
 }
 
@@ -851,8 +849,7 @@ async fn with_totp_enrolled_an_sms_code_proves_no_change_to_the_account() {
     assert_eq!(status["factors"]["sms"]["phone"], PHONE_MASKED);
     assert_eq!(status["factors"]["recovery_codes"]["remaining"], 10);
     assert_eq!(s.twilio.last().to, PHONE);
-    let r = s.call("/sms/x", &alice.key, Some(&sms)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &sms).await;
     // Her app's code and a recovery code do prove changes.
     let r = s
         .api(
@@ -928,8 +925,7 @@ async fn a_login_code_sent_to_the_old_number_dies_when_a_new_one_is_confirmed() 
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = s.call("/sms/x", &alice.key, Some(&old)).await;
-    assert_otp_refused(&r, "otp_invalid", "sms");
+    sms_refused(&s, &alice.key, &old).await;
 }
 
 /// Review I1: enrolment texts by another consumer to a number use up that number's budget,
@@ -967,8 +963,7 @@ async fn enrolment_texts_by_others_do_not_block_a_consumers_login_codes() {
     r.assert_problem(429, "too_many_attempts");
     // ...but alice's login codes are hers to budget.
     let code = s.login_code(&alice.key).await;
-    let r = s.call("/sms/x", &alice.key, Some(&code)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    sms_passes(&s, &alice.key, &code).await;
 }
 
 /// Review I4: the send limit is checked before the `X-OTP` proof is spent, so a 429 costs no

@@ -834,13 +834,7 @@ async fn one_code_on_a_self_service_call_and_a_protected_route_is_accepted_once(
             .json()["recovery_codes"],
     );
     let (change, route) = tokio::join!(
-        s.api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&fresh[0]),
-            Some(json!({"phone": PHONE}))
-        ),
+        s.start_sms(&alice.key, Some(&fresh[0]), PHONE),
         s.call("/totp/x", &alice.key, Some(&fresh[0])),
     );
     let wins = [change.status == 202, route.status == 200];

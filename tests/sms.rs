@@ -237,15 +237,7 @@ async fn sends_are_limited_per_consumer_and_per_destination_with_retry_after() {
     let bob = s.consumer("bob", &[]).await;
     s.begin_sms(&bob.key, None, PHONE).await;
     let carol = s.consumer("carol", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &carol.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&carol.key, None, PHONE).await;
     assert_banned(&r, 30);
     // Another number is fine for carol.
     s.begin_sms(&carol.key, None, "+447700900999").await;
@@ -320,15 +312,7 @@ async fn a_twilio_error_is_502_sms_failed_with_twilios_code_in_the_log() {
         json!({"code": 20003, "message": "Authenticate", "status": 401}),
     );
     let bob = s.consumer("bob", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &bob.key,
-            None,
-            Some(json!({"phone": "+447700900555"})),
-        )
-        .await;
+    let r = s.start_sms(&bob.key, None, "+447700900555").await;
     r.assert_problem(502, "sms_failed");
     // Nothing stays pending (review minor 7): the unsent code finds nothing to confirm.
     let unsent = code_in(&s.twilio.arrived().pop().unwrap().body);
@@ -349,15 +333,7 @@ async fn an_unreachable_or_silent_twilio_is_502_never_a_pass() {
     })
     .await;
     let alice = s.consumer("alice", &[]).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&alice.key, None, PHONE).await;
     r.assert_problem(502, "sms_failed");
     // Review minor 7: nothing was texted, so no number is left waiting for a code.
     assert_eq!(
@@ -374,15 +350,7 @@ async fn an_unreachable_or_silent_twilio_is_502_never_a_pass() {
     .await;
     let alice = s.consumer("alice", &[]).await;
     let started = std::time::Instant::now();
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&alice.key, None, PHONE).await;
     r.assert_problem(502, "sms_failed");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
@@ -532,15 +500,7 @@ async fn removing_sms_needs_a_code_revokes_tokens_and_takes_the_last_recovery_co
     // alice has TOTP and SMS; her token is earned with an SMS code on a policy taking both.
     let alice = s.consumer("alice", &[]).await;
     let totp = s.enrol_totp(&alice.key, None).await;
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&alice.key, None, PHONE).await;
     assert_otp_refused(&r, "otp_required", "totp recovery_code");
     s.enrol_sms(&alice.key, Some(&totp_at(&totp.secret, s.now())), PHONE)
         .await;
@@ -618,15 +578,7 @@ async fn a_new_number_replaces_the_old_only_once_confirmed() {
     // first, so this waits out the interval since the login text).
     s.advance(31);
     let other = "+447700900777";
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": other})),
-        )
-        .await;
+    let r = s.start_sms(&alice.key, None, other).await;
     assert_otp_refused(&r, "otp_required", "recovery_code sms");
     s.begin_sms(&alice.key, Some(&code), other).await;
     let verification = s.twilio.last_code();
@@ -765,15 +717,7 @@ async fn without_sms_configured_the_sms_calls_say_so() {
     let alice = s.consumer("alice", &[]).await;
     let status = s.status(&alice.key).await;
     assert_eq!(status["sms_available"], false, "{status}");
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&alice.key, None, PHONE).await;
     r.assert_problem(404, "sms_not_configured");
     let r = s.api("POST", "/sms/send", &alice.key, None, None).await;
     r.assert_problem(404, "sms_not_configured");
@@ -938,28 +882,12 @@ async fn enrolment_texts_by_others_do_not_block_a_consumers_login_codes() {
     s.enrol_sms(&alice.key, None, PHONE).await;
     let mallory = s.consumer("mallory", &[]).await;
     for i in 0..4 {
-        let r = s
-            .api(
-                "POST",
-                "/2fa/sms",
-                &mallory.key,
-                None,
-                Some(json!({"phone": PHONE})),
-            )
-            .await;
+        let r = s.start_sms(&mallory.key, None, PHONE).await;
         assert_eq!(r.status, 202, "send {i}: {}", r.text());
         s.advance(31);
     }
     // The number's hourly budget for enrolment texts is spent...
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &mallory.key,
-            None,
-            Some(json!({"phone": PHONE})),
-        )
-        .await;
+    let r = s.start_sms(&mallory.key, None, PHONE).await;
     r.assert_problem(429, "too_many_attempts");
     // ...but alice's login codes are hers to budget.
     let code = s.login_code(&alice.key).await;
@@ -979,13 +907,7 @@ async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
     let bob = s.consumer("bob", &[]).await;
     s.begin_sms(&bob.key, None, PHONE).await;
     let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&totp.recovery_codes[0]),
-            Some(json!({"phone": PHONE})),
-        )
+        .start_sms(&alice.key, Some(&totp.recovery_codes[0]), PHONE)
         .await;
     assert_banned(&r, 30);
     assert_eq!(recovery_left(&s, &alice.key).await, 10);
@@ -997,13 +919,7 @@ async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
         json!({"code": 20500, "message": "Internal Server Error", "status": 500}),
     );
     let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&totp.recovery_codes[0]),
-            Some(json!({"phone": PHONE})),
-        )
+        .start_sms(&alice.key, Some(&totp.recovery_codes[0]), PHONE)
         .await;
     r.assert_problem(502, "sms_failed");
     assert_eq!(recovery_left(&s, &alice.key).await, 9);
@@ -1014,13 +930,7 @@ async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
     // The failed send did not use up the budget: a retry with another code goes out at once.
     s.twilio.succeed();
     let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&totp.recovery_codes[1]),
-            Some(json!({"phone": PHONE})),
-        )
+        .start_sms(&alice.key, Some(&totp.recovery_codes[1]), PHONE)
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(recovery_left(&s, &alice.key).await, 8);
@@ -1028,15 +938,7 @@ async fn a_refused_text_spends_no_recovery_code_and_a_failed_one_costs_it() {
     s.advance(31);
     let texts = s.twilio.messages().len();
     for spent in &totp.recovery_codes[..2] {
-        let r = s
-            .api(
-                "POST",
-                "/2fa/sms",
-                &alice.key,
-                Some(spent),
-                Some(json!({"phone": PHONE})),
-            )
-            .await;
+        let r = s.start_sms(&alice.key, Some(spent), PHONE).await;
         r.assert_problem(401, "otp_invalid");
     }
     assert_eq!(s.twilio.messages().len(), texts);
@@ -1065,13 +967,7 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
     )
     .unwrap();
     let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&totp.recovery_codes[0]),
-            Some(json!({"phone": PHONE})),
-        )
+        .start_sms(&alice.key, Some(&totp.recovery_codes[0]), PHONE)
         .await;
     r.assert_problem(503, "unavailable");
     db.execute_batch("DROP TRIGGER down_spend; DROP TRIGGER down_undo;")
@@ -1109,13 +1005,7 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
 
     // The store is back: the same code works, at once (the send budget was given back).
     let r = s
-        .api(
-            "POST",
-            "/2fa/sms",
-            &alice.key,
-            Some(&totp.recovery_codes[0]),
-            Some(json!({"phone": PHONE})),
-        )
+        .start_sms(&alice.key, Some(&totp.recovery_codes[0]), PHONE)
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(recovery_left(&s, &alice.key).await, 9);

@@ -256,12 +256,16 @@ impl Ss {
         self.api("POST", "/2fa/totp/confirm", key, code, None).await
     }
 
+    /// `POST {prefix}/2fa/sms` for `phone`, whatever the answer.
+    pub async fn start_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Resp {
+        self.api("POST", "/2fa/sms", key, otp, Some(json!({"phone": phone})))
+            .await
+    }
+
     /// `POST {prefix}/2fa/sms` for `phone`, answered 202 with one verification text sent.
     pub async fn begin_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Resp {
         let sent = self.twilio.messages().len();
-        let r = self
-            .api("POST", "/2fa/sms", key, otp, Some(json!({"phone": phone})))
-            .await;
+        let r = self.start_sms(key, otp, phone).await;
         assert_eq!(r.status, 202, "{}", r.text());
         assert_eq!(self.twilio.messages().len(), sent + 1, "one text");
         r

@@ -82,13 +82,9 @@ async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
         .await;
     assert_otp_refused(&r, "otp_required", "totp recovery_code sms");
     let wrong = if code == "000000" { "000001" } else { "000000" };
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &alice.key, Some(wrong), None)
-        .await;
+    let r = s.confirm_sms(&alice.key, wrong).await;
     r.assert_problem(401, "otp_invalid");
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &alice.key, Some(&code), None)
-        .await;
+    let r = s.confirm_sms(&alice.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let body = r.json();
     assert_eq!(body["sms"], "confirmed");
@@ -96,9 +92,7 @@ async fn sms_enrolment_texts_a_code_that_confirms_the_number() {
     assert_eq!(strings(&body["recovery_codes"]).len(), 10);
 
     // Used: the same code again finds nothing to confirm.
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &alice.key, Some(&code), None)
-        .await;
+    let r = s.confirm_sms(&alice.key, &code).await;
     r.assert_problem(409, "conflict");
 
     let status = s.status(&alice.key).await;
@@ -316,9 +310,7 @@ async fn a_twilio_error_is_502_sms_failed_with_twilios_code_in_the_log() {
     r.assert_problem(502, "sms_failed");
     // Nothing stays pending (review minor 7): the unsent code finds nothing to confirm.
     let unsent = code_in(&s.twilio.arrived().pop().unwrap().body);
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &bob.key, Some(&unsent), None)
-        .await;
+    let r = s.confirm_sms(&bob.key, &unsent).await;
     r.assert_problem(409, "conflict");
     assert_eq!(s.status(&bob.key).await["factors"]["sms"]["status"], "none");
     assert!(logs.text().contains("20003"));
@@ -593,15 +585,7 @@ async fn a_new_number_replaces_the_old_only_once_confirmed() {
     assert_eq!(s.twilio.last().to, PHONE);
     sms_passes(&s, &alice.key, &login).await;
     // Confirmed: not the first factor, so no new recovery codes; texts go to the new number.
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms/confirm",
-            &alice.key,
-            Some(&verification),
-            None,
-        )
-        .await;
+    let r = s.confirm_sms(&alice.key, &verification).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["recovery_codes"], Value::Null, "{}", r.text());
     s.advance(31);
@@ -737,9 +721,7 @@ async fn a_number_planted_before_any_factor_dies_when_the_owner_confirms_one() {
     s.enrol_totp(&alice.key, None).await;
     let status = s.status(&alice.key).await;
     assert_eq!(status["factors"]["sms"]["status"], "none", "{status}");
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &alice.key, Some(&planted), None)
-        .await;
+    let r = s.confirm_sms(&alice.key, &planted).await;
     r.assert_problem(409, "conflict");
     assert_eq!(s.gw.view("alice").await["sms"], Value::Null);
     let db = rusqlite::Connection::open(s.db_path()).unwrap();
@@ -859,15 +841,7 @@ async fn a_login_code_sent_to_the_old_number_dies_when_a_new_one_is_confirmed() 
     s.advance(31);
     let old = s.login_code(&alice.key).await;
     assert_eq!(s.twilio.last().to, PHONE);
-    let r = s
-        .api(
-            "POST",
-            "/2fa/sms/confirm",
-            &alice.key,
-            Some(&verification),
-            None,
-        )
-        .await;
+    let r = s.confirm_sms(&alice.key, &verification).await;
     assert_eq!(r.status, 200, "{}", r.text());
     sms_refused(&s, &alice.key, &old).await;
 }
@@ -979,9 +953,7 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
         .map(|m| code_in(&m.body))
         .collect();
     for code in &sent {
-        let r = s
-            .api("POST", "/2fa/sms/confirm", &alice.key, Some(code), None)
-            .await;
+        let r = s.confirm_sms(&alice.key, code).await;
         assert_ne!(
             r.status,
             200,
@@ -997,9 +969,7 @@ async fn a_recovery_code_that_cannot_be_spent_starts_no_sms_enrolment() {
         s.status(&alice.key).await["factors"]["sms"]["status"],
         "none"
     );
-    let r = s
-        .api("POST", "/2fa/sms/confirm", &alice.key, Some("123456"), None)
-        .await;
+    let r = s.confirm_sms(&alice.key, "123456").await;
     r.assert_problem(409, "conflict");
     assert_eq!(recovery_left(&s, &alice.key).await, 10);
 

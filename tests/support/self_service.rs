@@ -256,6 +256,12 @@ impl Ss {
         self.api("POST", "/2fa/totp/confirm", key, code, None).await
     }
 
+    /// `POST {prefix}/2fa/sms/confirm` with `code`, whatever the answer.
+    pub async fn confirm_sms(&self, key: &str, code: &str) -> Resp {
+        self.api("POST", "/2fa/sms/confirm", key, Some(code), None)
+            .await
+    }
+
     /// `POST {prefix}/2fa/sms` for `phone`, whatever the answer.
     pub async fn start_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Resp {
         self.api("POST", "/2fa/sms", key, otp, Some(json!({"phone": phone})))
@@ -276,9 +282,7 @@ impl Ss {
     pub async fn enrol_sms(&self, key: &str, otp: Option<&str>, phone: &str) -> Value {
         self.begin_sms(key, otp, phone).await;
         let code = self.twilio.last_code();
-        let r = self
-            .api("POST", "/2fa/sms/confirm", key, Some(&code), None)
-            .await;
+        let r = self.confirm_sms(key, &code).await;
         assert_eq!(r.status, 200, "{}", r.text());
         self.advance(31);
         r.json()

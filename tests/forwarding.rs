@@ -48,7 +48,7 @@ async fn hop_by_hop_request_headers_are_removed() {
     // Raw bytes so that exactly these headers go on the wire.
     let raw = "GET /hop HTTP/1.1\r\n\
                Host: api.example.com\r\n\
-               Connection: keep-alive, X-Foo, x-bar\r\n\
+               Connection: keep-alive, X-Foo, x-bar, X-Request-Id\r\n\
                Keep-Alive: timeout=5\r\n\
                Proxy-Connection: keep-alive\r\n\
                Proxy-Authenticate: Basic\r\n\
@@ -72,6 +72,12 @@ async fn hop_by_hop_request_headers_are_removed() {
     }
     assert_eq!(rec.header("x-keep"), Some("kept"));
     assert_eq!(rec.header("authorization"), Some("Bearer end-to-end"));
+    // The gateway's request id is not the client's to strip.
+    assert!(
+        rec.header("x-request-id").is_some_and(is_uuid),
+        "{:?}",
+        rec.headers
+    );
 
     // Control: sent straight to the upstream, the recorder does see every one of them.
     let r = raw_request(up.addr, raw.as_bytes()).await.unwrap();

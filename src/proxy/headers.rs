@@ -3,6 +3,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::observe::X_REQUEST_ID;
+
 /// Hop-by-hop headers that are never forwarded, whatever `Connection` says.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -30,7 +32,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             present[i] = true;
         }
     }
-    if present[0] {
+    if present[0] && names_options(headers) {
         remove_connection_options(headers);
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
@@ -38,8 +40,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a `Connection` header may name a header to remove: anything but the bare
+/// `keep-alive` or `close` nearly every upstream response carries (parsing those into a token
+/// list was 5 % of forwarding a request).
+fn names_options(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        let value = value.as_bytes();
+        !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
+    })
+}
+
 /// Removes the headers a `Connection` header names (`Connection: close, X-Foo`); names that
-/// are hop-by-hop anyway, and `close`, need no header name of their own.
+/// are hop-by-hop anyway, and `close`, need no header name of their own. `X-Request-Id` is the
+/// gateway's own and stays, whatever the other side names.
 fn remove_connection_options(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -49,6 +62,7 @@ fn remove_connection_options(headers: &mut HeaderMap) {
         .map(str::trim)
         .filter(|token| {
             !token.eq_ignore_ascii_case("close")
+                && !token.eq_ignore_ascii_case(X_REQUEST_ID.as_str())
                 && !HOP_BY_HOP
                     .iter()
                     .any(|h| token.eq_ignore_ascii_case(h.as_str()))
@@ -119,6 +133,37 @@ mod tests {
         h.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn the_request_id_stays_whatever_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "X-Request-Id, x-foo".parse().unwrap());
+        h.insert("x-request-id", "abc".parse().unwrap());
+        h.insert("x-foo", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-request-id"]
+        );
+    }
+
+    #[test]
+    fn a_bare_keep_alive_or_close_removes_only_itself() {
+        for value in ["keep-alive", "Keep-Alive", "close"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, value.parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        }
+        // A second Connection value still names its headers.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.append(header::CONNECTION, "x-foo".parse().unwrap());
+        h.insert("x-foo", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -22,7 +22,6 @@ use tower::Service;
 use crate::context::Context as RequestContext;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
-use crate::observe::X_REQUEST_ID;
 use crate::routing::Route;
 use upstream::Target;
 
@@ -72,9 +71,12 @@ where
         return step_up_answer(&request);
     }
     let (mut parts, body) = request.into_parts();
+    // The upstream gets its own authority as Host (set by the client); the original is in
+    // X-Forwarded-Host.
+    let host = parts.headers.remove(header::HOST);
     let original_host = match parts.uri.authority() {
         Some(authority) => authority.as_str().parse().ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+        None => host,
     };
     let path = parts.uri.path();
     let forwarded = route.forward_path(path);
@@ -92,11 +94,7 @@ where
     };
     parts.uri = Uri::from(target);
 
-    let request_id = parts.headers.remove(&X_REQUEST_ID);
     headers::strip_hop_by_hop(&mut parts.headers);
-    // The upstream gets its own authority as Host (set by the client); the original is in
-    // X-Forwarded-Host.
-    parts.headers.remove(header::HOST);
     headers::set_forwarded(
         &mut parts.headers,
         &conn.peer_ip,
@@ -104,9 +102,6 @@ where
         conn.tls,
         original_host,
     );
-    if let Some(id) = request_id {
-        parts.headers.insert(X_REQUEST_ID.clone(), id);
-    }
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
 

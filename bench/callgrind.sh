@@ -18,10 +18,13 @@ for l in sys.stdin:
 out=target/callgrind.auth.out  # kept for callgrind_annotate
 BENCH_CONSUMERS=${BENCH_CONSUMERS:-1000} valgrind --tool=callgrind --callgrind-out-file="$out" \
   --toggle-collect='*auth::decide*' "$bin" --bench --profile-time 1 whole >/dev/null 2>&1
-callgrind_annotate --tree=calling "$out" 2>/dev/null | python3 -c '
+# Decisions = calls of `decide`, summed over its callers (a callee's count can be a multiple:
+# some are called twice per decision).
+callgrind_annotate --tree=caller "$out" 2>/dev/null | python3 -c '
 import re,sys
 text=sys.stdin.read()
-calls=max(int(n) for n in re.findall(r"\(([0-9,]+)x\)\s+\[[^\]]*\]", text.split("auth::decide")[1][:600].replace(",","")) or ["1"])
+block=re.search(r"((?:^ *[0-9,]+ .*<.*\n)+)^ *[0-9,]+ .*\*  .*auth::decide", text, re.M)
+calls=sum(int(n.replace(",","")) for n in re.findall(r"\(([0-9,]+)x\)", block.group(1)))
 total=int(re.search(r"([0-9,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",",""))
 print(f"decisions: {calls}  instructions per decision: {total//calls}")'
 callgrind_annotate "$out" 2>/dev/null | sed -n '/file:function/,$p' | sed -n 3,25p | cut -c1-150

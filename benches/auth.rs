@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use std::future::Future;
 use stepgate::auth::limiter::FailureLimiter;
 use stepgate::clock::{ManualClock, SharedClock};
 use stepgate::config::{self, Scope};
+use stepgate::context::Context;
 use stepgate::credentials::totp::{self, TotpParams};
 use stepgate::error::{Body, Refusal, full_body};
 use stepgate::metrics::Metrics;
@@ -134,7 +134,6 @@ fn fixture() -> Fixture {
         })
         .collect();
     let shared = Shared {
-        config: Arc::new(ArcSwap::new(snapshot.clone())),
         registry: registry.clone(),
         limiter: Arc::new(FailureLimiter::new(clock)),
         metrics: Metrics::new(),
@@ -197,9 +196,11 @@ fn bench(c: &mut Criterion) {
         Ok::<Response<Body>, Refusal>(Response::new(full_body("ok")))
     });
     let service = stack::build_with(f.shared.clone(), stub);
-    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    // What the server holds per connection; per request it gives each its context.
+    let config = ArcSwap::new(f.snapshot.clone());
+    let conn = ConnInfo::new("127.0.0.1:40000".parse().unwrap(), false);
     let request = |i: usize| {
-        let mut request = Request::builder()
+        Request::builder()
             .method(Method::GET)
             .uri("/orders/7?x=1")
             .header("host", "api.example.com")
@@ -207,19 +208,18 @@ fn bench(c: &mut Criterion) {
             .header("x-step-up-token", &f.tokens[i])
             .header("user-agent", "bench")
             .body(Empty::<Bytes>::new())
-            .unwrap();
-        request.extensions_mut().insert(ConnInfo::new(peer, false));
-        request
+            .unwrap()
     };
     // Sanity: the decision really passes.
-    let response = f
-        .runtime
-        .block_on(service.clone().oneshot(request(0)))
-        .unwrap();
+    let mut sane = request(0);
+    sane.extensions_mut()
+        .insert(Context::new(config.load_full(), conn.clone()));
+    let response = f.runtime.block_on(service.clone().oneshot(sane)).unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // The server clones the stack once per connection and hyper polls each request's future
     // inside the connection's task, so neither a clone nor a runtime entry is part of a
-    // request's cost; the request itself is built outside the timed part (hyper parses it).
+    // request's cost; the request itself is built outside the timed part (hyper parses it),
+    // its context inside (the server's connection adds it to each request).
     // On this path nothing waits, so a single poll completes the future.
     let mut service = service.clone();
     c.bench_function(
@@ -231,7 +231,7 @@ fn bench(c: &mut Criterion) {
                     request(i)
                 },
                 |request| {
-                    let response = decide(&mut service, request);
+                    let response = decide(&mut service, request, &config, &conn);
                     assert_eq!(response.status(), StatusCode::OK);
                     response
                 },
@@ -241,14 +241,22 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-/// Runs one request through the stack, polling its future once: it must be ready. Never
-/// inlined, so that a profiler (`valgrind --tool=callgrind --toggle-collect='*decide*'`) can
-/// count exactly this.
+/// Gives the request its context as the server's connection does, then runs it through the
+/// stack, polling its future once: it must be ready. Never inlined, so that a profiler
+/// (`valgrind --tool=callgrind --toggle-collect='*decide*'`) can count exactly this.
 #[inline(never)]
-fn decide<S>(service: &mut S, request: Request<Empty<Bytes>>) -> Response<Body>
+fn decide<S>(
+    service: &mut S,
+    mut request: Request<Empty<Bytes>>,
+    config: &ArcSwap<config::Snapshot>,
+    conn: &ConnInfo,
+) -> Response<Body>
 where
     S: Service<Request<Empty<Bytes>>, Response = Response<Body>, Error = Infallible>,
 {
+    request
+        .extensions_mut()
+        .insert(Context::new(config.load_full(), conn.clone()));
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     assert!(service.poll_ready(&mut cx).is_ready());

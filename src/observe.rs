@@ -1,4 +1,4 @@
-//! The outermost layer: gives each request its id and configuration snapshot, and writes one
+//! The outermost layer: gives each request its id, and writes one
 //! access event per request when the response head is ready (target `stepgate::access`).
 //! Only method, path (never the query), route, upstream, status, problem code, duration and
 //! request id are logged: no header value, so no credential, can reach the log.
@@ -15,11 +15,9 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::config::Snapshot;
-use crate::context::Context as RequestContext;
 use crate::error::ProblemCode;
 use crate::metrics::Metrics;
 use crate::routing::Route;
-use crate::server::ConnInfo;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -28,13 +26,12 @@ pub type ConfigHandle = Arc<ArcSwap<Snapshot>>;
 
 #[derive(Clone)]
 pub struct ObserveLayer {
-    config: ConfigHandle,
     metrics: Arc<Metrics>,
 }
 
 impl ObserveLayer {
-    pub fn new(config: ConfigHandle, metrics: Arc<Metrics>) -> Self {
-        Self { config, metrics }
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
     }
 }
 
@@ -42,7 +39,6 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
-            config: self.config.clone(),
             metrics: self.metrics.clone(),
             inner,
         }
@@ -51,7 +47,6 @@ impl<S> Layer<S> for ObserveLayer {
 
 #[derive(Clone)]
 pub struct Observe<S> {
-    config: ConfigHandle,
     metrics: Arc<Metrics>,
     inner: S,
 }
@@ -77,12 +72,6 @@ where
         request
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), id.clone());
-        // Read the configuration once; the request keeps this snapshot to the end. Without
-        // its connection's facts (never, from the listener) the layers below refuse it.
-        if let Some(conn) = request.extensions_mut().remove::<ConnInfo>() {
-            let context = RequestContext::new(self.config.load_full(), conn);
-            request.extensions_mut().insert(context);
-        }
         let method = request.method().clone();
         // A clone of the URI shares its bytes: no allocation on the request path.
         let uri = request.uri().clone();

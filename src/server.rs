@@ -29,6 +29,7 @@ use crate::admin::{self, Admin};
 use crate::auth::limiter::FailureLimiter;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Limits, Snapshot, StoreSettings};
+use crate::context::Context as RequestContext;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::observe::ConfigHandle;
@@ -207,7 +208,6 @@ impl Gateway {
         }
         let limits = config.load().limits.clone();
         let service = crate::stack::build(crate::stack::Shared {
-            config: config.clone(),
             registry: registry.clone(),
             limiter: limiter.clone(),
             metrics: metrics.clone(),
@@ -424,6 +424,7 @@ async fn accept_loop<S: GatewayService>(listener: TcpListener, shared: &WorkerSh
         let snapshot = shared.config.load_full();
         let connection = Connection {
             peer,
+            config: shared.config.clone(),
             limits: snapshot.limits.clone(),
             tls: snapshot.tls.clone().map(TlsAcceptor::from),
             // Tokens of its own: a connection's task polls them on every wake-up, and polling a
@@ -460,6 +461,7 @@ async fn housekeeping(registry: Arc<Registry>, shutdown: CancellationToken) {
 
 struct Connection {
     peer: SocketAddr,
+    config: ConfigHandle,
     limits: Limits,
     tls: Option<TlsAcceptor>,
     graceful: CancellationToken,
@@ -470,8 +472,13 @@ impl Connection {
     async fn serve<S: GatewayService>(self, stream: TcpStream, service: S) {
         let _ = stream.set_nodelay(true);
         let info = ConnInfo::new(self.peer, self.tls.is_some());
+        let config = self.config.clone();
+        // Each request starts with its context: the configuration read once (the request
+        // keeps this snapshot to its end, whatever a reload does meanwhile) and the
+        // connection's facts. Without it (never, from the listener) the layers refuse it.
         let service = service.map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(info.clone());
+            let context = RequestContext::new(config.load_full(), info.clone());
+            request.extensions_mut().insert(context);
             request
         });
         match &self.tls {

@@ -20,7 +20,7 @@ use crate::guard::GuardLayer;
 use crate::identity::StripIdentity;
 use crate::limits::ProtocolLimits;
 use crate::metrics::Metrics;
-use crate::observe::{ConfigHandle, ObserveLayer};
+use crate::observe::ObserveLayer;
 use crate::path::NormalizePath;
 use crate::proxy::Forward;
 use crate::registry::Registry;
@@ -32,7 +32,6 @@ use crate::sensitive::SensitiveHeadersLayer;
 /// What the layers share; cheap to clone.
 #[derive(Clone)]
 pub struct Shared {
-    pub config: ConfigHandle,
     pub registry: Arc<Registry>,
     pub limiter: Arc<FailureLimiter>,
     pub metrics: Arc<Metrics>,
@@ -51,6 +50,8 @@ pub fn build(
 }
 
 /// The stack in front of any innermost service (benchmarks put a stub where the upstream is).
+/// Each request must arrive with its [`Context`](crate::context::Context) (the server's
+/// connection puts it in); the layers refuse a request without one.
 pub fn build_with<B, S>(
     shared: Shared,
     inner: S,
@@ -70,9 +71,9 @@ where
         // First of all, mark credentials sensitive so that no Debug output anywhere below
         // (a log line, a panic message) can print them.
         .layer(SensitiveHeadersLayer)
-        // Request id and config snapshot next, so that every answer, including every
-        // refusal below, is logged once with its id, route and status.
-        .layer(ObserveLayer::new(shared.config, shared.metrics.clone()))
+        // Request id next, so that every answer, including every refusal below, is logged
+        // once with its id, route and status.
+        .layer(ObserveLayer::new(shared.metrics.clone()))
         // Strict CSP, nosniff, no framing on everything under the self-service prefix, the
         // refusals of the layers below included (so above the rescue).
         .layer(SecurityHeadersLayer)

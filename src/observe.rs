@@ -1,7 +1,7 @@
-//! The outermost layer: gives each request its id, and writes one
-//! access event per request when the response head is ready (target `stepgate::access`).
-//! Only method, path (never the query), route, upstream, status, problem code, duration and
-//! request id are logged: no header value, so no credential, can reach the log.
+//! Gives each request its id, and writes one access event per request when the response head
+//! is ready (target `stepgate::access`). Only method, path (never the query), route, upstream,
+//! status, problem code, duration and request id are logged: no header value, so no
+//! credential, can reach the log.
 
 use std::convert::Infallible;
 use std::pin::Pin;

@@ -518,6 +518,10 @@ impl Connection {
         let mut closing = false;
         loop {
             tokio::select! {
+                // In order, not in random order: a random start costs a thread-local RNG draw
+                // per wake-up, and no branch can starve another (the connection's branch ends
+                // the loop; the others are polled whenever it is pending).
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(peer = %self.peer, %error, "connection ended with an error");

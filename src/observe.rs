@@ -8,21 +8,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::config::Snapshot;
 use crate::error::ProblemCode;
 use crate::metrics::Metrics;
 use crate::routing::Route;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Shared handle to the configuration in force; a reload stores a new snapshot into it.
-pub type ConfigHandle = Arc<ArcSwap<Snapshot>>;
 
 #[derive(Clone)]
 pub struct ObserveLayer {

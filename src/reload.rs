@@ -17,9 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SharedClock, rfc3339};
-use crate::config::{self, ConfigErrors, Snapshot};
+use crate::config::{self, ConfigErrors, ConfigHandle, Snapshot};
 use crate::metrics::{Metrics, ResultLabel};
-use crate::observe::ConfigHandle;
 
 /// What the admin API shows about the configuration in force.
 #[derive(Debug, Clone, Serialize)]

@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::ConfigHandle;
 use crate::error::{Body, problem_response};
-use crate::observe::ConfigHandle;
 use crate::registry::Registry;
 use crate::secrets::AdminToken;
 

@@ -19,6 +19,9 @@ pub use validate::load;
 use crate::proxy::upstream::Upstream;
 use crate::routing::RouteTable;
 
+/// Shared handle to the configuration in force; a reload stores a new snapshot into it.
+pub type ConfigHandle = Arc<arc_swap::ArcSwap<Snapshot>>;
+
 /// One complete, validated configuration. Cheap to share: requests hold an `Arc` of the snapshot
 /// they started with, so a reload never changes the rules under an in-flight request.
 pub struct Snapshot {

@@ -301,27 +301,8 @@ async fn slowloris_is_cut_off_by_header_read_timeout() {
             }
         }
     });
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 1024];
-    let closed_after = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match rd.read(&mut tmp).await {
-                Ok(0) | Err(_) => return t0.elapsed(),
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-    })
-    .await
-    .expect("slow client was not cut off within 3s (header_read_timeout: 300ms)");
+    let buf = closed_between(&mut rd, t0, 250, 2000, "header_read_timeout: 300ms").await;
     dripper.abort();
-    assert!(
-        closed_after >= Duration::from_millis(250),
-        "closed before the timeout: {closed_after:?}"
-    );
-    assert!(
-        closed_after < Duration::from_millis(2000),
-        "closed too late: {closed_after:?}"
-    );
     if !buf.is_empty() {
         let text = String::from_utf8_lossy(&buf);
         assert!(
@@ -368,22 +349,39 @@ async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
     let n = idle.read(&mut tmp).await.unwrap();
     assert!(tmp[..n].starts_with(b"HTTP/1.1 200"));
     let t0 = Instant::now();
+    let rest = closed_between(&mut idle, t0, 350, 1500, "idle_timeout: 400ms").await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
+/// Reads until the gateway closes the connection, at most 3 s; asserts that happened between
+/// `min_ms` and `max_ms` after `t0` (`what` is the limit that should close it) and returns the
+/// bytes read meanwhile.
+async fn closed_between(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    t0: Instant,
+    min_ms: u64,
+    max_ms: u64,
+    what: &str,
+) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 1024];
     let closed_after = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
-            match idle.read(&mut tmp).await {
+            match stream.read(&mut tmp).await {
                 Ok(0) | Err(_) => return t0.elapsed(),
-                Ok(_) => {}
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
             }
         }
     })
     .await
-    .expect("an idle connection was still open after 3 s (idle_timeout: 400ms)");
+    .unwrap_or_else(|_| panic!("the connection was still open after 3 s ({what})"));
     assert!(
-        closed_after >= Duration::from_millis(350),
-        "closed before the idle timeout: {closed_after:?}"
+        closed_after >= Duration::from_millis(min_ms),
+        "closed before the limit ({what}): {closed_after:?}"
     );
     assert!(
-        closed_after < Duration::from_millis(1500),
-        "closed too late: {closed_after:?}"
+        closed_after < Duration::from_millis(max_ms),
+        "closed too late ({what}): {closed_after:?}"
     );
+    buf
 }

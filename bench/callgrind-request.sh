@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Instructions per forwarded request, end to end: the whole gateway process under callgrind
-# (hyper, the stack, forwarding, the upstream connection), wrk -t1 -c8 for 10 s, against the
-# same nginx `return 200` upstream as the other benchmarks. Deterministic, so two builds
-# compare on a machine whose nanoseconds drift; prints the API-key route, the key + step-up
-# token route and the bare hyper proxy (examples/bare_proxy.rs) for reference.
+# Instructions per request, end to end: the whole gateway process under callgrind (hyper, the
+# stack, forwarding, the upstream connection), wrk -t1 -c8 for 10 s, against the same nginx
+# `return 200` upstream as the other benchmarks. Deterministic, so two builds compare on a
+# machine whose nanoseconds drift; prints the API-key route, the key + step-up token route,
+# the refusal of a banned consumer (429, nothing forwarded) and the bare hyper proxy
+# (examples/bare_proxy.rs) for reference.
 #
 #   bench/callgrind-request.sh          # needs valgrind (apt-get install valgrind)
 #
@@ -48,18 +49,6 @@ EOF
 # The CLI talks to the gateway's admin API.
 cli() { "$GATEWAY_BIN" "$@" --json -c "$GW/gateway.yaml"; }
 json() { python3 -c "import sys, json; print(json.load(sys.stdin)$1)"; }
-# totp SECRET [STEPS_BACK]: the code of this 30-s step (or of one before: each code counts once,
-# so enrolment and the step-up use different ones).
-totp() {
-    python3 - "$1" "${2:-0}" <<'PY'
-import base64, hashlib, hmac, struct, sys, time
-key = base64.b32decode(sys.argv[1] + "=" * (-len(sys.argv[1]) % 8))
-step = int(time.time()) // 30 - int(sys.argv[2])
-mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
-offset = mac[-1] & 15
-print("%06d" % ((struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF) % 1000000))
-PY
-}
 
 # callgrind_run NAME PID PORT PATH HEADER...: zeroes the counters of PID (the process last
 # started), runs wrk, dumps, and appends "NAME instructions/request requests non-2xx" to
@@ -141,6 +130,10 @@ callgrind_run key "$GATEWAY_PID" "$GATEWAY_PORT" /key "X-Api-Key: $KEY"
 log "key + step-up token route, $DURATION"
 callgrind_run key-and-token "$GATEWAY_PID" "$GATEWAY_PORT" /two-factor \
     "X-Api-Key: $KEY" "X-Step-Up-Token: $TOKEN"
+log "refused: the same consumer banned (wrong codes), $DURATION"
+ban_consumer "$GATEWAY_PORT" /two-factor "$KEY" || die "could not ban the consumer"
+callgrind_run refused-banned "$GATEWAY_PID" "$GATEWAY_PORT" /two-factor \
+    "X-Api-Key: $KEY"
 stop_pid "$GATEWAY_PID"
 
 BARE_PORT="$(free_port)"
@@ -152,7 +145,7 @@ callgrind_run bare "$STARTED_PID" "$BARE_PORT" /key "X-Api-Key: $KEY"
 mkdir -p "$RESULTS_DIR"
 REPORT="$RESULTS_DIR/$(date -u +%Y%m%dT%H%M%SZ)-callgrind-request.md"
 {
-    echo "# Instructions per forwarded request (callgrind, whole process)"
+    echo "# Instructions per request (callgrind, whole process)"
     echo
     echo "- commit: $(commit_desc)"
     echo "- wrk -t1 -c8 -d$DURATION; nginx \`return 200\` upstream; SHA-256 in software under valgrind"

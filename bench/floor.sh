@@ -6,6 +6,8 @@
 #                upstream connections pooled per thread, nothing else
 #   sg-public    stepgate on a public route (routing, path checks, headers, metrics, logs)
 #   sg-key       stepgate on an API-key route (one consumer)
+#   sg-banned    stepgate refusing a banned consumer (429 before its code is looked at;
+#                nothing forwarded): what each request of a brute-force flood costs
 #   nginx-map    nginx with an API-key `map` (what bench/auth.sh calls (b))
 # all in front of the same nginx `return 200` upstream. See bench/README.md.
 #
@@ -42,6 +44,7 @@ GW="$WORK/gateway"
 mkdir -p "$GW/policies" "$GW/data"
 printf 'api_key: off\nsecond_factor: off\n' >"$GW/policies/public.yaml"
 printf 'api_key: required\nsecond_factor: off\n' >"$GW/policies/key.yaml"
+printf 'api_key: required\nsecond_factor: required\n' >"$GW/policies/two-factor.yaml"
 GATEWAY_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
 cat >"$GW/gateway.yaml" <<EOF
@@ -55,15 +58,21 @@ upstreams:
 routes:
   - { name: public, match: { path: /public }, upstream: nginx, policy: public }
   - { name: key, match: { path: /key }, upstream: nginx, policy: key }
+  - { name: two-factor, match: { path: /two-factor }, upstream: nginx, policy: two-factor }
 EOF
 (cd "$GW" && RUST_LOG=warn exec "$GATEWAY_BIN" run -c "$GW/gateway.yaml" --log-format json) \
     >"$GW/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 PIDS+=("$GATEWAY_PID")
 wait_ready stepgate "$GATEWAY_PID" "$GATEWAY_PORT" "$GW/gateway.log" /public || die "stepgate did not start"
-KEY="$("$GATEWAY_BIN" consumer add floor --json -c "$GW/gateway.yaml" \
-    | python3 -c 'import sys, json; print(json.load(sys.stdin)["api_key"])')" \
-    || die "could not create a consumer"
+cli() { "$GATEWAY_BIN" "$@" --json -c "$GW/gateway.yaml"; }
+json() { python3 -c "import sys, json; print(json.load(sys.stdin)$1)"; }
+KEY="$(cli consumer add floor | json '["api_key"]')" || die "could not create a consumer"
+# A second consumer, enrolled, then banned for wrong codes.
+BANNED_KEY="$(cli consumer add banned | json '["api_key"]')" || die "could not create a consumer"
+SECRET="$(cli totp enroll banned | json '["secret"]')" || die "could not enrol TOTP"
+cli totp confirm banned "$(totp "$SECRET")" >/dev/null || die "could not confirm TOTP"
+ban_consumer "$GATEWAY_PORT" /two-factor "$BANNED_KEY" || die "could not ban a consumer"
 
 # ---------------------------------------------------------------- the others
 
@@ -104,13 +113,14 @@ start_nginx_with "nginx proxy" "$WORK/proxy" proxy_conf /public 200
 PROXY_PID="$NGINX_STARTED_PID"
 PROXY_PORT="$NGINX_STARTED_PORT"
 
-# name pid port path
+# name pid port path key
 TARGETS=(
-    "nginx-proxy $PROXY_PID $PROXY_PORT /public"
-    "bare $BARE_PID $BARE_PORT /public"
-    "sg-public $GATEWAY_PID $GATEWAY_PORT /public"
-    "sg-key $GATEWAY_PID $GATEWAY_PORT /key"
-    "nginx-map $PROXY_PID $PROXY_PORT /key"
+    "nginx-proxy $PROXY_PID $PROXY_PORT /public $KEY"
+    "bare $BARE_PID $BARE_PORT /public $KEY"
+    "sg-public $GATEWAY_PID $GATEWAY_PORT /public $KEY"
+    "sg-key $GATEWAY_PID $GATEWAY_PORT /key $KEY"
+    "sg-banned $GATEWAY_PID $GATEWAY_PORT /two-factor $BANNED_KEY"
+    "nginx-map $PROXY_PID $PROXY_PORT /key $KEY"
 )
 
 # user and system ticks (all threads) of PID.
@@ -125,17 +135,17 @@ ticks() {
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 for t in "${TARGETS[@]}"; do
-    read -r name pid port path <<<"$t"
-    run_wrk_fg "$WORK/warmup-$name.txt" 2 -t1 -c"$CONNS" -d2s -H "X-Api-Key: $KEY" "http://127.0.0.1:$port$path"
+    read -r name pid port path key <<<"$t"
+    run_wrk_fg "$WORK/warmup-$name.txt" 2 -t1 -c"$CONNS" -d2s -H "X-Api-Key: $key" "http://127.0.0.1:$port$path"
 done
 for ((round = 1; round <= ROUNDS; round++)); do
     for ((k = 0; k < ${#TARGETS[@]}; k++)); do
-        read -r name pid port path <<<"${TARGETS[(k + round - 1) % ${#TARGETS[@]}]}"
+        read -r name pid port path key <<<"${TARGETS[(k + round - 1) % ${#TARGETS[@]}]}"
         log "round $round/$ROUNDS  $name  c=$CONNS  $DURATION"
         read -r u0 s0 <<<"$(ticks "$pid")"
         out="$WORK/wrk-$name-r$round.txt"
         run_wrk_fg "$out" "$DURATION_S" -t1 -c"$CONNS" -d"$DURATION" --latency \
-            -H "X-Api-Key: $KEY" "http://127.0.0.1:$port$path"
+            -H "X-Api-Key: $key" "http://127.0.0.1:$port$path"
         read -r u1 s1 <<<"$(ticks "$pid")"
         printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$((u1 - u0))" "$((s1 - s0))" "$out" >>"$RESULTS"
     done
@@ -157,7 +167,9 @@ for line in open(results):
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     rows.setdefault(name, []).append({
         "rps": rps, "user": int(ut) / tck * 1e6 / reqs, "sys": int(st) / tck * 1e6 / reqs,
-        "errors": int(non.group(1)) if non else 0,
+        # sg-banned should answer nothing but 429: its errors are the answers that were not.
+        "errors": (reqs - int(non.group(1) if non else 0)) if name == "sg-banned"
+        else int(non.group(1)) if non else 0,
     })
 med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "user", "sys")} for n, rs in rows.items()}
 for n in med:
@@ -167,7 +179,7 @@ print(f"# stepgate floor benchmark\n\n- commit: {commit}\n- wrk -t1 -c{conns} -d
       "- CPU µs/req: the process's utime and stime during the run ÷ requests\n")
 print("| target | req/s | user µs/req | system µs/req | total µs/req | total × nginx-proxy | total × bare | errors |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for n in ["nginx-proxy", "bare", "sg-public", "sg-key", "nginx-map"]:
+for n in ["nginx-proxy", "bare", "sg-public", "sg-key", "sg-banned", "nginx-map"]:
     m = med[n]
     errors = sum(r["errors"] for r in rows[n])
     print(f"| {n} | {m['rps']:.0f} | {m['user']:.1f} | {m['sys']:.1f} | {m['total']:.1f} | "
@@ -175,6 +187,9 @@ for n in ["nginx-proxy", "bare", "sg-public", "sg-key", "nginx-map"]:
 print("\nstepgate above the bare proxy (user µs/req): public route "
       f"{med['sg-public']['user'] - med['bare']['user']:.1f}, API-key route {med['sg-key']['user'] - med['bare']['user']:.1f}; "
       f"nginx's API-key map adds {med['nginx-map']['total'] - med['nginx-proxy']['total']:.1f} µs total to its proxy.")
+print(f"\nA refused request (banned consumer, 429) costs {med['sg-banned']['total'] / med['sg-key']['total']:.2f}× "
+      f"the CPU of a forwarded one (sg-key): user {med['sg-banned']['user'] / med['sg-key']['user']:.2f}×, "
+      f"system {med['sg-banned']['sys'] / med['sg-key']['sys']:.2f}×. sg-banned errors: answers other than a refusal.")
 PY
 cat "$REPORT"
 log "report written to ${REPORT#"$ROOT"/}"

@@ -178,6 +178,39 @@ except urllib.error.HTTPError as e:
 PY
 }
 
+# totp SECRET [STEPS_BACK]: the code of this 30-s step (or of one before: each code counts once,
+# so enrolment and the step-up use different ones).
+totp() {
+    python3 - "$1" "${2:-0}" <<'PY'
+import base64, hashlib, hmac, struct, sys, time
+key = base64.b32decode(sys.argv[1] + "=" * (-len(sys.argv[1]) % 8))
+step = int(time.time()) // 30 - int(sys.argv[2])
+mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+offset = mac[-1] & 15
+print("%06d" % ((struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF) % 1000000))
+PY
+}
+
+# ban_consumer PORT PATH KEY: sends the consumer's key with wrong codes to PATH (a route whose
+# policy wants a second factor) until the gateway answers 429, i.e. the consumer is banned.
+ban_consumer() {
+    python3 - "$@" <<'PY'
+import sys, urllib.request, urllib.error
+port, path, key = sys.argv[1:]
+for attempt in range(1, 101):
+    # A different code each time; one that happens to be right just does not count.
+    code = "%06d" % attempt
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"X-Api-Key": key, "X-OTP": code})
+    try:
+        urllib.request.urlopen(req, timeout=30).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 429:
+            sys.exit(0)
+sys.exit(f"no ban after {attempt} wrong codes")
+PY
+}
+
 # http_ok PORT: exit 0 when GET / answers 200.
 http_ok() { [[ "$(http_status "$1" /)" == 200 ]]; }
 

@@ -26,6 +26,7 @@ LEGIT_CONNS="${BENCH_LEGIT_CONNS:-8}"               # (f): legitimate (d) traffi
 LEGIT_RATE="${BENCH_LEGIT_RATE:-1000}"              # ... paced to about this many req/s; 0: flat out
 FLOOD_CONNS="${BENCH_FLOOD_CONNS:-256}"             # (f): the flood ...
 FLOOD_RATE="${BENCH_FLOOD_RATE:-20000}"             # ... paced to about this many req/s; 0: flat out
+FLOOD_NICE="${BENCH_FLOOD_NICE:-19}"                # ... its wrk at this nice level (0: like the rest)
 SEED_WORKERS="${BENCH_SEED_WORKERS:-12}"
 PICK="${BENCH_PICK:-rr}"                            # rr | random: how lines.lua picks a consumer
 
@@ -71,6 +72,7 @@ if ((FLOOD_RATE > 0)); then
     FLOOD_DELAY_MS=$(((FLOOD_CONNS * 1000 + FLOOD_RATE / 2) / FLOOD_RATE))
     ((FLOOD_DELAY_MS >= 1)) || FLOOD_DELAY_MS=1
 fi
+is_uint "$FLOOD_NICE" && ((FLOOD_NICE <= 19)) || die "BENCH_FLOOD_NICE must be 0..19 (got '$FLOOD_NICE')"
 is_uint "$SEED_WORKERS" && ((SEED_WORKERS >= 1 && SEED_WORKERS <= 64)) || die "BENCH_SEED_WORKERS must be 1..64"
 [[ "$PICK" == rr || "$PICK" == random ]] || die "BENCH_PICK must be rr or random (got '$PICK')"
 # (e)'s codes are valid for at least 30 s after they are computed (seed.py codes).
@@ -254,7 +256,7 @@ wrk_args() {
         # (a) sends the same key header as (b) and (c) through the same script, so wrk's own
         # work per request is the same in all three; nginx ignores it.
         a) target="$UPSTREAM_PORT" ;;
-        b) target="$PROXY_PORT" ;;
+        b | f-control) target="$PROXY_PORT" ;;
         *) target="$GATEWAY_PORT" ;;
     esac
     case "$scen" in
@@ -270,7 +272,7 @@ wrk_args() {
         e)
             WRK_ARGS+=(-s "$LUA_DIR/codes.lua" "http://127.0.0.1:$target/stepup"
                 -- "$DATA/codes.txt" /stepup "$THREADS") ;;
-        f-flood)
+        f-flood | f-control)
             WRK_ARGS+=(-s "$LUA_DIR/flood.lua" "http://127.0.0.1:$target/flood"
                 -- "$DATA/flood-keys.txt" /flood "$THREADS" "$FLOOD_DELAY_MS") ;;
         *) die "unknown scenario $scen" ;;
@@ -327,33 +329,41 @@ measure() {
         "$out" "$m0" "$m1" "$(($(log_lines) - log0))" >>"$RUNS_TSV"
 }
 
-# measure_flood ROUND: (f) legitimate (d) traffic at LEGIT_CONNS and the flood at
-# FLOOD_CONNS, started together for the same duration.
+# measure_flood SCEN ROUND: (f) legitimate (d) traffic at LEGIT_CONNS and the flood at
+# FLOOD_CONNS, started together for the same duration. SCEN f-flood aims the flood at
+# stepgate; f-control aims the same flood at nginx (b), which refuses all of it (its map
+# does not hold the flood's keys) without the upstream: the legitimate traffic, still
+# through stepgate, then shares the machine with the same load that the gateway does not
+# handle. The CPU recorded is that of whoever refuses the flood.
 measure_flood() {
-    local round="$1" out_l out_f m0 m1 before after hwm_reset=1 lpid fpid log0
+    local scen="$1" round="$2" out_l out_f m0 m1 before after hwm_reset=1 lpid fpid log0
+    local pid="$GATEWAY_PID"
+    [[ "$scen" == f-control ]] && pid="$PROXY_PID"
     all_alive
-    out_l="$WORK/wrk-f-legit-c$LEGIT_CONNS-r$round.txt"
-    out_f="$WORK/wrk-f-flood-c$FLOOD_CONNS-r$round.txt"
-    m0="$WORK/metrics-f-flood-r$round-before.txt"
-    m1="$WORK/metrics-f-flood-r$round-after.txt"
-    log "round $round/$ROUNDS  (f) legit c=$LEGIT_CONNS + flood c=$FLOOD_CONNS  $DURATION"
+    out_l="$WORK/wrk-$scen-legit-c$LEGIT_CONNS-r$round.txt"
+    out_f="$WORK/wrk-$scen-c$FLOOD_CONNS-r$round.txt"
+    m0="$WORK/metrics-$scen-r$round-before.txt"
+    m1="$WORK/metrics-$scen-r$round-after.txt"
+    log "round $round/$ROUNDS  ($scen) legit c=$LEGIT_CONNS + flood c=$FLOOD_CONNS  $DURATION"
     metrics_snapshot "$m0"
     log0="$(log_lines)"
-    reset_hwm "$GATEWAY_PID" || hwm_reset=0
-    before="$(cpu_ticks "$GATEWAY_PID")"
+    reset_hwm "$pid" || hwm_reset=0
+    before="$(cpu_ticks "$pid")"
     wrk_args f-legit "$LEGIT_CONNS" "$DURATION"
     run_wrk_bg "$out_l" "$DURATION_S" "${WRK_ARGS[@]}"
     lpid="$WRK_PID"
-    wrk_args f-flood "$FLOOD_CONNS" "$DURATION"
-    run_wrk_bg "$out_f" "$DURATION_S" "${WRK_ARGS[@]}"
+    wrk_args "$scen" "$FLOOD_CONNS" "$DURATION"
+    # The attacker's CPU is not the gateway's: at equal priority its wrk would take turns
+    # with the gateway and the legitimate client for the same two cores (see bench/README.md).
+    WRK_NICE="$FLOOD_NICE" run_wrk_bg "$out_f" "$DURATION_S" "${WRK_ARGS[@]}"
     fpid="$WRK_PID"
     wait_wrk "$lpid" "$out_l"
     wait_wrk "$fpid" "$out_f"
-    settle "$GATEWAY_PID"
-    after="$(cpu_ticks "$GATEWAY_PID")"
+    settle "$pid"
+    after="$(cpu_ticks "$pid")"
     metrics_snapshot "$m1"
     printf 'scen=%s\tconns=%s\tround=%s\tticks=%s\thwm_kib=%s\thwm_reset=%s\twrk=%s\tm0=%s\tm1=%s\tlog=%s\twrk2=%s\tconns2=%s\n' \
-        f-flood "$LEGIT_CONNS" "$round" "$((after - before))" "$(vm_hwm_kib "$GATEWAY_PID")" "$hwm_reset" \
+        "$scen" "$LEGIT_CONNS" "$round" "$((after - before))" "$(vm_hwm_kib "$pid")" "$hwm_reset" \
         "$out_l" "$m0" "$m1" "$(($(log_lines) - log0))" "$out_f" "$FLOOD_CONNS" >>"$RUNS_TSV"
 }
 
@@ -378,9 +388,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
     if ((round % 2)); then
         measure f-unloaded "$LEGIT_CONNS" "$round"
-        measure_flood "$round"
+        measure_flood f-control "$round"
+        measure_flood f-flood "$round"
     else
-        measure_flood "$round"
+        measure_flood f-flood "$round"
+        measure_flood f-control "$round"
         measure f-unloaded "$LEGIT_CONNS" "$round"
     fi
 done
@@ -407,7 +419,7 @@ python3 "$BENCH_DIR/auth_report.py" \
     --meta "nproc=$(nproc)" \
     --meta "kernel=$(uname -sr)" \
     --meta "wrk=-t$THREADS -c{$CONNS_LIST} -d$DURATION --latency, $ROUNDS rounds, warm-up $WARMUP, consumers picked $PICK" \
-    --meta "flood=legit (d) traffic -c$LEGIT_CONNS paced with ${LEGIT_DELAY_MS} ms per connection before each request (target ~$LEGIT_RATE req/s; 0 = flat out) + flood -c$FLOOD_CONNS paced with ${FLOOD_DELAY_MS} ms per connection before each request (target ~$FLOOD_RATE req/s; 0 = flat out), $FLOOD_CONSUMERS flood consumers, random X-Forwarded-For in 10.0.0.0/8" \
+    --meta "flood=legit (d) traffic -c$LEGIT_CONNS paced with ${LEGIT_DELAY_MS} ms per connection before each request (target ~$LEGIT_RATE req/s; 0 = flat out) + flood -c$FLOOD_CONNS paced with ${FLOOD_DELAY_MS} ms per connection before each request (target ~$FLOOD_RATE req/s; 0 = flat out) by a wrk at nice $FLOOD_NICE, $FLOOD_CONSUMERS flood consumers, random X-Forwarded-For in 10.0.0.0/8" \
     --meta "consumers=$CONSUMERS with step-up tokens (also the keys of b and c), $CODES_DESC, $FLOOD_CONSUMERS for the flood" \
     --meta "seed=${SEED_SECONDS} s ($SEED_LOG_LINES stepgate log lines); stepgate RSS after seeding $((SEED_RSS_KIB / 1024)) MiB (peak $((SEED_HWM_KIB / 1024)) MiB); at the end $((FINAL_RSS_KIB / 1024)) MiB" \
     --meta "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')" \

@@ -3,11 +3,12 @@
 
 Input (--runs): one line per measured run, tab-separated key=value fields:
     scen conns round ticks hwm_kib hwm_reset wrk m0 m1 [wrk2 conns2]
-scen is a, b, c, d, e, f-unloaded or f-flood; ticks is the CPU time (utime+stime, clock
-ticks) of the process under test during the run (the upstream nginx for a, the proxy nginx
-for b, stepgate otherwise); hwm_kib its VmHWM after the run (reset before it when
-hwm_reset=1); m0/m1 stepgate's /metrics before and after ("-" for nginx runs). f-flood
-runs have the legitimate wrk output in wrk and the flood's in wrk2.
+scen is a, b, c, d, e, f-unloaded, f-flood or f-control; ticks is the CPU time
+(utime+stime, clock ticks) of the process under test during the run (the upstream nginx for
+a, the proxy nginx for b and f-control, stepgate otherwise); hwm_kib its VmHWM after the run
+(reset before it when hwm_reset=1); m0/m1 stepgate's /metrics before and after ("-" for
+nginx runs). f-flood and f-control runs have the legitimate wrk output in wrk and the
+flood's in wrk2; f-control's flood went to nginx (b), which refuses all of it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ LABELS = {
     "f-unloaded": "(f) legit (d), paced, alone",
     "f-legit": "(f) legit (d), paced, under flood",
     "f-flood": "(f) flood of wrong codes",
+    "f-control-legit": "(f) legit (d), paced, the flood at nginx (b) instead",
+    "f-control": "(f) control: the same flood refused by nginx (b)",
 }
-ORDER = ["a", "b", "c", "d", "e", "f-unloaded", "f-legit", "f-flood"]
+ORDER = ["a", "b", "c", "d", "e", "f-unloaded", "f-legit", "f-flood", "f-control-legit", "f-control"]
 
 
 # ---------------------------------------------------------------- parsing
@@ -169,6 +172,22 @@ def load(args):
             }
             rows.append(legit)
             rows.append(flood)
+        elif scen == "f-control":
+            ftext = Path(f["wrk2"]).read_text()
+            raw.append(f"===== f-control (the flood, at nginx b) conns={f['conns2']} round={rnd}\n{ftext}")
+            fw = parse_wrk(ftext, f["wrk2"])
+            legit = dict(base, scen="f-control-legit", errors=w["errors"], cpu=None,
+                         gw_status=statuses(d, "stepup"), hwm=None, log=None)
+            rows.append(legit)
+            # nginx answers the flood 401 (not 2xx, so wrk counts every answer): socket errors only.
+            rows.append({
+                "scen": "f-control", "conns": int(f["conns2"]), "round": rnd, "rps": fw["rps"],
+                "p50": fw["p50_us"], "p99": fw["p99_us"], "requests": fw["requests"],
+                "hwm": hwm_mib, "hwm_reset": base["hwm_reset"], "cpu_total_us": cpu_us,
+                "errors": socket_errors(ftext), "gw_status": None,
+                "cpu": cpu_us / fw["requests"] if fw["requests"] else None, "log": None,
+                "legit": legit,
+            })
     if not rows:
         sys.exit("auth_report.py: no runs recorded")
     return rows, raw
@@ -217,7 +236,8 @@ def main() -> None:
         "same keys, `return 401` on a miss, keepalive upstream; (c)–(f) stepgate → the same (a) nginx",
         "- CPU µs/req: utime+stime of the process under test (a: the upstream nginx; b: the proxy "
         "nginx; c–f: stepgate) during the run ÷ requests. (e): ÷ codes sent; flood: stepgate's CPU "
-        "during the flood run (legit + flood) ÷ flood requests",
+        "during the flood run (legit + flood) ÷ flood requests; control flood: nginx (b)'s CPU ÷ "
+        "flood requests",
         "- peak RSS: VmHWM of that process, reset before each run (`clear_refs`), read after it",
         "",
     ]
@@ -298,11 +318,15 @@ def main() -> None:
                 "unloaded legit run of the same round.", "",
                 "| round | legit alone: req/s, p99 (ms) | legit under flood: req/s | success | p99 (ms) | "
                 "p99 × alone | flood req/s | flood ÷ legit | flood 401 | flood 429 | other | bans started | "
-                "CPU µs/refused raw | net | ÷ forwarded (raw / net) |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+                "CPU µs/refused raw | net | ÷ forwarded (raw / net) | control: legit p99 (ms), × alone | "
+                "p99 under flood ÷ control |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|"]
         for fl in floods:
             lg = fl["legit"]
             alone = next((r for r in rows if r["scen"] == "f-unloaded" and r["round"] == fl["round"]), None)
+            control = next((r["legit"] for r in rows if r["scen"] == "f-control" and r["round"] == fl["round"]), None)
+            control_txt = (f"{ms(control['p99'])}, {ratio(control['p99'], alone['p99']) if alone else 'n/a'}"
+                           if control else "n/a")
             ok = lg["requests"] - lg["errors"]
             success = 100.0 * ok / lg["requests"] if lg["requests"] else 0.0
             net = None
@@ -316,10 +340,22 @@ def main() -> None:
                 f"{ratio(lg['p99'], alone['p99']) if alone else 'n/a'} | {fl['rps']:.0f} | "
                 f"{ratio(fl['rps'], lg['rps'])} | {fl['gw_status'].get(401, 0)} | {fl['gw_status'].get(429, 0)} | "
                 f"{fmt_status(other)} | {fl['bans']} | {num(fl['cpu'])} | {num(net)} | "
-                f"{ratio(fl['cpu'], fwd)} / {ratio(net, fwd)} |")
+                f"{ratio(fl['cpu'], fwd)} / {ratio(net, fwd)} | {control_txt} | "
+                f"{ratio(lg['p99'], control['p99']) if control else 'n/a'} |")
         out += ["", "Legit statuses are wrk's (errors = socket errors + non-2xx); flood statuses are "
                 "stepgate's counts on the flood's route (same policy as (d)). The flood sends a random "
-                "X-Forwarded-For on every request, so no failure counts against 127.0.0.1.", ""]
+                "X-Forwarded-For on every request, so no failure counts against 127.0.0.1. Control: "
+                "the same flood (same wrk, rate and nice level) aimed at nginx (b), which refuses all "
+                "of it with 401 without the upstream, while the same legitimate traffic runs through "
+                "stepgate: the legitimate p99 this machine gives under that load when the gateway "
+                "handles none of it.", ""]
+        controls = [r for r in rows if r["scen"] == "f-control"]
+        b_cpu = meds.get(("b", controls[0]["conns"]), {}).get("cpu") if controls else None
+        if controls and b_cpu:
+            c_cpu = med(r["cpu"] for r in controls)
+            out += [f"nginx (b) refusing the flood: {num(c_cpu)} µs CPU per refused request, "
+                    f"{ratio(c_cpu, b_cpu)}× its own forwarded request at c={controls[0]['conns']} "
+                    f"({num(b_cpu)} µs; the flood paced, (b) closed-loop: the comparison of stepgate's raw figure).", ""]
 
     # -------------------------------------------------- targets of issue 6
     out += ["## Targets (issue 6), from the medians above", ""]

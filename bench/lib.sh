@@ -357,11 +357,11 @@ start_upstream() {
 
 # run_wrk_bg OUT SECS wrk-args...: starts wrk in the background under a watchdog (killed
 # SECS + 30 s after start), so the trap can stop it and it never outlives its duration by
-# much. Sets WRK_PID; finish with wait_wrk.
+# much; at nice $WRK_NICE when set. Sets WRK_PID; finish with wait_wrk.
 run_wrk_bg() {
     local out="$1" secs="$2"
     shift 2
-    timeout -s KILL $((secs + 30)) wrk "$@" >"$out" 2>&1 &
+    nice -n "${WRK_NICE:-0}" timeout -s KILL $((secs + 30)) wrk "$@" >"$out" 2>&1 &
     WRK_PID=$!
     PIDS+=("$WRK_PID")
 }

@@ -102,15 +102,33 @@ pub struct FailureLimiter {
     account_wide: Arc<str>,
     counters: Cache<(Arc<str>, Subject), Arc<Gcra>>,
     bans: Cache<Subject, Ban>,
-    /// Bans inserted minus bans removed (for whatever reason, as the cache reports them):
-    /// while it is zero no request needs a ban lookup. It rises before an insert and falls
-    /// only after a removal, so it is never zero while a ban is in the cache.
-    bans_held: Arc<AtomicU64>,
+    /// Bans held, per kind of subject: while a kind's count is zero no request needs a ban
+    /// lookup for it. A flood of wrong codes bans consumers, and every request's IP check
+    /// then stays an atomic load instead of a cache lookup.
+    bans_held: Arc<BansHeld>,
+}
+
+/// Bans inserted minus bans removed (for whatever reason, as the cache reports them), per
+/// kind. A count rises before an insert and falls only after a removal, so it is never zero
+/// while a ban of its kind is in the cache.
+#[derive(Default)]
+struct BansHeld {
+    consumers: AtomicU64,
+    ips: AtomicU64,
+}
+
+impl BansHeld {
+    fn of(&self, subject: &Subject) -> &AtomicU64 {
+        match subject {
+            Subject::Consumer(_) => &self.consumers,
+            Subject::Ip(_) => &self.ips,
+        }
+    }
 }
 
 impl FailureLimiter {
     pub fn new(clock: SharedClock) -> Self {
-        let bans_held = Arc::new(AtomicU64::new(0));
+        let bans_held = Arc::new(BansHeld::default());
         let removed = bans_held.clone();
         Self {
             clock,
@@ -126,8 +144,8 @@ impl FailureLimiter {
             bans: Cache::builder()
                 .max_capacity(BAN_CAPACITY)
                 .expire_after(BanExpiry)
-                .eviction_listener(move |_, _, _| {
-                    removed.fetch_sub(1, Ordering::AcqRel);
+                .eviction_listener(move |subject: Arc<Subject>, _, _| {
+                    removed.of(&subject).fetch_sub(1, Ordering::AcqRel);
                 })
                 .build(),
             bans_held,
@@ -146,7 +164,7 @@ impl FailureLimiter {
     /// Seconds until the ban on `subject` ends, or `None` when it is not banned. A ban found
     /// over is removed and reported as `Err(ban)` so the caller can audit its end once.
     pub fn banned(&self, subject: &Subject) -> Result<Option<u64>, Ban> {
-        if self.bans_held.load(Ordering::Acquire) == 0 {
+        if self.bans_held.of(subject).load(Ordering::Acquire) == 0 {
             return Ok(None);
         }
         let Some(ban) = self.bans.get(subject) else {
@@ -180,7 +198,7 @@ impl FailureLimiter {
         }
         let now = self.clock.now();
         let until = now.saturating_add(failures.ban.as_secs());
-        self.bans_held.fetch_add(1, Ordering::AcqRel);
+        self.bans_held.of(&subject).fetch_add(1, Ordering::AcqRel);
         self.bans.insert(
             subject.clone(),
             Ban {
@@ -296,6 +314,43 @@ mod tests {
                 Recorded::Counted
             );
         }
+    }
+
+    #[test]
+    fn a_ban_is_looked_up_only_for_its_kind_and_counted_until_it_is_removed() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let limiter = FailureLimiter::new(clock.clone());
+        let policy: Arc<str> = "p".into();
+        let f = failures(1);
+        let held = |limiter: &FailureLimiter| {
+            limiter.bans.run_pending_tasks();
+            let h = &limiter.bans_held;
+            (
+                h.consumers.load(Ordering::Acquire),
+                h.ips.load(Ordering::Acquire),
+            )
+        };
+        let who = Subject::Consumer("c1".into());
+        let ip = Subject::ip("10.0.0.1".parse().unwrap());
+        limiter.record(&policy, who.clone(), f.per_consumer, &f);
+        limiter.record(&policy, who.clone(), f.per_consumer, &f);
+        assert_eq!(
+            held(&limiter),
+            (1, 0),
+            "a consumer's ban leaves IP checks a load"
+        );
+        assert_eq!(limiter.banned(&who), Ok(Some(600)));
+        assert_eq!(limiter.banned(&ip), Ok(None));
+        limiter.record(&policy, ip.clone(), f.per_ip, &f);
+        limiter.record(&policy, ip.clone(), f.per_ip, &f);
+        assert_eq!(held(&limiter), (1, 1));
+        assert_eq!(limiter.banned(&ip), Ok(Some(600)));
+        assert!(limiter.unlock(&who));
+        assert_eq!(held(&limiter), (0, 1));
+        assert_eq!(limiter.banned(&who), Ok(None));
+        clock.advance(600);
+        assert!(limiter.banned(&ip).is_err(), "its end is reported once");
+        assert_eq!(held(&limiter), (0, 0));
     }
 
     #[test]

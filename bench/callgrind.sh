@@ -3,7 +3,8 @@
 # callgrind: deterministic, so two builds compare even on a noisy 2-core machine where
 # criterion's nanoseconds drift by 30 % between runs. Prints the count and the top functions.
 #
-#   bench/callgrind.sh            # needs valgrind (apt-get install valgrind)
+#   bench/callgrind.sh                   # needs valgrind (apt-get install valgrind)
+#   bench/callgrind.sh "^auth decision"  # the auth decision alone (the stack from routing down)
 #
 # Valgrind hides SHA-NI from the program, so SHA-256 runs in software here and weighs more
 # than it does for real; compare totals between builds, not with criterion's times.
@@ -17,7 +18,7 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="auth" and m.get("executable"): print(m["executable"])' | tail -1)
 out=target/callgrind.auth.out  # kept for callgrind_annotate
 BENCH_CONSUMERS=${BENCH_CONSUMERS:-1000} valgrind --tool=callgrind --callgrind-out-file="$out" \
-  --toggle-collect='*auth::decide*' "$bin" --bench --profile-time 1 whole >/dev/null 2>&1
+  --toggle-collect='*auth::decide*' "$bin" --bench --profile-time 1 "${1:-whole}" >/dev/null 2>&1
 # Decisions = calls of `decide`, summed over its callers (a callee's count can be a multiple:
 # some are called twice per decision).
 callgrind_annotate --tree=caller "$out" 2>/dev/null | python3 -c '

@@ -222,45 +222,58 @@ fn bench(c: &mut Criterion) {
     // its context inside (the server's connection adds it to each request).
     // On this path nothing waits, so a single poll completes the future.
     let mut service = service.clone();
-    c.bench_function(
+    let timed = Timed {
+        request: &request,
+        config: &config,
+        conn: &conn,
+    };
+    timed.bench(
+        c,
         "whole auth decision (key + step-up token, real stack)",
-        |b| {
-            b.iter_batched(
-                || {
-                    i = (i + 1) % ENROLLED;
-                    request(i)
-                },
-                |request| {
-                    let response = decide(&mut service, request, &config, &conn);
-                    assert_eq!(response.status(), StatusCode::OK);
-                    response
-                },
-                BatchSize::SmallInput,
-            )
-        },
+        &mut service,
     );
-
     // The same decision without the layers above routing (credentials marked sensitive,
     // request id, metrics and access log, rescue, protocol and path guards): what the issue
     // calls the auth decision, key + token + policy, through the stack's own layers.
-    let mut decision = stack::decision_with(f.shared.clone(), stub);
-    c.bench_function(
+    timed.bench(
+        c,
         "auth decision (key + step-up token + policy, routing and below)",
-        |b| {
+        &mut stack::decision_with(f.shared.clone(), stub),
+    );
+}
+
+/// What the decision benchmarks share: the requests (consumer `i`'s key and token) and what
+/// the server's connection gives each request.
+struct Timed<'a, R> {
+    request: &'a R,
+    config: &'a ArcSwap<config::Snapshot>,
+    conn: &'a ConnInfo,
+}
+
+impl<R: Fn(usize) -> Request<Empty<Bytes>>> Timed<'_, R> {
+    /// Times [`decide`] through `service`, cycling over the enrolled consumers; every
+    /// decision must pass.
+    fn bench<S>(&self, c: &mut Criterion, name: &str, service: &mut S)
+    where
+        S: Service<Request<Empty<Bytes>>, Response = Response<Body>>,
+        S::Error: std::fmt::Debug,
+    {
+        let mut i = 0;
+        c.bench_function(name, |b| {
             b.iter_batched(
                 || {
                     i = (i + 1) % ENROLLED;
-                    request(i)
+                    (self.request)(i)
                 },
                 |request| {
-                    let response = decide(&mut decision, request, &config, &conn);
+                    let response = decide(service, request, self.config, self.conn);
                     assert_eq!(response.status(), StatusCode::OK);
                     response
                 },
                 BatchSize::SmallInput,
             )
-        },
-    );
+        });
+    }
 }
 
 /// Gives the request its context as the server's connection does, then runs it through the

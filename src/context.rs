@@ -43,14 +43,14 @@ impl Context {
         request
             .extensions()
             .get::<Context>()
-            .ok_or(Refusal::Internal("request has no context"))
+            .ok_or_else(|| Refusal::Internal("request has no context"))
     }
 
     pub fn of_mut<B>(request: &mut Request<B>) -> Result<&mut Context, Refusal> {
         request
             .extensions_mut()
             .get_mut::<Context>()
-            .ok_or(Refusal::Internal("request has no context"))
+            .ok_or_else(|| Refusal::Internal("request has no context"))
     }
 
     /// The route, once routing has picked it.

@@ -57,14 +57,15 @@ pub fn single_value<'a>(
     if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES || !graphic {
         return Err(Refusal::BadRequest(what));
     }
-    // Visible ASCII is valid UTF-8.
-    Ok(value.to_str().ok())
+    // Visible ASCII is valid UTF-8; `from_utf8` checks it a word at a time, where
+    // `HeaderValue::to_str` would walk the bytes once more one by one.
+    Ok(std::str::from_utf8(bytes).ok())
 }
 
 impl<B> Guard<B> for ApiKeyGuard {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
         let policy = &Context::route_of(request)
-            .ok_or(Refusal::Internal("API-key check before routing"))?
+            .ok_or_else(|| Refusal::Internal("API-key check before routing"))?
             .policy;
         let factor_required = policy.second_factor == Requirement::Required;
         if policy.api_key != Requirement::Required {
@@ -77,10 +78,10 @@ impl<B> Guard<B> for ApiKeyGuard {
                 &X_API_KEY,
                 "exactly one X-Api-Key header of visible ASCII is allowed",
             )?
-            .ok_or(Refusal::ApiKeyMissing)?;
+            .ok_or_else(|| Refusal::ApiKeyMissing)?;
             self.registry
                 .authenticate(presented)
-                .ok_or(Refusal::ApiKeyInvalid)?
+                .ok_or_else(|| Refusal::ApiKeyInvalid)?
         };
         let headers = request.headers_mut();
         headers.remove(&X_API_KEY);

@@ -61,9 +61,10 @@ where
     B::Error: Into<BoxError>,
 {
     let context = RequestContext::of(&request)?;
-    let route: Arc<Route> = context.route.clone().ok_or(Refusal::Internal(
-        "request reached forwarding without a route",
-    ))?;
+    let route: Arc<Route> = context
+        .route
+        .clone()
+        .ok_or_else(|| Refusal::Internal("request reached forwarding without a route"))?;
     let conn = context.conn.clone();
     let via_trusted_proxy = context.client.is_some_and(|c| c.via_trusted_proxy);
 
@@ -146,9 +147,11 @@ fn step_up_answer<B>(request: &Request<B>) -> Result<Response<Body>, Refusal> {
     let issued = request
         .extensions()
         .get::<crate::auth::second_factor::IssuedToken>()
-        .ok_or(Refusal::BadRequest(
-            "a step-up token is issued for a code in X-OTP (not for another token)",
-        ))?;
+        .ok_or_else(|| {
+            Refusal::BadRequest(
+                "a step-up token is issued for a code in X-OTP (not for another token)",
+            )
+        })?;
     let body = serde_json::json!({
         "token": issued.token,
         "expires_at": crate::clock::rfc3339(issued.expires_at),

@@ -78,7 +78,7 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
         None => snapshot
             .routes
             .find(host, request.method(), path)
-            .ok_or(Refusal::NoRoute)?,
+            .ok_or_else(|| Refusal::NoRoute)?,
     };
     if let Some(length) = content_length(request.headers())?
         && length > route.body_bytes
@@ -123,14 +123,15 @@ fn step_up_route<'a, B>(
         .query()
         .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("policy=")));
     match wanted {
-        Some(name) => snapshot.step_up_routes.get(name).ok_or(Refusal::BadRequest(
-            "no policy of that name issues step-up tokens",
-        )),
+        Some(name) => snapshot
+            .step_up_routes
+            .get(name)
+            .ok_or_else(|| Refusal::BadRequest("no policy of that name issues step-up tokens")),
         None if snapshot.step_up_routes.len() == 1 => snapshot
             .step_up_routes
             .values()
             .next()
-            .ok_or(Refusal::NoRoute),
+            .ok_or_else(|| Refusal::NoRoute),
         None if snapshot.step_up_routes.is_empty() => Err(Refusal::NoRoute),
         None => Err(Refusal::BadRequest(
             "several policies issue step-up tokens: name one with ?policy=NAME",
@@ -178,7 +179,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Refusal> {
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or(Refusal::BadRequest("malformed Content-Length"))?;
+            .ok_or_else(|| Refusal::BadRequest("malformed Content-Length"))?;
         if length.is_some_and(|l| l != parsed) {
             return Err(Refusal::BadRequest("conflicting Content-Length headers"));
         }

@@ -111,11 +111,7 @@ EOF
         GATEWAY_PORT="$(free_port)"
         ADMIN_PORT="$(free_port)"
         [[ "$ADMIN_PORT" != "$GATEWAY_PORT" ]] || continue
-        cat >"$dir/gateway.yaml" <<EOF
-listen: 127.0.0.1:$GATEWAY_PORT
-data_dir: $dir/data
-admin: { listen: 127.0.0.1:$ADMIN_PORT }
-policies_dir: policies
+        { gateway_yaml_head "$dir"; cat <<EOF; } >"$dir/gateway.yaml"
 # The flood's X-Forwarded-For names fake client addresses; legitimate traffic sends none.
 trusted_proxies: [127.0.0.1/32]
 upstreams:

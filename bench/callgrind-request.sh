@@ -34,21 +34,13 @@ printf 'api_key: required\nsecond_factor: required\nstep_up: { ttl: 1h, scope: p
     >"$GW/policies/two-factor.yaml"
 GATEWAY_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
-cat >"$GW/gateway.yaml" <<EOF
-listen: 127.0.0.1:$GATEWAY_PORT
-data_dir: $GW/data
-admin: { listen: 127.0.0.1:$ADMIN_PORT }
-policies_dir: policies
+{ gateway_yaml_head "$GW"; cat <<EOF; } >"$GW/gateway.yaml"
 upstreams:
   nginx: { url: "http://127.0.0.1:$UPSTREAM_PORT" }
 routes:
   - { name: key, match: { path: /key }, upstream: nginx, policy: key }
   - { name: two-factor, match: { path: /two-factor }, upstream: nginx, policy: two-factor }
 EOF
-
-# The CLI talks to the gateway's admin API.
-cli() { "$GATEWAY_BIN" "$@" --json -c "$GW/gateway.yaml"; }
-json() { python3 -c "import sys, json; print(json.load(sys.stdin)$1)"; }
 
 # callgrind_run NAME PID PORT PATH HEADER...: zeroes the counters of PID (the process last
 # started), runs wrk, dumps, and appends "NAME instructions/request requests non-2xx" to

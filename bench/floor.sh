@@ -47,11 +47,7 @@ printf 'api_key: required\nsecond_factor: off\n' >"$GW/policies/key.yaml"
 printf 'api_key: required\nsecond_factor: required\n' >"$GW/policies/two-factor.yaml"
 GATEWAY_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
-cat >"$GW/gateway.yaml" <<EOF
-listen: 127.0.0.1:$GATEWAY_PORT
-data_dir: $GW/data
-admin: { listen: 127.0.0.1:$ADMIN_PORT }
-policies_dir: policies
+{ gateway_yaml_head "$GW"; cat <<EOF; } >"$GW/gateway.yaml"
 limits: { workers: $WORKERS }
 upstreams:
   nginx: { url: "http://127.0.0.1:$UPSTREAM_PORT" }
@@ -65,8 +61,6 @@ EOF
 GATEWAY_PID=$!
 PIDS+=("$GATEWAY_PID")
 wait_ready stepgate "$GATEWAY_PID" "$GATEWAY_PORT" "$GW/gateway.log" /public || die "stepgate did not start"
-cli() { "$GATEWAY_BIN" "$@" --json -c "$GW/gateway.yaml"; }
-json() { python3 -c "import sys, json; print(json.load(sys.stdin)$1)"; }
 KEY="$(cli consumer add floor | json '["api_key"]')" || die "could not create a consumer"
 # A second consumer, enrolled, then banned for wrong codes.
 BANNED_KEY="$(cli consumer add banned | json '["api_key"]')" || die "could not create a consumer"

@@ -178,6 +178,22 @@ except urllib.error.HTTPError as e:
 PY
 }
 
+# gateway_yaml_head DIR: the top of a bench gateway.yaml for a gateway under DIR: listening on
+# $GATEWAY_PORT, data in DIR/data, the admin API on $ADMIN_PORT, policies from DIR/policies.
+gateway_yaml_head() {
+    cat <<EOF
+listen: 127.0.0.1:$GATEWAY_PORT
+data_dir: $1/data
+admin: { listen: 127.0.0.1:$ADMIN_PORT }
+policies_dir: policies
+EOF
+}
+
+# cli ARGS...: the stepgate CLI (JSON output) for the gateway of $GW/gateway.yaml, through its
+# admin API. json EXPR: prints EXPR of the JSON on stdin (json '["api_key"]').
+cli() { "$GATEWAY_BIN" "$@" --json -c "$GW/gateway.yaml"; }
+json() { python3 -c "import sys, json; print(json.load(sys.stdin)$1)"; }
+
 # totp SECRET [STEPS_BACK]: the code of this 30-s step (or of one before: each code counts once,
 # so enrolment and the step-up use different ones).
 totp() {

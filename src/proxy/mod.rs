@@ -147,11 +147,9 @@ fn step_up_answer<B>(request: &Request<B>) -> Result<Response<Body>, Refusal> {
     let issued = request
         .extensions()
         .get::<crate::auth::second_factor::IssuedToken>()
-        .ok_or_else(|| {
-            Refusal::BadRequest(
-                "a step-up token is issued for a code in X-OTP (not for another token)",
-            )
-        })?;
+        .ok_or(Refusal::BadRequest(
+            "a step-up token is issued for a code in X-OTP (not for another token)",
+        ))?;
     let body = serde_json::json!({
         "token": issued.token,
         "expires_at": crate::clock::rfc3339(issued.expires_at),

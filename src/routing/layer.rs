@@ -123,15 +123,14 @@ fn step_up_route<'a, B>(
         .query()
         .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("policy=")));
     match wanted {
-        Some(name) => snapshot
-            .step_up_routes
-            .get(name)
-            .ok_or_else(|| Refusal::BadRequest("no policy of that name issues step-up tokens")),
+        Some(name) => snapshot.step_up_routes.get(name).ok_or(Refusal::BadRequest(
+            "no policy of that name issues step-up tokens",
+        )),
         None if snapshot.step_up_routes.len() == 1 => snapshot
             .step_up_routes
             .values()
             .next()
-            .ok_or_else(|| Refusal::NoRoute),
+            .ok_or(Refusal::NoRoute),
         None if snapshot.step_up_routes.is_empty() => Err(Refusal::NoRoute),
         None => Err(Refusal::BadRequest(
             "several policies issue step-up tokens: name one with ?policy=NAME",

@@ -1,6 +1,6 @@
 //! What the layers learn about a request on its way in, kept in one request extension: the
 //! configuration snapshot it is served under, its connection, and, as the layers find them,
-//! its route, client address and API key. One extension is one allocation; one per fact made
+//! its canonical host, route, client address and API key. One extension is one allocation; one per fact made
 //! five, plus the map growing twice.
 
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use http::Request;
 use crate::auth::client_ip::ClientIp;
 use crate::config::Snapshot;
 use crate::error::Refusal;
+use crate::host::Host;
 use crate::registry::KeyEntry;
 use crate::routing::Route;
 use crate::server::ConnInfo;
@@ -19,6 +20,8 @@ pub struct Context {
     /// Read once by the outermost layer; the request keeps it to its end.
     pub snapshot: Arc<Snapshot>,
     pub conn: ConnInfo,
+    /// The canonical host, set before routing; `None` when the request names none.
+    pub host: Option<Host>,
     /// Set by routing.
     pub route: Option<Arc<Route>>,
     /// Set by the client-address guard.
@@ -32,6 +35,7 @@ impl Context {
         Self {
             snapshot,
             conn,
+            host: None,
             route: None,
             client: None,
             entry: None,

@@ -52,6 +52,27 @@ pub enum Refusal {
     BadRequest(&'static str),
     #[error("the request path is ambiguous: {0}")]
     BadPath(crate::path::PathError),
+    #[error("the request's host is ambiguous: {0}")]
+    BadHost(crate::host::HostError),
+    /// A header name that reads, with `_` as `-`, as a credential or identity header.
+    #[error(
+        "the header `{0}` is read as `{spelled}` by many upstreams; credential and identity \
+         header names must be spelled with `-`",
+        spelled = crate::header_names::cgi_spelling(.0.as_str())
+    )]
+    LookAlikeHeader(http::HeaderName),
+    /// Another header name with `_`, under `limits.headers_with_underscores: reject`.
+    #[error("header names with `_` are not accepted here (`{0}`)")]
+    UnderscoreHeader(http::HeaderName),
+    #[error("a Connection option may not name `{0}`, a header the gateway reads or sets")]
+    ConnectionNamesProtected(http::HeaderName),
+    /// The message's framing is ambiguous: answered with 400 and the connection closed.
+    #[error("{0}")]
+    BadFraming(&'static str),
+    /// The client's body broke off or was malformed (a bad chunk): answered with 400 and the
+    /// connection closed; not the upstream's fault.
+    #[error("the request body is malformed or was cut off")]
+    BadBody,
     #[error("no route matches this request")]
     NoRoute,
     #[error("this route needs an API key in the X-Api-Key header")]
@@ -113,6 +134,9 @@ pub enum Refusal {
     HeadersTooLarge { limit: usize, unit: &'static str },
     #[error("the upstream is unavailable")]
     UpstreamUnavailable { source: Option<BoxError> },
+    /// The upstream answered something that cannot be passed on (a `101` nobody asked for).
+    #[error("the upstream's answer could not be passed on")]
+    UpstreamProtocol(&'static str),
     #[error("the upstream did not answer within {}ms", timeout.as_millis())]
     UpstreamTimeout { timeout: Duration },
     /// A bug: the stack was assembled wrongly. Logged, answered with 500.
@@ -124,9 +148,14 @@ impl Refusal {
     /// Status and stable `code`.
     pub fn status_code(&self) -> (StatusCode, &'static str) {
         match self {
-            Refusal::BadRequest(_) | Refusal::BadPath(_) => {
-                (StatusCode::BAD_REQUEST, "bad_request")
-            }
+            Refusal::BadRequest(_)
+            | Refusal::BadPath(_)
+            | Refusal::BadHost(_)
+            | Refusal::LookAlikeHeader(_)
+            | Refusal::UnderscoreHeader(_)
+            | Refusal::ConnectionNamesProtected(_)
+            | Refusal::BadFraming(_)
+            | Refusal::BadBody => (StatusCode::BAD_REQUEST, "bad_request"),
             Refusal::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             Refusal::ApiKeyMissing => (StatusCode::UNAUTHORIZED, "api_key_missing"),
             Refusal::ApiKeyInvalid => (StatusCode::UNAUTHORIZED, "api_key_invalid"),
@@ -152,7 +181,7 @@ impl Refusal {
             Refusal::HeadersTooLarge { .. } => {
                 (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too_large")
             }
-            Refusal::UpstreamUnavailable { .. } => {
+            Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamProtocol(_) => {
                 (StatusCode::BAD_GATEWAY, "upstream_unavailable")
             }
             Refusal::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -243,6 +272,14 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
             "upstream request failed"
         );
     }
+    if let Refusal::UpstreamProtocol(what) = &refusal {
+        tracing::warn!(
+            route = route.as_ref().map(|r| r.name.as_str()),
+            upstream = route.as_ref().map(|r| r.upstream.name.as_str()),
+            what,
+            "upstream answer refused"
+        );
+    }
     if let Refusal::Internal(what) = &refusal {
         tracing::error!(what, "internal error");
     }
@@ -262,6 +299,12 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+    }
+    if let Refusal::BadFraming(_) | Refusal::BadBody = refusal {
+        // The rest of the connection's bytes cannot be framed: nothing more is read from it.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(route) = route {
         response.extensions_mut().insert(route);

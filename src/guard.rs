@@ -18,20 +18,21 @@ pub trait Guard<B> {
 /// Guards in a tuple run in order, the first refusal ending the request: one layer for several
 /// checks that sit next to each other, so the request and the futures are not moved through a
 /// layer per check.
-impl<B, G1: Guard<B>, G2: Guard<B>> Guard<B> for (G1, G2) {
-    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        self.0.check(request)?;
-        self.1.check(request)
-    }
+macro_rules! guard_tuple {
+    ($($g:ident . $i:tt),+) => {
+        impl<B, $($g: Guard<B>),+> Guard<B> for ($($g,)+) {
+            fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+                $(self.$i.check(request)?;)+
+                Ok(())
+            }
+        }
+    };
 }
 
-impl<B, G1: Guard<B>, G2: Guard<B>, G3: Guard<B>> Guard<B> for (G1, G2, G3) {
-    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        self.0.check(request)?;
-        self.1.check(request)?;
-        self.2.check(request)
-    }
-}
+guard_tuple!(G1.0, G2.1);
+guard_tuple!(G1.0, G2.1, G3.2);
+guard_tuple!(G1.0, G2.1, G3.2, G4.3);
+guard_tuple!(G1.0, G2.1, G3.2, G4.3, G5.4);
 
 /// Wraps a service so that `G` runs before it.
 #[derive(Clone)]

@@ -10,9 +10,11 @@
 //!   - [`observe`]: request id, configuration snapshot, access log;
 //!   - [`rescue`]: refusals ([`error::Refusal`]) become problem+json, in one place;
 //!   - [`limits`]: URI and header limits;
-//!   - [`path`]: canonical path, ambiguous encodings refused;
+//!   - [`host`], [`path`]: canonical host and path, ambiguous forms refused;
+//!   - [`client_headers`]: the client's headers cleaned in one pass (look-alikes of
+//!     credential and identity headers refused, identity and hop-by-hop headers removed,
+//!     ambiguous framing refused);
 //!   - [`routing`]: route table and the routing layer;
-//!   - [`identity`]: client-sent identity headers removed;
 //!   - [`auth`]: failure limiter, API key, consumer ban, roles, second factor;
 //!   - [`selfservice`]: the consumers' own security page and enrolment API, answered by the
 //!     gateway under its prefix (never forwarded);
@@ -27,6 +29,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod client_headers;
 pub mod clock;
 pub mod config;
 pub mod context;
@@ -34,7 +37,8 @@ pub mod credentials;
 pub mod enrollment;
 pub mod error;
 pub mod guard;
-pub mod identity;
+pub mod header_names;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod observe;

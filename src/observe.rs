@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderName, HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
@@ -17,7 +17,7 @@ use crate::error::ProblemCode;
 use crate::metrics::Metrics;
 use crate::routing::Route;
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::header_names::X_REQUEST_ID;
 
 #[derive(Clone)]
 pub struct ObserveLayer {

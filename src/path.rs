@@ -78,7 +78,9 @@ impl fmt::Display for PathError {
             PathError::NotAbsolute => "path must start with `/`",
             PathError::EncodedSlash => "path contains an encoded `/` or `\\`",
             PathError::Backslash => "path contains a `\\`",
-            PathError::DotSegment => "path contains a `.` or `..` segment",
+            PathError::DotSegment => {
+                "path contains a `.` or `..` segment (with or without `;` parameters)"
+            }
             PathError::Nul => "path contains a NUL byte",
             PathError::BadEscape => "path contains an invalid percent-escape",
             PathError::EmptySegment => "path contains an empty segment (`//`)",
@@ -159,6 +161,10 @@ fn check_segments(path: &str) -> Result<(), PathError> {
     while let Some(segment) = segments.next() {
         match segment {
             "." | ".." => return Err(PathError::DotSegment),
+            // `..;jsessionid=x`: Tomcat and Spring drop path parameters and read `..`.
+            _ if matches!(segment.split(';').next(), Some("." | "..")) => {
+                return Err(PathError::DotSegment);
+            }
             "" if segments.peek().is_some() => return Err(PathError::EmptySegment),
             _ => {}
         }
@@ -188,6 +194,8 @@ mod tests {
             "/orders/7",
             "/orders/",
             "/a:b@c!$&'()*+,;=-._~",
+            "/a/...;x",
+            "/a/;..",
         ] {
             assert!(
                 matches!(normalize(p), Ok(Cow::Borrowed(q)) if q == p),
@@ -226,6 +234,11 @@ mod tests {
             ("/a/..", PathError::DotSegment),
             ("/a/%2E%2E/b", PathError::DotSegment),
             ("/a/%2e", PathError::DotSegment),
+            ("/pub/..;/admin", PathError::DotSegment),
+            ("/pub/..;x=1/admin", PathError::DotSegment),
+            ("/pub/.;/admin", PathError::DotSegment),
+            ("/pub/%2e%2e;/admin", PathError::DotSegment),
+            ("/pub/..;", PathError::DotSegment),
             ("/a%00", PathError::Nul),
             ("/a%G1", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),

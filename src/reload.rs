@@ -5,7 +5,7 @@
 //! and the old one keeps serving.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -163,27 +163,29 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
 pub struct Watcher {
     reloader: Arc<Reloader>,
     debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
-    events: mpsc::UnboundedReceiver<()>,
+    events: mpsc::UnboundedReceiver<Vec<PathBuf>>,
     watched: BTreeSet<PathBuf>,
 }
 
 impl Watcher {
     /// Starts watching at once, so that a change made right after start-up is not missed.
     pub fn new(reloader: Arc<Reloader>) -> Option<Self> {
-        let (tx, events) = mpsc::unbounded_channel::<()>();
+        let (tx, events) = mpsc::unbounded_channel::<Vec<PathBuf>>();
         let debouncer = new_debouncer(
             Duration::from_millis(200),
             None,
             move |result: DebounceEventResult| {
                 // Reading the files (our own reloads do) raises access events: only changes
-                // count.
-                let changed = result.is_ok_and(|events| {
-                    events
-                        .iter()
-                        .any(|e| e.kind.is_create() || e.kind.is_modify() || e.kind.is_remove())
-                });
-                if changed {
-                    let _ = tx.send(());
+                // count. Which files they touch is decided on the other side, against the
+                // configuration in force.
+                let Ok(events) = result else { return };
+                let paths: Vec<PathBuf> = events
+                    .iter()
+                    .filter(|e| e.kind.is_create() || e.kind.is_modify() || e.kind.is_remove())
+                    .flat_map(|e| e.paths.iter().cloned())
+                    .collect();
+                if !paths.is_empty() {
+                    let _ = tx.send(paths);
                 }
             },
         );
@@ -218,16 +220,23 @@ impl Watcher {
         self.watched = wanted;
     }
 
-    /// Reloads on every (debounced) change until `shutdown`.
+    /// Reloads on every (debounced) change to a file the configuration reads, until
+    /// `shutdown`. Changes to other files in the watched directories (a log file written
+    /// beside `gateway.yaml`, say) are ignored without a word: logging them would feed a log
+    /// written there back into the watcher.
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 event = self.events.recv() => {
-                    if event.is_none() {
-                        return;
-                    }
+                    let Some(mut paths) = event else { return };
                     // Coalesce a burst of changes into one reload.
-                    while self.events.try_recv().is_ok() {}
+                    while let Ok(more) = self.events.try_recv() {
+                        paths.extend(more);
+                    }
+                    let snapshot = self.reloader.config.load_full();
+                    if !paths.iter().any(|p| concerns(&snapshot, p)) {
+                        continue;
+                    }
                     self.reloader.reload("file change").await;
                     self.follow_config();
                 }
@@ -237,17 +246,55 @@ impl Watcher {
     }
 }
 
-/// The directories to watch for a snapshot.
-pub fn watched_dirs(snapshot: &Snapshot) -> BTreeSet<PathBuf> {
-    let dir_of = |file: &std::path::Path| match file.parent() {
+/// Whether a change to `path` may change the configuration `snapshot` was read from:
+/// `gateway.yaml`, a policy file, a TLS or CA file it names, or an entry of a directory that
+/// Kubernetes swaps atomically (`..data` and its timestamped siblings, behind the symlinks the
+/// files are).
+pub fn concerns(snapshot: &Snapshot, path: &Path) -> bool {
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    if name.to_str().is_some_and(|n| n.starts_with("..")) {
+        return true;
+    }
+    let dir = parent_dir(path);
+    let same_file =
+        |file: &Path| file.file_name() == Some(name) && same_dir(&parent_dir(file), &dir);
+    let policy = same_dir(&snapshot.policies_dir, &dir)
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+    policy
+        || same_file(&snapshot.source)
+        || snapshot.extra_files.iter().any(|f| same_file(f))
+        || same_dir(&snapshot.policies_dir, path)
+}
+
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// Whether two directories are the same, as far as the watcher's event paths and the
+/// configuration's (possibly relative) paths can tell.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b
+        || a.canonicalize()
+            .ok()
+            .zip(b.canonicalize().ok())
+            .is_some_and(|(a, b)| a == b)
+}
+
+/// The directories to watch for a snapshot.
+pub fn watched_dirs(snapshot: &Snapshot) -> BTreeSet<PathBuf> {
     let mut dirs = BTreeSet::new();
-    dirs.insert(dir_of(&snapshot.source));
+    dirs.insert(parent_dir(&snapshot.source));
     dirs.insert(snapshot.policies_dir.clone());
     for file in &snapshot.extra_files {
-        dirs.insert(dir_of(file));
+        dirs.insert(parent_dir(file));
     }
     dirs
 }

@@ -30,7 +30,12 @@ pub fn is_credential(name: &str) -> bool {
 
 fn mark(headers: &mut HeaderMap) {
     for (name, value) in headers.iter_mut() {
-        if is_credential(name.as_str()) {
+        let name = name.as_str();
+        // A look-alike (`X_Api_Key`) is refused later, but its value is a credential too.
+        if is_credential(name)
+            || (name.as_bytes().contains(&b'_')
+                && is_credential(&crate::header_names::cgi_spelling(name)))
+        {
             value.set_sensitive(true);
         }
     }

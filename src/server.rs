@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::admin::{self, Admin};
-use crate::auth::limiter::FailureLimiter;
+use crate::auth::limiter::{FailureLimiter, LimiterWriter};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{ConfigHandle, Limits, Snapshot, StoreSettings};
 use crate::context::Context as RequestContext;
@@ -49,13 +49,21 @@ pub struct ConnInfo {
     /// The peer's address as a header value, formatted once per connection (it is the
     /// `X-Forwarded-For` of nearly every request).
     pub peer_ip: http::HeaderValue,
+    /// The peer as a `Forwarded` node, formatted once per connection too.
+    pub peer_node: Arc<str>,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = http::HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        Self { peer, tls, peer_ip }
+        let peer_node = Arc::from(crate::proxy::headers::forwarded_node(peer.ip()));
+        Self {
+            peer,
+            tls,
+            peer_ip,
+            peer_node,
+        }
     }
 }
 
@@ -66,6 +74,7 @@ pub struct Gateway {
     config: ConfigHandle,
     registry: Arc<Registry>,
     limiter: Arc<FailureLimiter>,
+    limiter_writer: LimiterWriter,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     watcher: Option<crate::reload::Watcher>,
@@ -93,9 +102,17 @@ impl Gateway {
             ),
         };
         let registry = Arc::new(
-            Registry::open(store, master, clock.clone(), snapshot.audit_sink.clone()).await?,
+            Registry::open(
+                store.clone(),
+                master,
+                clock.clone(),
+                snapshot.audit_sink.clone(),
+            )
+            .await?,
         );
-        let limiter = Arc::new(FailureLimiter::new(clock.clone()));
+        // Bans and counts from before a restart are in force again before the first request.
+        let (limiter, limiter_writer) = FailureLimiter::persistent(clock.clone(), store).await?;
+        let limiter = Arc::new(limiter);
         let metrics = Metrics::new();
 
         let addr = snapshot.listen;
@@ -120,6 +137,7 @@ impl Gateway {
             config,
             registry,
             limiter,
+            limiter_writer,
             metrics,
             reloader,
             watcher,
@@ -183,6 +201,7 @@ impl Gateway {
             config,
             registry,
             limiter,
+            limiter_writer,
             metrics,
             reloader,
             watcher,
@@ -190,6 +209,10 @@ impl Gateway {
             shutdown,
         } = self;
         let background = TaskTracker::new();
+        // Stopped only once no request can fail any more (after the drain), so that the
+        // failures of the last requests are written too.
+        let writer_stop = CancellationToken::new();
+        background.spawn(limiter_writer.run(writer_stop.clone()));
         if let Some(admin_listener) = admin_listener {
             let admin = Arc::new(Admin {
                 registry: registry.clone(),
@@ -284,6 +307,7 @@ impl Gateway {
         for worker in workers {
             worker.stopped.await.ok();
         }
+        writer_stop.cancel();
         background.close();
         background.wait().await;
         tracing::info!("shutdown complete");
@@ -531,11 +555,21 @@ impl Connection {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                () = tokio::time::sleep(tick), if !closing => {
+                () = tokio::time::sleep(tick) => {
                     quiet_ticks = if activity.take() { 0 } else { quiet_ticks + 1 };
                     if quiet_ticks >= IDLE_TICKS {
+                        // Asked to close and still moving nothing: a response stalled mid-body
+                        // (an upstream that stopped sending) would keep an HTTP/1.1 connection
+                        // waiting for its end forever, so it is cut.
+                        if closing {
+                            tracing::debug!(peer = %self.peer, "idle connection cut");
+                            return;
+                        }
+                        // A graceful close first: an idle keep-alive connection just closes,
+                        // HTTP/2 gets its GOAWAY. One more quiet tick and it is cut.
                         closing = true;
                         connection.as_mut().graceful_shutdown();
+                        quiet_ticks = IDLE_TICKS - 1;
                     }
                 }
                 // The hard stop comes only after the graceful one (drain timeout).
@@ -545,11 +579,18 @@ impl Connection {
     }
 }
 
+/// The longest request target hyper parses before answering 414 itself (hyper's own limit).
+const HYPER_MAX_URI: usize = 65_534;
+
 /// hyper's own limits are a backstop a little above ours, so that our guard, not hyper, answers
-/// with the documented problem+json in all but pathological cases.
+/// with the documented problem+json in all but pathological cases. The read buffer holds a
+/// head whose request target is as long as hyper parses at all, so that a long target is a
+/// 414 (ours up to a little past `uri_bytes`, hyper's beyond), not a 431 because the buffer
+/// filled before the request line ended; only a head longer than all of that is a 431.
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let head_bytes = limits.uri_bytes + limits.header_bytes + 4 * limits.header_count + 1024;
+    let head_bytes =
+        limits.uri_bytes.max(HYPER_MAX_URI) + limits.header_bytes + 4 * limits.header_count + 1024;
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -566,8 +607,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Checks of the idle timeout per period: a connection is closed between `idle_timeout` and
-/// `idle_timeout * (1 + 1 / IDLE_TICKS)` after its last byte.
+/// Checks of the idle timeout per period: a connection is asked to close between
+/// `idle_timeout` and `idle_timeout * (1 + 1 / IDLE_TICKS)` after its last byte, and cut one
+/// quiet tick later if it has not closed by then.
 const IDLE_TICKS: u32 = 4;
 
 /// Whether the connection moved a byte since the idle check last looked.

@@ -15,9 +15,10 @@ use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
 use crate::auth::limiter::FailureLimiter;
 use crate::auth::roles::RoleCheck;
 use crate::auth::second_factor::SecondFactorLayer;
+use crate::client_headers::ClientHeaders;
 use crate::error::{Body, Refusal, Refused};
 use crate::guard::GuardLayer;
-use crate::identity::StripIdentity;
+use crate::host::CanonicalHost;
 use crate::limits::ProtocolLimits;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
@@ -80,9 +81,16 @@ where
         .layer(GuardLayer((
             // Cheap protocol guards before any parsing that depends on routes.
             ProtocolLimits,
-            // Canonicalise the path before routing, so the path routed (and later authorised)
-            // is the path forwarded; ambiguous encodings are refused here.
+            // Canonicalise the host and the path before routing, so the host and path routed
+            // (and later authorised) are the ones forwarded; ambiguous forms are refused here.
+            CanonicalHost,
             NormalizePath,
+            // Who the client is: the socket peer, or the client a trusted proxy names.
+            ClientAddr,
+            // The client's headers cleaned in one pass before anything is added: look-alikes
+            // of credential and identity headers refused, client identity headers and
+            // hop-by-hop headers (with what `Connection` names) removed, two framings refused.
+            ClientHeaders,
         )))
         .service(decision_with(shared, inner))
 }
@@ -109,12 +117,6 @@ where
     ServiceBuilder::new()
         // Pick the route: 404 when none, route body limit on Content-Length.
         .layer(RouteLayer)
-        .layer(GuardLayer((
-            // Client-sent identity headers go before anything could rely on them.
-            StripIdentity,
-            // Who the client is: the socket peer, or the client a trusted proxy names.
-            ClientAddr,
-        )))
         // The failure limiter wraps every credential check below: a banned IP is refused
         // before any credential is looked at, and every failed attempt below is counted.
         .layer(FailureLimitLayer::new(

@@ -16,11 +16,9 @@ use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::registry::Registry;
 
-pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
-pub static X_CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
-pub static X_CONSUMER_ROLES: HeaderName = HeaderName::from_static("x-consumer-roles");
-pub static X_STEPGATE_AUTH: HeaderName = HeaderName::from_static("x-stepgate-auth");
+pub use crate::header_names::{
+    X_API_KEY, X_CONSUMER_ID, X_CONSUMER_NAME, X_CONSUMER_ROLES, X_STEPGATE_AUTH,
+};
 
 /// Longest header value considered; real keys are 76 bytes.
 const MAX_KEY_BYTES: usize = 256;

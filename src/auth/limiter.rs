@@ -7,6 +7,11 @@
 //! subjects the gateway can vouch for become keys: consumer ids (known consumers only, since
 //! an unknown key counts against the IP) and client IPs (IPv6 by /64, because a single host
 //! commonly holds a whole /64).
+//!
+//! A restart must not reset an attacker's budget: every ban, and every consumer's count, is
+//! written to the store (in the background, batched, retried while the store is away: see
+//! [`LimiterWriter`]) and loaded again at start ([`FailureLimiter::restore`]). Counts of
+//! client IPs are not kept (an address flood would write a row per address); IP bans are.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,13 +20,16 @@ use std::time::{Duration, Instant};
 
 use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::nanos::Nanos;
+use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use moka::Expiry;
 use moka::sync::Cache;
+use tokio::sync::mpsc;
 
 use crate::clock::SharedClock;
 use crate::config::{Failures, Rate};
+use crate::store::{BanRecord, FailureCountRecord, LimiterChange, LimiterState, Store};
 
 const COUNTER_CAPACITY: u64 = 200_000;
 const BAN_CAPACITY: u64 = 200_000;
@@ -55,6 +63,21 @@ impl Subject {
             Subject::Ip(ip) => format!("ip {ip}"),
         }
     }
+
+    /// The subject as the store keeps it: `consumer:<id>` or `ip:<address>`.
+    pub fn key(&self) -> String {
+        match self {
+            Subject::Consumer(id) => format!("consumer:{id}"),
+            Subject::Ip(ip) => format!("ip:{ip}"),
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        if let Some(id) = key.strip_prefix("consumer:") {
+            return Some(Subject::Consumer(Arc::from(id)));
+        }
+        key.strip_prefix("ip:")?.parse().ok().map(Subject::Ip)
+    }
 }
 
 /// governor reads time from the gateway's injected clock, so tests move time by hand.
@@ -68,7 +91,71 @@ impl GovernorClock for LimiterClock {
     }
 }
 
-type Gcra = RateLimiter<NotKeyed, InMemoryState, LimiterClock, NoOpMiddleware<Duration>>;
+/// governor's state for one counter (the GCRA's theoretical arrival time, in nanoseconds after
+/// its limiter was made), as its own in-memory state does it, but readable and settable so
+/// that the count survives a restart.
+#[derive(Default)]
+struct Tat(Arc<AtomicU64>);
+
+impl StateStore for Tat {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // As governor's `InMemoryState`: 0 stands for "never measured".
+        let mut prev = self.0.load(Ordering::Acquire);
+        loop {
+            let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+            match self.0.compare_exchange_weak(
+                prev,
+                u64::from(next).max(1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, Tat, LimiterClock, NoOpMiddleware<Duration>>;
+
+/// One subject's failures on one policy.
+struct Counter {
+    gcra: Gcra,
+    /// The limiter's state, shared with it, to be read after each failure and kept.
+    tat: Arc<AtomicU64>,
+    /// When the limiter was made (ms since the epoch): its state is relative to that.
+    start_ms: u64,
+}
+
+impl Counter {
+    /// A counter, continuing from a kept theoretical arrival time if there is one.
+    fn new(rate: Rate, clock: &SharedClock, tat_ms: Option<u64>) -> Self {
+        let start_ms = clock.now_millis();
+        let tat = Arc::new(AtomicU64::new(0));
+        if let Some(tat_ms) = tat_ms.filter(|t| *t > start_ms) {
+            tat.store(
+                (tat_ms - start_ms).saturating_mul(1_000_000),
+                Ordering::Release,
+            );
+        }
+        Self {
+            gcra: RateLimiter::new(quota(rate), Tat(tat.clone()), LimiterClock(clock.clone())),
+            tat,
+            start_ms,
+        }
+    }
+
+    /// The theoretical arrival time in ms since the epoch, once the counter has seen a failure.
+    fn tat_ms(&self) -> Option<u64> {
+        let nanos = self.tat.load(Ordering::Acquire);
+        (nanos != 0).then(|| self.start_ms + nanos.div_ceil(1_000_000))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ban {
@@ -100,12 +187,17 @@ pub enum Recorded {
 pub struct FailureLimiter {
     clock: SharedClock,
     account_wide: Arc<str>,
-    counters: Cache<(Arc<str>, Subject), Arc<Gcra>>,
+    counters: Cache<(Arc<str>, Subject), Arc<Counter>>,
     bans: Cache<Subject, Ban>,
     /// Bans held, per kind of subject: while a kind's count is zero no request needs a ban
     /// lookup for it. A flood of wrong codes bans consumers, and every request's IP check
     /// then stays an atomic load instead of a cache lookup.
     bans_held: Arc<BansHeld>,
+    /// Counts loaded at start, taken up by the first failure of their subject on their
+    /// policy (the policy's rate is known only then, and may have changed meanwhile).
+    kept: Cache<(Arc<str>, Subject), u64>,
+    /// Where changes go to be written to the store; `None` keeps the limiter in memory only.
+    changes: Option<mpsc::UnboundedSender<LimiterChange>>,
 }
 
 /// Bans inserted minus bans removed (for whatever reason, as the cache reports them), per
@@ -127,6 +219,7 @@ impl BansHeld {
 }
 
 impl FailureLimiter {
+    /// A limiter that keeps its state in memory only.
     pub fn new(clock: SharedClock) -> Self {
         let bans_held = Arc::new(BansHeld::default());
         let removed = bans_held.clone();
@@ -149,6 +242,64 @@ impl FailureLimiter {
                 })
                 .build(),
             bans_held,
+            kept: Cache::builder()
+                .max_capacity(COUNTER_CAPACITY)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .support_invalidation_closures()
+                .build(),
+            changes: None,
+        }
+    }
+
+    /// A limiter whose bans and consumer counts are written to `store` by the returned
+    /// writer (run it in the background), after loading what the store kept from before.
+    pub async fn persistent(
+        clock: SharedClock,
+        store: Arc<dyn Store>,
+    ) -> Result<(Self, LimiterWriter), crate::store::StoreError> {
+        let kept = store.load_limiter(clock.now(), clock.now_millis()).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut limiter = Self::new(clock);
+        limiter.restore(kept);
+        limiter.changes = Some(tx);
+        Ok((limiter, LimiterWriter::new(store, rx)))
+    }
+
+    /// Takes up bans and counts kept from before a restart.
+    pub fn restore(&self, state: LimiterState) {
+        let now = self.clock.now();
+        let mut bans = 0;
+        for ban in state.bans.iter().filter(|b| b.until > now) {
+            if let Some(subject) = Subject::from_key(&ban.subject) {
+                self.bans_held.of(&subject).fetch_add(1, Ordering::AcqRel);
+                self.bans.insert(
+                    subject,
+                    Ban {
+                        started: ban.started,
+                        until: ban.until,
+                    },
+                );
+                bans += 1;
+            }
+        }
+        for count in &state.counts {
+            if let Some(subject) = Subject::from_key(&count.subject) {
+                self.kept
+                    .insert((Arc::from(count.policy.as_str()), subject), count.tat_ms);
+            }
+        }
+        if bans > 0 || !state.counts.is_empty() {
+            tracing::info!(
+                bans,
+                counts = state.counts.len(),
+                "failure limiter state restored"
+            );
+        }
+    }
+
+    fn persist(&self, change: impl FnOnce() -> LimiterChange) {
+        if let Some(changes) = &self.changes {
+            let _ = changes.send(change());
         }
     }
 
@@ -175,6 +326,9 @@ impl FailureLimiter {
             Ok(Some(ban.until - now))
         } else {
             self.bans.invalidate(subject);
+            self.persist(|| LimiterChange::Unban {
+                subject: subject.key(),
+            });
             Err(ban)
         }
     }
@@ -187,13 +341,22 @@ impl FailureLimiter {
         rate: Rate,
         failures: &Failures,
     ) -> Recorded {
-        let clock = LimiterClock(self.clock.clone());
-        let limiter = self
-            .counters
-            .get_with((policy.clone(), subject.clone()), || {
-                Arc::new(RateLimiter::direct_with_clock(quota(rate), clock))
-            });
-        if limiter.check().is_ok() {
+        let key = (policy.clone(), subject.clone());
+        let counter = self.counters.get_with_by_ref(&key, || {
+            let kept = self.kept.remove(&key);
+            Arc::new(Counter::new(rate, &self.clock, kept))
+        });
+        if counter.gcra.check().is_ok() {
+            // Counts of client IPs are not kept (see the module doc).
+            if let (Subject::Consumer(_), Some(tat_ms)) = (&subject, counter.tat_ms()) {
+                self.persist(|| {
+                    LimiterChange::Count(FailureCountRecord {
+                        policy: policy.to_string(),
+                        subject: subject.key(),
+                        tat_ms,
+                    })
+                });
+            }
             return Recorded::Counted;
         }
         let now = self.clock.now();
@@ -207,7 +370,18 @@ impl FailureLimiter {
             },
         );
         // The count starts afresh after the ban.
-        self.counters.invalidate(&(policy.clone(), subject));
+        self.counters.invalidate(&key);
+        self.persist(|| {
+            LimiterChange::Ban(BanRecord {
+                subject: subject.key(),
+                started: now,
+                until,
+            })
+        });
+        self.persist(|| LimiterChange::Uncount {
+            policy: policy.to_string(),
+            subject: subject.key(),
+        });
         Recorded::Banned { until }
     }
 
@@ -215,18 +389,30 @@ impl FailureLimiter {
     pub fn reset(&self, policy: &Arc<str>, subject: Subject) {
         let key = (policy.clone(), subject);
         // Most successes have no failures to forget: a lookup is cheaper than an invalidation.
-        if self.counters.contains_key(&key) {
+        if self.counters.contains_key(&key) || self.kept.contains_key(&key) {
             self.counters.invalidate(&key);
+            self.kept.invalidate(&key);
+            self.persist(|| LimiterChange::Uncount {
+                policy: key.0.to_string(),
+                subject: key.1.key(),
+            });
         }
     }
 
     /// Lifts a ban and clears the subject's counters (admin `unlock`).
     pub fn unlock(&self, subject: &Subject) -> bool {
-        let subject = subject.clone();
-        let was_banned = self.bans.remove(&subject).is_some();
+        let was_banned = self.bans.remove(subject).is_some();
+        let cleared = subject.clone();
         let _ = self
             .counters
-            .invalidate_entries_if(move |(_, s), _| *s == subject);
+            .invalidate_entries_if(move |(_, s), _| *s == cleared);
+        let cleared = subject.clone();
+        let _ = self
+            .kept
+            .invalidate_entries_if(move |(_, s), _| *s == cleared);
+        self.persist(|| LimiterChange::Unlock {
+            subject: subject.key(),
+        });
         was_banned
     }
 
@@ -234,6 +420,138 @@ impl FailureLimiter {
     pub fn active_bans(&self) -> u64 {
         self.bans.run_pending_tasks();
         self.bans.entry_count()
+    }
+}
+
+/// Writes the limiter's changes to the store off the request path: in order, in batches of
+/// whatever has come in meanwhile, several counts of one subject coalesced into the last.
+/// While the store is unavailable the changes wait (coalesced, so at most one per counter and
+/// ban) and are tried again with backoff: none is lost to an outage.
+pub struct LimiterWriter {
+    store: Arc<dyn Store>,
+    rx: mpsc::UnboundedReceiver<LimiterChange>,
+    /// In order; a change superseded later is taken out (`None`).
+    pending: Vec<Option<LimiterChange>>,
+    /// Where each ban's and counter's pending change is.
+    index: std::collections::HashMap<ChangeKey, usize>,
+}
+
+/// What a change is to: one subject's ban, or one counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ChangeKey {
+    Ban(String),
+    Counter(String, String),
+}
+
+impl ChangeKey {
+    fn of(change: &LimiterChange) -> Option<ChangeKey> {
+        Some(match change {
+            LimiterChange::Ban(ban) => ChangeKey::Ban(ban.subject.clone()),
+            LimiterChange::Unban { subject } => ChangeKey::Ban(subject.clone()),
+            LimiterChange::Count(c) => ChangeKey::Counter(c.policy.clone(), c.subject.clone()),
+            LimiterChange::Uncount { policy, subject } => {
+                ChangeKey::Counter(policy.clone(), subject.clone())
+            }
+            LimiterChange::Unlock { .. } => return None,
+        })
+    }
+
+    fn subject(&self) -> &str {
+        match self {
+            ChangeKey::Ban(subject) | ChangeKey::Counter(_, subject) => subject,
+        }
+    }
+}
+
+impl LimiterWriter {
+    fn new(store: Arc<dyn Store>, rx: mpsc::UnboundedReceiver<LimiterChange>) -> Self {
+        Self {
+            store,
+            rx,
+            pending: Vec::new(),
+            index: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Adds a change, replacing the pending one it supersedes: a later state of the same ban
+    /// or counter, or (an unlock) everything pending for the subject.
+    fn push(&mut self, change: LimiterChange) {
+        match ChangeKey::of(&change) {
+            Some(key) => match self.index.get(&key) {
+                Some(&at) => self.pending[at] = Some(change),
+                None => {
+                    self.index.insert(key, self.pending.len());
+                    self.pending.push(Some(change));
+                }
+            },
+            None => {
+                if let LimiterChange::Unlock { subject } = &change {
+                    let pending = &mut self.pending;
+                    self.index.retain(|key, at| {
+                        let moot = key.subject() == subject;
+                        if moot {
+                            pending[*at] = None;
+                        }
+                        !moot
+                    });
+                }
+                self.pending.push(Some(change));
+            }
+        }
+    }
+
+    fn take_batch(&mut self) -> Vec<LimiterChange> {
+        self.index.clear();
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Runs until `shutdown`, then writes what is pending one last time.
+    pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.pending.is_empty() {
+                tokio::select! {
+                    change = self.rx.recv() => match change {
+                        Some(change) => self.push(change),
+                        None => return,
+                    },
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            while let Ok(change) = self.rx.try_recv() {
+                self.push(change);
+            }
+            let batch = self.take_batch();
+            if batch.is_empty() {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            match self.store.save_limiter(batch.clone()).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    // Put the batch back in front of what came in meanwhile, in order.
+                    let newer = self.take_batch();
+                    for change in batch.into_iter().chain(newer) {
+                        self.push(change);
+                    }
+                    if shutdown.is_cancelled() {
+                        tracing::error!(%error, pending = self.pending.len(), "failure limiter state not saved at shutdown");
+                        return;
+                    }
+                    tracing::warn!(%error, pending = self.pending.len(), "cannot save the failure limiter's state; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::header::{CACHE_CONTROL, HeaderName, HeaderValue};
+use http::header::{CACHE_CONTROL, HeaderValue};
 use http::{Request, Response};
 use serde_json::json;
 use tower::{Layer, Service};
@@ -27,10 +27,7 @@ use crate::error::{Body, Refusal};
 use crate::metrics::Metrics;
 use crate::registry::{CodeFailure, KeyEntry, Registry};
 
-pub static X_OTP: HeaderName = HeaderName::from_static("x-otp");
-pub static X_STEP_UP_TOKEN: HeaderName = HeaderName::from_static("x-step-up-token");
-pub static X_STEP_UP_EXPIRES: HeaderName = HeaderName::from_static("x-step-up-expires");
-pub static X_STEPGATE_WARNING: HeaderName = HeaderName::from_static("x-stepgate-warning");
+pub use crate::header_names::{X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_WARNING};
 
 #[derive(Clone)]
 pub struct SecondFactorLayer {

@@ -262,7 +262,18 @@ fn explain(
     if let Some(rest) = snapshot.self_service.strip(&canonical) {
         return explain_builtin(&snapshot, &method, rest);
     }
-    let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
+    // The same canonical host as the gateway routes by (`API.example.com.:443` and
+    // `api.example.com` are one host; a malformed one is refused before routing).
+    let host = match host.map(|h| crate::host::canonicalize(h.as_bytes(), false, None)) {
+        None => None,
+        Some(Ok(host)) => Some(host.name().to_owned()),
+        Some(Err(error)) => {
+            println!(
+                "400 bad_request: the request's host is ambiguous: {error}; refused before routing"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     match snapshot
         .routes
         .explain(host.as_deref(), &method, &canonical)
@@ -341,8 +352,24 @@ fn explain_builtin(snapshot: &Snapshot, method: &Method, rest: &str) -> ExitCode
     ExitCode::SUCCESS
 }
 
+/// The file watcher's crates log every file event at trace level: with `RUST_LOG=trace` and
+/// the log written into a watched directory, each line written would log another. They are
+/// held at `info` unless `RUST_LOG` names them itself.
+fn quiet_watcher(filter: EnvFilter, rust_log: Option<&str>) -> EnvFilter {
+    if rust_log.is_some_and(|v| v.contains("notify")) {
+        return filter;
+    }
+    ["notify=info", "notify_debouncer_full=info"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, EnvFilter::add_directive)
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = quiet_watcher(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        std::env::var("RUST_LOG").ok().as_deref(),
+    );
     // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()

@@ -118,6 +118,20 @@ pub struct Limits {
     pub workers: usize,
     /// How long a shutdown waits for in-flight requests before cutting them.
     pub drain_timeout: Duration,
+    /// What becomes of request headers with `_` in their names (look-alikes of credential
+    /// and identity headers are refused whatever this says).
+    pub headers_with_underscores: Underscores,
+}
+
+/// `limits.headers_with_underscores`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed before forwarding (nginx's default, `underscores_in_headers off`).
+    Drop,
+    /// Refused with 400.
+    Reject,
+    /// Forwarded as sent.
+    Allow,
 }
 
 impl Default for Limits {
@@ -132,6 +146,7 @@ impl Default for Limits {
             max_connections: 4096,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             drain_timeout: Duration::from_secs(30),
+            headers_with_underscores: Underscores::Drop,
         }
     }
 }

@@ -142,6 +142,7 @@ pub struct Limits {
     pub max_connections: Option<Spanned<Scalar>>,
     pub workers: Option<Spanned<Scalar>>,
     pub drain_timeout: Option<Spanned<Scalar>>,
+    pub headers_with_underscores: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,7 +21,7 @@ use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
     ConfigError, ConfigErrors, Factors, Failures, Limits, Policy, Rate, Roles, Rollout,
-    RolloutMode, Scope, SelfService, Snapshot, StepUp, StoreSettings,
+    RolloutMode, Scope, SelfService, Snapshot, StepUp, StoreSettings, Underscores,
 };
 use crate::path;
 use crate::proxy::upstream::{HttpSettings, Upstream};
@@ -270,6 +270,24 @@ impl Loader<'_> {
                 &raw.drain_timeout,
                 d.drain_timeout,
             ),
+            headers_with_underscores: match &raw.headers_with_underscores {
+                None => d.headers_with_underscores,
+                Some(value) => match value.value.as_str() {
+                    "drop" => Underscores::Drop,
+                    "reject" => Underscores::Reject,
+                    "allow" => Underscores::Allow,
+                    other => {
+                        self.at(
+                            &value.referenced,
+                            format!(
+                                "limits.headers_with_underscores: `{other}` is not drop, reject \
+                                 or allow"
+                            ),
+                        );
+                        d.headers_with_underscores
+                    }
+                },
+            },
         }
     }
 
@@ -643,22 +661,30 @@ impl Loader<'_> {
             }
             let field = format!("routes[{name}]");
 
+            // The same canonical form as a request's host, so that a route written
+            // `API.example.com.` matches what requests for it are canonicalised to.
             let host = r.matcher.host.as_ref().and_then(|h| {
-                let host = h.value.trim().to_ascii_lowercase();
-                let valid = !host.is_empty()
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-                if !valid {
-                    self.at(
-                        &h.referenced,
-                        format!(
-                            "{field}.match.host: `{}` is not a host name (no port, no scheme)",
-                            h.value
-                        ),
-                    );
+                let canonical = crate::host::canonicalize(h.value.trim().as_bytes(), false, None);
+                match canonical {
+                    Ok(host) if !host.has_port() => Some(host.name().to_owned()),
+                    Ok(_) => {
+                        self.at(
+                            &h.referenced,
+                            format!(
+                                "{field}.match.host: `{}` has a port; routes match host names only",
+                                h.value
+                            ),
+                        );
+                        None
+                    }
+                    Err(error) => {
+                        self.at(
+                            &h.referenced,
+                            format!("{field}.match.host: `{}`: {error}", h.value),
+                        );
+                        None
+                    }
                 }
-                valid.then_some(host)
             });
 
             let path = &r.matcher.path;

@@ -18,6 +18,13 @@ pub struct BodyLimitExceeded {
     pub limit: u64,
 }
 
+/// An error of the client's own body (a malformed chunk, a connection cut mid-body), wrapped
+/// so that it is found again in the upstream client's error chain and answered as the
+/// client's fault (400), not the upstream's (502).
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
 pin_project! {
     pub struct Limited<B> {
         #[pin]
@@ -52,7 +59,7 @@ where
         let this = self.project();
         let frame = match ready!(this.inner.poll_frame(cx)) {
             None => return Poll::Ready(None),
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(ClientBodyError(e.into()))))),
             Some(Ok(frame)) => frame,
         };
         if let Some(data) = frame.data_ref() {
@@ -79,10 +86,30 @@ where
 
 /// Finds a [`BodyLimitExceeded`] anywhere in an error's source chain.
 pub fn limit_exceeded(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    find::<BodyLimitExceeded>(error).map(|e| e.limit)
+}
+
+/// Whether the client's own body failed somewhere in an error's source chain.
+pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    find::<ClientBodyError>(error).is_some()
+}
+
+/// The refusal for a request body that failed while being sent upstream, if it was the
+/// client's doing (over the limit, malformed or cut off).
+pub fn client_refusal(error: &(dyn std::error::Error + 'static)) -> Option<crate::error::Refusal> {
+    if let Some(limit) = limit_exceeded(error) {
+        return Some(crate::error::Refusal::BodyTooLarge { limit });
+    }
+    client_body_failed(error).then_some(crate::error::Refusal::BadBody)
+}
+
+fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(exceeded) = e.downcast_ref::<BodyLimitExceeded>() {
-            return Some(exceeded.limit);
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
         }
         current = e.source();
     }

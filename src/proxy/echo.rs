@@ -22,10 +22,7 @@ pub async fn respond(request: Request<Body>) -> Result<Response<Body>, Refusal> 
                 }
             }
             Err(error) => {
-                if let Some(limit) = super::body::limit_exceeded(error.as_ref()) {
-                    return Err(Refusal::BodyTooLarge { limit });
-                }
-                return Err(Refusal::BadRequest("the request body could not be read"));
+                return Err(super::body::client_refusal(error.as_ref()).unwrap_or(Refusal::BadBody));
             }
         }
     }

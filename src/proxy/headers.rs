@@ -1,119 +1,101 @@
-//! Header rewriting between client and upstream: hop-by-hop headers (RFC 9110 §7.6.1) and the
-//! `X-Forwarded-*` set.
+//! The facts about the connection an upstream is told: `X-Forwarded-*`, `X-Real-IP` and
+//! `Forwarded`. (Hop-by-hop headers are removed from requests before routing, by
+//! `client_headers`, and from responses by `client_headers::strip_hop_by_hop`.)
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
 
-use crate::observe::X_REQUEST_ID;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers that are never forwarded, whatever `Connection` says.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+pub use crate::header_names::{
+    FORWARDED, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP,
+};
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Removes the hop-by-hop headers and every header a `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names (standard names compare as small integers) finds which are
-    // there; most messages have none, or only `Connection: keep-alive`.
-    let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
-    }
-    if present[0] && names_options(headers) {
-        remove_connection_options(headers);
-    }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
-        headers.remove(name);
-    }
+/// What the gateway vouches for about the connection a request came on.
+pub struct ConnectionFacts<'a> {
+    /// The socket peer's address, and as a header value.
+    pub peer_ip: IpAddr,
+    pub peer: &'a HeaderValue,
+    /// The peer as a `Forwarded` node (`192.0.2.1`, `"[2001:db8::1]"`).
+    pub peer_node: &'a str,
+    /// The client's address: the peer, or the client a trusted proxy names.
+    pub client: IpAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-For` and `Forwarded` are extended, not
+    /// replaced.
+    pub via_trusted_proxy: bool,
+    pub tls: bool,
+    /// The request's canonical host.
+    pub host: Option<&'a HeaderValue>,
 }
 
-/// Whether a `Connection` header may name a header to remove: anything but the bare
-/// `keep-alive` or `close` nearly every upstream response carries (splitting that into tokens
-/// cost ~600 of the ~9,000 instructions forwarding a request took).
-fn names_options(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        let value = value.as_bytes();
-        !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
-    })
-}
-
-/// Removes the headers a `Connection` header names (`Connection: close, X-Foo`); names that
-/// are hop-by-hop anyway, and `close`, need no header name of their own. `X-Request-Id` is the
-/// gateway's own and stays, whatever the other side names.
-fn remove_connection_options(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("close")
-                && !token.eq_ignore_ascii_case(X_REQUEST_ID.as_str())
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| token.eq_ignore_ascii_case(h.as_str()))
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-}
-
-/// Sets `X-Forwarded-For/-Proto/-Host`. A client's `X-Forwarded-For` is replaced by the socket
-/// peer, the only address the gateway can vouch for, unless the peer is a trusted proxy
-/// (`extend`), whose chain is kept and the peer appended.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: &HeaderValue,
-    extend: bool,
-    tls: bool,
-    host: Option<HeaderValue>,
-) {
-    let prior: Vec<&str> = if extend {
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
-    } else {
-        Vec::new()
+/// Sets `X-Forwarded-For/-Proto/-Host`, `X-Real-IP` and `Forwarded` (RFC 7239). A client's
+/// copies were removed before routing (`client_headers`) unless the peer is a trusted proxy,
+/// whose `X-Forwarded-For` and `Forwarded` chains are kept and the peer appended. The host is
+/// the canonical one the request was routed by.
+pub fn set_forwarded(headers: &mut HeaderMap, facts: &ConnectionFacts<'_>) {
+    let proto = if facts.tls { "https" } else { "http" };
+    let chained = |headers: &HeaderMap, name: &HeaderName, own: &str| -> Option<HeaderValue> {
+        let prior: Vec<&str> = if facts.via_trusted_proxy {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let value = if prior.is_empty() {
+            own.to_owned()
+        } else {
+            format!("{}, {own}", prior.join(", "))
+        };
+        // IP addresses, tokens and visible ASCII from valid header values make a valid value.
+        HeaderValue::try_from(value).ok()
     };
-    let value = if prior.is_empty() {
-        Some(peer.clone())
+    let xff = if facts.via_trusted_proxy {
+        chained(
+            headers,
+            &X_FORWARDED_FOR,
+            facts.peer.to_str().unwrap_or("unknown"),
+        )
     } else {
-        // IP addresses and visible ASCII from valid header values make a valid header value.
-        let peer = peer.to_str().unwrap_or("unknown");
-        HeaderValue::try_from(format!("{}, {peer}", prior.join(", "))).ok()
+        Some(facts.peer.clone())
     };
-    if let Some(value) = value {
+    if let Some(value) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    match host {
+    let mut element = format!("for={};proto={proto}", facts.peer_node);
+    if let Some(host) = facts.host.and_then(|h| h.to_str().ok()) {
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
+    }
+    if let Some(value) = chained(headers, &FORWARDED, &element) {
+        headers.insert(FORWARDED.clone(), value);
+    }
+    let real_ip = if facts.client == facts.peer_ip {
+        Some(facts.peer.clone())
+    } else {
+        HeaderValue::try_from(facts.client.to_string()).ok()
+    };
+    if let Some(value) = real_ip {
+        headers.insert(X_REAL_IP.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match facts.host {
         Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
         None => {
             headers.remove(&X_FORWARDED_HOST);
         }
+    }
+}
+
+/// The `Forwarded` node of an address: IPv6 in brackets, quoted (RFC 7239 §6).
+pub fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
     }
 }
 
@@ -122,75 +104,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connection_named_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "X-Foo, keep-alive".parse().unwrap());
-        h.append(header::CONNECTION, "x-bar".parse().unwrap());
-        h.insert("x-foo", "1".parse().unwrap());
-        h.insert("x-bar", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
-    }
-
-    #[test]
-    fn the_request_id_stays_whatever_connection_names() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "X-Request-Id, x-foo".parse().unwrap());
-        h.insert("x-request-id", "abc".parse().unwrap());
-        h.insert("x-foo", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(
-            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["x-request-id"]
-        );
-    }
-
-    #[test]
-    fn a_bare_keep_alive_or_close_removes_only_itself() {
-        for value in ["keep-alive", "Keep-Alive", "close"] {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONNECTION, value.parse().unwrap());
-            h.insert("x-kept", "1".parse().unwrap());
-            strip_hop_by_hop(&mut h);
-            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
-        }
-        // A second Connection value still names its headers.
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
-        h.append(header::CONNECTION, "x-foo".parse().unwrap());
-        h.insert("x-foo", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert!(h.is_empty());
-    }
-
-    #[test]
     fn forwarded_headers_replace_client_values() {
+        let peer = HeaderValue::from_static("127.0.0.1");
+        let host = HeaderValue::from_static("api.test:8443");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
         h.insert("x-forwarded-host", "evil".parse().unwrap());
-        set_forwarded(
-            &mut h,
-            &HeaderValue::from_static("127.0.0.1"),
-            false,
-            true,
-            Some("api.test".parse().unwrap()),
-        );
+        let facts = ConnectionFacts {
+            peer_ip: "127.0.0.1".parse().unwrap(),
+            peer: &peer,
+            peer_node: "127.0.0.1",
+            client: "127.0.0.1".parse().unwrap(),
+            via_trusted_proxy: false,
+            tls: true,
+            host: Some(&host),
+        };
+        set_forwarded(&mut h, &facts);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "api.test");
-        // Behind a trusted proxy the chain is kept and the proxy appended.
-        h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
-        set_forwarded(
-            &mut h,
-            &HeaderValue::from_static("10.0.0.2"),
-            true,
-            false,
-            None,
+        assert_eq!(h["x-forwarded-host"], "api.test:8443");
+        assert_eq!(h["x-real-ip"], "127.0.0.1");
+        assert_eq!(
+            h["forwarded"],
+            r#"for=127.0.0.1;proto=https;host="api.test:8443""#
         );
+        // Behind a trusted proxy the chains are kept and the proxy appended; X-Real-IP is the
+        // client the proxy names.
+        let proxy = HeaderValue::from_static("10.0.0.2");
+        h.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        h.insert("forwarded", "for=203.0.113.7".parse().unwrap());
+        let facts = ConnectionFacts {
+            peer_ip: "10.0.0.2".parse().unwrap(),
+            peer: &proxy,
+            peer_node: &forwarded_node("10.0.0.2".parse().unwrap()),
+            client: "203.0.113.7".parse().unwrap(),
+            via_trusted_proxy: true,
+            tls: false,
+            host: None,
+        };
+        set_forwarded(&mut h, &facts);
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
+        assert_eq!(h["forwarded"], "for=203.0.113.7, for=10.0.0.2;proto=http");
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(forwarded_node("::1".parse().unwrap()), r#""[::1]""#);
     }
 }

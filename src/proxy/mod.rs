@@ -1,6 +1,6 @@
 //! Forwarding: the innermost service. Builds the upstream request from the authorised one
-//! (canonical path after `strip_prefix`, query untouched, hop-by-hop headers removed,
-//! `X-Forwarded-*` set) and streams it to the route's upstream.
+//! (canonical path after `strip_prefix`, query untouched, `X-Forwarded-*`, `X-Real-IP` and
+//! `Forwarded` set) and streams it to the route's upstream.
 
 pub mod body;
 pub mod echo;
@@ -66,19 +66,16 @@ where
         .clone()
         .ok_or_else(|| Refusal::Internal("request reached forwarding without a route"))?;
     let conn = context.conn.clone();
-    let via_trusted_proxy = context.client.is_some_and(|c| c.via_trusted_proxy);
+    let client = context.client;
+    let host = context.host.as_ref().map(|h| h.value().clone());
 
     if let Target::StepUp = route.upstream.target {
         return step_up_answer(&request);
     }
     let (mut parts, body) = request.into_parts();
-    // The upstream gets its own authority as Host (set by the client); the original is in
-    // X-Forwarded-Host.
-    let host = parts.headers.remove(header::HOST);
-    let original_host = match parts.uri.authority() {
-        Some(authority) => authority.as_str().parse().ok(),
-        None => host,
-    };
+    // The upstream gets its own authority as Host (set by the pool); the canonical host the
+    // request was routed by goes in X-Forwarded-Host and Forwarded.
+    parts.headers.remove(header::HOST);
     let path = parts.uri.path();
     let forwarded = route.forward_path(path);
     let target = match (parts.uri.path_and_query(), forwarded.len() == path.len()) {
@@ -95,13 +92,18 @@ where
     };
     parts.uri = Uri::from(target);
 
-    headers::strip_hop_by_hop(&mut parts.headers);
+    // Hop-by-hop headers went before routing (`client_headers`), before anything was added.
     headers::set_forwarded(
         &mut parts.headers,
-        &conn.peer_ip,
-        via_trusted_proxy,
-        conn.tls,
-        original_host,
+        &headers::ConnectionFacts {
+            peer_ip: conn.peer.ip(),
+            peer: &conn.peer_ip,
+            peer_node: &conn.peer_node,
+            client: client.map_or(conn.peer.ip(), |c| c.ip),
+            via_trusted_proxy: client.is_some_and(|c| c.via_trusted_proxy),
+            tls: conn.tls,
+            host: host.as_ref(),
+        },
     );
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
@@ -122,6 +124,7 @@ where
         let kind = match refusal {
             Refusal::UpstreamTimeout { .. } => Some("timeout"),
             Refusal::BodyTooLarge { .. } => Some("body_too_large"),
+            Refusal::UpstreamProtocol(_) => Some("protocol"),
             Refusal::UpstreamUnavailable { source } => Some(
                 if source
                     .as_deref()

@@ -12,9 +12,9 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::time::{Instant, timeout_at};
 
-use super::body::limit_exceeded;
-use super::headers::strip_hop_by_hop;
+use super::body::client_refusal;
 use super::pool::Pool;
+use crate::client_headers::strip_hop_by_hop;
 use crate::error::{Body, Refusal};
 
 /// A named upstream.
@@ -192,11 +192,11 @@ impl HttpUpstream {
                         timeout: self.settings.timeout,
                     });
                 }
-                Ok(Ok(response)) => return Ok(into_client_response(response)),
+                Ok(Ok(response)) => return into_client_response(response),
                 Ok(Err(failed)) => failed,
             };
-            if let Some(limit) = limit_exceeded(&error) {
-                return Err(Refusal::BodyTooLarge { limit });
+            if let Some(refusal) = client_refusal(&error) {
+                return Err(refusal);
             }
             match unsent {
                 Some(unsent) if attempts_left > 0 => {
@@ -223,9 +223,21 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// The upstream response as sent to the client: hop-by-hop headers dropped, body streamed.
 /// A body error after the head (an upstream reset) propagates, so hyper aborts the client's
-/// response instead of ending it cleanly.
-fn into_client_response(response: Response<hyper::body::Incoming>) -> Response<Body> {
+/// response instead of ending it cleanly. A `101 Switching Protocols` is refused: the client
+/// asked for no upgrade (upgrade headers never reach the upstream), so nothing would be
+/// tunnelled and the connection would die.
+fn into_client_response(
+    response: Response<hyper::body::Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Refusal::UpstreamProtocol(
+            "101 Switching Protocols to a request that did not ask to upgrade",
+        ));
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
 }

@@ -67,8 +67,9 @@ where
 }
 
 fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
-    let snapshot = Snapshot::of(request)?;
-    let host = request_host(request)?;
+    let context = RequestContext::of(request)?;
+    let snapshot = &context.snapshot;
+    let host = context.host.as_ref().map(crate::host::Host::name);
     let path = request.uri().path();
     // The gateway's own endpoints first: validation keeps routes out of the prefix, and a
     // catch-all route must not swallow the security page.
@@ -138,36 +139,6 @@ fn step_up_route<'a, B>(
     }
 }
 
-/// The host a request is for, without port: the URI authority (HTTP/2 `:authority`, or an
-/// absolute-form HTTP/1.1 target, which RFC 9112 §3.2.2 says wins over `Host`), else the one
-/// `Host` header. Two `Host` headers are ambiguous and refused.
-pub fn request_host<B>(request: &Request<B>) -> Result<Option<&str>, Refusal> {
-    if let Some(authority) = request.uri().authority() {
-        return Ok(Some(authority.host()));
-    }
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(Refusal::BadRequest("more than one Host header"));
-    }
-    let Some(host) = host else { return Ok(None) };
-    let host = host
-        .to_str()
-        .map_err(|_| Refusal::BadRequest("the Host header is not ASCII"))?;
-    Ok(Some(strip_port(host)))
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // An IPv6 literal: `[::1]:8080` -> `::1`, like `Authority::host` answers for URIs.
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    }
-}
-
 /// The declared body length; several differing or malformed values are refused (request
 /// smuggling hides in exactly this ambiguity).
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Refusal> {
@@ -227,14 +198,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports_are_stripped() {
-        assert_eq!(strip_port("api.example.com:8080"), "api.example.com");
-        assert_eq!(strip_port("api.example.com"), "api.example.com");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
-        assert_eq!(strip_port("[::1]"), "::1");
-    }
 
     #[test]
     fn content_length_must_be_unambiguous() {

@@ -127,6 +127,52 @@ pub struct State {
     pub sms: Vec<SmsRecord>,
 }
 
+/// A ban of the failure limiter: kept so that a restart does not lift it. `subject` is
+/// `consumer:<id>` or `ip:<address>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanRecord {
+    pub subject: String,
+    pub started: u64,
+    pub until: u64,
+}
+
+/// A failure counter of the limiter (one subject on one policy): the GCRA's theoretical
+/// arrival time, in milliseconds since the Unix epoch. Once it is in the past the counter is
+/// as if it had seen no failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureCountRecord {
+    pub policy: String,
+    pub subject: String,
+    pub tat_ms: u64,
+}
+
+/// One change to the limiter's persisted state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimiterChange {
+    Ban(BanRecord),
+    /// The ban ended (its time is over).
+    Unban {
+        subject: String,
+    },
+    Count(FailureCountRecord),
+    /// A success (or a ban) started the count afresh.
+    Uncount {
+        policy: String,
+        subject: String,
+    },
+    /// An operator's unlock: the ban and every count of the subject go.
+    Unlock {
+        subject: String,
+    },
+}
+
+/// The limiter's persisted state, as loaded at start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LimiterState {
+    pub bans: Vec<BanRecord>,
+    pub counts: Vec<FailureCountRecord>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("already exists: {0}")]
@@ -263,6 +309,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditEvent>, StoreError>;
     async fn get_meta(&self, key: &'static str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn put_meta(&self, key: &'static str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// The failure limiter's bans still in force at `now` (Unix seconds) and its counts not yet
+    /// run out at `now_ms`; those over are deleted on the way.
+    async fn load_limiter(&self, now: u64, now_ms: u64) -> Result<LimiterState, StoreError>;
+    /// Applies limiter changes in order, atomically.
+    async fn save_limiter(&self, changes: Vec<LimiterChange>) -> Result<(), StoreError>;
     /// Cheap reachability check for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -10,8 +10,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use subtle::ConstantTimeEq;
 
 use super::{
-    AuditEvent, CodeCheck, ConsumerFilter, ConsumerRecord, Hash, KeyRecord, RecoveryCodeRecord,
-    SmsCodeRecord, SmsRecord, State, Store, StoreError, TotpRecord,
+    AuditEvent, BanRecord, CodeCheck, ConsumerFilter, ConsumerRecord, FailureCountRecord, Hash,
+    KeyRecord, LimiterChange, LimiterState, RecoveryCodeRecord, SmsCodeRecord, SmsRecord, State,
+    Store, StoreError, TotpRecord,
 };
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 use crate::registry::Assurance;
@@ -105,6 +106,21 @@ ALTER TABLE totp_pending ADD COLUMN started_with INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sms ADD COLUMN pending_with INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sms ADD COLUMN pending_at INTEGER;
 UPDATE sms SET pending_at = updated_at WHERE pending_phone IS NOT NULL;
+"#,
+    // The failure limiter's bans and per-subject counts, so that a restart keeps them.
+    r#"
+CREATE TABLE bans (
+    subject TEXT PRIMARY KEY,
+    started INTEGER NOT NULL,
+    until INTEGER NOT NULL
+);
+CREATE TABLE failure_counts (
+    policy TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    tat_ms INTEGER NOT NULL,
+    PRIMARY KEY (policy, subject)
+);
+CREATE INDEX failure_counts_subject ON failure_counts(subject);
 "#,
 ];
 
@@ -788,6 +804,95 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn load_limiter(&self, now: u64, now_ms: u64) -> Result<LimiterState, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute("DELETE FROM bans WHERE until <= ?1", params![to_i64(now)])
+                .map_err(unavailable)?;
+            tx.execute(
+                "DELETE FROM failure_counts WHERE tat_ms <= ?1",
+                params![to_i64(now_ms)],
+            )
+            .map_err(unavailable)?;
+            let mut state = LimiterState::default();
+            {
+                let mut bans = tx
+                    .prepare("SELECT subject, started, until FROM bans ORDER BY subject")
+                    .map_err(unavailable)?;
+                let rows = bans
+                    .query_map([], |row| {
+                        Ok(BanRecord {
+                            subject: row.get(0)?,
+                            started: to_u64(row.get(1)?),
+                            until: to_u64(row.get(2)?),
+                        })
+                    })
+                    .map_err(unavailable)?;
+                for row in rows {
+                    state.bans.push(row.map_err(unavailable)?);
+                }
+                let mut counts = tx
+                    .prepare(
+                        "SELECT policy, subject, tat_ms FROM failure_counts ORDER BY policy, subject",
+                    )
+                    .map_err(unavailable)?;
+                let rows = counts
+                    .query_map([], |row| {
+                        Ok(FailureCountRecord {
+                            policy: row.get(0)?,
+                            subject: row.get(1)?,
+                            tat_ms: to_u64(row.get(2)?),
+                        })
+                    })
+                    .map_err(unavailable)?;
+                for row in rows {
+                    state.counts.push(row.map_err(unavailable)?);
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(state)
+        })
+        .await
+    }
+
+    async fn save_limiter(&self, changes: Vec<LimiterChange>) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            for change in &changes {
+                let done = match change {
+                    LimiterChange::Ban(ban) => tx.execute(
+                        "INSERT INTO bans (subject, started, until) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT(subject) DO UPDATE SET started = ?2, until = ?3",
+                        params![ban.subject, to_i64(ban.started), to_i64(ban.until)],
+                    ),
+                    LimiterChange::Unban { subject } => {
+                        tx.execute("DELETE FROM bans WHERE subject = ?1", params![subject])
+                    }
+                    LimiterChange::Count(count) => tx.execute(
+                        "INSERT INTO failure_counts (policy, subject, tat_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT(policy, subject) DO UPDATE SET tat_ms = ?3",
+                        params![count.policy, count.subject, to_i64(count.tat_ms)],
+                    ),
+                    LimiterChange::Uncount { policy, subject } => tx.execute(
+                        "DELETE FROM failure_counts WHERE policy = ?1 AND subject = ?2",
+                        params![policy, subject],
+                    ),
+                    LimiterChange::Unlock { subject } => tx
+                        .execute("DELETE FROM bans WHERE subject = ?1", params![subject])
+                        .and_then(|_| {
+                            tx.execute(
+                                "DELETE FROM failure_counts WHERE subject = ?1",
+                                params![subject],
+                            )
+                        }),
+                };
+                done.map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
         })
         .await
     }

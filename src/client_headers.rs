@@ -1,0 +1,343 @@
+//! The client's headers, cleaned in one pass before routing, so that nothing the gateway adds
+//! later can be removed or impersonated by the client:
+//!
+//! - a header whose name reads, with `_` as `-`, as a credential, identity or connection-fact
+//!   header (`X_Consumer_Name`, `X_Api_Key`) is refused: CGI-style upstreams cannot tell it
+//!   from the real one. Other names with `_` follow `limits.headers_with_underscores`
+//!   (`drop`, as nginx does by default; `reject`; `allow`);
+//! - client copies of the identity headers (`X-Consumer-*`, `X-Stepgate-*`) are removed, and
+//!   `Forwarded` and `X-Real-IP` too unless a trusted proxy sent them (forwarding sets them
+//!   like `X-Forwarded-*`);
+//! - hop-by-hop headers, and the headers `Connection` names, are removed *now*, before the
+//!   gateway adds its own: a `Connection` option naming a credential or identity header is
+//!   refused rather than obeyed;
+//! - a message framed two ways (`Content-Length` with `Transfer-Encoding`), or with a transfer
+//!   coding other than `chunked`, is refused and its connection closed (RFC 9112 §6.3 would
+//!   let a server pick one reading; a gateway in front of unknown upstreams must not).
+
+use http::Request;
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::config::Underscores;
+use crate::context::Context;
+use crate::error::Refusal;
+use crate::guard::Guard;
+use crate::header_names::{
+    FORWARDED, X_REAL_IP, cgi_spelling, is_gateway_credential, is_identity, is_protected,
+};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded whatever `Connection` says.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+const CONNECTION: usize = 0;
+const TRANSFER_ENCODING: usize = 7;
+
+/// Headers the gateway may add before forwarding: three `X-Consumer-*`, `X-Stepgate-Auth`,
+/// three `X-Forwarded-*`, `X-Real-IP` and `Forwarded`.
+const ADDED_HEADERS: usize = 9;
+
+#[derive(Clone, Copy, Default)]
+pub struct ClientHeaders;
+
+impl<B> Guard<B> for ClientHeaders {
+    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        let context = Context::of(request)?;
+        let underscores = context.snapshot.limits.headers_with_underscores;
+        let trusted_peer = context.client.is_some_and(|c| c.via_trusted_proxy);
+        clean(request.headers_mut(), underscores, trusted_peer)
+    }
+}
+
+/// The pass itself (see the module doc). `trusted_peer`: the peer is a trusted proxy, whose
+/// `Forwarded` and `X-Real-IP` are kept for forwarding to extend or replace.
+pub fn clean(
+    headers: &mut HeaderMap,
+    underscores: Underscores,
+    trusted_peer: bool,
+) -> Result<(), Refusal> {
+    // Room for what the gateway adds, made once: hyper sizes the map for the headers it
+    // parsed, and growing it rehashes every entry. A map at its size limit grows later.
+    let _ = headers.try_reserve(ADDED_HEADERS);
+    let mut hop_by_hop = [false; HOP_BY_HOP.len()];
+    // Collected only when there is something to remove: the common request has nothing.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            hop_by_hop[i] = true;
+            continue;
+        }
+        let text = name.as_str();
+        if text.as_bytes().contains(&b'_') {
+            if is_protected(&cgi_spelling(text)) {
+                return Err(Refusal::LookAlikeHeader(name.clone()));
+            }
+            match underscores {
+                Underscores::Drop => doomed.push(name.clone()),
+                Underscores::Reject => return Err(Refusal::UnderscoreHeader(name.clone())),
+                Underscores::Allow => {}
+            }
+        } else if is_identity(text) || (!trusted_peer && (*name == FORWARDED || *name == X_REAL_IP))
+        {
+            doomed.push(name.clone());
+        }
+    }
+    if hop_by_hop[TRANSFER_ENCODING] {
+        check_framing(headers)?;
+    }
+    if hop_by_hop[CONNECTION] && names_options(headers) {
+        connection_options(headers, &mut doomed)?;
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(hop_by_hop).filter(|(_, here)| *here) {
+        headers.remove(name);
+    }
+    Ok(())
+}
+
+/// One framing only, and only `chunked` as a transfer coding (hyper has decoded it; any other
+/// coding would reach the upstream still applied, with nothing saying so).
+fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(Refusal::BadFraming(
+            "Content-Length and Transfer-Encoding together are ambiguous",
+        ));
+    }
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(Refusal::BadFraming(
+            "only `Transfer-Encoding: chunked` is accepted",
+        )),
+    }
+}
+
+/// Whether a `Connection` header may name a header to remove: anything but the bare
+/// `keep-alive` or `close` nearly every message carries (splitting those into tokens is
+/// measurable on every request).
+pub fn names_options(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        let value = value.as_bytes();
+        !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
+    })
+}
+
+/// Adds the headers a client's `Connection` names to `doomed`; refuses an option naming a
+/// credential or identity header in any spelling (obeying it would let the client delete
+/// what the gateway vouches for, or slip a credential past its checks).
+fn connection_options(headers: &HeaderMap, doomed: &mut Vec<HeaderName>) -> Result<(), Refusal> {
+    for option in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|o| !o.is_empty())
+    {
+        let Ok(name) = HeaderName::from_bytes(option) else {
+            return Err(Refusal::BadRequest(
+                "a Connection option is not a header name",
+            ));
+        };
+        let spelled = cgi_spelling(name.as_str());
+        if is_identity(&spelled) || is_gateway_credential(&spelled) {
+            return Err(Refusal::ConnectionNamesProtected(name));
+        }
+        // `X-Request-Id` is the gateway's own by now (the client's was kept only if sane).
+        if !option.eq_ignore_ascii_case(b"close")
+            && !HOP_BY_HOP.contains(&name)
+            && name != crate::header_names::X_REQUEST_ID
+        {
+            doomed.push(name);
+        }
+    }
+    Ok(())
+}
+
+/// Removes a message's hop-by-hop headers and the ones its `Connection` names, refusing
+/// nothing: for upstream responses, which the gateway passes on rather than judges.
+/// `X-Request-Id` is the gateway's own and stays, whatever the upstream names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if present[CONNECTION] && names_options(headers) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
+            .filter(|name| {
+                *name != crate::header_names::X_REQUEST_ID
+                    && name.as_str() != "close"
+                    && !HOP_BY_HOP.contains(name)
+            })
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn bad(result: Result<(), Refusal>) -> String {
+        match result {
+            Err(refusal) => {
+                assert_eq!(refusal.status_code().0, 400, "{refusal}");
+                refusal.to_string()
+            }
+            Ok(()) => panic!("not refused"),
+        }
+    }
+
+    #[test]
+    fn underscore_look_alikes_of_protected_headers_are_refused_in_every_mode() {
+        for name in [
+            "x_consumer_name",
+            "X_Consumer_Roles",
+            "x_stepgate_auth",
+            "x_api_key",
+            "x-api_key",
+            "x_otp",
+            "x_step_up_token",
+            "x_forwarded_for",
+            "x_real_ip",
+            "x_request_id",
+        ] {
+            for mode in [Underscores::Drop, Underscores::Reject, Underscores::Allow] {
+                let mut h = map(&[(name, "admin")]);
+                let detail = bad(clean(&mut h, mode, false));
+                assert!(detail.contains(&name.to_ascii_lowercase()), "{detail}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_underscore_headers_follow_the_setting() {
+        let mut h = map(&[("x_trace", "1"), ("accept", "*/*")]);
+        clean(&mut h, Underscores::Drop, false).unwrap();
+        assert_eq!(names(&h), ["accept"]);
+        let mut h = map(&[("x_trace", "1")]);
+        clean(&mut h, Underscores::Allow, false).unwrap();
+        assert_eq!(names(&h), ["x_trace"]);
+        let mut h = map(&[("x_trace", "1")]);
+        bad(clean(&mut h, Underscores::Reject, false));
+    }
+
+    #[test]
+    fn identity_and_untrusted_connection_facts_are_removed() {
+        let pairs = [
+            ("x-consumer-name", "admin"),
+            ("x-stepgate-auth", "key+totp"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-kept", "1"),
+        ];
+        let mut h = map(&pairs);
+        clean(&mut h, Underscores::Drop, false).unwrap();
+        assert_eq!(names(&h), ["x-kept"]);
+        // A trusted proxy's Forwarded and X-Real-IP stay for forwarding to extend.
+        let mut h = map(&pairs);
+        clean(&mut h, Underscores::Drop, true).unwrap();
+        assert_eq!(names(&h), ["forwarded", "x-kept", "x-real-ip"]);
+    }
+
+    #[test]
+    fn connection_options_are_removed_before_anything_is_added_and_protected_ones_refused() {
+        let mut h = map(&[
+            ("connection", "close, X-Foo"),
+            ("connection", "x-bar, keep-alive"),
+            ("x-foo", "1"),
+            ("x-bar", "1"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+        ]);
+        clean(&mut h, Underscores::Drop, false).unwrap();
+        assert_eq!(names(&h), ["x-kept"]);
+        for option in [
+            "X-Consumer-Id",
+            "x-consumer-name",
+            "X-Stepgate-Auth",
+            "X-Api-Key",
+            "x-otp",
+            "X-Step-Up-Token",
+            "X_Consumer_Name",
+        ] {
+            let mut h = map(&[("connection", &format!("close, {option}"))]);
+            let detail = bad(clean(&mut h, Underscores::Drop, false));
+            assert!(detail.contains("Connection"), "{detail}");
+        }
+        let mut h = map(&[("connection", "close, bad header")]);
+        bad(clean(&mut h, Underscores::Drop, false));
+    }
+
+    #[test]
+    fn a_message_framed_two_ways_or_with_another_coding_is_refused() {
+        let mut h = map(&[("transfer-encoding", "chunked"), ("content-length", "5")]);
+        bad(clean(&mut h, Underscores::Drop, false));
+        for te in ["gzip, chunked", "chunked, chunked", "identity", ""] {
+            let mut h = map(&[("transfer-encoding", te)]);
+            bad(clean(&mut h, Underscores::Drop, false));
+        }
+        let mut h = map(&[("transfer-encoding", "Chunked")]);
+        clean(&mut h, Underscores::Drop, false).unwrap();
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers_but_keep_the_request_id() {
+        let mut h = map(&[
+            ("connection", "X-Request-Id, x-foo"),
+            ("x-request-id", "abc"),
+            ("x-foo", "1"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-request-id"]);
+        for value in ["keep-alive", "Keep-Alive", "close"] {
+            let mut h = map(&[("connection", value), ("x-kept", "1")]);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), ["x-kept"]);
+        }
+    }
+}

@@ -401,3 +401,66 @@ async fn the_policys_own_limits_refill_and_ban_time_apply() {
         .await;
     assert_banned(&r, 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_and_a_count_survive_a_restart() {
+    let mut t = TwoFactor::start().await;
+    let alice = t.consumer("alice", &[]).await;
+    let bob = t.consumer("bob", &[]).await;
+    let e = t.enrol("alice").await;
+    let eb = t.enrol("bob").await;
+    get_banned(&t, &alice, &e).await;
+    // Bob is three wrong codes into his five.
+    let wrong = wrong_at(&eb.secret, t.now());
+    for _ in 0..3 {
+        let r = t.call("/2fa/x", &bob.key, Some(&wrong)).await;
+        assert_otp_refused(&r, "otp_invalid", BOTH);
+    }
+    t.advance(60);
+    t.restart().await;
+
+    // Alice is still banned, for what is left of it; the correct code does not get in.
+    let code = totp_at(&e.secret, t.now());
+    assert_banned(&t.call("/2fa/x", &alice.key, Some(&code)).await, 840);
+    // Bob's count went on where it was: two more wrong codes, and the third bans him.
+    let wrong = wrong_at(&eb.secret, t.now());
+    for _ in 0..2 {
+        let r = t.call("/2fa/x", &bob.key, Some(&wrong)).await;
+        assert_otp_refused(&r, "otp_invalid", BOTH);
+    }
+    assert_banned(&t.call("/2fa/x", &bob.key, Some(&wrong)).await, 900);
+
+    // An unlock is kept too: after another restart Alice is not banned again.
+    t.gw.ok("POST", "/consumers/alice/unlock", None, 204).await;
+    t.restart().await;
+    let r = t
+        .call("/2fa/x", &alice.key, Some(&totp_at(&e.secret, t.now())))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // And a ban over while the gateway was down is over after it.
+    t.advance(900);
+    t.restart().await;
+    assert_eq!(t.call("/keyed/x", &bob.key, None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_ban_survives_a_restart() {
+    let mut t = TwoFactor::start().await;
+    let alice = t.consumer("alice", &[]).await;
+    let from = "127.0.0.2";
+    for i in 0..51u64 {
+        let r = t
+            .send_from(from, "GET", "/keyed/x", &[("x-api-key", &unknown_key(i))])
+            .await;
+        assert_eq!(r.status, if i < 50 { 401 } else { 429 }, "{}", r.text());
+    }
+    t.restart().await;
+    let r = t
+        .send_from(from, "GET", "/keyed/x", &[("x-api-key", &alice.key)])
+        .await;
+    assert_banned(&r, 900);
+    let r = t
+        .send_from("127.0.0.3", "GET", "/keyed/x", &[("x-api-key", &alice.key)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -56,7 +56,7 @@ if ((CODE_CONSUMERS > 0)); then
 else
     CODES_DESC="the same $CONSUMERS for codes (e), each at a later time step than its last"
 fi
-((CONSUMERS >= 10000)) || log "note: BENCH_CONSUMERS=$CONSUMERS is below the issue's 10,000"
+((CONSUMERS >= 10000)) || log "note: BENCH_CONSUMERS=$CONSUMERS is below the 10,000 the targets are set for"
 is_uint "$LEGIT_RATE" && ((LEGIT_RATE <= 1000000)) || die "BENCH_LEGIT_RATE must be 0..1000000 (got '$LEGIT_RATE')"
 # wrk's delay() hook: each legitimate connection pauses this long (ms) before each request,
 # so LEGIT_CONNS connections send at most about LEGIT_RATE req/s (a little less: the

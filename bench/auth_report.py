@@ -357,8 +357,8 @@ def main() -> None:
                     f"{ratio(c_cpu, b_cpu)}× its own forwarded request at c={controls[0]['conns']} "
                     f"({num(b_cpu)} µs; the flood paced, (b) closed-loop: the comparison of stepgate's raw figure).", ""]
 
-    # -------------------------------------------------- targets of issue 6
-    out += ["## Targets (issue 6), from the medians above", ""]
+    # -------------------------------------------------- the performance targets
+    out += ["## Targets, from the medians above", ""]
     checks = []
     for scen in ("c", "d"):
         for conns in sorted({c for (s, c) in meds if s == scen}):

@@ -1,4 +1,5 @@
-# Shared by bench/run.sh and bench/auth.sh (sourced, not run). See bench/README.md.
+# Shared by bench/run.sh, auth.sh, floor.sh and callgrind-request.sh (sourced, not run). See
+# bench/README.md.
 #
 # Provides: logging, argument checks, tool installation, a temp dir with an EXIT trap that
 # stops every background process recorded in PIDS, free ports, readiness checks, CPU and
@@ -11,7 +12,22 @@
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH_DIR="$ROOT/bench"
-RESULTS_DIR="$BENCH_DIR/results"
+
+# Where the reports go. By default outside the repository, so a run leaves the tracked tree
+# as it was: $TMPDIR/stepgate-bench (or /tmp/stepgate-bench). Into bench/results/ (tracked)
+# only when asked: BENCH_KEEP=1, or BENCH_OUT=bench/results. BENCH_OUT names any directory;
+# a relative one is taken from the directory the script was started in.
+if [[ -n "${BENCH_OUT:-}" ]]; then
+    RESULTS_DIR="$BENCH_OUT"
+    [[ "$RESULTS_DIR" == /* ]] || RESULTS_DIR="$PWD/$RESULTS_DIR"
+elif [[ "${BENCH_KEEP:-0}" == 1 ]]; then
+    RESULTS_DIR="$BENCH_DIR/results"
+elif [[ "${BENCH_KEEP:-0}" == 0 ]]; then
+    RESULTS_DIR="${TMPDIR:-/tmp}/stepgate-bench"
+else
+    printf '[bench] error: BENCH_KEEP must be 0 or 1 (got %s)\n' "$BENCH_KEEP" >&2
+    exit 1
+fi
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }

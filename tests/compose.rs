@@ -1,6 +1,7 @@
 //! No Docker engine runs on the development machines, so the compose file and Dockerfile are
 //! checked for structure here, and the configuration the compose file mounts is assembled
-//! exactly as the container sees it and validated.
+//! exactly as the container sees it and validated. `tests/docker_context.rs` builds the image's
+//! build context and compiles it.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -53,6 +53,14 @@ impl<B> Guard<B> for ClientHeaders {
         let context = Context::of(request)?;
         let underscores = context.snapshot.limits.headers_with_underscores;
         let trusted_peer = context.client.is_some_and(|c| c.via_trusted_proxy);
+        // hyper read a head with both framings as chunked and dropped the length; the
+        // connection's I/O saw both lines go by.
+        let ambiguous = context.conn.activity.take_ambiguous_framing();
+        if ambiguous && request.headers().contains_key(header::TRANSFER_ENCODING) {
+            return Err(Refusal::BadFraming(
+                "Content-Length and Transfer-Encoding together are ambiguous",
+            ));
+        }
         clean(request.headers_mut(), underscores, trusted_peer)
     }
 }

@@ -19,7 +19,7 @@
 //!   - [`selfservice`]: the consumers' own security page and enrolment API, answered by the
 //!     gateway under its prefix (never forwarded);
 //!   - [`proxy`]: forwarding to http(s) upstreams or the built-in echo upstream.
-//! - Beside the path: [`config`] (YAML to validated [`config::Snapshot`]), [`registry`] and
+//! - Beside the path: [`header_names`] (which header names mean what), [`config`] (YAML to validated [`config::Snapshot`]), [`registry`] and
 //!   [`store`] (consumers and credentials), [`sms`] (the SMS factor and its Twilio client),
 //!   [`enrollment`] (who is enrolled for which policy), [`admin`], [`tls`], [`cli`].
 

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub struct ConnInfo {
     pub peer_ip: http::HeaderValue,
     /// The peer as a `Forwarded` node, formatted once per connection too.
     pub peer_node: Arc<str>,
+    /// What the connection's I/O has seen: bytes moving, requests awaiting their answer, and
+    /// framing the HTTP/1.1 parser decided on its own.
+    pub activity: Arc<Activity>,
 }
 
 impl ConnInfo {
@@ -63,6 +66,7 @@ impl ConnInfo {
             tls,
             peer_ip,
             peer_node,
+            activity: Arc::new(Activity::default()),
         }
     }
 }
@@ -495,22 +499,35 @@ impl Connection {
     async fn serve<S: GatewayService>(self, stream: TcpStream, service: S) {
         let _ = stream.set_nodelay(true);
         let info = ConnInfo::new(self.peer, self.tls.is_some());
+        let activity = info.activity.clone();
         let config = self.config.clone();
         // Each request starts with its context: the configuration read once (the request
         // keeps this snapshot to its end, whatever a reload does meanwhile) and the
         // connection's facts. Without it (never, from the listener) the layers refuse it.
-        let service = service.map_request(move |mut request: Request<Incoming>| {
-            let context = RequestContext::new(config.load_full(), info.clone());
-            request.extensions_mut().insert(context);
-            request
-        });
+        let awaiting = activity.clone();
+        let service = service
+            .map_request(move |mut request: Request<Incoming>| {
+                let context = RequestContext::new(config.load_full(), info.clone());
+                request.extensions_mut().insert(context);
+                request
+            })
+            // A request waiting for its answer's head is not idle, however long its upstream
+            // takes: the upstream's own `timeout` bounds that.
+            .map_future(move |future| {
+                let waiting = Awaiting::start(awaiting.clone());
+                async move {
+                    let response = future.await;
+                    drop(waiting);
+                    response
+                }
+            });
         match &self.tls {
-            None => self.drive(stream, service).await,
+            None => self.drive(stream, service, activity).await,
             Some(acceptor) => {
                 let handshake =
                     tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(tls)) => self.drive(tls, service).await,
+                    Ok(Ok(tls)) => self.drive(tls, service, activity).await,
                     Ok(Err(error)) => {
                         tracing::debug!(peer = %self.peer, %error, "TLS handshake failed")
                     }
@@ -520,12 +537,11 @@ impl Connection {
         }
     }
 
-    async fn drive<I, S>(&self, io: I, service: S)
+    async fn drive<I, S>(&self, io: I, service: S, activity: Arc<Activity>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: GatewayService,
     {
-        let activity = Arc::new(Activity::default());
         let io = TokioIo::new(Tracked {
             inner: io,
             activity: activity.clone(),
@@ -556,7 +572,11 @@ impl Connection {
                     connection.as_mut().graceful_shutdown();
                 }
                 () = tokio::time::sleep(tick) => {
-                    quiet_ticks = if activity.take() { 0 } else { quiet_ticks + 1 };
+                    quiet_ticks = if activity.take() || activity.awaiting() {
+                        0
+                    } else {
+                        quiet_ticks + 1
+                    };
                     if quiet_ticks >= IDLE_TICKS {
                         // Asked to close and still moving nothing: a response stalled mid-body
                         // (an upstream that stopped sending) would keep an HTTP/1.1 connection
@@ -612,11 +632,25 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// quiet tick later if it has not closed by then.
 const IDLE_TICKS: u32 = 4;
 
-/// Whether the connection moved a byte since the idle check last looked.
-#[derive(Default)]
-struct Activity {
+/// What a connection's I/O and its requests have seen, shared by the I/O wrapper, the idle
+/// check and the request path.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// A byte moved since the idle check last looked.
     moved: AtomicBool,
+    /// Requests of the connection waiting for their answer's head.
+    awaiting: AtomicUsize,
+    /// Header lines seen since the request path last asked (`FRAMING_*` bits), read between
+    /// requests only: hyper's HTTP/1.1 parser, handed `Content-Length` and
+    /// `Transfer-Encoding` together, drops the length and reads the body as chunked, so the
+    /// request it hands on no longer shows that its framing was ambiguous.
+    framing: AtomicU8,
+    /// The last byte read ended a line (the next read starts a header line).
+    line_start: AtomicBool,
 }
+
+const FRAMING_LENGTH: u8 = 1;
+const FRAMING_CODING: u8 = 2;
 
 impl Activity {
     fn touch(&self) {
@@ -629,6 +663,63 @@ impl Activity {
     /// Whether a byte moved since the last call.
     fn take(&self) -> bool {
         self.moved.swap(false, Ordering::Relaxed)
+    }
+
+    fn awaiting(&self) -> bool {
+        self.awaiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Notes header lines naming `Content-Length` or `Transfer-Encoding` in bytes read while
+    /// no request is in flight (so: a request head, not a body being streamed).
+    fn sniff(&self, bytes: &[u8]) {
+        if bytes.is_empty() || self.awaiting() {
+            return;
+        }
+        let mut seen = 0;
+        let mut check = |line: &[u8]| {
+            let starts = |name: &[u8]| {
+                line.get(..name.len())
+                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
+            };
+            if starts(b"content-length:") {
+                seen |= FRAMING_LENGTH;
+            } else if starts(b"transfer-encoding:") {
+                seen |= FRAMING_CODING;
+            }
+        };
+        if self.line_start.load(Ordering::Relaxed) {
+            check(bytes);
+        }
+        for i in memchr::memchr_iter(b'\n', bytes) {
+            check(&bytes[i + 1..]);
+        }
+        self.line_start
+            .store(bytes.last() == Some(&b'\n'), Ordering::Relaxed);
+        if seen != 0 {
+            self.framing.fetch_or(seen, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the request head just parsed had both `Content-Length` and
+    /// `Transfer-Encoding`; clears what was seen, for the next request.
+    pub fn take_ambiguous_framing(&self) -> bool {
+        self.framing.swap(0, Ordering::Relaxed) == FRAMING_LENGTH | FRAMING_CODING
+    }
+}
+
+/// Counts a request as awaiting its answer for as long as it lives.
+struct Awaiting(Arc<Activity>);
+
+impl Awaiting {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.awaiting.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        self.0.awaiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -648,9 +739,11 @@ impl<I: AsyncRead> AsyncRead for Tracked<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.project();
+        let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
         if result.is_ready() {
             this.activity.touch();
+            this.activity.sniff(&buf.filled()[before..]);
         }
         result
     }

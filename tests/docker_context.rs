@@ -8,9 +8,10 @@
 //! 2. The `COPY` lines of the build stage (the stage the runtime stage copies the binary from)
 //!    are replayed into a temp dir, relative to the stage's `WORKDIR`; a source that is missing
 //!    or ignored fails, as `docker build` would.
-//! 3. `cargo check --locked --offline --release` runs in that `WORKDIR` (the registry cache is
-//!    already populated by the normal build; `CARGO_TARGET_DIR` is `target/docker-context`, so
-//!    repeated runs only check the package itself). A file the build needs but no `COPY` brings,
+//! 3. `cargo check --locked --offline` runs in that `WORKDIR` (the registry cache is already
+//!    populated by the normal build; `CARGO_TARGET_DIR` is the project's `target/`, whose
+//!    dependencies `cargo clippy` has checked already, so only the package itself is checked;
+//!    the release profile would need the same files). A file the build needs but no `COPY` brings,
 //!    a manifest target without its source or an `include_str!` of a file left out, fails here.
 //!
 //! Also: `.dockerignore` keeps `target/`, `data/` (master key, admin token), `.git` and the
@@ -464,10 +465,13 @@ fn the_build_stage_compiles_from_exactly_the_files_its_copy_lines_bring() {
     }
 
     let build_dir = in_root(root.path(), &workdir);
-    let target_dir = repo().join("target").join("docker-context");
+    // The project's own target directory: after `cargo clippy` (CI runs it first) or any
+    // earlier run of this test the dependencies are checked already, so only the package
+    // itself is (its path differs, so its artifacts do not touch the project's own).
+    let target_dir = repo().join("target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let out = Command::new(cargo)
-        .args(["check", "--locked", "--offline", "--release"])
+        .args(["check", "--locked", "--offline"])
         .current_dir(&build_dir)
         .env("CARGO_TARGET_DIR", &target_dir)
         .env_remove("CARGO_BUILD_TARGET_DIR")

@@ -672,6 +672,87 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_count_goes_on_where_it_was() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let before = FailureLimiter::new(clock.clone());
+        let policy: Arc<str> = "p".into();
+        let f = failures(3);
+        let who = Subject::Consumer("c1".into());
+        for _ in 0..2 {
+            before.record(&policy, who.clone(), f.per_consumer, &f);
+        }
+        let tat_ms = before
+            .counters
+            .get(&(policy.clone(), who.clone()))
+            .and_then(|c| c.tat_ms())
+            .unwrap();
+        clock.advance(10);
+        let after = FailureLimiter::new(clock.clone());
+        after.restore(LimiterState {
+            bans: vec![BanRecord {
+                subject: "ip:10.0.0.1".into(),
+                started: 1_000_000,
+                until: 1_000_600,
+            }],
+            counts: vec![FailureCountRecord {
+                policy: "p".into(),
+                subject: who.key(),
+                tat_ms,
+            }],
+        });
+        assert_eq!(
+            after.banned(&Subject::ip("10.0.0.1".parse().unwrap())),
+            Ok(Some(590))
+        );
+        // Two failures were counted before: the third is tolerated, the fourth bans.
+        assert_eq!(
+            after.record(&policy, who.clone(), f.per_consumer, &f),
+            Recorded::Counted
+        );
+        assert!(matches!(
+            after.record(&policy, who.clone(), f.per_consumer, &f),
+            Recorded::Banned { .. }
+        ));
+        assert_eq!(Subject::from_key(&who.key()), Some(who));
+        assert_eq!(Subject::from_key("nobody"), None);
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_one_change_per_counter_and_an_unlock_clears_the_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("limiter.db")).unwrap(),
+        );
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut writer = LimiterWriter::new(store, rx);
+        let count = |subject: &str, tat_ms| {
+            LimiterChange::Count(FailureCountRecord {
+                policy: "p".into(),
+                subject: subject.into(),
+                tat_ms,
+            })
+        };
+        writer.push(count("consumer:a", 1));
+        writer.push(count("consumer:b", 1));
+        writer.push(count("consumer:a", 2));
+        writer.push(LimiterChange::Unlock {
+            subject: "consumer:b".into(),
+        });
+        writer.push(count("consumer:b", 3));
+        assert_eq!(
+            writer.take_batch(),
+            [
+                count("consumer:a", 2),
+                LimiterChange::Unlock {
+                    subject: "consumer:b".into()
+                },
+                count("consumer:b", 3),
+            ]
+        );
+        assert!(writer.take_batch().is_empty());
+    }
+
+    #[test]
     fn ipv6_hosts_are_limited_by_their_64() {
         let a = Subject::ip("2001:db8::1".parse().unwrap());
         let b = Subject::ip("2001:db8::ffff:1".parse().unwrap());

@@ -198,7 +198,7 @@ fn bench(c: &mut Criterion) {
     let service = stack::build_with(f.shared.clone(), stub);
     // What the server holds per connection; per request it gives each its context.
     let config = ArcSwap::new(f.snapshot.clone());
-    let conn = ConnInfo::new("127.0.0.1:40000".parse().unwrap(), false);
+    let conn = std::sync::Arc::new(ConnInfo::new("127.0.0.1:40000".parse().unwrap(), false));
     let request = |i: usize| {
         Request::builder()
             .method(Method::GET)
@@ -247,7 +247,7 @@ fn bench(c: &mut Criterion) {
 struct Timed<'a, R> {
     request: &'a R,
     config: &'a ArcSwap<config::Snapshot>,
-    conn: &'a ConnInfo,
+    conn: &'a std::sync::Arc<ConnInfo>,
 }
 
 impl<R: Fn(usize) -> Request<Empty<Bytes>>> Timed<'_, R> {
@@ -284,7 +284,7 @@ fn decide<S>(
     service: &mut S,
     mut request: Request<Empty<Bytes>>,
     config: &ArcSwap<config::Snapshot>,
-    conn: &ConnInfo,
+    conn: &std::sync::Arc<ConnInfo>,
 ) -> Response<Body>
 where
     S: Service<Request<Empty<Bytes>>, Response = Response<Body>>,

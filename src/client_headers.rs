@@ -22,9 +22,7 @@ use crate::config::Underscores;
 use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
-use crate::header_names::{
-    FORWARDED, X_REAL_IP, cgi_spelling, is_gateway_credential, is_identity, is_protected,
-};
+use crate::header_names::{cgi_spelling, is_gateway_credential, is_identity, is_protected};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded whatever `Connection` says.
 pub static HOP_BY_HOP: [HeaderName; 9] = [
@@ -41,6 +39,23 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 const CONNECTION: usize = 0;
 const TRANSFER_ENCODING: usize = 7;
 
+/// The position of a hop-by-hop header in [`HOP_BY_HOP`]: one string match (a switch on the
+/// length, then one comparison), not a comparison with each of the nine.
+fn hop_by_hop(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Headers the gateway may add before forwarding: three `X-Consumer-*`, `X-Stepgate-Auth`,
 /// three `X-Forwarded-*`, `X-Real-IP` and `Forwarded`.
 const ADDED_HEADERS: usize = 9;
@@ -54,9 +69,9 @@ impl<B> Guard<B> for ClientHeaders {
         let underscores = context.snapshot.limits.headers_with_underscores;
         let trusted_peer = context.client.is_some_and(|c| c.via_trusted_proxy);
         // hyper read a head with both framings as chunked and dropped the length; the
-        // connection's I/O saw both lines go by.
-        let ambiguous = context.conn.activity.take_ambiguous_framing();
-        if ambiguous && request.headers().contains_key(header::TRANSFER_ENCODING) {
+        // connection's I/O kept the head's bytes.
+        let chunked = request.headers().contains_key(header::TRANSFER_ENCODING);
+        if context.conn.activity.head_had_content_length(chunked) {
             return Err(Refusal::BadFraming(
                 "Content-Length and Transfer-Encoding together are ambiguous",
             ));
@@ -75,15 +90,15 @@ pub fn clean(
     // Room for what the gateway adds, made once: hyper sizes the map for the headers it
     // parsed, and growing it rehashes every entry. A map at its size limit grows later.
     let _ = headers.try_reserve(ADDED_HEADERS);
-    let mut hop_by_hop = [false; HOP_BY_HOP.len()];
+    let mut hop_by_hop_here = [false; HOP_BY_HOP.len()];
     // Collected only when there is something to remove: the common request has nothing.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            hop_by_hop[i] = true;
+        let text = name.as_str();
+        if let Some(i) = hop_by_hop(text) {
+            hop_by_hop_here[i] = true;
             continue;
         }
-        let text = name.as_str();
         if text.as_bytes().contains(&b'_') {
             if is_protected(&cgi_spelling(text)) {
                 return Err(Refusal::LookAlikeHeader(name.clone()));
@@ -93,21 +108,25 @@ pub fn clean(
                 Underscores::Reject => return Err(Refusal::UnderscoreHeader(name.clone())),
                 Underscores::Allow => {}
             }
-        } else if is_identity(text) || (!trusted_peer && (*name == FORWARDED || *name == X_REAL_IP))
+        } else if is_identity(text) || (!trusted_peer && matches!(text, "forwarded" | "x-real-ip"))
         {
             doomed.push(name.clone());
         }
     }
-    if hop_by_hop[TRANSFER_ENCODING] {
+    if hop_by_hop_here[TRANSFER_ENCODING] {
         check_framing(headers)?;
     }
-    if hop_by_hop[CONNECTION] && names_options(headers) {
+    if hop_by_hop_here[CONNECTION] && names_options(headers) {
         connection_options(headers, &mut doomed)?;
     }
     for name in doomed {
         headers.remove(name);
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(hop_by_hop).filter(|(_, here)| *here) {
+    for (name, _) in HOP_BY_HOP
+        .iter()
+        .zip(hop_by_hop_here)
+        .filter(|(_, here)| *here)
+    {
         headers.remove(name);
     }
     Ok(())
@@ -181,7 +200,7 @@ fn connection_options(headers: &HeaderMap, doomed: &mut Vec<HeaderName>) -> Resu
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop(name.as_str()) {
             present[i] = true;
         }
     }
@@ -330,6 +349,14 @@ mod tests {
         let mut h = map(&[("transfer-encoding", "Chunked")]);
         clean(&mut h, Underscores::Drop, false).unwrap();
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_is_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop("x-keep-alive"), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::server::ConnInfo;
 pub struct Context {
     /// Read once by the outermost layer; the request keeps it to its end.
     pub snapshot: Arc<Snapshot>,
-    pub conn: ConnInfo,
+    pub conn: Arc<ConnInfo>,
     /// The canonical host, set before routing; `None` when the request names none.
     pub host: Option<Host>,
     /// Set by routing.
@@ -31,7 +31,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(snapshot: Arc<Snapshot>, conn: ConnInfo) -> Self {
+    pub fn new(snapshot: Arc<Snapshot>, conn: Arc<ConnInfo>) -> Self {
         Self {
             snapshot,
             conn,

@@ -11,7 +11,7 @@
 //! disagrees with the request target's authority.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 use http::{HeaderValue, Request, header};
 
@@ -33,11 +33,15 @@ pub struct Host {
 impl Host {
     /// The host name (or IP address, IPv6 without brackets) without port: what routes match.
     pub fn name(&self) -> &str {
+        // Canonical hosts are ASCII by construction.
+        std::str::from_utf8(self.name_bytes()).unwrap_or("")
+    }
+
+    /// [`name`](Self::name) as bytes (lower case), for matching without a UTF-8 check.
+    pub fn name_bytes(&self) -> &[u8] {
         let name = &self.value.as_bytes()[..self.name_len];
         let name = name.strip_prefix(b"[").unwrap_or(name);
-        let name = name.strip_suffix(b"]").unwrap_or(name);
-        // Canonical hosts are ASCII by construction.
-        std::str::from_utf8(name).unwrap_or("")
+        name.strip_suffix(b"]").unwrap_or(name)
     }
 
     /// `name[:port]`, the port only when it is not the scheme's default.
@@ -100,75 +104,112 @@ impl fmt::Display for HostError {
 }
 
 /// Canonicalises `host` (`name[:port]`, as in a `Host` header or a URI authority) for a
-/// connection that is TLS or not. Borrows nothing: the result is a new header value only when
-/// `raw` was not canonical already (`original` is reused otherwise).
+/// connection that is TLS or not. `original`, the header value `raw` came from, is reused
+/// when `raw` is canonical already (the usual case: no allocation then).
 pub fn canonicalize(
     raw: &[u8],
     tls: bool,
     original: Option<&HeaderValue>,
 ) -> Result<Host, HostError> {
-    if !raw.is_ascii() {
-        return Err(HostError::NotAscii);
-    }
     if raw.is_empty() {
         return Err(HostError::Empty);
     }
-    if raw.contains(&b'@') {
-        return Err(HostError::UserInfo);
+    // One pass for what the split needs to know: ASCII only, no credentials, where the
+    // port's `:` is.
+    let mut colons = 0usize;
+    let mut last_colon = 0;
+    for (i, &b) in raw.iter().enumerate() {
+        match b {
+            b':' => {
+                colons += 1;
+                last_colon = i;
+            }
+            b'@' => return Err(HostError::UserInfo),
+            0x80.. => return Err(HostError::NotAscii),
+            _ => {}
+        }
     }
-    let (name, port) = split_port(raw)?;
-    let port = match port {
+    let (name, port_text) = if raw[0] == b'[' {
+        split_port(raw)?
+    } else {
+        match colons {
+            0 => (raw, None),
+            1 if last_colon + 1 == raw.len() => (&raw[..last_colon], None),
+            1 => (&raw[..last_colon], Some(&raw[last_colon + 1..])),
+            _ => return Err(HostError::BadIpLiteral),
+        }
+    };
+    let port = match port_text {
         None => None,
         Some(p) => Some(parse_port(p)?),
     };
     let default_port = if tls { 443 } else { 80 };
-    let port = port.filter(|p| *p != default_port);
+    let kept_port = port.filter(|p| *p != default_port);
 
-    let mut canonical = String::new();
     if let Some(literal) = name.strip_prefix(b"[") {
         let literal = literal.strip_suffix(b"]").ok_or(HostError::BadIpLiteral)?;
         let text = std::str::from_utf8(literal).map_err(|_| HostError::BadIpLiteral)?;
         let ip: Ipv6Addr = text.parse().map_err(|_| HostError::BadIpLiteral)?;
-        canonical.push('[');
-        canonical.push_str(&ip.to_string());
-        canonical.push(']');
-    } else {
-        let name = name.strip_suffix(b".").unwrap_or(name);
-        check_name(name)?;
-        canonical.extend(name.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        return Ok(rebuilt(&format!("[{ip}]"), kept_port));
     }
-    let name_len = canonical.len();
-    if let Some(port) = port {
-        canonical.push(':');
-        canonical.push_str(&port.to_string());
+    let trimmed = name.strip_suffix(b".").unwrap_or(name);
+    let shape = check_name(trimmed)?;
+    // Canonical as sent: nothing to fold, drop or renumber, so the header value is reused.
+    let canonical = trimmed.len() == name.len()
+        && !shape.upper
+        && port == kept_port
+        && port_text.is_none_or(|p| p.first() != Some(&b'0'))
+        && raw.last() != Some(&b':');
+    if canonical {
+        let value = match original {
+            Some(original) => original.clone(),
+            None => HeaderValue::from_bytes(raw).map_err(|_| HostError::BadCharacter)?,
+        };
+        return Ok(Host {
+            value,
+            name_len: name.len(),
+        });
     }
-    let value = match original {
-        Some(original) if original.as_bytes() == canonical.as_bytes() => original.clone(),
-        _ => HeaderValue::try_from(canonical).map_err(|_| HostError::BadCharacter)?,
-    };
-    Ok(Host { value, name_len })
+    Ok(rebuilt(&trimmed.to_ascii_lowercase_string(), kept_port))
 }
 
-/// `name` and the digits after its last `:` (IPv6 literals keep theirs inside brackets). An
-/// empty port (`host:`) is allowed by RFC 3986 and means none.
-fn split_port(raw: &[u8]) -> Result<(&[u8], Option<&[u8]>), HostError> {
-    if raw.starts_with(b"[") {
-        let end = raw
-            .iter()
-            .position(|b| *b == b']')
-            .ok_or(HostError::BadIpLiteral)?;
-        let (literal, rest) = raw.split_at(end + 1);
-        return match rest {
-            [] | [b':'] => Ok((literal, None)),
-            [b':', port @ ..] => Ok((literal, Some(port))),
-            _ => Err(HostError::BadIpLiteral),
-        };
+/// A host rebuilt from its canonical name and the port to keep.
+fn rebuilt(name: &str, port: Option<u16>) -> Host {
+    let text = match port {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_owned(),
+    };
+    // Letters, digits, `-`, `_`, `.`, `:`, `[` and `]` only: a valid header value.
+    Host {
+        value: HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+        name_len: name.len(),
     }
-    match raw.iter().rposition(|b| *b == b':') {
-        None => Ok((raw, None)),
-        Some(i) if raw[..i].contains(&b':') => Err(HostError::BadIpLiteral),
-        Some(i) if i + 1 == raw.len() => Ok((&raw[..i], None)),
-        Some(i) => Ok((&raw[..i], Some(&raw[i + 1..]))),
+}
+
+trait LowercaseString {
+    fn to_ascii_lowercase_string(&self) -> String;
+}
+
+impl LowercaseString for [u8] {
+    fn to_ascii_lowercase_string(&self) -> String {
+        self.iter()
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect()
+    }
+}
+
+/// An IPv6 literal (`[...]`) and the digits after it. An empty port (`host:`) is allowed by
+/// RFC 3986 and means none.
+fn split_port(raw: &[u8]) -> Result<(&[u8], Option<&[u8]>), HostError> {
+    let end = raw
+        .iter()
+        .position(|b| *b == b']')
+        .ok_or(HostError::BadIpLiteral)?;
+    let (literal, rest) = raw.split_at(end + 1);
+    match rest {
+        [] | [b':'] => Ok((literal, None)),
+        [b':', port @ ..] => Ok((literal, Some(port))),
+        _ => Err(HostError::BadIpLiteral),
     }
 }
 
@@ -176,43 +217,74 @@ fn parse_port(port: &[u8]) -> Result<u16, HostError> {
     if port.is_empty() || port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
         return Err(HostError::BadPort);
     }
-    std::str::from_utf8(port)
+    let value = port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    u16::try_from(value)
         .ok()
-        .and_then(|p| p.parse::<u16>().ok())
         .filter(|p| *p != 0)
         .ok_or(HostError::BadPort)
 }
 
+/// What one pass over a name found.
+struct Shape {
+    upper: bool,
+}
+
 /// A DNS-style name (already without its trailing dot): labels of letters, digits, `-` and
 /// `_`. A name whose last label starts with a digit is read as an IPv4 address by URL parsers
-/// and many resolvers, so it must be one, written plainly.
-fn check_name(name: &[u8]) -> Result<(), HostError> {
+/// and many resolvers, so it must be one, written plainly (`a.b.c.d`, each 0 to 255 without
+/// leading zeros). One pass over the bytes: this runs on every request.
+fn check_name(name: &[u8]) -> Result<Shape, HostError> {
     if name.is_empty() {
         return Err(HostError::Empty);
     }
     if name.len() > MAX_NAME {
         return Err(HostError::TooLong);
     }
-    for label in name.split(|b| *b == b'.') {
-        if label.is_empty() {
-            return Err(HostError::EmptyLabel);
+    let mut upper = false;
+    // The current label: its length, whether all digits, its value as a number (capped),
+    // whether it starts with `0`; and for a dotted quad, how many labels were plain octets.
+    let (mut len, mut digits, mut value, mut zero_first) = (0usize, true, 0u32, false);
+    let (mut labels, mut octets) = (0usize, 0usize);
+    let mut end_label = |len: usize, digits: bool, value: u32, zero_first: bool| {
+        labels += 1;
+        if digits && value <= 255 && !(zero_first && len > 1) {
+            octets += 1;
         }
-        if !label
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-        {
-            return Err(HostError::BadCharacter);
+    };
+    for &b in name {
+        match b {
+            b'.' => {
+                if len == 0 {
+                    return Err(HostError::EmptyLabel);
+                }
+                end_label(len, digits, value, zero_first);
+                (len, digits, value, zero_first) = (0, true, 0, false);
+                continue;
+            }
+            b'0'..=b'9' => {
+                if len == 0 {
+                    zero_first = b == b'0';
+                }
+                value = (value * 10 + u32::from(b - b'0')).min(1000);
+            }
+            b'a'..=b'z' | b'-' | b'_' => digits = false,
+            b'A'..=b'Z' => {
+                digits = false;
+                upper = true;
+            }
+            _ => return Err(HostError::BadCharacter),
         }
+        len += 1;
     }
-    let last = name.rsplit(|b| *b == b'.').next().unwrap_or(name);
-    if last.first().is_some_and(u8::is_ascii_digit) {
-        let text = std::str::from_utf8(name).map_err(|_| HostError::NumericName)?;
-        let ip: Ipv4Addr = text.parse().map_err(|_| HostError::NumericName)?;
-        if ip.to_string() != text {
-            return Err(HostError::NumericName);
-        }
+    if len == 0 {
+        return Err(HostError::EmptyLabel);
     }
-    Ok(())
+    let first_of_last = name[name.len() - len];
+    end_label(len, digits, value, zero_first);
+    if first_of_last.is_ascii_digit() && !(labels == 4 && octets == 4) {
+        return Err(HostError::NumericName);
+    }
+    Ok(Shape { upper })
 }
 
 /// The request's canonical host: the request target's authority (HTTP/2 `:authority`, or an
@@ -247,11 +319,28 @@ pub struct CanonicalHost;
 
 impl<B> Guard<B> for CanonicalHost {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let tls = Context::of(request)?.conn.tls;
-        let host = of_request(request, tls).map_err(Refusal::BadHost)?;
+        let conn = &Context::of(request)?.conn;
+        // The usual request: one Host header and no authority in the target. Its
+        // canonical form is the connection's last one when the bytes are the same.
+        let host = match (request.uri().authority(), single_host(request)) {
+            (None, Some(value)) if !value.is_empty() => Some(
+                conn.canonical_host(value.as_bytes(), || {
+                    canonicalize(value.as_bytes(), conn.tls, Some(value))
+                })
+                .map_err(Refusal::BadHost)?,
+            ),
+            _ => of_request(request, conn.tls).map_err(Refusal::BadHost)?,
+        };
         Context::of_mut(request)?.host = host;
         Ok(())
     }
+}
+
+/// The one `Host` header, when there is exactly one.
+fn single_host<B>(request: &Request<B>) -> Option<&HeaderValue> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let first = hosts.next()?;
+    hosts.next().is_none().then_some(first)
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@
 //! changes (what code a change needs, which pending enrolments may still be confirmed) is in
 //! [`assurance`].
 
-mod assurance;
 mod sms;
 
-pub use assurance::Assurance;
+pub use crate::credentials::assurance::Assurance;
+pub use crate::credentials::factors::Factor;
 pub use sms::Outgoing;
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditLog, AuditView};
 use crate::auth::step_up::StepUpTokens;
 use crate::clock::{SharedClock, rfc3339};
-use crate::config::Factors;
+use crate::credentials::factors::Factors;
 use crate::credentials::totp::{self, TotpParams};
 use crate::credentials::{api_key, recovery};
 use crate::secrets::{DigestMap, MasterKey};
@@ -329,33 +329,6 @@ impl Index {
             for key in &old.keys {
                 self.by_hash.remove(&key.hash);
             }
-        }
-    }
-}
-
-/// The second factor a code proved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Factor {
-    Totp,
-    RecoveryCode,
-    Sms,
-}
-
-impl Factor {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Factor::Totp => "totp",
-            Factor::RecoveryCode => "recovery_code",
-            Factor::Sms => "sms",
-        }
-    }
-
-    /// The `X-Stepgate-Auth` value of a request that proved this factor.
-    pub fn auth_method(self) -> &'static str {
-        match self {
-            Factor::Totp => "key+totp",
-            Factor::RecoveryCode => "key+recovery_code",
-            Factor::Sms => "key+sms",
         }
     }
 }

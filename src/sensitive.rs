@@ -32,8 +32,10 @@ fn mark(headers: &mut HeaderMap) {
     for (name, value) in headers.iter_mut() {
         let name = name.as_str();
         // A look-alike (`X_Api_Key`) is refused later, but its value is a credential too.
+        // Only a name as long as a credential's can be one.
         if is_credential(name)
-            || (name.as_bytes().contains(&b'_')
+            || (matches!(name.len(), 5 | 6 | 9 | 10 | 13 | 15 | 19)
+                && name.as_bytes().contains(&b'_')
                 && is_credential(&crate::header_names::cgi_spelling(name)))
         {
             value.set_sensitive(true);

@@ -6,11 +6,12 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -41,8 +42,8 @@ use crate::store::sqlite::SqliteStore;
 /// How often key "last used" times are written and expired step-up tokens swept.
 const HOUSEKEEPING: Duration = Duration::from_secs(30);
 
-/// Facts about the connection a request arrived on, as a request extension.
-#[derive(Debug, Clone)]
+/// Facts about the connection a request arrived on, shared by its requests' contexts.
+#[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
@@ -54,6 +55,13 @@ pub struct ConnInfo {
     /// What the connection's I/O has seen: bytes moving, requests awaiting their answer, and
     /// framing the HTTP/1.1 parser decided on its own.
     pub activity: Arc<Activity>,
+    /// The `Forwarded` element of the last host requested on this connection (nearly always
+    /// the host of every request on it), made once rather than per request.
+    forwarded: std::sync::Mutex<Option<(http::HeaderValue, http::HeaderValue)>>,
+    /// The last host canonicalised on this connection, by the bytes it was sent as: the
+    /// requests of a connection nearly always name the same host, and checking its bytes
+    /// again costs more than comparing them.
+    host: std::sync::Mutex<Option<(Bytes, crate::host::Host)>>,
 }
 
 impl ConnInfo {
@@ -67,7 +75,52 @@ impl ConnInfo {
             peer_ip,
             peer_node,
             activity: Arc::new(Activity::default()),
+            forwarded: std::sync::Mutex::new(None),
+            host: std::sync::Mutex::new(None),
         }
+    }
+
+    /// `canonicalize` of `raw`, the host as this connection's request sent it, remembered for
+    /// the next request that sends the same bytes.
+    pub fn canonical_host(
+        &self,
+        raw: &[u8],
+        canonicalize: impl FnOnce() -> Result<crate::host::Host, crate::host::HostError>,
+    ) -> Result<crate::host::Host, crate::host::HostError> {
+        let mut cached = self.host.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bytes, host)) = cached.as_ref()
+            && bytes.as_ref() == raw
+        {
+            return Ok(host.clone());
+        }
+        let host = canonicalize()?;
+        *cached = Some((Bytes::copy_from_slice(raw), host.clone()));
+        Ok(host)
+    }
+
+    /// This gateway's `Forwarded` element (RFC 7239) for a request with `host` on this
+    /// connection: `for=<peer>;proto=<http|https>[;host="<host>"]`.
+    pub fn forwarded_element(&self, host: Option<&http::HeaderValue>) -> http::HeaderValue {
+        let mut cached = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some((for_host, element)), Some(host)) = (cached.as_ref(), host)
+            && for_host == host
+        {
+            return element.clone();
+        }
+        let proto = if self.tls { "https" } else { "http" };
+        let mut text = format!("for={};proto={proto}", self.peer_node);
+        if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+            text.push_str(";host=\"");
+            text.push_str(host);
+            text.push('"');
+        }
+        // An address, a token and a canonical host: visible ASCII.
+        let element = http::HeaderValue::try_from(text)
+            .unwrap_or_else(|_| http::HeaderValue::from_static("for=unknown"));
+        if let Some(host) = host {
+            *cached = Some((host.clone(), element.clone()));
+        }
+        element
     }
 }
 
@@ -498,7 +551,7 @@ struct Connection {
 impl Connection {
     async fn serve<S: GatewayService>(self, stream: TcpStream, service: S) {
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo::new(self.peer, self.tls.is_some());
+        let info = Arc::new(ConnInfo::new(self.peer, self.tls.is_some()));
         let activity = info.activity.clone();
         let config = self.config.clone();
         // Each request starts with its context: the configuration read once (the request
@@ -640,17 +693,16 @@ pub struct Activity {
     moved: AtomicBool,
     /// Requests of the connection waiting for their answer's head.
     awaiting: AtomicUsize,
-    /// Header lines seen since the request path last asked (`FRAMING_*` bits), read between
-    /// requests only: hyper's HTTP/1.1 parser, handed `Content-Length` and
-    /// `Transfer-Encoding` together, drops the length and reads the body as chunked, so the
-    /// request it hands on no longer shows that its framing was ambiguous.
-    framing: AtomicU8,
-    /// The last byte read ended a line (the next read starts a header line).
-    line_start: AtomicBool,
+    /// The bytes read since the request path last looked, while no request was in flight (so:
+    /// request heads, not bodies), up to [`HEAD_KEPT`]. hyper's HTTP/1.1 parser, handed
+    /// `Content-Length` and `Transfer-Encoding` together, drops the length and reads the body
+    /// as chunked: the request it hands on no longer shows that its framing was ambiguous, but
+    /// these bytes do.
+    head: std::sync::Mutex<Vec<u8>>,
 }
 
-const FRAMING_LENGTH: u8 = 1;
-const FRAMING_CODING: u8 = 2;
+/// Head bytes kept per connection at most (a request head hyper accepts is smaller).
+const HEAD_KEPT: usize = 128 * 1024;
 
 impl Activity {
     fn touch(&self) {
@@ -669,41 +721,32 @@ impl Activity {
         self.awaiting.load(Ordering::Relaxed) > 0
     }
 
-    /// Notes header lines naming `Content-Length` or `Transfer-Encoding` in bytes read while
-    /// no request is in flight (so: a request head, not a body being streamed).
-    fn sniff(&self, bytes: &[u8]) {
+    /// Keeps bytes read while no request is in flight (a request head being read).
+    fn keep_head(&self, bytes: &[u8]) {
         if bytes.is_empty() || self.awaiting() {
             return;
         }
-        let mut seen = 0;
-        let mut check = |line: &[u8]| {
-            let starts = |name: &[u8]| {
-                line.get(..name.len())
-                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
-            };
-            if starts(b"content-length:") {
-                seen |= FRAMING_LENGTH;
-            } else if starts(b"transfer-encoding:") {
-                seen |= FRAMING_CODING;
-            }
-        };
-        if self.line_start.load(Ordering::Relaxed) {
-            check(bytes);
-        }
-        for i in memchr::memchr_iter(b'\n', bytes) {
-            check(&bytes[i + 1..]);
-        }
-        self.line_start
-            .store(bytes.last() == Some(&b'\n'), Ordering::Relaxed);
-        if seen != 0 {
-            self.framing.fetch_or(seen, Ordering::Relaxed);
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if head.len() + bytes.len() <= HEAD_KEPT {
+            head.extend_from_slice(bytes);
         }
     }
 
-    /// Whether the request head just parsed had both `Content-Length` and
-    /// `Transfer-Encoding`; clears what was seen, for the next request.
-    pub fn take_ambiguous_framing(&self) -> bool {
-        self.framing.swap(0, Ordering::Relaxed) == FRAMING_LENGTH | FRAMING_CODING
+    /// Whether the request head just read had a `Content-Length` line (asked only of requests
+    /// hyper read as chunked); forgets the head either way, for the next request.
+    pub fn head_had_content_length(&self, asked: bool) -> bool {
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let found = asked
+            && head
+                .split(|b| *b == b'\n')
+                .skip(1)
+                .take_while(|line| !line.is_empty() && *line != b"\r")
+                .any(|line| {
+                    line.get(..15)
+                        .is_some_and(|name| name.eq_ignore_ascii_case(b"content-length:"))
+                });
+        head.clear();
+        found
     }
 }
 
@@ -743,7 +786,7 @@ impl<I: AsyncRead> AsyncRead for Tracked<I> {
         let result = this.inner.poll_read(cx, buf);
         if result.is_ready() {
             this.activity.touch();
-            this.activity.sniff(&buf.filled()[before..]);
+            this.activity.keep_head(&buf.filled()[before..]);
         }
         result
     }

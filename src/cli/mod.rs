@@ -276,7 +276,7 @@ fn explain(
     };
     match snapshot
         .routes
-        .explain(host.as_deref(), &method, &canonical)
+        .explain(host.as_deref().map(str::as_bytes), &method, &canonical)
     {
         Ok(route) => {
             let forwarded = route.forward_path(&canonical);

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::credentials::factors::Factors;
 pub use raw::Requirement;
 pub use validate::load;
 
@@ -197,38 +198,6 @@ impl Policy {
             },
             challenge_methods: "totp recovery_code".to_owned(),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Factors {
-    pub totp: bool,
-    pub recovery_code: bool,
-    /// Only with SMS configured (`gateway.yaml` `sms:`); validation refuses it otherwise.
-    pub sms: bool,
-}
-
-impl Factors {
-    /// Every factor (the self-service API accepts whichever the consumer has).
-    pub const ALL: Factors = Factors {
-        totp: true,
-        recovery_code: true,
-        sms: true,
-    };
-
-    /// The accepted factors' names, in the order the `WWW-Authenticate` challenge lists them.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut names = Vec::with_capacity(3);
-        if self.totp {
-            names.push("totp");
-        }
-        if self.recovery_code {
-            names.push("recovery_code");
-        }
-        if self.sms {
-            names.push("sms");
-        }
-        names
     }
 }
 

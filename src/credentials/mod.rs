@@ -1,7 +1,9 @@
-//! Credential formats: API keys, TOTP enrolment, recovery codes. Pure functions; storage and
-//! lookup live in `registry`.
+//! Credentials and factors as values: API key format, TOTP enrolment, recovery codes, the
+//! factors by name and the assurance levels of accounts. Pure; storage and lookup live above.
 
 pub mod api_key;
+pub mod assurance;
+pub mod factors;
 pub mod recovery;
 pub mod totp;
 

@@ -15,8 +15,8 @@ pub struct ConnectionFacts<'a> {
     /// The socket peer's address, and as a header value.
     pub peer_ip: IpAddr,
     pub peer: &'a HeaderValue,
-    /// The peer as a `Forwarded` node (`192.0.2.1`, `"[2001:db8::1]"`).
-    pub peer_node: &'a str,
+    /// This gateway's `Forwarded` element for the request.
+    pub forwarded: HeaderValue,
     /// The client's address: the peer, or the client a trusted proxy names.
     pub client: IpAddr,
     /// The peer is a trusted proxy: its `X-Forwarded-For` and `Forwarded` are extended, not
@@ -63,13 +63,16 @@ pub fn set_forwarded(headers: &mut HeaderMap, facts: &ConnectionFacts<'_>) {
     if let Some(value) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    let mut element = format!("for={};proto={proto}", facts.peer_node);
-    if let Some(host) = facts.host.and_then(|h| h.to_str().ok()) {
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-    }
-    if let Some(value) = chained(headers, &FORWARDED, &element) {
+    let forwarded = if facts.via_trusted_proxy {
+        chained(
+            headers,
+            &FORWARDED,
+            facts.forwarded.to_str().unwrap_or("for=unknown"),
+        )
+    } else {
+        Some(facts.forwarded.clone())
+    };
+    if let Some(value) = forwarded {
         headers.insert(FORWARDED.clone(), value);
     }
     let real_ip = if facts.client == facts.peer_ip {
@@ -113,7 +116,9 @@ mod tests {
         let facts = ConnectionFacts {
             peer_ip: "127.0.0.1".parse().unwrap(),
             peer: &peer,
-            peer_node: "127.0.0.1",
+            forwarded: HeaderValue::from_static(
+                r#"for=127.0.0.1;proto=https;host="api.test:8443""#,
+            ),
             client: "127.0.0.1".parse().unwrap(),
             via_trusted_proxy: false,
             tls: true,
@@ -136,7 +141,7 @@ mod tests {
         let facts = ConnectionFacts {
             peer_ip: "10.0.0.2".parse().unwrap(),
             peer: &proxy,
-            peer_node: &forwarded_node("10.0.0.2".parse().unwrap()),
+            forwarded: HeaderValue::from_static("for=10.0.0.2;proto=http"),
             client: "203.0.113.7".parse().unwrap(),
             via_trusted_proxy: true,
             tls: false,

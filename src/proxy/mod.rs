@@ -98,7 +98,7 @@ where
         &headers::ConnectionFacts {
             peer_ip: conn.peer.ip(),
             peer: &conn.peer_ip,
-            peer_node: &conn.peer_node,
+            forwarded: conn.forwarded_element(host.as_ref()),
             client: client.map_or(conn.peer.ip(), |c| c.ip),
             via_trusted_proxy: client.is_some_and(|c| c.via_trusted_proxy),
             tls: conn.tls,

@@ -69,7 +69,7 @@ where
 fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     let context = RequestContext::of(request)?;
     let snapshot = &context.snapshot;
-    let host = context.host.as_ref().map(crate::host::Host::name);
+    let host = context.host.as_ref().map(crate::host::Host::name_bytes);
     let path = request.uri().path();
     // The gateway's own endpoints first: validation keeps routes out of the prefix, and a
     // catch-all route must not swallow the security page.

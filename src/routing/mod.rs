@@ -42,10 +42,11 @@ impl Route {
         segment_prefix(&self.path, path)
     }
 
-    fn host_matches(&self, host: Option<&str>) -> bool {
+    /// `host`: the request's canonical host name (lower case, as the route's).
+    fn host_matches(&self, host: Option<&[u8]>) -> bool {
         match (&self.host, host) {
             (None, _) => true,
-            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+            (Some(want), Some(got)) => want.as_bytes() == got,
             (Some(_), None) => false,
         }
     }
@@ -123,8 +124,8 @@ impl RouteTable {
         Self { routes }
     }
 
-    /// The route for a request; `host` without port, `path` canonical.
-    pub fn find(&self, host: Option<&str>, method: &Method, path: &str) -> Option<&Arc<Route>> {
+    /// The route for a request; `host` canonical (lower case, without port), `path` canonical.
+    pub fn find(&self, host: Option<&[u8]>, method: &Method, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
             .find(|r| r.path_matches(path) && r.host_matches(host) && r.method_matches(method))
@@ -133,7 +134,7 @@ impl RouteTable {
     /// Like [`find`](Self::find), but says why nothing matched.
     pub fn explain(
         &self,
-        host: Option<&str>,
+        host: Option<&[u8]>,
         method: &Method,
         path: &str,
     ) -> Result<&Arc<Route>, Miss<'_>> {
@@ -187,7 +188,9 @@ mod tests {
     }
 
     fn name(table: &RouteTable, host: Option<&str>, method: Method, path: &str) -> Option<String> {
-        table.find(host, &method, path).map(|r| r.name.clone())
+        table
+            .find(host.map(str::as_bytes), &method, path)
+            .map(|r| r.name.clone())
     }
 
     #[test]
@@ -232,7 +235,7 @@ mod tests {
             Some("host")
         );
         assert_eq!(
-            name(&t, Some("API.example.com"), Method::GET, "/x").as_deref(),
+            name(&t, Some("api.example.com"), Method::GET, "/x").as_deref(),
             Some("host")
         );
         assert_eq!(name(&t, None, Method::GET, "/x").as_deref(), Some("root"));

@@ -44,32 +44,7 @@ impl std::fmt::Debug for SmsSettings {
     }
 }
 
-/// What a code is for. A verification code goes to a number not yet proven to be the
-/// consumer's, so it is never accepted as a login code (and the other way round).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    /// Sent by `POST {prefix}/sms/send` to the confirmed number: a second factor.
-    Login,
-    /// Sent by `POST {prefix}/2fa/sms` to a new number: proves the consumer holds it.
-    Enrol,
-}
-
-impl Purpose {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Purpose::Login => "login",
-            Purpose::Enrol => "enrol",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "login" => Some(Purpose::Login),
-            "enrol" => Some(Purpose::Enrol),
-            _ => None,
-        }
-    }
-}
+pub use crate::credentials::factors::Purpose;
 
 /// An E.164 phone number: `+`, a country code that does not start with 0, 8 to 15 digits in
 /// all. Anything else (spaces, dashes, national formats) is refused rather than guessed at.

@@ -7,8 +7,8 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
+use crate::credentials::assurance::Assurance;
 use crate::credentials::totp::TotpParams;
-use crate::registry::Assurance;
 
 pub type Hash = [u8; 32];
 
@@ -80,7 +80,7 @@ pub struct SmsRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmsCodeRecord {
     pub consumer_id: String,
-    pub purpose: crate::sms::Purpose,
+    pub purpose: crate::credentials::factors::Purpose,
     pub hash: Hash,
     pub expires_at: u64,
 }
@@ -265,7 +265,7 @@ pub trait Store: Send + Sync + 'static {
     async fn use_sms_code(
         &self,
         consumer_id: String,
-        purpose: crate::sms::Purpose,
+        purpose: crate::credentials::factors::Purpose,
         hash: Hash,
         now: u64,
     ) -> Result<CodeCheck, StoreError>;
@@ -274,7 +274,7 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_sms_code(
         &self,
         consumer_id: String,
-        purpose: crate::sms::Purpose,
+        purpose: crate::credentials::factors::Purpose,
         hash: Hash,
     ) -> Result<(), StoreError>;
     async fn replace_recovery_codes(

@@ -14,9 +14,9 @@ use super::{
     KeyRecord, LimiterChange, LimiterState, RecoveryCodeRecord, SmsCodeRecord, SmsRecord, State,
     Store, StoreError, TotpRecord,
 };
+use crate::credentials::assurance::Assurance;
+use crate::credentials::factors::Purpose;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
-use crate::registry::Assurance;
-use crate::sms::Purpose;
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`. Never edit a
 /// released entry: add a new one.

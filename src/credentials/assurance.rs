@@ -1,5 +1,5 @@
-//! The proof rule of self-service changes, in one place (README, "Self-service": what a change
-//! needs). A consumer's account is only as strong as its strongest confirmed factor, and a
+//! The proof rule of self-service changes, in one place (the operator guide's "Self-service":
+//! what a change needs). A consumer's account is only as strong as its strongest confirmed factor, and a
 //! change to its factors must be proved at that level:
 //!
 //! | confirmed factors | a change needs `X-OTP` with | [`Assurance`] |
@@ -23,7 +23,7 @@
 //! factor existed, dies once the owner confirms one), and a confirmation that raises the level
 //! drops, in the same store transaction, the pending enrolments started below the new level.
 
-use crate::config::Factors;
+use super::factors::Factors;
 
 /// How strongly a change was (or must be) proved. Ordered: `KeyOnly < Sms < Totp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -15,13 +15,9 @@
 //!   coding other than `chunked`, is refused and its connection closed (RFC 9112 §6.3 would
 //!   let a server pick one reading; a gateway in front of unknown upstreams must not).
 
-use http::Request;
 use http::header::{self, HeaderMap, HeaderName};
 
-use crate::config::Underscores;
-use crate::context::Context;
 use crate::error::Refusal;
-use crate::guard::Guard;
 use crate::header_names::{cgi_spelling, is_gateway_credential, is_identity, is_protected};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded whatever `Connection` says.
@@ -60,24 +56,15 @@ fn hop_by_hop(name: &str) -> Option<usize> {
 /// three `X-Forwarded-*`, `X-Real-IP` and `Forwarded`.
 const ADDED_HEADERS: usize = 9;
 
-#[derive(Clone, Copy, Default)]
-pub struct ClientHeaders;
-
-impl<B> Guard<B> for ClientHeaders {
-    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let context = Context::of(request)?;
-        let underscores = context.snapshot.limits.headers_with_underscores;
-        let trusted_peer = context.client.is_some_and(|c| c.via_trusted_proxy);
-        // hyper read a head with both framings as chunked and dropped the length; the
-        // connection's I/O kept the head's bytes.
-        let chunked = request.headers().contains_key(header::TRANSFER_ENCODING);
-        if context.conn.activity.head_had_content_length(chunked) {
-            return Err(Refusal::BadFraming(
-                "Content-Length and Transfer-Encoding together are ambiguous",
-            ));
-        }
-        clean(request.headers_mut(), underscores, trusted_peer)
-    }
+/// `limits.headers_with_underscores`: what becomes of request headers named with `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed before forwarding (nginx's default, `underscores_in_headers off`).
+    Drop,
+    /// Refused with 400.
+    Reject,
+    /// Forwarded as sent.
+    Allow,
 }
 
 /// The pass itself (see the module doc). `trusted_peer`: the peer is a trusted proxy, whose

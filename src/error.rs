@@ -1,6 +1,8 @@
-//! Errors. [`Refusal`] is every way the gateway can decline a request, one variant per
-//! condition; [`problem`] is the one place that turns them into HTTP (RFC 9457
-//! problem+json with the stable `code` of DESIGN.md §2). [`Error`] is for start-up and the CLI.
+//! Refusals. [`Refusal`] is every way the gateway can decline a request, one variant per
+//! condition, carrying plain data only (this module is a leaf: the layers that refuse depend
+//! on it, not the other way round); [`problem`] is the one place that turns them into HTTP
+//! (RFC 9457 problem+json with a stable `code`). Start-up and CLI failures are
+//! [`crate::startup::Error`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-use crate::config::ConfigErrors;
-use crate::routing::Route;
+use crate::credentials::assurance::Assurance;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -22,26 +23,6 @@ pub fn full_body(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-/// Start-up and CLI failures.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Config(#[from] ConfigErrors),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Secrets(#[from] crate::secrets::SecretsError),
-    #[error("{0}")]
-    Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
-    Registry(#[from] crate::registry::RegistryError),
 }
 
 /// Why the gateway declined a request. The `Display` text is the problem's `detail`: it is
@@ -82,13 +63,9 @@ pub enum Refusal {
     #[error("this route needs a second factor: send X-OTP or X-Step-Up-Token")]
     OtpRequired,
     #[error("the one-time code is not valid")]
-    OtpInvalid {
-        entry: Arc<crate::registry::KeyEntry>,
-    },
+    OtpInvalid { by: Attempt },
     #[error("the step-up token is not valid")]
-    StepUpInvalid {
-        entry: Arc<crate::registry::KeyEntry>,
-    },
+    StepUpInvalid { by: Attempt },
     #[error("this route needs a second factor and none is enrolled")]
     EnrollmentRequired,
     #[error("this consumer's role may not call this route")]
@@ -104,14 +81,11 @@ pub enum Refusal {
     /// Self-service: a change to a factor needs `X-OTP` with a code as strong as the account
     /// (`registry::assurance`); 401 `otp_required`, its challenge naming what would do.
     #[error("this change needs X-OTP with {}", .needs.wanted())]
-    ChangeOtpRequired { needs: crate::registry::Assurance },
+    ChangeOtpRequired { needs: Assurance },
     /// Self-service: the code does not prove the change (wrong, used, or of a weaker factor
     /// than the account's); 401 `otp_invalid`, counted like any wrong code.
     #[error("the code is not valid for this change, which needs {}", .needs.wanted())]
-    ChangeOtpInvalid {
-        entry: Arc<crate::registry::KeyEntry>,
-        needs: crate::registry::Assurance,
-    },
+    ChangeOtpInvalid { by: Attempt, needs: Assurance },
     #[error("a dependency is unavailable; the request was refused to stay safe")]
     Unavailable,
     /// Self-service: the request does not fit the consumer's current state.
@@ -192,8 +166,8 @@ impl Refusal {
 
 impl Refusal {
     /// The `WWW-Authenticate` challenge that goes with a 401; the OTP one names the factors
-    /// the route's policy accepts.
-    fn challenge(&self, route: Option<&Route>) -> Option<HeaderValue> {
+    /// the route's policy accepts (`route_methods`).
+    fn challenge(&self, route_methods: Option<&str>) -> Option<HeaderValue> {
         let challenge = |error: &str, methods: &str| {
             HeaderValue::from_str(&format!(
                 r#"OTP realm="stepgate", error="{error}", methods="{methods}""#
@@ -201,9 +175,7 @@ impl Refusal {
             .ok()
         };
         let otp = |error: &str| {
-            let methods = route.map_or("totp recovery_code", |r| {
-                r.policy.challenge_methods.as_str()
-            });
+            let methods = route_methods.unwrap_or("totp recovery_code");
             challenge(error, methods)
         };
         match self {
@@ -225,30 +197,44 @@ impl Refusal {
     }
 
     /// A failed credential attempt the failure limiter counts: `Some(None)` for one that
-    /// identifies no consumer (an unknown key), `Some(Some(entry))` for a wrong code or token.
-    pub fn failed_attempt(&self) -> Option<Option<&Arc<crate::registry::KeyEntry>>> {
+    /// identifies no consumer (an unknown key), `Some(Some(by))` for a wrong code or token.
+    pub fn failed_attempt(&self) -> Option<Option<&Attempt>> {
         match self {
             Refusal::ApiKeyInvalid => Some(None),
-            Refusal::OtpInvalid { entry }
-            | Refusal::StepUpInvalid { entry }
-            | Refusal::ChangeOtpInvalid { entry, .. } => Some(Some(entry)),
+            Refusal::OtpInvalid { by }
+            | Refusal::StepUpInvalid { by }
+            | Refusal::ChangeOtpInvalid { by, .. } => Some(Some(by)),
             _ => None,
         }
     }
 }
 
-/// A refusal with the route it happened on, when routing got that far (for the access log).
+/// Who made a failed attempt with a valid key: what the failure limiter counts it against
+/// and audits it as.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub consumer_id: Arc<str>,
+    pub consumer_name: Arc<str>,
+    pub key_prefix: Arc<str>,
+}
+
+/// A refusal with what the layers it passed on the way out know: the OTP challenge of the
+/// route's policy, and extensions for the response (the route, for the access log).
 #[derive(Debug)]
 pub struct Refused {
     pub refusal: Refusal,
-    pub route: Option<Arc<Route>>,
+    /// `methods="…"` of the route policy's `WWW-Authenticate: OTP` challenge.
+    pub challenge_methods: Option<Arc<str>>,
+    /// Moved into the problem response.
+    pub extensions: http::Extensions,
 }
 
 impl From<Refusal> for Refused {
     fn from(refusal: Refusal) -> Self {
         Self {
             refusal,
-            route: None,
+            challenge_methods: None,
+            extensions: http::Extensions::new(),
         }
     }
 }
@@ -259,27 +245,12 @@ pub struct ProblemCode(pub &'static str);
 
 /// The one rescue: a refusal as an `application/problem+json` response.
 pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<Body> {
-    let Refused { refusal, route } = refused;
+    let Refused {
+        refusal,
+        challenge_methods,
+        extensions,
+    } = refused;
     let (status, code) = refusal.status_code();
-    if let Refusal::UpstreamUnavailable {
-        source: Some(source),
-    } = &refusal
-    {
-        tracing::warn!(
-            route = route.as_ref().map(|r| r.name.as_str()),
-            upstream = route.as_ref().map(|r| r.upstream.name.as_str()),
-            error = %source,
-            "upstream request failed"
-        );
-    }
-    if let Refusal::UpstreamProtocol(what) = &refusal {
-        tracing::warn!(
-            route = route.as_ref().map(|r| r.name.as_str()),
-            upstream = route.as_ref().map(|r| r.upstream.name.as_str()),
-            what,
-            "upstream answer refused"
-        );
-    }
     if let Refusal::Internal(what) = &refusal {
         tracing::error!(what, "internal error");
     }
@@ -289,7 +260,7 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
         &refusal.to_string(),
         request_id.and_then(|v| v.to_str().ok()),
     );
-    if let Some(challenge) = refusal.challenge(route.as_deref()) {
+    if let Some(challenge) = refusal.challenge(challenge_methods.as_deref()) {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, challenge);
@@ -306,9 +277,7 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(route) = route {
-        response.extensions_mut().insert(route);
-    }
+    response.extensions_mut().extend(extensions);
     response
 }
 

@@ -15,10 +15,6 @@ use std::net::Ipv6Addr;
 
 use http::{HeaderValue, Request, header};
 
-use crate::context::Context;
-use crate::error::Refusal;
-use crate::guard::Guard;
-
 /// Longest host name accepted (DNS: 253 characters without the trailing dot).
 const MAX_NAME: usize = 253;
 
@@ -310,37 +306,6 @@ pub fn of_request<B>(request: &Request<B>, tls: bool) -> Result<Option<Host>, Ho
         Some(header) => Ok(Some(header)),
         None => Ok(Some(from_target)),
     }
-}
-
-/// The guard: refuses an ambiguous host, and records the canonical one in the request's
-/// context for routing and forwarding.
-#[derive(Clone, Copy, Default)]
-pub struct CanonicalHost;
-
-impl<B> Guard<B> for CanonicalHost {
-    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let conn = &Context::of(request)?.conn;
-        // The usual request: one Host header and no authority in the target. Its
-        // canonical form is the connection's last one when the bytes are the same.
-        let host = match (request.uri().authority(), single_host(request)) {
-            (None, Some(value)) if !value.is_empty() => Some(
-                conn.canonical_host(value.as_bytes(), || {
-                    canonicalize(value.as_bytes(), conn.tls, Some(value))
-                })
-                .map_err(Refusal::BadHost)?,
-            ),
-            _ => of_request(request, conn.tls).map_err(Refusal::BadHost)?,
-        };
-        Context::of_mut(request)?.host = host;
-        Ok(())
-    }
-}
-
-/// The one `Host` header, when there is exactly one.
-fn single_host<B>(request: &Request<B>) -> Option<&HeaderValue> {
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    let first = hosts.next()?;
-    hosts.next().is_none().then_some(first)
 }
 
 #[cfg(test)]

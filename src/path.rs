@@ -1,4 +1,4 @@
-//! Request path normalisation (DESIGN.md §5). Routing, authorisation and forwarding all see the
+//! Request path normalisation. Routing, authorisation and forwarding all see the
 //! same canonical path, so a path cannot mean one thing to stepgate and another to the upstream.
 //!
 //! Canonical form: every percent-escape is decoded, then only bytes in [`ENCODE`] are re-encoded
@@ -9,12 +9,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use http::Request;
-use http::uri::{PathAndQuery, Uri};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
-
-use crate::error::Refusal;
-use crate::guard::Guard;
 
 /// Bytes that stay percent-encoded in the canonical form: everything that is not allowed raw in
 /// a path segment, plus `%` itself.
@@ -102,33 +97,6 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     };
     check_segments(&canonical)?;
     Ok(canonical)
-}
-
-/// Guard that refuses ambiguous paths and rewrites the request URI to the canonical path, so
-/// every later layer and the upstream see the path that was routed and authorised.
-#[derive(Clone, Copy, Default)]
-pub struct NormalizePath;
-
-impl<B> Guard<B> for NormalizePath {
-    fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
-        let canonical = match normalize(request.uri().path()) {
-            Ok(Cow::Borrowed(_)) => return Ok(()),
-            Ok(Cow::Owned(canonical)) => canonical,
-            Err(error) => return Err(Refusal::BadPath(error)),
-        };
-        let path_and_query = match request.uri().query() {
-            Some(query) => format!("{canonical}?{query}"),
-            None => canonical,
-        };
-        let mut parts = request.uri().clone().into_parts();
-        parts.path_and_query = Some(
-            PathAndQuery::try_from(path_and_query)
-                .map_err(|_| Refusal::BadRequest("the request target is malformed"))?,
-        );
-        *request.uri_mut() = Uri::from_parts(parts)
-            .map_err(|_| Refusal::BadRequest("the request target is malformed"))?;
-        Ok(())
-    }
 }
 
 fn rewrite(path: &str) -> Result<String, PathError> {

@@ -274,6 +274,8 @@ struct FactorParts {
 pub struct KeyEntry {
     pub consumer: Arc<Consumer>,
     pub prefix: String,
+    /// Who a failed attempt with this key is counted against (shared strings, made once).
+    pub attempt: crate::error::Attempt,
     hash: Hash,
     /// Last use (Unix seconds), flushed to the store in batches, off the request path.
     last_used: AtomicU64,
@@ -301,6 +303,11 @@ impl Index {
                 Arc::new(KeyEntry {
                     consumer: consumer.clone(),
                     prefix: key.prefix.clone(),
+                    attempt: crate::error::Attempt {
+                        consumer_id: consumer.shared_id.clone(),
+                        consumer_name: Arc::from(consumer.name.as_str()),
+                        key_prefix: Arc::from(key.prefix.as_str()),
+                    },
                     hash: key.hash,
                     last_used: AtomicU64::new(used),
                     flushed: AtomicU64::new(used),
@@ -521,6 +528,19 @@ impl Registry {
         let mut index = Index::clone(&self.index.load());
         change(&mut index);
         self.index.store(Arc::new(index));
+    }
+
+    /// Records a security event about a failed attempt's consumer.
+    pub fn audit_attempt(&self, kind: &str, by: &crate::error::Attempt, detail: serde_json::Value) {
+        self.audit.record(AuditEvent {
+            id: 0,
+            at: self.clock.now(),
+            kind: kind.to_owned(),
+            consumer_id: Some(by.consumer_id.to_string()),
+            consumer_name: Some(by.consumer_name.to_string()),
+            key_prefix: Some(by.key_prefix.to_string()),
+            detail,
+        });
     }
 
     /// Records a security event (log at once, store in the background).

@@ -31,11 +31,11 @@ use crate::auth::limiter::{FailureLimiter, LimiterWriter};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{ConfigHandle, Limits, Snapshot, StoreSettings};
 use crate::context::Context as RequestContext;
-use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
+use crate::startup::Error;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 

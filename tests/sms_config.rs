@@ -239,7 +239,7 @@ fn with_sms_configured_a_policy_may_list_it_and_the_challenge_names_it() {
     let snapshot = stepgate::config::load(&config_path(&dir)).unwrap();
     let p = &snapshot.policies["p"];
     assert!(p.factors.sms && p.factors.totp && !p.factors.recovery_code);
-    assert_eq!(p.challenge_methods, "totp sms");
+    assert_eq!(&*p.challenge_methods, "totp sms");
     let sms = snapshot.sms.as_ref().unwrap();
     assert_eq!(sms.code_ttl.as_secs(), 300);
     let debug = format!("{sms:?}");

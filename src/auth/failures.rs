@@ -15,10 +15,10 @@ use tower::{Layer, Service};
 
 use super::limiter::{FailureLimiter, Recorded, Subject};
 use crate::context::Context as RequestContext;
-use crate::error::Refusal;
+use crate::error::{Attempt, Refusal};
 use crate::guard::Guard;
 use crate::metrics::{Metrics, SubjectLabel};
-use crate::registry::{KeyEntry, Registry};
+use crate::registry::Registry;
 use crate::routing::Route;
 
 /// At most 100 failures per account per hour over all policies (NIST SP 800-63B §5.2.2).
@@ -79,18 +79,17 @@ fn check_ban(
     limiter: &FailureLimiter,
     registry: &Registry,
     subject: &Subject,
-    entry: Option<&KeyEntry>,
+    by: Option<&Attempt>,
 ) -> Result<(), Refusal> {
     match limiter.banned(subject) {
         Ok(None) => Ok(()),
         Ok(Some(retry_after)) => Err(Refusal::TooManyAttempts { retry_after }),
         Err(ended) => {
-            registry.audit_event(
-                "ban_ended",
-                entry.map(|e| e.consumer.as_ref()),
-                entry.map(|e| e.prefix.as_str()),
-                json!({"subject": subject.describe(), "started": ended.started, "until": ended.until}),
-            );
+            let detail = json!({"subject": subject.describe(), "started": ended.started, "until": ended.until});
+            match by {
+                Some(by) => registry.audit_attempt("ban_ended", by, detail),
+                None => registry.audit_event("ban_ended", None, None, detail),
+            }
             Ok(())
         }
     }
@@ -147,10 +146,10 @@ struct Tally {
 impl Tally {
     /// Counts a failed attempt; the refusal becomes 429 when it started a ban.
     fn failure(&self, refusal: Refusal) -> Refusal {
-        let Some(entry) = refusal.failed_attempt() else {
+        let Some(by) = refusal.failed_attempt() else {
             return refusal;
         };
-        let entry = entry.cloned();
+        let by = by.cloned();
         let policy = &self.route.policy;
         let name = policy.shared_name.clone();
         let failures = &policy.failures;
@@ -158,14 +157,14 @@ impl Tally {
             self.limiter
                 .record(&name, self.ip.clone(), failures.per_ip, failures),
             &self.ip,
-            entry.as_deref(),
+            by.as_ref(),
         );
-        if let Some(entry) = &entry {
-            let consumer = Subject::Consumer(entry.consumer.shared_id.clone());
+        if let Some(by) = &by {
+            let consumer = Subject::Consumer(by.consumer_id.clone());
             let recorded =
                 self.limiter
                     .record(&name, consumer.clone(), failures.per_consumer, failures);
-            ban = ban.or(self.ban_if(recorded, &consumer, Some(entry)));
+            ban = ban.or(self.ban_if(recorded, &consumer, Some(by)));
             // Each policy counts on its own, so a consumer facing several policies gets each
             // one's allowance; this account-wide count keeps the sum within NIST's ceiling.
             if ban.is_none() {
@@ -175,7 +174,7 @@ impl Tally {
                     ACCOUNT_CEILING,
                     failures,
                 );
-                ban = self.ban_if(recorded, &consumer, Some(entry));
+                ban = self.ban_if(recorded, &consumer, Some(by));
             }
         }
         match ban {
@@ -184,12 +183,7 @@ impl Tally {
         }
     }
 
-    fn ban_if(
-        &self,
-        recorded: Recorded,
-        subject: &Subject,
-        entry: Option<&KeyEntry>,
-    ) -> Option<u64> {
+    fn ban_if(&self, recorded: Recorded, subject: &Subject, by: Option<&Attempt>) -> Option<u64> {
         let Recorded::Banned { until } = recorded else {
             return None;
         };
@@ -201,12 +195,11 @@ impl Tally {
             .bans_started
             .get_or_create(&SubjectLabel { subject: kind })
             .inc();
-        self.registry.audit_event(
-            "ban_started",
-            entry.map(|e| e.consumer.as_ref()),
-            entry.map(|e| e.prefix.as_str()),
-            json!({"subject": subject.describe(), "until": crate::clock::rfc3339(until), "policy": self.route.policy.name}),
-        );
+        let detail = json!({"subject": subject.describe(), "until": crate::clock::rfc3339(until), "policy": self.route.policy.name});
+        match by {
+            Some(by) => self.registry.audit_attempt("ban_started", by, detail),
+            None => self.registry.audit_event("ban_started", None, None, detail),
+        }
         Some(until.saturating_sub(self.limiter.now()))
     }
 }
@@ -271,6 +264,11 @@ impl<B> Guard<B> for ConsumerBan {
             return Ok(()); // a public route: no consumer to ban
         };
         let subject = Subject::Consumer(entry.consumer.shared_id.clone());
-        check_ban(&self.limiter, &self.registry, &subject, Some(entry))
+        check_ban(
+            &self.limiter,
+            &self.registry,
+            &subject,
+            Some(&entry.attempt),
+        )
     }
 }

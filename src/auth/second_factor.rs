@@ -329,7 +329,7 @@ async fn prove(
                 );
                 if code.is_none() {
                     return Err(Refusal::StepUpInvalid {
-                        entry: entry.clone(),
+                        by: entry.attempt.clone(),
                     });
                 }
             }
@@ -380,14 +380,14 @@ async fn prove(
             metrics.factor("code", "rejected");
             audit("otp_rejected", json!({"policy": policy.name}));
             Err(Refusal::OtpInvalid {
-                entry: entry.clone(),
+                by: entry.attempt.clone(),
             })
         }
         Err(CodeFailure::Replayed) => {
             metrics.factor("totp", "replayed");
             audit("otp_replayed", json!({"policy": policy.name}));
             Err(Refusal::OtpInvalid {
-                entry: entry.clone(),
+                by: entry.attempt.clone(),
             })
         }
         Err(CodeFailure::Store(error)) => {

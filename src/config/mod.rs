@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::client_headers::Underscores;
 pub use crate::credentials::factors::Factors;
 pub use raw::Requirement;
 pub use validate::load;
@@ -124,17 +125,6 @@ pub struct Limits {
     pub headers_with_underscores: Underscores,
 }
 
-/// `limits.headers_with_underscores`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Underscores {
-    /// Removed before forwarding (nginx's default, `underscores_in_headers off`).
-    Drop,
-    /// Refused with 400.
-    Reject,
-    /// Forwarded as sent.
-    Allow,
-}
-
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -168,7 +158,7 @@ pub struct Policy {
     pub failures: Failures,
     pub rollout: Rollout,
     /// `methods="…"` of the `WWW-Authenticate: OTP` challenge, from `factors`.
-    pub challenge_methods: String,
+    pub challenge_methods: Arc<str>,
 }
 
 impl Policy {
@@ -196,7 +186,7 @@ impl Policy {
                 mode: RolloutMode::Enforce,
                 grace_until: None,
             },
-            challenge_methods: "totp recovery_code".to_owned(),
+            challenge_methods: Arc::from("totp recovery_code"),
         }
     }
 }

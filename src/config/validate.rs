@@ -633,7 +633,7 @@ impl Loader<'_> {
                 ban,
             },
             rollout: Rollout { mode, grace_until },
-            challenge_methods: methods.join(" "),
+            challenge_methods: Arc::from(methods.join(" ")),
         })
     }
 

@@ -141,6 +141,24 @@ where
         if let Some(kind) = kind {
             metrics.upstream_error(upstream, kind);
         }
+        // The upstream's own error goes to the log, never to the client.
+        match refusal {
+            Refusal::UpstreamUnavailable {
+                source: Some(source),
+            } => tracing::warn!(
+                route = route.name.as_str(),
+                upstream = route.upstream.name.as_str(),
+                error = %source,
+                "upstream request failed"
+            ),
+            Refusal::UpstreamProtocol(what) => tracing::warn!(
+                route = route.name.as_str(),
+                upstream = route.upstream.name.as_str(),
+                what,
+                "upstream answer refused"
+            ),
+            _ => {}
+        }
     }
     result
 }

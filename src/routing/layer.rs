@@ -66,6 +66,15 @@ where
     }
 }
 
+/// A refusal on `route`, with what the answer needs of it: the policy's OTP challenge, and
+/// the route itself for the access log.
+fn refused_on(route: Arc<Route>, refusal: Refusal) -> Refused {
+    let mut refused = Refused::from(refusal);
+    refused.challenge_methods = Some(route.policy.challenge_methods.clone());
+    refused.extensions.insert(route);
+    refused
+}
+
 fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     let context = RequestContext::of(request)?;
     let snapshot = &context.snapshot;
@@ -84,12 +93,12 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     if let Some(length) = content_length(request.headers())?
         && length > route.body_bytes
     {
-        return Err(Refused {
-            refusal: Refusal::BodyTooLarge {
+        return Err(refused_on(
+            route.clone(),
+            Refusal::BodyTooLarge {
                 limit: route.body_bytes,
             },
-            route: Some(route.clone()),
-        });
+        ));
     }
     Ok(route.clone())
 }
@@ -181,9 +190,9 @@ where
                     }
                     Ok(response)
                 }
-                Err(refusal) => Err(Refused {
-                    refusal,
-                    route: route.take(),
+                Err(refusal) => Err(match route.take() {
+                    Some(route) => refused_on(route, refusal),
+                    None => refusal.into(),
                 }),
             }),
             RoutedProj::Refused { refused } => {

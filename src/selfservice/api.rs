@@ -102,7 +102,7 @@ impl Endpoints {
             return Err(Refusal::ChangeOtpRequired { needs });
         };
         let invalid = || Refusal::ChangeOtpInvalid {
-            entry: caller.entry.clone(),
+            by: caller.entry.attempt.clone(),
             needs,
         };
         let rejected = |kind: &str| {
@@ -165,7 +165,7 @@ impl Endpoints {
             json!({"policy": POLICY, "endpoint": endpoint}),
         );
         Refusal::OtpInvalid {
-            entry: caller.entry.clone(),
+            by: caller.entry.attempt.clone(),
         }
     }
 
@@ -238,7 +238,7 @@ impl Endpoints {
 fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
     match error {
         RegistryError::CodeInvalid => Refusal::OtpInvalid {
-            entry: entry.clone(),
+            by: entry.attempt.clone(),
         },
         // A factor was confirmed between the key check and this call: ask for its code.
         RegistryError::Unproved(needs) => Refusal::ChangeOtpRequired { needs },

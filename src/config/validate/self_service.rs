@@ -112,7 +112,7 @@ fn builtin_policy(name: &str, api_key: Requirement, sms: bool) -> Policy {
             ttl: std::time::Duration::ZERO,
             scope: Scope::Policy,
         },
-        challenge_methods: factors.names().join(" "),
+        challenge_methods: Arc::from(factors.names().join(" ")),
         // Everything else (roles, failures, rollout) as a policy that asks for nothing.
         ..Policy::public(name)
     }

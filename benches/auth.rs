@@ -24,7 +24,7 @@ use stepgate::error::{Body, Refusal, full_body};
 use stepgate::metrics::Metrics;
 use stepgate::registry::Registry;
 use stepgate::secrets::MasterKey;
-use stepgate::server::ConnInfo;
+use stepgate::connection::ConnInfo;
 use stepgate::stack::{self, Shared};
 use stepgate::store::sqlite::SqliteStore;
 use tower::{Service, ServiceExt};

@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use http::Request;
 
-use crate::auth::client_ip::ClientIp;
 use crate::config::Snapshot;
 use crate::error::Refusal;
 use crate::host::Host;
 use crate::registry::KeyEntry;
 use crate::routing::Route;
-use crate::server::ConnInfo;
+use crate::connection::{ClientIp, ConnInfo};
 
 #[derive(Clone)]
 pub struct Context {

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod client_headers;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod context;
 pub mod credentials;
 pub mod edge;

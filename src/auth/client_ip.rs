@@ -11,13 +11,7 @@ use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::proxy::headers::X_FORWARDED_FOR;
 
-/// The client address the failure limiter and `X-Forwarded-For` use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp {
-    pub ip: IpAddr,
-    /// The peer is a trusted proxy: its `X-Forwarded-For` is extended, not replaced.
-    pub via_trusted_proxy: bool,
-}
+pub use crate::connection::ClientIp;
 
 #[derive(Clone, Copy, Default)]
 pub struct ClientAddr;

@@ -94,14 +94,6 @@ pub fn set_forwarded(headers: &mut HeaderMap, facts: &ConnectionFacts<'_>) {
     }
 }
 
-/// The `Forwarded` node of an address: IPv6 in brackets, quoted (RFC 7239 §6).
-pub fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +145,5 @@ mod tests {
         assert_eq!(h["x-real-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
-        assert_eq!(forwarded_node("::1".parse().unwrap()), r#""[::1]""#);
     }
 }

@@ -58,6 +58,7 @@ pub mod stack;
 pub mod startup;
 pub mod store;
 pub mod tls;
+pub mod upstream;
 
 pub use server::Gateway;
 pub use startup::Error;

@@ -265,7 +265,7 @@ impl Metrics {
     }
 
     /// Records how long `upstream` took to answer with a response head.
-    pub fn upstream(&self, upstream: &crate::proxy::upstream::Upstream, elapsed: Duration) {
+    pub fn upstream(&self, upstream: &crate::upstream::Upstream, elapsed: Duration) {
         upstream
             .metrics
             .0

@@ -356,7 +356,7 @@ async fn sweep_idle_connections(shared: Arc<WorkerShared>) {
         }
         let snapshot = shared.config.load_full();
         for upstream in snapshot.upstreams.values() {
-            if let crate::proxy::upstream::Target::Http(http) = &upstream.target {
+            if let crate::upstream::Target::Http(http) = &upstream.target {
                 http.sweep_idle();
             }
         }

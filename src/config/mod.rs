@@ -18,7 +18,7 @@ pub use crate::credentials::factors::Factors;
 pub use raw::Requirement;
 pub use validate::load;
 
-use crate::proxy::upstream::Upstream;
+use crate::upstream::Upstream;
 use crate::routing::RouteTable;
 
 /// Shared handle to the configuration in force; a reload stores a new snapshot into it.

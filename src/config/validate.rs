@@ -24,7 +24,7 @@ use super::{
     RolloutMode, Scope, SelfService, Snapshot, StepUp, StoreSettings, Underscores,
 };
 use crate::path;
-use crate::proxy::upstream::{HttpSettings, Upstream};
+use crate::upstream::{HttpSettings, Upstream};
 use crate::routing::{Route, RouteTable};
 use crate::tls;
 use std::num::NonZeroU32;
@@ -390,11 +390,11 @@ impl Loader<'_> {
                 };
                 match Upstream::http(name, &url.value, settings) {
                     Ok(upstream) => Some(upstream),
-                    Err(crate::proxy::upstream::UpstreamError::Url(message)) => {
+                    Err(crate::upstream::UpstreamError::Url(message)) => {
                         self.at(&url.referenced, format!("{field}.url: {message}"));
                         None
                     }
-                    Err(crate::proxy::upstream::UpstreamError::CaFile(message)) => {
+                    Err(crate::upstream::UpstreamError::CaFile(message)) => {
                         let location = raw
                             .ca_file
                             .as_ref()
@@ -873,7 +873,7 @@ fn step_up_routes(
     let upstream = Arc::new(Upstream {
         name: "stepgate".to_owned(),
         label: Arc::from("stepgate"),
-        target: crate::proxy::upstream::Target::StepUp,
+        target: crate::upstream::Target::StepUp,
         metrics: Default::default(),
     });
     policies

@@ -2,11 +2,7 @@
 //! (canonical path after `strip_prefix`, query untouched, `X-Forwarded-*`, `X-Real-IP` and
 //! `Forwarded` set) and streams it to the route's upstream.
 
-pub mod body;
-pub mod echo;
 pub mod headers;
-pub mod pool;
-pub mod upstream;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +19,7 @@ use crate::context::Context as RequestContext;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
 use crate::routing::Route;
-use upstream::Target;
+use crate::upstream::{Target, body, echo, pool};
 
 /// The forwarding service. Expects the request's [`RequestContext`] with its route.
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::Policy;
-use crate::proxy::upstream::Upstream;
+use crate::upstream::Upstream;
 
 /// A validated route.
 #[derive(Debug)]

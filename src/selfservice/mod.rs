@@ -30,7 +30,7 @@ pub use page::SecurityHeadersLayer;
 
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
-use crate::proxy::upstream::Target;
+use crate::upstream::Target;
 use crate::registry::Registry;
 use crate::sms::SendLimiter;
 

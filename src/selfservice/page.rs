@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use crate::config::Snapshot;
 use crate::error::{Body, full_body};
-use crate::proxy::upstream::Target;
+use crate::upstream::Target;
 use crate::routing::Route;
 
 const INDEX_HTML: &str = include_str!("../../assets/security/index.html");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::Method;
 use proptest::prelude::*;
 use stepgate::config::Policy;
-use stepgate::proxy::upstream::Upstream;
+use stepgate::upstream::Upstream;
 use stepgate::routing::{Route, RouteTable};
 
 // ---- paths ----------------------------------------------------------------------------------

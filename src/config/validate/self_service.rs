@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 
 use super::Loader;
 use crate::config::{Factors, Policy, Requirement, Scope, SelfService, StepUp, raw};
-use crate::proxy::upstream::{Target, Upstream};
+use crate::upstream::{Target, Upstream};
 use crate::routing::Route;
 
 impl Loader<'_> {

@@ -1,5 +1,10 @@
 //! Upstreams: pooled connections per configured `url` (http, or https through rustls; see
-//! [`pool`](super::pool)), or the built-in `echo` upstream.
+//! [`pool`]), or the built-in `echo` upstream; and the request body on its way to one
+//! ([`body`]).
+
+pub mod body;
+pub mod echo;
+pub mod pool;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -12,8 +17,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::time::{Instant, timeout_at};
 
-use super::body::client_refusal;
-use super::pool::Pool;
+use body::client_refusal;
+use pool::Pool;
 use crate::client_headers::strip_hop_by_hop;
 use crate::error::{Body, Refusal};
 

@@ -18,13 +18,13 @@ use std::future::Future;
 use stepgate::auth::limiter::FailureLimiter;
 use stepgate::clock::{ManualClock, SharedClock};
 use stepgate::config::{self, Scope};
+use stepgate::connection::ConnInfo;
 use stepgate::context::Context;
 use stepgate::credentials::totp::{self, TotpParams};
 use stepgate::error::{Body, Refusal, full_body};
 use stepgate::metrics::Metrics;
 use stepgate::registry::Registry;
 use stepgate::secrets::MasterKey;
-use stepgate::connection::ConnInfo;
 use stepgate::stack::{self, Shared};
 use stepgate::store::sqlite::SqliteStore;
 use tower::{Service, ServiceExt};
@@ -50,7 +50,7 @@ const ENROLLED: usize = 1_000;
 struct Fixture {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
-    snapshot: Arc<config::Snapshot>,
+    snapshot: Arc<stepgate::snapshot::Snapshot>,
     registry: Arc<Registry>,
     keys: Vec<String>,
     tokens: Vec<String>,
@@ -82,7 +82,9 @@ fn fixture() -> Fixture {
         "  - { name: orders, match: { path: /orders }, upstream: demo, policy: step-up }\n",
     );
     std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
-    let snapshot = Arc::new(config::load(&dir.path().join("gateway.yaml")).unwrap());
+    let snapshot = Arc::new(stepgate::snapshot::Snapshot::build(
+        config::load(&dir.path().join("gateway.yaml")).unwrap(),
+    ));
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -246,7 +248,7 @@ fn bench(c: &mut Criterion) {
 /// the server's connection gives each request.
 struct Timed<'a, R> {
     request: &'a R,
-    config: &'a ArcSwap<config::Snapshot>,
+    config: &'a ArcSwap<stepgate::snapshot::Snapshot>,
     conn: &'a std::sync::Arc<ConnInfo>,
 }
 
@@ -283,7 +285,7 @@ impl<R: Fn(usize) -> Request<Empty<Bytes>>> Timed<'_, R> {
 fn decide<S>(
     service: &mut S,
     mut request: Request<Empty<Bytes>>,
-    config: &ArcSwap<config::Snapshot>,
+    config: &ArcSwap<stepgate::snapshot::Snapshot>,
     conn: &std::sync::Arc<ConnInfo>,
 ) -> Response<Body>
 where

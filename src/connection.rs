@@ -180,7 +180,6 @@ impl Drop for Awaiting {
     }
 }
 
-
 /// The `Forwarded` node of an address: IPv6 in brackets, quoted (RFC 7239 §6).
 pub fn forwarded_node(ip: IpAddr) -> String {
     match ip {
@@ -188,7 +187,6 @@ pub fn forwarded_node(ip: IpAddr) -> String {
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

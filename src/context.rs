@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use http::Request;
 
-use crate::config::Snapshot;
+use crate::connection::{ClientIp, ConnInfo};
 use crate::error::Refusal;
 use crate::host::Host;
 use crate::registry::KeyEntry;
 use crate::routing::Route;
-use crate::connection::{ClientIp, ConnInfo};
+use crate::snapshot::Snapshot;
 
 #[derive(Clone)]
 pub struct Context {

@@ -16,12 +16,12 @@ use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, header};
 
 use crate::client_headers;
-use crate::config::Snapshot;
 use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
 use crate::host::{canonicalize, of_request};
 use crate::path::normalize;
+use crate::snapshot::Snapshot;
 
 #[derive(Clone, Copy, Default)]
 pub struct ProtocolLimits;

@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::clock::rfc3339;
-use crate::config::{Policy, Requirement, RolloutMode, Snapshot};
+use crate::config::{Policy, Requirement, RolloutMode};
 use crate::registry::{Consumer, ConsumerView};
+use crate::snapshot::Snapshot;
 
 /// Where a consumer stands with one policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -54,6 +54,7 @@ pub mod selfservice;
 pub mod sensitive;
 pub mod server;
 pub mod sms;
+pub mod snapshot;
 pub mod stack;
 pub mod startup;
 pub mod store;

@@ -225,13 +225,15 @@ impl Metrics {
         }
     }
 
-    /// Counts a request answered with `status` after `elapsed`, on `route` (none matched:
-    /// `None`).
-    pub fn request(&self, route: Option<&crate::routing::Route>, status: u16, elapsed: Duration) {
-        let (label, handles) = match route {
-            Some(route) => (&route.label, &route.metrics),
-            None => (&self.no_route, &self.no_route_handles),
-        };
+    /// Counts a request answered with `status` after `elapsed`, on the route with this label
+    /// and handles (none matched: `None`).
+    pub fn request(
+        &self,
+        route: Option<(&Arc<str>, &RouteHandles)>,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let (label, handles) = route.unwrap_or((&self.no_route, &self.no_route_handles));
         let metrics = handles.0.get_or_init(|| RouteMetrics {
             duration: self
                 .request_duration
@@ -264,15 +266,15 @@ impl Metrics {
             .inc();
     }
 
-    /// Records how long `upstream` took to answer with a response head.
-    pub fn upstream(&self, upstream: &crate::upstream::Upstream, elapsed: Duration) {
-        upstream
-            .metrics
+    /// Records how long the upstream with this label and handles took to answer with a
+    /// response head.
+    pub fn upstream(&self, label: &Arc<str>, handles: &UpstreamHandles, elapsed: Duration) {
+        handles
             .0
             .get_or_init(|| {
                 self.upstream_duration
                     .get_or_create(&UpstreamLabel {
-                        upstream: upstream.label.clone(),
+                        upstream: label.clone(),
                     })
                     .clone()
             })

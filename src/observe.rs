@@ -116,8 +116,11 @@ where
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let route = response.extensions().get::<Arc<Route>>();
         let elapsed = this.start.elapsed();
-        this.metrics
-            .request(route.map(Arc::as_ref), response.status().as_u16(), elapsed);
+        this.metrics.request(
+            route.map(|r| (&r.label, &r.metrics)),
+            response.status().as_u16(),
+            elapsed,
+        );
         tracing::info!(
             target: "stepgate::access",
             method = %this.method,

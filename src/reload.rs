@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SharedClock, rfc3339};
-use crate::config::{self, ConfigErrors, ConfigHandle, Snapshot};
+use crate::config::{self, ConfigErrors};
 use crate::metrics::{Metrics, ResultLabel};
+use crate::snapshot::{ConfigHandle, Snapshot};
 
 /// What the admin API shows about the configuration in force.
 #[derive(Debug, Clone, Serialize)]
@@ -109,12 +110,14 @@ impl Reloader {
                 self.set_status(|s| s.last_error = Some(lines));
                 Outcome::Rejected(errors)
             }
-            Ok(snapshot) => {
+            Ok(config) => {
                 self.metrics.config_last_reload_ok.set(1);
                 let old = self.config.load_full();
-                if snapshot.version == old.version {
+                if config.version == old.version {
                     return Outcome::Unchanged(self.set_status(|s| s.last_error = None));
                 }
+                // Built only now that all of it validated, and only when it changed.
+                let snapshot = Snapshot::build(config);
                 warn_restart_only(&old, &snapshot);
                 let version = snapshot.version.clone();
                 self.config.store(Arc::new(snapshot));

@@ -28,13 +28,14 @@ use tower::ServiceExt;
 use crate::admin::{self, Admin};
 use crate::auth::limiter::{FailureLimiter, LimiterWriter};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ConfigHandle, Limits, Snapshot, StoreSettings};
+use crate::config::{Config, Limits, StoreSettings};
 use crate::connection::{Activity, Awaiting, ConnInfo};
 use crate::context::Context as RequestContext;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
+use crate::snapshot::{ConfigHandle, Snapshot};
 use crate::startup::Error;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -59,13 +60,14 @@ pub struct Gateway {
 
 impl Gateway {
     /// Opens the data directory and store, loads consumers, and binds the listeners.
-    pub async fn bind(snapshot: Snapshot) -> Result<Self, Error> {
-        Self::bind_with_clock(snapshot, Arc::new(SystemClock)).await
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        Self::bind_with_clock(config, Arc::new(SystemClock)).await
     }
 
     /// [`bind`](Self::bind) with an injected clock (tests move time instead of sleeping).
-    pub async fn bind_with_clock(snapshot: Snapshot, clock: SharedClock) -> Result<Self, Error> {
+    pub async fn bind_with_clock(config: Config, clock: SharedClock) -> Result<Self, Error> {
         crate::tls::install_default_provider();
+        let snapshot = Snapshot::build(config);
         let data_dir = snapshot.data_dir.clone();
         let master = MasterKey::load_or_create(&data_dir)?;
         let admin_token = AdminToken::load_or_create(&data_dir)?;

@@ -113,7 +113,7 @@ fn mounted_configuration_is_valid_as_the_container_sees_it() {
     // Upstreams by URL point at compose services.
     let services = compose["services"].as_object().unwrap();
     for upstream in snapshot.upstreams.values() {
-        if let stepgate::upstream::Target::Http(http) = &upstream.target {
+        if let stepgate::config::Target::Http(http) = &upstream.target {
             let host = http
                 .url
                 .trim_start_matches("http://")

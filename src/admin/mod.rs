@@ -14,10 +14,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ConfigHandle;
 use crate::error::{Body, problem_response};
 use crate::registry::Registry;
 use crate::secrets::AdminToken;
+use crate::snapshot::ConfigHandle;
 
 /// What the admin handlers work on.
 pub struct Admin {

@@ -13,9 +13,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{self, Policy, Requirement, RolloutMode, Scope, Snapshot};
+use crate::config::{self, Policy, Requirement, RolloutMode, Scope};
 use crate::routing::Miss;
 use crate::server::Gateway;
+use crate::snapshot::Snapshot;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -205,9 +206,9 @@ fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
     lines
 }
 
-fn load_or_report(path: &Path) -> Option<Snapshot> {
+fn load_or_report(path: &Path) -> Option<config::Config> {
     match config::load(path) {
-        Ok(snapshot) => Some(snapshot),
+        Ok(config) => Some(config),
         Err(errors) => {
             for error in errors.errors() {
                 eprintln!("{error}");
@@ -241,9 +242,11 @@ fn explain(
     host: Option<&str>,
     roles: &[String],
 ) -> ExitCode {
-    let Some(snapshot) = load_or_report(path) else {
+    let Some(config) = load_or_report(path) else {
         return ExitCode::FAILURE;
     };
+    // The route table as the gateway would build it (no connection is made).
+    let snapshot = Snapshot::build(config);
     let Ok(method) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
         eprintln!("`{method}` is not an HTTP method");
         return ExitCode::FAILURE;

@@ -1,6 +1,8 @@
 //! Configuration: `gateway.yaml` and `policies/*.yaml` are parsed into [`raw`] structs, then
-//! validated as a whole into an immutable [`Snapshot`]. A snapshot is only ever published when
-//! every part of it is valid, so a running gateway can swap one in atomically.
+//! validated as a whole into an immutable [`Config`]: plain data (durations, sizes, parsed
+//! addresses and URLs, loaded certificates, policies), nothing that opens a connection. The
+//! request path's [`crate::snapshot::Snapshot`] is built from it (upstream pools, the route
+//! table) only once all of it is valid, so a running gateway can swap one in atomically.
 
 pub mod raw;
 mod units;
@@ -13,21 +15,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Method;
+use http::uri::{Authority, Scheme};
+
 pub use crate::client_headers::Underscores;
 pub use crate::credentials::factors::Factors;
 pub use raw::Requirement;
 pub use validate::load;
 
-use crate::upstream::Upstream;
-use crate::routing::RouteTable;
-
-/// Shared handle to the configuration in force; a reload stores a new snapshot into it.
-pub type ConfigHandle = Arc<arc_swap::ArcSwap<Snapshot>>;
-
-/// One complete, validated configuration. Cheap to share: requests hold an `Arc` of the snapshot
-/// they started with, so a reload never changes the rules under an in-flight request.
-pub struct Snapshot {
-    /// The `gateway.yaml` this snapshot was read from.
+/// One complete, validated configuration.
+pub struct Config {
+    /// The `gateway.yaml` this configuration was read from.
     pub source: PathBuf,
     /// Short hash over every file read: equal versions mean equal configurations.
     pub version: String,
@@ -48,33 +46,132 @@ pub struct Snapshot {
     pub store: StoreSettings,
     /// Audit events as JSON lines to stdout or a file (restart to change).
     pub audit_sink: Option<crate::audit::Sink>,
-    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub policies: BTreeMap<String, Arc<Policy>>,
-    pub routes: RouteTable,
-    /// The built-in `POST {prefix}/step-up` route of each policy that issues step-up tokens.
-    pub step_up_routes: BTreeMap<String, Arc<crate::routing::Route>>,
+    /// In file order.
+    pub routes: Vec<RouteSpec>,
     /// The consumers' security page and enrolment API, and where they live.
-    pub self_service: SelfService,
+    pub self_service: SelfServiceSpec,
     /// The SMS factor; `None` (the default) when `gateway.yaml` has no `sms` section.
     pub sms: Option<Arc<crate::sms::SmsSettings>>,
 }
 
-/// The gateway's own endpoints under one path prefix (DESIGN.md §6): the security page, the
-/// enrolment API and `step-up`. Routes in `gateway.yaml` may not use paths under the prefix.
-pub struct SelfService {
+/// A validated upstream.
+#[derive(Debug)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub target: Target,
+}
+
+/// What an upstream is.
+#[derive(Debug)]
+pub enum Target {
+    /// The built-in upstream that describes the request it received.
+    Echo,
+    Http(HttpSpec),
+}
+
+/// An http(s) upstream: its URL taken apart, its tunables, and the TLS client configuration
+/// its connections use.
+pub struct HttpSpec {
+    /// As configured, for display.
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of the url without trailing `/`; empty for none.
+    pub base_path: String,
+    pub settings: HttpSettings,
+    pub tls: rustls::ClientConfig,
+}
+
+impl fmt::Debug for HttpSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSpec")
+            .field("url", &self.url)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tunables of an http(s) upstream.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the response head.
+    pub timeout: Duration,
+    /// Pooled connections idle this long are closed; keep it below the upstream's own
+    /// keep-alive timeout so the pool never reuses a connection the upstream is closing.
+    pub idle_timeout: Duration,
+    /// Extra attempts after a connect failure (idempotent requests without a body only).
+    pub retries: u32,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            retries: 1,
+            ca_file: None,
+        }
+    }
+}
+
+/// A validated route, in file order; the snapshot turns it into a routing table entry.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    /// Lower-case canonical host name without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Canonical path prefix without trailing `/` (except the root `/`).
+    pub path: String,
+    /// `None` matches every method.
+    pub methods: Option<Vec<Method>>,
+    /// The name of one of [`Config::upstreams`].
+    pub upstream: String,
+    pub policy: Arc<Policy>,
+    /// Forward the path with `path` removed from its front.
+    pub strip_prefix: bool,
+    /// Request body limit for this route.
+    pub body_bytes: u64,
+    /// Line in `gateway.yaml`, for messages.
+    pub line: u64,
+}
+
+impl RouteSpec {
+    /// True when `other` (defined later) could never win over `self`: same host and path and no
+    /// method of `other` left for it.
+    pub fn shadows(&self, other: &RouteSpec) -> bool {
+        if self.host != other.host || self.path != other.path {
+            return false;
+        }
+        match (&self.methods, &other.methods) {
+            (None, None) => true,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|m| mine.contains(m)),
+            _ => false,
+        }
+    }
+}
+
+/// The gateway's own endpoints under one path prefix: the security page, the enrolment API
+/// and `step-up`. Routes in `gateway.yaml` may not use paths under the prefix.
+#[derive(Debug, Clone)]
+pub struct SelfServiceSpec {
     /// Canonical, no trailing `/`, never `/`; `/_stepgate` by default.
     pub prefix: String,
     /// False: the page and the enrolment API answer 404; `{prefix}/step-up` stays.
     pub enabled: bool,
     /// `{prefix}/step-up`, computed once.
     pub step_up_path: String,
-    /// The synthetic route of the page and its assets (no credentials).
-    pub page_route: Arc<crate::routing::Route>,
-    /// The synthetic route of the enrolment API (API key required; codes checked per call).
-    pub api_route: Arc<crate::routing::Route>,
+    /// The built-in policy of the page and its assets (no credentials).
+    pub page_policy: Arc<Policy>,
+    /// The built-in policy of the enrolment API (an API key; codes checked per call).
+    pub api_policy: Arc<Policy>,
 }
 
-impl SelfService {
+impl SelfServiceSpec {
     pub const DEFAULT_PREFIX: &'static str = "/_stepgate";
     /// Largest request body the enrolment API reads (its JSON bodies are tiny).
     pub const API_BODY_BYTES: u64 = 16 * 1024;
@@ -325,10 +422,3 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
-
-impl Snapshot {
-    /// The snapshot a request was admitted under (inserted by the outermost layer).
-    pub fn of<B>(request: &http::Request<B>) -> Result<&Arc<Snapshot>, crate::error::Refusal> {
-        crate::context::Context::of(request).map(|c| &c.snapshot)
-    }
-}

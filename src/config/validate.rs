@@ -20,12 +20,11 @@ use sha2::{Digest, Sha256};
 use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
-    ConfigError, ConfigErrors, Factors, Failures, Limits, Policy, Rate, Roles, Rollout,
-    RolloutMode, Scope, SelfService, Snapshot, StepUp, StoreSettings, Underscores,
+    Config, ConfigError, ConfigErrors, Factors, Failures, HttpSettings, HttpSpec, Limits, Policy,
+    Rate, Roles, Rollout, RolloutMode, RouteSpec, Scope, SelfServiceSpec, StepUp, StoreSettings,
+    Target, Underscores, UpstreamSpec,
 };
 use crate::path;
-use crate::upstream::{HttpSettings, Upstream};
-use crate::routing::{Route, RouteTable};
 use crate::tls;
 use std::num::NonZeroU32;
 
@@ -33,7 +32,7 @@ use std::num::NonZeroU32;
 const MAX_WORKERS: usize = 1024;
 
 /// Reads and validates `gateway.yaml` at `path` and the policies it points at.
-pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut errors = Errors::default();
     let snapshot = Loader {
         file: path,
@@ -71,7 +70,7 @@ impl Loader<'_> {
         ));
     }
 
-    fn load(&mut self) -> Option<Snapshot> {
+    fn load(&mut self) -> Option<Config> {
         let raw: raw::Gateway = match self.parse_file(self.file) {
             Ok(raw) => raw,
             Err(error) => {
@@ -163,16 +162,15 @@ impl Loader<'_> {
         };
         let tls = raw.tls.as_ref().and_then(|t| self.tls(t));
         let limits = self.limits(&raw.limits);
-        let upstreams: BTreeMap<String, Arc<Upstream>> = raw
+        let upstreams: BTreeMap<String, UpstreamSpec> = raw
             .upstreams
             .iter()
-            .filter_map(|(name, spec)| Some((name.clone(), Arc::new(self.upstream(name, spec)?))))
+            .filter_map(|(name, spec)| Some((name.clone(), self.upstream(name, spec)?)))
             .collect();
         let routes = self.routes(&raw.routes, &upstreams, &policies, &limits, &self_service);
 
         let digest = std::mem::replace(&mut self.digest, Sha256::new()).finalize();
-        let step_up_routes = step_up_routes(&policies, &self_service.step_up_path);
-        Some(Snapshot {
+        Some(Config {
             version: crate::secrets::hex(&digest[..6]),
             extra_files: std::mem::take(&mut self.extra_files),
             policies_dir,
@@ -190,8 +188,7 @@ impl Loader<'_> {
             audit_sink,
             upstreams,
             policies,
-            routes: RouteTable::new(routes),
-            step_up_routes,
+            routes,
             self_service,
             sms,
         })
@@ -332,7 +329,7 @@ impl Loader<'_> {
         default
     }
 
-    fn upstream(&mut self, name: &str, spec: &Spanned<raw::Upstream>) -> Option<Upstream> {
+    fn upstream(&mut self, name: &str, spec: &Spanned<raw::Upstream>) -> Option<UpstreamSpec> {
         let raw = &spec.value;
         let field = format!("upstreams.{name}");
         match (&raw.url, &raw.echo) {
@@ -365,7 +362,10 @@ impl Loader<'_> {
                         );
                     }
                 }
-                Some(Upstream::echo(name))
+                Some(UpstreamSpec {
+                    name: name.to_owned(),
+                    target: Target::Echo,
+                })
             }
             (Some(url), None) => {
                 let d = HttpSettings::default();
@@ -388,21 +388,36 @@ impl Loader<'_> {
                         path
                     }),
                 };
-                match Upstream::http(name, &url.value, settings) {
-                    Ok(upstream) => Some(upstream),
-                    Err(crate::upstream::UpstreamError::Url(message)) => {
+                let parsed = match parse_url(&url.value) {
+                    Ok(parsed) => parsed,
+                    Err(message) => {
                         self.at(&url.referenced, format!("{field}.url: {message}"));
-                        None
+                        return None;
                     }
-                    Err(crate::upstream::UpstreamError::CaFile(message)) => {
+                };
+                let tls = match tls::client_config(settings.ca_file.as_deref()) {
+                    Ok(tls) => tls,
+                    Err(message) => {
                         let location = raw
                             .ca_file
                             .as_ref()
                             .map_or(spec.referenced, |f| f.referenced);
                         self.at(&location, format!("{field}.ca_file: {message}"));
-                        None
+                        return None;
                     }
-                }
+                };
+                let (scheme, authority, base_path) = parsed;
+                Some(UpstreamSpec {
+                    name: name.to_owned(),
+                    target: Target::Http(HttpSpec {
+                        url: url.value.clone(),
+                        scheme,
+                        authority,
+                        base_path,
+                        settings,
+                        tls,
+                    }),
+                })
             }
         }
     }
@@ -640,12 +655,12 @@ impl Loader<'_> {
     fn routes(
         &mut self,
         raw: &[Spanned<raw::Route>],
-        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        upstreams: &BTreeMap<String, UpstreamSpec>,
         policies: &BTreeMap<String, Arc<Policy>>,
         limits: &Limits,
-        reserved: &SelfService,
-    ) -> Vec<Route> {
-        let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+        reserved: &SelfServiceSpec,
+    ) -> Vec<RouteSpec> {
+        let mut routes: Vec<RouteSpec> = Vec::with_capacity(raw.len());
         for spec in raw {
             let r = &spec.value;
             let name = r.name.value.clone();
@@ -746,7 +761,9 @@ impl Loader<'_> {
                 parsed
             });
 
-            let upstream = upstreams.get(&r.upstream.value).cloned();
+            let upstream = upstreams
+                .contains_key(&r.upstream.value)
+                .then(|| r.upstream.value.clone());
             if upstream.is_none() {
                 let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
                 self.at(
@@ -777,8 +794,7 @@ impl Loader<'_> {
             );
 
             if let (Some(path), Some(upstream), Some(policy)) = (route_path, upstream, policy) {
-                let route = Route {
-                    label: Arc::from(name.as_str()),
+                let route = RouteSpec {
                     name,
                     host,
                     path,
@@ -788,7 +804,6 @@ impl Loader<'_> {
                     strip_prefix: r.strip_prefix,
                     body_bytes,
                     line: spec.referenced.line(),
-                    metrics: Default::default(),
                 };
                 if let Some(twin) = routes.iter().find(|other| other.shadows(&route)) {
                     let message = format!(
@@ -866,36 +881,33 @@ impl PolicyErrors<'_> {
 }
 
 /// A synthetic route per policy that issues step-up tokens, for `POST {prefix}/step-up`.
-fn step_up_routes(
-    policies: &BTreeMap<String, Arc<Policy>>,
-    path: &str,
-) -> BTreeMap<String, Arc<Route>> {
-    let upstream = Arc::new(Upstream {
-        name: "stepgate".to_owned(),
-        label: Arc::from("stepgate"),
-        target: crate::upstream::Target::StepUp,
-        metrics: Default::default(),
-    });
-    policies
-        .iter()
-        .filter(|(_, p)| p.second_factor == Requirement::Required && !p.step_up.ttl.is_zero())
-        .map(|(name, policy)| {
-            let route = Route {
-                name: format!("_stepgate/step-up:{name}"),
-                label: Arc::from("_stepgate/step-up"),
-                host: None,
-                path: path.to_owned(),
-                methods: Some(vec![Method::POST]),
-                upstream: upstream.clone(),
-                policy: policy.clone(),
-                strip_prefix: false,
-                body_bytes: 4096,
-                line: 0,
-                metrics: Default::default(),
-            };
-            (name.clone(), Arc::new(route))
-        })
-        .collect()
+/// An upstream URL taken apart: scheme (http or https), authority (no credentials), and the
+/// path prefix without trailing `/`; no query.
+fn parse_url(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+    use http::uri::{Scheme, Uri};
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let scheme = uri
+        .scheme()
+        .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
+        .cloned()
+        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`{url}`: credentials in the URL are not supported"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{url}` must not have a query"));
+    }
+    Ok((
+        scheme,
+        authority,
+        uri.path().trim_end_matches('/').to_owned(),
+    ))
 }
 
 fn list_or_none(names: &[&str]) -> String {

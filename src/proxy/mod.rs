@@ -114,7 +114,11 @@ where
         )),
         Target::Http(http) => http.send(parts, body).await,
     };
-    metrics.upstream(&route.upstream, start.elapsed());
+    metrics.upstream(
+        &route.upstream.label,
+        &route.upstream.metrics,
+        start.elapsed(),
+    );
     let upstream = &route.upstream.label;
     if let Err(refusal) = &result {
         let kind = match refusal {

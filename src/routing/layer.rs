@@ -11,9 +11,9 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Route;
-use crate::config::Snapshot;
 use crate::context::Context as RequestContext;
 use crate::error::{Refusal, Refused};
+use crate::snapshot::Snapshot;
 
 #[derive(Clone, Copy, Default)]
 pub struct RouteLayer;

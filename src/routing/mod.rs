@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::Policy;
+use crate::config::{Policy, RouteSpec};
 use crate::upstream::Upstream;
 
 /// A validated route.
@@ -38,6 +38,23 @@ pub struct Route {
 }
 
 impl Route {
+    /// The table entry of a validated route, on its upstream.
+    pub fn new(spec: &RouteSpec, upstream: Arc<Upstream>) -> Self {
+        Self {
+            name: spec.name.clone(),
+            label: Arc::from(spec.name.as_str()),
+            host: spec.host.clone(),
+            path: spec.path.clone(),
+            methods: spec.methods.clone(),
+            upstream,
+            policy: spec.policy.clone(),
+            strip_prefix: spec.strip_prefix,
+            body_bytes: spec.body_bytes,
+            line: spec.line,
+            metrics: Default::default(),
+        }
+    }
+
     fn path_matches(&self, path: &str) -> bool {
         segment_prefix(&self.path, path)
     }
@@ -63,19 +80,6 @@ impl Route {
         match &path[self.path.len()..] {
             "" => "/",
             rest => rest,
-        }
-    }
-
-    /// True when `other` (defined later) could never win over `self`: same host and path and no
-    /// method of `other` left for it.
-    pub fn shadows(&self, other: &Route) -> bool {
-        if self.host != other.host || self.path != other.path {
-            return false;
-        }
-        match (&self.methods, &other.methods) {
-            (None, None) => true,
-            (Some(mine), Some(theirs)) => theirs.iter().all(|m| mine.contains(m)),
-            _ => false,
         }
     }
 
@@ -261,16 +265,5 @@ mod tests {
         assert_eq!(r.forward_path("/orders/7"), "/7");
         assert_eq!(r.forward_path("/orders"), "/");
         assert_eq!(r.forward_path("/orders/"), "/");
-    }
-
-    #[test]
-    fn shadowing() {
-        let any = route("any", None, "/a", None);
-        let get = route("get", None, "/a", Some(&[Method::GET]));
-        let get2 = route("get2", None, "/a", Some(&[Method::GET]));
-        assert!(any.shadows(&route("any2", None, "/a", None)));
-        assert!(!any.shadows(&get));
-        assert!(get.shadows(&get2));
-        assert!(!get.shadows(&any));
     }
 }

@@ -19,7 +19,6 @@ use crate::auth::api_key::single_value;
 use crate::auth::failures::SecondFactorPassed;
 use crate::auth::second_factor::X_OTP;
 use crate::clock::rfc3339;
-use crate::config::Snapshot;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 use crate::enrollment::{PolicyView, policies_for};
 use crate::error::{Body, BoxError, Refusal, full_body};
@@ -28,6 +27,7 @@ use crate::registry::{
 };
 use crate::sms::twilio::SendError;
 use crate::sms::{self, Phone, Purpose, Reservation, SmsSettings};
+use crate::snapshot::Snapshot;
 
 /// The built-in policy's name, for audit events.
 const POLICY: &str = "stepgate/self-service";
@@ -303,7 +303,7 @@ where
             .and_then(|t| t.split(';').next())
             .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
     });
-    let limit = crate::config::SelfService::API_BODY_BYTES;
+    let limit = crate::config::SelfServiceSpec::API_BODY_BYTES;
     let bytes = Limited::new(
         request.into_body(),
         usize::try_from(limit).unwrap_or(usize::MAX),

@@ -30,9 +30,9 @@ pub use page::SecurityHeadersLayer;
 
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
-use crate::upstream::Target;
 use crate::registry::Registry;
 use crate::sms::SendLimiter;
+use crate::upstream::Target;
 
 /// What the endpoints share: the registry, metrics and the SMS send limits (which must outlive
 /// configuration reloads, so they live here rather than in a snapshot).
@@ -109,7 +109,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let snapshot = crate::config::Snapshot::of(&request)?.clone();
+    let snapshot = crate::snapshot::Snapshot::of(&request)?.clone();
     let rest = snapshot
         .self_service
         .strip(request.uri().path())
@@ -140,7 +140,7 @@ where
 /// where to enrol (the configured prefix's page; an operator when self-service is off).
 pub fn grace_warning<B>(request: &Request<B>, until: u64) -> String {
     let deadline = crate::clock::rfc3339(until);
-    match crate::config::Snapshot::of(request)
+    match crate::snapshot::Snapshot::of(request)
         .ok()
         .and_then(|s| s.self_service.page_path())
     {

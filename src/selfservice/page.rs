@@ -13,10 +13,10 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::config::Snapshot;
 use crate::error::{Body, full_body};
-use crate::upstream::Target;
 use crate::routing::Route;
+use crate::snapshot::Snapshot;
+use crate::upstream::Target;
 
 const INDEX_HTML: &str = include_str!("../../assets/security/index.html");
 const APP_JS: &str = include_str!("../../assets/security/app.js");

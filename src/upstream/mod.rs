@@ -7,20 +7,21 @@ pub mod echo;
 pub mod pool;
 
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use http::uri::{PathAndQuery, Scheme};
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::time::{Instant, timeout_at};
 
+use crate::client_headers::strip_hop_by_hop;
+pub use crate::config::HttpSettings;
+use crate::config::{Target as SpecTarget, UpstreamSpec};
+use crate::error::{Body, Refusal};
 use body::client_refusal;
 use pool::Pool;
-use crate::client_headers::strip_hop_by_hop;
-use crate::error::{Body, Refusal};
 
 /// A named upstream.
 pub struct Upstream {
@@ -53,32 +54,6 @@ impl fmt::Debug for Upstream {
     }
 }
 
-/// Tunables of an http(s) upstream.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    pub connect_timeout: Duration,
-    /// Time from sending the request to the response head.
-    pub timeout: Duration,
-    /// Pooled connections idle this long are closed; keep it below the upstream's own
-    /// keep-alive timeout so the pool never reuses a connection the upstream is closing.
-    pub idle_timeout: Duration,
-    /// Extra attempts after a connect failure (idempotent requests without a body only).
-    pub retries: u32,
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(30),
-            retries: 1,
-            ca_file: None,
-        }
-    }
-}
-
 pub struct HttpUpstream {
     /// As configured, for display.
     pub url: String,
@@ -88,61 +63,44 @@ pub struct HttpUpstream {
     pool: Pool,
 }
 
-#[derive(Debug)]
-pub enum UpstreamError {
-    Url(String),
-    CaFile(String),
-}
-
 impl Upstream {
-    pub fn echo(name: &str) -> Self {
+    /// The built-in upstream of a name (echo, or one of the gateway's own endpoints).
+    pub fn builtin(name: &str, target: Target) -> Self {
         Self {
             name: name.to_owned(),
             label: Arc::from(name),
-            target: Target::Echo,
+            target,
             metrics: Default::default(),
         }
     }
 
-    pub fn http(name: &str, url: &str, settings: HttpSettings) -> Result<Self, UpstreamError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| UpstreamError::Url(format!("`{url}` is not a URL: {e}")))?;
-        let scheme = uri
-            .scheme()
-            .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
-            .cloned()
-            .ok_or_else(|| {
-                UpstreamError::Url(format!("`{url}` must start with http:// or https://"))
-            })?;
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| UpstreamError::Url(format!("`{url}` has no host")))?;
-        if authority.as_str().contains('@') {
-            return Err(UpstreamError::Url(format!(
-                "`{url}`: credentials in the URL are not supported"
-            )));
-        }
-        if uri.query().is_some() {
-            return Err(UpstreamError::Url(format!("`{url}` must not have a query")));
-        }
-        let base_path = uri.path().trim_end_matches('/').to_owned();
+    pub fn echo(name: &str) -> Self {
+        Self::builtin(name, Target::Echo)
+    }
 
-        let tls = crate::tls::client_config(settings.ca_file.as_deref())
-            .map_err(UpstreamError::CaFile)?;
-        let connector = crate::tls::https_connector(tls, settings.connect_timeout);
-        Ok(Self {
-            name: name.to_owned(),
-            label: Arc::from(name),
-            target: Target::Http(Box::new(HttpUpstream {
-                url: url.to_owned(),
-                base_path,
-                pool: Pool::new(connector, scheme, authority, settings.idle_timeout),
-                settings,
-            })),
-            metrics: Default::default(),
-        })
+    /// The upstream of a validated spec, with its (still empty) connection pools.
+    pub fn from_spec(spec: &UpstreamSpec) -> Self {
+        match &spec.target {
+            SpecTarget::Echo => Self::echo(&spec.name),
+            SpecTarget::Http(http) => {
+                let connector =
+                    crate::tls::https_connector(http.tls.clone(), http.settings.connect_timeout);
+                Self::builtin(
+                    &spec.name,
+                    Target::Http(Box::new(HttpUpstream {
+                        url: http.url.clone(),
+                        base_path: http.base_path.clone(),
+                        pool: Pool::new(
+                            connector,
+                            http.scheme.clone(),
+                            http.authority.clone(),
+                            http.settings.idle_timeout,
+                        ),
+                        settings: http.settings.clone(),
+                    })),
+                )
+            }
+        }
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use http::Method;
 use proptest::prelude::*;
 use stepgate::config::Policy;
-use stepgate::upstream::Upstream;
 use stepgate::routing::{Route, RouteTable};
+use stepgate::upstream::Upstream;
 
 // ---- paths ----------------------------------------------------------------------------------
 

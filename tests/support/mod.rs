@@ -1082,7 +1082,7 @@ pub fn assert_admin_problem(r: &Resp, status: u16, code: &str) -> serde_json::Va
     j
 }
 
-fn load_snapshot(dir: &Path) -> stepgate::config::Snapshot {
+fn load_snapshot(dir: &Path) -> stepgate::config::Config {
     match stepgate::config::load(&dir.join("gateway.yaml")) {
         Ok(s) => s,
         Err(e) => panic!(

@@ -1,25 +1,22 @@
-//! The `self_service` section and the synthetic routes of the gateway's own endpoints under
+//! The `self_service` section and the built-in policies of the gateway's own endpoints under
 //! its prefix: the security page (no credentials) and the enrolment API (an API key; codes
 //! are checked per call by `selfservice`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use http::Method;
 use serde_saphyr::Spanned;
 
 use super::Loader;
-use crate::config::{Factors, Policy, Requirement, Scope, SelfService, StepUp, raw};
-use crate::upstream::{Target, Upstream};
-use crate::routing::Route;
+use crate::config::{Factors, Policy, Requirement, Scope, SelfServiceSpec, StepUp, raw};
 
 impl Loader<'_> {
     pub(super) fn self_service(
         &mut self,
         raw: Option<&Spanned<raw::SelfService>>,
         sms: bool,
-    ) -> SelfService {
-        let mut prefix = SelfService::DEFAULT_PREFIX.to_owned();
+    ) -> SelfServiceSpec {
+        let mut prefix = SelfServiceSpec::DEFAULT_PREFIX.to_owned();
         let mut enabled = true;
         if let Some(raw) = raw {
             if let Some(p) = &raw.value.prefix {
@@ -35,45 +32,20 @@ impl Loader<'_> {
                 enabled = e.value;
             }
         }
-        let upstream = Arc::new(Upstream {
-            name: "stepgate".to_owned(),
-            label: Arc::from("stepgate"),
-            target: Target::SelfService,
-            metrics: Default::default(),
-        });
-        let route = |name: &str, policy: Policy, methods: &[Method], body_bytes: u64| {
-            Arc::new(Route {
-                name: name.to_owned(),
-                label: Arc::from(name),
-                host: None,
-                path: prefix.clone(),
-                methods: Some(methods.to_vec()),
-                upstream: upstream.clone(),
-                policy: Arc::new(policy),
-                strip_prefix: false,
-                body_bytes,
-                line: 0,
-                metrics: Default::default(),
-            })
-        };
-        let page_route = route(
-            "_stepgate/page",
-            builtin_policy("stepgate/self-service-page", Requirement::Off, sms),
-            &[Method::GET, Method::HEAD],
-            0,
-        );
-        let api_route = route(
-            "_stepgate/self-service",
-            builtin_policy("stepgate/self-service", Requirement::Required, sms),
-            &[Method::GET, Method::POST, Method::DELETE],
-            SelfService::API_BODY_BYTES,
-        );
-        SelfService {
+        SelfServiceSpec {
             step_up_path: format!("{prefix}/step-up"),
             prefix,
             enabled,
-            page_route,
-            api_route,
+            page_policy: Arc::new(builtin_policy(
+                "stepgate/self-service-page",
+                Requirement::Off,
+                sms,
+            )),
+            api_policy: Arc::new(builtin_policy(
+                "stepgate/self-service",
+                Requirement::Required,
+                sms,
+            )),
         }
     }
 }

@@ -68,7 +68,7 @@ pub struct UpstreamSpec {
 pub enum Target {
     /// The built-in upstream that describes the request it received.
     Echo,
-    Http(HttpSpec),
+    Http(Box<HttpSpec>),
 }
 
 /// An http(s) upstream: its URL taken apart, its tunables, and the TLS client configuration

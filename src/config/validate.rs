@@ -409,14 +409,14 @@ impl Loader<'_> {
                 let (scheme, authority, base_path) = parsed;
                 Some(UpstreamSpec {
                     name: name.to_owned(),
-                    target: Target::Http(HttpSpec {
+                    target: Target::Http(Box::new(HttpSpec {
                         url: url.value.clone(),
                         scheme,
                         authority,
                         base_path,
                         settings,
                         tls,
-                    }),
+                    })),
                 })
             }
         }

@@ -65,6 +65,7 @@ fn main() {
                 roles: vec!["partner".into()],
                 disabled: false,
                 created_at: NOW,
+                version: 1,
             };
             let key = KeyRecord {
                 consumer_id: id,

@@ -54,6 +54,8 @@ pub struct Consumer {
     pub roles: Vec<String>,
     pub disabled: bool,
     pub created_at: u64,
+    /// The store's version of this state.
+    pub version: u64,
     pub keys: Vec<KeyRecord>,
     /// The confirmed TOTP enrolment.
     pub totp: Option<TotpRecord>,
@@ -106,6 +108,7 @@ impl Consumer {
             roles: record.roles,
             disabled: record.disabled,
             created_at: record.created_at,
+            version: record.version,
             keys,
             totp: factors.totp,
             totp_pending: factors.totp_pending,
@@ -122,6 +125,7 @@ impl Consumer {
             roles: self.roles.clone(),
             disabled: self.disabled,
             created_at: self.created_at,
+            version: self.version,
         }
     }
 
@@ -686,6 +690,7 @@ impl Registry {
             roles,
             disabled: false,
             created_at: now,
+            version: 1,
         };
         let (key, key_record) = self.new_key(&record.id, now);
         self.store

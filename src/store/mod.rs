@@ -1,7 +1,9 @@
-//! Persistence behind one narrow interface. The request path never calls the store for a
-//! known API key: `registry` keeps everything a request needs in memory and writes through
-//! here. SQLite (`sqlite`) is the embedded default; a shared store for several nodes
-//! implements the same trait.
+//! The durable store, behind one port ([`Store`]): consumers, keys, factors, single-use codes,
+//! the failure limiter's bans and the audit log. The request path never calls it for a known
+//! API key: the directory keeps what a request needs in memory, and learns of every change
+//! from the store's [`ChangeFeed`] (each write bumps its consumer's version and announces
+//! it), so a write on one node reaches the directory of every node sharing the store. SQLite
+//! (`sqlite`) is the embedded default and feeds itself.
 
 pub mod sqlite;
 
@@ -19,6 +21,9 @@ pub struct ConsumerRecord {
     pub roles: Vec<String>,
     pub disabled: bool,
     pub created_at: u64,
+    /// Raised by every change to the consumer or its keys and factors (not by a key's last
+    /// use or a TOTP watermark); set by the store.
+    pub version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +53,8 @@ pub struct TotpRecord {
     pub last_step: Option<u64>,
     pub created_at: u64,
     /// For a pending enrolment, the account's level when it was started: it is confirmed only
-    /// while the account is not stronger than that (`registry::assurance`). Kept, unused, once
-    /// confirmed.
+    /// while the account is not stronger than that (`credentials::assurance`). Kept, unused,
+    /// once confirmed.
     pub started_with: Assurance,
 }
 
@@ -69,7 +74,7 @@ pub struct SmsRecord {
     pub phone_sealed: Option<Vec<u8>>,
     pub pending_sealed: Option<Vec<u8>>,
     pub updated_at: u64,
-    /// When the pending number was entered (it lives [`crate::registry::PENDING_TTL_SECS`] from then).
+    /// When the pending number was entered (it lives 15 minutes from then).
     pub pending_at: Option<u64>,
     /// The account's level when the pending number was entered, as for TOTP.
     pub pending_with: Assurance,
@@ -173,6 +178,98 @@ pub struct LimiterState {
     pub counts: Vec<FailureCountRecord>,
 }
 
+/// A consumer and everything of it the directory holds, as stored.
+#[derive(Debug, Clone)]
+pub struct ConsumerState {
+    pub record: ConsumerRecord,
+    pub keys: Vec<KeyRecord>,
+    /// Confirmed and pending enrolments (told apart by `confirmed`).
+    pub totp: Vec<TotpRecord>,
+    pub recovery_codes: Vec<RecoveryCodeRecord>,
+    pub sms: Option<SmsRecord>,
+}
+
+impl State {
+    /// The state grouped by consumer.
+    pub fn into_consumers(self) -> Vec<ConsumerState> {
+        let mut by_id: std::collections::HashMap<String, ConsumerState> = self
+            .consumers
+            .into_iter()
+            .map(|record| {
+                (
+                    record.id.clone(),
+                    ConsumerState {
+                        record,
+                        keys: Vec::new(),
+                        totp: Vec::new(),
+                        recovery_codes: Vec::new(),
+                        sms: None,
+                    },
+                )
+            })
+            .collect();
+        for key in self.keys {
+            if let Some(c) = by_id.get_mut(&key.consumer_id) {
+                c.keys.push(key);
+            }
+        }
+        for totp in self.totp {
+            if let Some(c) = by_id.get_mut(&totp.consumer_id) {
+                c.totp.push(totp);
+            }
+        }
+        for code in self.recovery_codes {
+            if let Some(c) = by_id.get_mut(&code.consumer_id) {
+                c.recovery_codes.push(code);
+            }
+        }
+        for sms in self.sms {
+            if let Some(c) = by_id.get_mut(&sms.consumer_id) {
+                c.sms = Some(sms);
+            }
+        }
+        by_id.into_values().collect()
+    }
+}
+
+/// A consumer changed: its id and its version after the change. A deleted consumer's last
+/// version is the one before its deletion plus one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub consumer_id: std::sync::Arc<str>,
+    pub version: u64,
+}
+
+/// What a change feed delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    Changed(Change),
+    /// Changes may have been missed (the subscriber fell behind, or the feed's connection was
+    /// lost and is back): the subscriber must resync from the store.
+    Lost,
+}
+
+/// A subscription to a store's changes, in the order they were made.
+pub struct ChangeFeed {
+    rx: tokio::sync::broadcast::Receiver<FeedEvent>,
+}
+
+impl ChangeFeed {
+    pub fn new(rx: tokio::sync::broadcast::Receiver<FeedEvent>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event; `None` once the store is gone.
+    pub async fn next(&mut self) -> Option<FeedEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(event) => Some(event),
+            Err(RecvError::Lagged(_)) => Some(FeedEvent::Lost),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("already exists: {0}")]
@@ -184,6 +281,10 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn load(&self) -> Result<State, StoreError>;
+    /// One consumer as it is now; `None` when there is none of that id.
+    async fn load_consumer(&self, id: &str) -> Result<Option<ConsumerState>, StoreError>;
+    /// The changes made from now on, by any node sharing the store.
+    fn changes(&self) -> ChangeFeed;
     /// A consumer and its first key, atomically. `Conflict` when the name is taken.
     async fn insert_consumer(
         &self,

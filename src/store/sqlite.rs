@@ -10,9 +10,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use subtle::ConstantTimeEq;
 
 use super::{
-    AuditEvent, BanRecord, CodeCheck, ConsumerFilter, ConsumerRecord, FailureCountRecord, Hash,
-    KeyRecord, LimiterChange, LimiterState, RecoveryCodeRecord, SmsCodeRecord, SmsRecord, State,
-    Store, StoreError, TotpRecord,
+    AuditEvent, BanRecord, Change, ChangeFeed, CodeCheck, ConsumerFilter, ConsumerRecord,
+    ConsumerState, FailureCountRecord, FeedEvent, Hash, KeyRecord, LimiterChange, LimiterState,
+    RecoveryCodeRecord, SmsCodeRecord, SmsRecord, State, Store, StoreError, TotpRecord,
 };
 use crate::credentials::assurance::Assurance;
 use crate::credentials::factors::Purpose;
@@ -122,13 +122,51 @@ CREATE TABLE failure_counts (
 );
 CREATE INDEX failure_counts_subject ON failure_counts(subject);
 "#,
+    // Each consumer's version, raised by every change to what the directory holds of it
+    // (not by a key's last use or a TOTP watermark), so that nodes sharing the store can tell
+    // which changes they have applied.
+    r#"
+ALTER TABLE consumers ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+CREATE TRIGGER consumers_changed AFTER UPDATE OF name, roles, disabled ON consumers
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.id; END;
+CREATE TRIGGER api_keys_added AFTER INSERT ON api_keys
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER api_keys_revoked AFTER UPDATE OF revoked_at ON api_keys
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER totp_added AFTER INSERT ON totp
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER totp_removed AFTER DELETE ON totp
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = OLD.consumer_id; END;
+CREATE TRIGGER totp_pending_added AFTER INSERT ON totp_pending
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER totp_pending_removed AFTER DELETE ON totp_pending
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = OLD.consumer_id; END;
+CREATE TRIGGER recovery_codes_added AFTER INSERT ON recovery_codes
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER recovery_codes_used AFTER UPDATE OF used_at ON recovery_codes
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER recovery_codes_removed AFTER DELETE ON recovery_codes
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = OLD.consumer_id; END;
+CREATE TRIGGER sms_added AFTER INSERT ON sms
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER sms_changed AFTER UPDATE ON sms
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = NEW.consumer_id; END;
+CREATE TRIGGER sms_removed AFTER DELETE ON sms
+    BEGIN UPDATE consumers SET version = version + 1 WHERE id = OLD.consumer_id; END;
+"#,
 ];
 
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: std::path::PathBuf,
+    /// Every committed change to a consumer, for this process's subscribers (one node: the
+    /// store feeds itself).
+    feed: tokio::sync::broadcast::Sender<FeedEvent>,
 }
+
+/// Changes a subscriber may fall behind by before it is told to resync.
+const FEED_BACKLOG: usize = 4096;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -155,7 +193,37 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            feed: tokio::sync::broadcast::channel(FEED_BACKLOG).0,
         })
+    }
+
+    /// A write to `consumer_id`'s state: runs `f`, then announces the consumer's version on
+    /// the change feed (whether or not `f` changed anything: a subscriber skips a version it
+    /// has). Deletions say their own version (`f` returns it).
+    async fn write<T, F>(&self, consumer_id: String, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let id = consumer_id.clone();
+        let (value, version) = self
+            .with(move |conn| {
+                let value = f(conn)?;
+                Ok((value, version_of(conn, &id)?))
+            })
+            .await?;
+        if let Some(version) = version {
+            self.announce(&consumer_id, version);
+        }
+        Ok(value)
+    }
+
+    fn announce(&self, consumer_id: &str, version: u64) {
+        // No subscriber is fine: nothing holds an index then.
+        let _ = self.feed.send(FeedEvent::Changed(Change {
+            consumer_id: Arc::from(consumer_id),
+            version,
+        }));
     }
 
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -201,6 +269,144 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Everything stored of every consumer, or of the one with id `only`.
+fn read_state(conn: &Connection, only: Option<&str>) -> Result<State, StoreError> {
+    let by = |column: &str| match only {
+        Some(_) => format!(" WHERE {column} = ?1"),
+        None => String::new(),
+    };
+    let params: Vec<&dyn rusqlite::ToSql> = match &only {
+        Some(id) => vec![id],
+        None => Vec::new(),
+    };
+    let mut state = State::default();
+    let mut stmt = conn
+        .prepare(&format!("SELECT id, name, roles, disabled, created_at, version FROM consumers{}", by("id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            let roles: String = row.get(2)?;
+            Ok(ConsumerRecord {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                roles: serde_json::from_str(&roles).unwrap_or_default(),
+                disabled: row.get(3)?,
+                created_at: to_u64(row.get(4)?),
+                version: to_u64(row.get(5)?),
+            })
+        })
+        .map_err(unavailable)?;
+    state.consumers = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT consumer_id, hash, prefix, created_at, last_used_at, revoked_at FROM api_keys{}", by("consumer_id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            Ok(KeyRecord {
+                consumer_id: row.get(0)?,
+                hash: hash_from(row.get(1)?)?,
+                prefix: row.get(2)?,
+                created_at: to_u64(row.get(3)?),
+                last_used_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+                revoked_at: row.get::<_, Option<i64>>(5)?.map(to_u64),
+            })
+        })
+        .map_err(unavailable)?;
+    state.keys = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at FROM totp{}", by("consumer_id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            let algorithm: String = row.get(2)?;
+            Ok(TotpRecord {
+                consumer_id: row.get(0)?,
+                secret_sealed: row.get(1)?,
+                params: TotpParams {
+                    algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
+                    digits: row.get(3)?,
+                    period: to_u64(row.get(4)?),
+                },
+                confirmed: row.get(5)?,
+                last_step: row.get::<_, Option<i64>>(6)?.map(to_u64),
+                created_at: to_u64(row.get(7)?),
+                started_with: Assurance::KeyOnly,
+            })
+        })
+        .map_err(unavailable)?;
+    state.totp = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT consumer_id, secret, algorithm, digits, period, created_at, started_with FROM totp_pending{}", by("consumer_id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            let algorithm: String = row.get(2)?;
+            Ok(TotpRecord {
+                consumer_id: row.get(0)?,
+                secret_sealed: row.get(1)?,
+                params: TotpParams {
+                    algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
+                    digits: row.get(3)?,
+                    period: to_u64(row.get(4)?),
+                },
+                confirmed: false,
+                last_step: None,
+                created_at: to_u64(row.get(5)?),
+                started_with: Assurance::from_db(row.get(6)?),
+            })
+        })
+        .map_err(unavailable)?;
+    for row in rows {
+        state.totp.push(row.map_err(unavailable)?);
+    }
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT consumer_id, phone, pending_phone, updated_at, pending_at, pending_with FROM sms{}", by("consumer_id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            Ok(SmsRecord {
+                consumer_id: row.get(0)?,
+                phone_sealed: row.get(1)?,
+                pending_sealed: row.get(2)?,
+                updated_at: to_u64(row.get(3)?),
+                pending_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+                pending_with: Assurance::from_db(row.get(5)?),
+            })
+        })
+        .map_err(unavailable)?;
+    state.sms = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT consumer_id, hash, used_at FROM recovery_codes{}", by("consumer_id")))
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params.as_slice(), |row| {
+            Ok(RecoveryCodeRecord {
+                consumer_id: row.get(0)?,
+                hash: hash_from(row.get(1)?)?,
+                used_at: row.get::<_, Option<i64>>(2)?.map(to_u64),
+            })
+        })
+        .map_err(unavailable)?;
+    state.recovery_codes = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+    Ok(state)
+}
+
+fn version_of(conn: &Connection, consumer_id: &str) -> Result<Option<u64>, StoreError> {
+    conn.query_row(
+        "SELECT version FROM consumers WHERE id = ?1",
+        params![consumer_id],
+        |row| row.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.map(to_u64))
+    .map_err(unavailable)
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -222,123 +428,17 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self) -> Result<State, StoreError> {
-        self.with(|conn| {
-            let mut state = State::default();
-            let mut stmt = conn
-                .prepare("SELECT id, name, roles, disabled, created_at FROM consumers")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    let roles: String = row.get(2)?;
-                    Ok(ConsumerRecord {
-                        id: row.get(0)?,
-                        name: row.get(1)?,
-                        roles: serde_json::from_str(&roles).unwrap_or_default(),
-                        disabled: row.get(3)?,
-                        created_at: to_u64(row.get(4)?),
-                    })
-                })
-                .map_err(unavailable)?;
-            state.consumers = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+        self.with(|conn| read_state(conn, None)).await
+    }
 
-            let mut stmt = conn
-                .prepare("SELECT consumer_id, hash, prefix, created_at, last_used_at, revoked_at FROM api_keys")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    Ok(KeyRecord {
-                        consumer_id: row.get(0)?,
-                        hash: hash_from(row.get(1)?)?,
-                        prefix: row.get(2)?,
-                        created_at: to_u64(row.get(3)?),
-                        last_used_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
-                        revoked_at: row.get::<_, Option<i64>>(5)?.map(to_u64),
-                    })
-                })
-                .map_err(unavailable)?;
-            state.keys = rows.collect::<Result<_, _>>().map_err(unavailable)?;
+    async fn load_consumer(&self, id: &str) -> Result<Option<ConsumerState>, StoreError> {
+        let id = id.to_owned();
+        let state = self.with(move |conn| read_state(conn, Some(&id))).await?;
+        Ok(state.into_consumers().into_iter().next())
+    }
 
-            let mut stmt = conn
-                .prepare("SELECT consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at FROM totp")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    let algorithm: String = row.get(2)?;
-                    Ok(TotpRecord {
-                        consumer_id: row.get(0)?,
-                        secret_sealed: row.get(1)?,
-                        params: TotpParams {
-                            algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
-                            digits: row.get(3)?,
-                            period: to_u64(row.get(4)?),
-                        },
-                        confirmed: row.get(5)?,
-                        last_step: row.get::<_, Option<i64>>(6)?.map(to_u64),
-                        created_at: to_u64(row.get(7)?),
-                        started_with: Assurance::KeyOnly,
-                    })
-                })
-                .map_err(unavailable)?;
-            state.totp = rows.collect::<Result<_, _>>().map_err(unavailable)?;
-
-            let mut stmt = conn
-                .prepare("SELECT consumer_id, secret, algorithm, digits, period, created_at, started_with FROM totp_pending")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    let algorithm: String = row.get(2)?;
-                    Ok(TotpRecord {
-                        consumer_id: row.get(0)?,
-                        secret_sealed: row.get(1)?,
-                        params: TotpParams {
-                            algorithm: TotpAlgorithm::parse(&algorithm).unwrap_or(TotpAlgorithm::Sha1),
-                            digits: row.get(3)?,
-                            period: to_u64(row.get(4)?),
-                        },
-                        confirmed: false,
-                        last_step: None,
-                        created_at: to_u64(row.get(5)?),
-                        started_with: Assurance::from_db(row.get(6)?),
-                    })
-                })
-                .map_err(unavailable)?;
-            for row in rows {
-                state.totp.push(row.map_err(unavailable)?);
-            }
-
-            let mut stmt = conn
-                .prepare("SELECT consumer_id, phone, pending_phone, updated_at, pending_at, pending_with FROM sms")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    Ok(SmsRecord {
-                        consumer_id: row.get(0)?,
-                        phone_sealed: row.get(1)?,
-                        pending_sealed: row.get(2)?,
-                        updated_at: to_u64(row.get(3)?),
-                        pending_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
-                        pending_with: Assurance::from_db(row.get(5)?),
-                    })
-                })
-                .map_err(unavailable)?;
-            state.sms = rows.collect::<Result<_, _>>().map_err(unavailable)?;
-
-            let mut stmt = conn
-                .prepare("SELECT consumer_id, hash, used_at FROM recovery_codes")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |row| {
-                    Ok(RecoveryCodeRecord {
-                        consumer_id: row.get(0)?,
-                        hash: hash_from(row.get(1)?)?,
-                        used_at: row.get::<_, Option<i64>>(2)?.map(to_u64),
-                    })
-                })
-                .map_err(unavailable)?;
-            state.recovery_codes = rows.collect::<Result<_, _>>().map_err(unavailable)?;
-            Ok(state)
-        })
-        .await
+    fn changes(&self) -> ChangeFeed {
+        ChangeFeed::new(self.feed.subscribe())
     }
 
     async fn insert_consumer(
@@ -346,11 +446,11 @@ impl Store for SqliteStore {
         consumer: ConsumerRecord,
         key: KeyRecord,
     ) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer.id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             let roles = serde_json::to_string(&consumer.roles).map_err(unavailable)?;
             tx.execute(
-                "INSERT INTO consumers (id, name, roles, disabled, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO consumers (id, name, roles, disabled, created_at, version) VALUES (?1, ?2, ?3, ?4, ?5, 1)",
                 params![consumer.id, consumer.name, roles, consumer.disabled, to_i64(consumer.created_at)],
             )
             .map_err(|e| {
@@ -367,7 +467,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_consumer(&self, consumer: ConsumerRecord) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer.id.clone(), move |conn| {
             let roles = serde_json::to_string(&consumer.roles).map_err(unavailable)?;
             conn.execute(
                 "UPDATE consumers SET roles = ?2, disabled = ?3 WHERE id = ?1",
@@ -380,16 +480,26 @@ impl Store for SqliteStore {
     }
 
     async fn delete_consumer(&self, id: String) -> Result<(), StoreError> {
-        self.with(move |conn| {
-            conn.execute("DELETE FROM consumers WHERE id = ?1", params![id])
-                .map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        let consumer_id = id.clone();
+        let version = self
+            .with(move |conn| {
+                let tx = conn.transaction().map_err(unavailable)?;
+                let version = version_of(&tx, &id)?;
+                tx.execute("DELETE FROM consumers WHERE id = ?1", params![id])
+                    .map_err(unavailable)?;
+                tx.commit().map_err(unavailable)?;
+                Ok(version)
+            })
+            .await?;
+        if let Some(version) = version {
+            self.announce(&consumer_id, version + 1);
+        }
+        Ok(())
     }
 
     async fn insert_key(&self, key: KeyRecord) -> Result<(), StoreError> {
-        self.with(move |conn| insert_key(conn, &key)).await
+        self.write(key.consumer_id.clone(), move |conn| insert_key(conn, &key))
+            .await
     }
 
     async fn revoke_key(
@@ -398,7 +508,7 @@ impl Store for SqliteStore {
         prefix: String,
         at: u64,
     ) -> Result<bool, StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let changed = conn
                 .execute(
                     "UPDATE api_keys SET revoked_at = ?3 WHERE consumer_id = ?1 AND prefix = ?2 AND revoked_at IS NULL",
@@ -427,7 +537,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(totp.consumer_id.clone(), move |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at, started_with)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -454,7 +564,7 @@ impl Store for SqliteStore {
         recovery: Vec<Hash>,
         drop_pending_below: Assurance,
     ) -> Result<bool, StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             // Moved, not copied: deleting the pending row is what makes a second, concurrent
             // confirm with the same code fail.
@@ -480,7 +590,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_pending_totp(&self, consumer_id: String) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             conn.execute(
                 "DELETE FROM totp_pending WHERE consumer_id = ?1",
                 params![consumer_id],
@@ -496,7 +606,7 @@ impl Store for SqliteStore {
         consumer_id: String,
         drop_recovery: bool,
     ) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
                 "DELETE FROM totp WHERE consumer_id = ?1",
@@ -528,7 +638,7 @@ impl Store for SqliteStore {
         started_with: Assurance,
         code: SmsCodeRecord,
     ) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
                 "INSERT INTO sms (consumer_id, phone, pending_phone, updated_at, pending_at, pending_with)
@@ -552,7 +662,7 @@ impl Store for SqliteStore {
         recovery: Option<Vec<Hash>>,
         drop_pending_below: Assurance,
     ) -> Result<CodeCheck, StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             let check = check_code(&tx, &consumer_id, Purpose::Enrol, &hash, now)?;
             if check == CodeCheck::Accepted {
@@ -591,7 +701,7 @@ impl Store for SqliteStore {
         consumer_id: String,
         code: Option<Hash>,
     ) -> Result<bool, StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             let dropped = drop_pending_number(&tx, &consumer_id, None, code.as_ref())?;
             tx.commit().map_err(unavailable)?;
@@ -601,7 +711,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_sms(&self, consumer_id: String, drop_recovery: bool) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             tx.execute(
                 "DELETE FROM sms WHERE consumer_id = ?1",
@@ -664,7 +774,7 @@ impl Store for SqliteStore {
         consumer_id: String,
         hashes: Vec<Hash>,
     ) -> Result<(), StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             replace_codes(&tx, &consumer_id, &hashes)?;
             tx.commit().map_err(unavailable)
@@ -692,7 +802,7 @@ impl Store for SqliteStore {
         hash: Hash,
         at: u64,
     ) -> Result<bool, StoreError> {
-        self.with(move |conn| {
+        self.write(consumer_id.clone(), move |conn| {
             let changed = conn
                 .execute(
                     "UPDATE recovery_codes SET used_at = ?3 WHERE consumer_id = ?1 AND hash = ?2 AND used_at IS NULL",
@@ -1066,6 +1176,7 @@ mod tests {
             roles: vec![],
             disabled: false,
             created_at: 1,
+            version: 1,
         };
         let key = KeyRecord {
             consumer_id: id.into(),

@@ -15,18 +15,20 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use std::future::Future;
-use stepgate::auth::limiter::FailureLimiter;
+use stepgate::accounts::Accounts;
+use stepgate::audit::{Audit, AuditLog};
 use stepgate::clock::{ManualClock, SharedClock};
 use stepgate::config::{self, Scope};
 use stepgate::connection::ConnInfo;
 use stepgate::context::Context;
 use stepgate::credentials::totp::{self, TotpParams};
 use stepgate::error::{Body, Refusal, full_body};
+use stepgate::limiter::LocalLimiter;
 use stepgate::metrics::Metrics;
-use stepgate::registry::Registry;
 use stepgate::secrets::MasterKey;
 use stepgate::stack::{self, Shared};
 use stepgate::store::sqlite::SqliteStore;
+use stepgate::tokens::{LocalTokens, TokenStore};
 use tower::{Service, ServiceExt};
 
 /// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
@@ -51,7 +53,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     snapshot: Arc<stepgate::snapshot::Snapshot>,
-    registry: Arc<Registry>,
+    accounts: Arc<Accounts>,
     keys: Vec<String>,
     tokens: Vec<String>,
     shared: Shared,
@@ -91,38 +93,47 @@ fn fixture() -> Fixture {
         .build()
         .unwrap();
     let clock: SharedClock = Arc::new(ManualClock::new(NOW));
-    let (registry, keys) = runtime.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).unwrap());
-        let registry = Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
-            .await
-            .unwrap();
+    let (accounts, keys) = runtime.block_on(async {
+        let store: Arc<dyn stepgate::store::Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("bench.db")).unwrap());
+        let audit = Audit::new(AuditLog::start(store.clone(), None), clock.clone());
+        let tokens: Arc<dyn TokenStore> = Arc::new(LocalTokens::new());
+        let accounts = Accounts::open(
+            store,
+            Arc::new(MasterKey::from_bytes([7; 32])),
+            clock.clone(),
+            audit,
+            tokens,
+        )
+        .await
+        .unwrap();
         let mut keys = Vec::with_capacity(consumers());
         for i in 0..consumers() {
             let name = format!("c{i:05}");
-            let (_, key) = registry
+            let (_, key) = accounts
                 .create_consumer(&name, vec!["partner".into()])
                 .await
                 .unwrap();
             if i < ENROLLED {
-                registry
+                accounts
                     .begin_totp(&name, TotpParams::default())
                     .await
                     .unwrap();
-                let consumer = registry.consumer_state(&name).unwrap();
-                let generator = registry.totp_generator(&consumer).unwrap();
+                let consumer = accounts.directory().get(&name).unwrap();
+                let generator = accounts.totp_generator(&consumer).unwrap();
                 let code = generator.generate(NOW).to_string();
-                registry.confirm_totp(&name, &code).await.unwrap();
+                accounts.confirm_totp(&name, &code).await.unwrap();
             }
             keys.push(key);
         }
-        (Arc::new(registry), keys)
+        (Arc::new(accounts), keys)
     });
     let policy: Arc<str> = Arc::from("step-up");
-    let tokens = keys[..ENROLLED]
-        .iter()
-        .map(|key| {
-            let entry = registry.authenticate(key).unwrap();
-            registry
+    let tokens = runtime.block_on(async {
+        let mut tokens = Vec::with_capacity(ENROLLED);
+        for key in &keys[..ENROLLED] {
+            let entry = accounts.directory().authenticate(key).unwrap();
+            let (token, _) = accounts
                 .tokens()
                 .issue(
                     &entry.consumer.shared_id,
@@ -131,20 +142,23 @@ fn fixture() -> Fixture {
                     Duration::from_secs(3600),
                     NOW,
                 )
+                .await
                 .unwrap()
-                .0
-        })
-        .collect();
+                .unwrap();
+            tokens.push(token);
+        }
+        tokens
+    });
     let shared = Shared {
-        registry: registry.clone(),
-        limiter: Arc::new(FailureLimiter::new(clock)),
+        accounts: accounts.clone(),
+        limiter: Arc::new(LocalLimiter::new(clock)),
         metrics: Metrics::new(),
     };
     Fixture {
         _dir: dir,
         runtime,
         snapshot,
-        registry,
+        accounts,
         keys,
         tokens,
         shared,
@@ -168,18 +182,18 @@ fn bench(c: &mut Criterion) {
     c.bench_function("api key lookup (10k consumers)", |b| {
         b.iter(|| {
             i = (i + 1) % f.keys.len();
-            black_box(f.registry.authenticate(&f.keys[i]))
+            black_box(f.accounts.directory().authenticate(&f.keys[i]))
         })
     });
 
     let entries: Vec<_> = f.keys[..ENROLLED]
         .iter()
-        .map(|k| f.registry.authenticate(k).unwrap())
+        .map(|k| f.accounts.directory().authenticate(k).unwrap())
         .collect();
     c.bench_function("step-up token check (1k live)", |b| {
         b.iter(|| {
             i = (i + 1) % ENROLLED;
-            black_box(f.registry.tokens().check(
+            black_box(f.accounts.tokens().check_cached(
                 &f.tokens[i],
                 &entries[i].consumer.id,
                 "step-up",

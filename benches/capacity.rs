@@ -1,18 +1,20 @@
 //! Capacity: start-up time with 100,000 consumers in the store, and resident memory for them
-//! plus 1,000,000 live step-up tokens. Prints its numbers (and the targets of issue 6).
+//! plus 1,000,000 live step-up tokens. Prints its numbers and their targets.
 //!
 //! `cargo bench --bench capacity` (set CAPACITY_CONSUMERS / CAPACITY_TOKENS to change sizes)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stepgate::accounts::Accounts;
+use stepgate::audit::{Audit, AuditLog};
 use stepgate::clock::{ManualClock, SharedClock};
 use stepgate::config::Scope;
 use stepgate::credentials::api_key;
-use stepgate::registry::Registry;
 use stepgate::secrets::MasterKey;
 use stepgate::store::sqlite::SqliteStore;
 use stepgate::store::{ConsumerRecord, KeyRecord, Store};
+use stepgate::tokens::{LocalTokens, TokenStore};
 
 /// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
 #[global_allocator]
@@ -82,17 +84,26 @@ fn main() {
 
     let before = rss_mib();
     let started = Instant::now();
-    let registry = runtime.block_on(async {
+    let tokens_held = Arc::new(LocalTokens::new());
+    let accounts = runtime.block_on(async {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
-        Registry::open(store, MasterKey::from_bytes(master), clock, None)
-            .await
-            .unwrap()
+        let audit = Audit::new(AuditLog::start(store.clone(), None), clock.clone());
+        let tokens: Arc<dyn TokenStore> = tokens_held.clone();
+        Accounts::open(
+            store,
+            Arc::new(MasterKey::from_bytes(master)),
+            clock,
+            audit,
+            tokens,
+        )
+        .await
+        .unwrap()
     });
     let startup = started.elapsed();
     let after_consumers = rss_mib();
     println!(
-        "registry open with {} consumers: {:.0} ms (target <= 2000 ms); RSS +{:.1} MiB",
-        registry.consumer_count(),
+        "accounts open with {} consumers: {:.0} ms (target <= 2000 ms); RSS +{:.1} MiB",
+        accounts.directory().count(),
         startup.as_secs_f64() * 1000.0,
         after_consumers - before
     );
@@ -104,7 +115,7 @@ fn main() {
     let policy: Arc<str> = Arc::from("step-up");
     let started = Instant::now();
     for i in 0..tokens {
-        registry.tokens().issue(
+        tokens_held.issue(
             &ids[i % ids.len()],
             &policy,
             Scope::Policy,

@@ -1,7 +1,7 @@
-//! Security events (DESIGN.md §1, §4): written to the `stepgate::audit` log target at once and
-//! to the store by a background writer, so that a flood of failed attempts never waits on the
-//! disk. The queue is bounded; if the store falls that far behind, events still reach the log
-//! and the drop is logged.
+//! Security events: written to the `stepgate::audit` log target at once and to the store by a
+//! background writer, so that a flood of failed attempts never waits on the disk. The queue is
+//! bounded; if the store falls that far behind, events still reach the log and the drop is
+//! logged. [`Audit`] is the front the layers and operations record through.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,8 +11,66 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::rfc3339;
+use crate::clock::{SharedClock, rfc3339};
+use crate::error::Attempt;
 use crate::store::{AuditEvent, Store};
+
+/// Who an event is about: a consumer's id and name.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+}
+
+/// Records security events with the time they happened.
+#[derive(Clone)]
+pub struct Audit {
+    log: AuditLog,
+    clock: SharedClock,
+}
+
+impl Audit {
+    pub fn new(log: AuditLog, clock: SharedClock) -> Self {
+        Self { log, clock }
+    }
+
+    /// An event about `who` (or nobody in particular), with the key it came with.
+    pub fn event(
+        &self,
+        kind: &str,
+        who: Option<Who<'_>>,
+        key_prefix: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        self.log.record(AuditEvent {
+            id: 0,
+            at: self.clock.now(),
+            kind: kind.to_owned(),
+            consumer_id: who.map(|w| w.id.to_owned()),
+            consumer_name: who.map(|w| w.name.to_owned()),
+            key_prefix: key_prefix.map(str::to_owned),
+            detail,
+        });
+    }
+
+    /// An event about the consumer and key of a failed attempt.
+    pub fn attempt(&self, kind: &str, by: &Attempt, detail: serde_json::Value) {
+        self.event(
+            kind,
+            Some(Who {
+                id: &by.consumer_id,
+                name: &by.consumer_name,
+            }),
+            Some(&by.key_prefix),
+            detail,
+        );
+    }
+
+    /// Waits until every event recorded so far is stored (or given up on).
+    pub async fn flush(&self) {
+        self.log.flush().await;
+    }
+}
 
 const QUEUE: usize = 10_000;
 /// Events written to the store in one transaction at most.

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use http::Request;
 
 use crate::connection::{ClientIp, ConnInfo};
+use crate::directory::KeyEntry;
 use crate::error::Refusal;
 use crate::host::Host;
-use crate::registry::KeyEntry;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 

@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use crate::clock::rfc3339;
 use crate::config::{Policy, Requirement, RolloutMode};
-use crate::registry::{Consumer, ConsumerView};
+use crate::directory::Consumer;
 use crate::snapshot::Snapshot;
+use crate::views::ConsumerView;
 
 /// Where a consumer stands with one policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -130,7 +131,7 @@ pub fn report(
 ) -> Vec<ReportEntry> {
     let mut entries = Vec::new();
     for consumer in consumers.iter().filter(|c| !c.disabled) {
-        let view = ConsumerView::of(consumer, now);
+        let view = ConsumerView::stored(consumer, now);
         let mut pending = Vec::new();
         if view.totp.as_ref().is_some_and(|t| t.status == "pending") {
             pending.push("totp");

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod audit;
 pub mod auth;
@@ -35,17 +36,18 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod credentials;
+pub mod directory;
 pub mod edge;
 pub mod enrollment;
 pub mod error;
 pub mod guard;
 pub mod header_names;
 pub mod host;
+pub mod limiter;
 pub mod metrics;
 pub mod observe;
 pub mod path;
 pub mod proxy;
-pub mod registry;
 pub mod reload;
 pub mod rescue;
 pub mod routing;
@@ -59,7 +61,9 @@ pub mod stack;
 pub mod startup;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod upstream;
+pub mod views;
 
 pub use server::Gateway;
 pub use startup::Error;

@@ -25,20 +25,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::accounts::Accounts;
 use crate::admin::{self, Admin};
-use crate::auth::limiter::{FailureLimiter, LimiterWriter};
+use crate::audit::{Audit, AuditLog};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Limits, StoreSettings};
 use crate::connection::{Activity, Awaiting, ConnInfo};
 use crate::context::Context as RequestContext;
+use crate::limiter::{AttemptLimiter, LimiterWriter, LocalLimiter};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
 use crate::snapshot::{ConfigHandle, Snapshot};
 use crate::startup::Error;
+use crate::store::ChangeFeed;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
+use crate::tokens::{LocalTokens, TokenStore};
 
 /// How often key "last used" times are written and expired step-up tokens swept.
 const HOUSEKEEPING: Duration = Duration::from_secs(30);
@@ -48,8 +51,10 @@ pub struct Gateway {
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     config: ConfigHandle,
-    registry: Arc<Registry>,
-    limiter: Arc<FailureLimiter>,
+    accounts: Arc<Accounts>,
+    /// The store's changes, subscribed to before the directory loaded.
+    changes: ChangeFeed,
+    limiter: Arc<dyn AttemptLimiter>,
     limiter_writer: LimiterWriter,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
@@ -78,18 +83,26 @@ impl Gateway {
                     .map_err(|e| Error::Io(std::io::Error::other(e)))??,
             ),
         };
-        let registry = Arc::new(
-            Registry::open(
+        // Subscribed before the directory loads, so that no change made meanwhile is missed.
+        let changes = store.changes();
+        let audit = Audit::new(
+            AuditLog::start(store.clone(), snapshot.audit_sink.clone()),
+            clock.clone(),
+        );
+        let tokens: Arc<dyn TokenStore> = Arc::new(LocalTokens::new());
+        let accounts = Arc::new(
+            Accounts::open(
                 store.clone(),
-                master,
+                Arc::new(master),
                 clock.clone(),
-                snapshot.audit_sink.clone(),
+                audit,
+                tokens,
             )
             .await?,
         );
         // Bans and counts from before a restart are in force again before the first request.
-        let (limiter, limiter_writer) = FailureLimiter::persistent(clock.clone(), store).await?;
-        let limiter = Arc::new(limiter);
+        let (limiter, limiter_writer) = LocalLimiter::persistent(clock.clone(), store).await?;
+        let limiter: Arc<dyn AttemptLimiter> = Arc::new(limiter);
         let metrics = Metrics::new();
 
         let addr = snapshot.listen;
@@ -104,7 +117,7 @@ impl Gateway {
             ),
             None => None,
         };
-        tracing::info!(consumers = registry.consumer_count(), "registry loaded");
+        tracing::info!(consumers = accounts.directory().count(), "consumers loaded");
         let config: ConfigHandle = Arc::new(ArcSwap::from_pointee(snapshot));
         let reloader = Arc::new(Reloader::new(config.clone(), metrics.clone(), clock));
         let watcher = crate::reload::Watcher::new(reloader.clone());
@@ -112,7 +125,8 @@ impl Gateway {
             listener,
             admin_listener,
             config,
-            registry,
+            accounts,
+            changes,
             limiter,
             limiter_writer,
             metrics,
@@ -130,11 +144,11 @@ impl Gateway {
             .and_then(|l| l.local_addr().ok())
     }
 
-    pub fn registry(&self) -> Arc<Registry> {
-        self.registry.clone()
+    pub fn accounts(&self) -> Arc<Accounts> {
+        self.accounts.clone()
     }
 
-    pub fn limiter(&self) -> Arc<FailureLimiter> {
+    pub fn limiter(&self) -> Arc<dyn AttemptLimiter> {
         self.limiter.clone()
     }
 
@@ -176,7 +190,8 @@ impl Gateway {
             listener,
             admin_listener,
             config,
-            registry,
+            accounts,
+            changes,
             limiter,
             limiter_writer,
             metrics,
@@ -192,7 +207,7 @@ impl Gateway {
         background.spawn(limiter_writer.run(writer_stop.clone()));
         if let Some(admin_listener) = admin_listener {
             let admin = Arc::new(Admin {
-                registry: registry.clone(),
+                accounts: accounts.clone(),
                 limiter: limiter.clone(),
                 metrics: metrics.clone(),
                 reloader: reloader.clone(),
@@ -201,13 +216,20 @@ impl Gateway {
             });
             background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
         }
-        background.spawn(housekeeping(registry.clone(), shutdown.clone()));
+        background.spawn(housekeeping(accounts.clone(), shutdown.clone()));
+        // Changes made by other nodes sharing the store (and this node's own, already applied).
+        background.spawn(
+            accounts
+                .directory()
+                .clone()
+                .follow(changes, shutdown.clone()),
+        );
         if let Some(watcher) = watcher {
             background.spawn(watcher.run(shutdown.clone()));
         }
         let limits = config.load().limits.clone();
         let service = crate::stack::build(crate::stack::Shared {
-            registry: registry.clone(),
+            accounts: accounts.clone(),
             limiter: limiter.clone(),
             metrics: metrics.clone(),
         });
@@ -443,16 +465,16 @@ async fn accept_loop<S: GatewayService>(listener: TcpListener, shared: &WorkerSh
 
 /// Housekeeping off the request path: writes API-key "last used" times in batches (and once
 /// more at shutdown) and sweeps expired step-up tokens.
-async fn housekeeping(registry: Arc<Registry>, shutdown: CancellationToken) {
+async fn housekeeping(accounts: Arc<Accounts>, shutdown: CancellationToken) {
     loop {
         let stop = tokio::select! {
             () = tokio::time::sleep(HOUSEKEEPING) => false,
             () = shutdown.cancelled() => true,
         };
-        if let Err(error) = registry.flush_key_use().await {
+        if let Err(error) = accounts.directory().flush_key_use().await {
             tracing::warn!(%error, "could not record API key use");
         }
-        registry.tokens().sweep(registry.now());
+        accounts.tokens().sweep(accounts.now());
         if stop {
             return;
         }

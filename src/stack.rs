@@ -9,29 +9,30 @@ use tower::{Service, ServiceBuilder};
 
 use std::sync::Arc;
 
+use crate::accounts::Accounts;
 use crate::auth::api_key::ApiKeyGuard;
 use crate::auth::client_ip::ClientAddr;
 use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
-use crate::auth::limiter::FailureLimiter;
 use crate::auth::roles::RoleCheck;
 use crate::auth::second_factor::SecondFactorLayer;
 use crate::edge::{CanonicalHost, ClientHeaders, NormalizePath, ProtocolLimits};
 use crate::error::{Body, Refusal, Refused};
 use crate::guard::GuardLayer;
+use crate::limiter::AttemptLimiter;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::proxy::Forward;
-use crate::registry::Registry;
 use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
 use crate::selfservice::{SecurityHeadersLayer, SelfServiceLayer};
 use crate::sensitive::SensitiveHeadersLayer;
 
-/// What the layers share; cheap to clone.
+/// What the layers share; cheap to clone. The layers use the ports inside: the directory
+/// and token store (through `accounts`), the attempt limiter.
 #[derive(Clone)]
 pub struct Shared {
-    pub registry: Arc<Registry>,
-    pub limiter: Arc<FailureLimiter>,
+    pub accounts: Arc<Accounts>,
+    pub limiter: Arc<dyn AttemptLimiter>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -109,7 +110,9 @@ where
     S: Service<Request<B>, Response = Response<Body>, Error = Refusal> + Clone + Send + 'static,
     S::Future: Send,
 {
-    let registry = shared.registry.clone();
+    let accounts = shared.accounts.clone();
+    let directory = accounts.directory().clone();
+    let audit = accounts.audit_log().clone();
     let limiter = shared.limiter.clone();
     ServiceBuilder::new()
         // Pick the route: 404 when none, route body limit on Content-Length.
@@ -118,27 +121,27 @@ where
         // before any credential is looked at, and every failed attempt below is counted.
         .layer(FailureLimitLayer::new(
             limiter.clone(),
-            registry.clone(),
+            audit.clone(),
             shared.metrics.clone(),
         ))
         .layer(GuardLayer((
             // First factor: the API key (removed from the request on every route), then the
             // identity headers the upstream may trust.
-            ApiKeyGuard::new(registry.clone()),
+            ApiKeyGuard::new(directory),
             // A banned consumer is refused as soon as its key names it, before its code.
-            ConsumerBan::new(limiter, registry.clone()),
+            ConsumerBan::new(limiter, audit.clone()),
             // Roles before the second factor: a consumer who may not call at all learns
             // nothing about its code.
-            RoleCheck::new(registry.clone()),
+            RoleCheck::new(audit),
         )))
         // The self-service endpoints answer here, behind everything above (failure limiter,
         // key, ban), before the second-factor layer: they check codes per call themselves.
         .layer(SelfServiceLayer::new(
-            registry.clone(),
+            accounts.clone(),
             shared.metrics.clone(),
         ))
         // Second factor: step-up token or X-OTP; issues a token after a code.
-        .layer(SecondFactorLayer::new(registry, shared.metrics))
+        .layer(SecondFactorLayer::new(accounts, shared.metrics))
         // Innermost: stream to the upstream.
         .service(inner)
 }

@@ -19,5 +19,5 @@ pub enum Error {
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
-    Registry(#[from] crate::registry::RegistryError),
+    Accounts(#[from] crate::accounts::AccountError),
 }

@@ -14,15 +14,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accounts::Accounts;
 use crate::error::{Body, problem_response};
-use crate::registry::Registry;
 use crate::secrets::AdminToken;
 use crate::snapshot::ConfigHandle;
 
 /// What the admin handlers work on.
 pub struct Admin {
-    pub registry: Arc<Registry>,
-    pub limiter: Arc<crate::auth::limiter::FailureLimiter>,
+    pub accounts: Arc<Accounts>,
+    pub limiter: Arc<dyn crate::limiter::AttemptLimiter>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub reloader: Arc<crate::reload::Reloader>,
     pub token: AdminToken,

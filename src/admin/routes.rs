@@ -1,4 +1,4 @@
-//! Admin API routes (DESIGN.md §6): request parsing, registry calls, JSON answers.
+//! Admin API routes (DESIGN.md §6): request parsing, accounts calls, JSON answers.
 
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -9,10 +9,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{Admin, problem};
+use crate::accounts::AccountError;
 use crate::clock::parse_rfc3339;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
 use crate::error::{Body, full_body};
-use crate::registry::RegistryError;
 use crate::reload::Outcome;
 
 const MAX_BODY: usize = 64 * 1024;
@@ -29,12 +29,12 @@ enum Failure {
     BadRequest(String),
     NotFound(String),
     Unavailable(String),
-    Registry(RegistryError),
+    Accounts(AccountError),
 }
 
-impl From<RegistryError> for Failure {
-    fn from(e: RegistryError) -> Self {
-        Failure::Registry(e)
+impl From<AccountError> for Failure {
+    fn from(e: AccountError) -> Self {
+        Failure::Accounts(e)
     }
 }
 
@@ -44,22 +44,20 @@ impl Failure {
             Failure::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             Failure::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             Failure::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", d),
-            Failure::Registry(e) => {
+            Failure::Accounts(e) => {
                 let detail = e.to_string();
                 match e {
-                    RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
+                    AccountError::NotFound(_) | AccountError::NotFoundOther(_) => {
                         (StatusCode::NOT_FOUND, "not_found", detail)
                     }
                     // An expired pending enrolment, or one started on a weaker account.
-                    RegistryError::Conflict(_)
-                    | RegistryError::PendingGone(_)
-                    | RegistryError::Disabled => (StatusCode::CONFLICT, "conflict", detail),
-                    RegistryError::Invalid(_)
-                    | RegistryError::CodeInvalid
-                    | RegistryError::Unproved(_) => {
-                        (StatusCode::BAD_REQUEST, "bad_request", detail)
-                    }
-                    RegistryError::Store(_) | RegistryError::WrongMasterKey => {
+                    AccountError::Conflict(_)
+                    | AccountError::PendingGone(_)
+                    | AccountError::Disabled => (StatusCode::CONFLICT, "conflict", detail),
+                    AccountError::Invalid(_)
+                    | AccountError::CodeInvalid
+                    | AccountError::Unproved(_) => (StatusCode::BAD_REQUEST, "bad_request", detail),
+                    AccountError::Store(_) | AccountError::WrongMasterKey => {
                         tracing::error!(error = %detail, "admin call failed in the store");
                         (
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -156,11 +154,11 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
         .collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let registry = &admin.registry;
+    let accounts = &admin.accounts;
 
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        (&Method::GET, ["readyz"]) => match registry.store().ping().await {
+        (&Method::GET, ["readyz"]) => match accounts.store().ping().await {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
             Err(e) => Err(Failure::Unavailable(format!("store: {e}"))),
         },
@@ -172,7 +170,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
             admin
                 .metrics
                 .step_up_live
-                .set(i64::try_from(registry.tokens().len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(accounts.tokens().held()).unwrap_or(i64::MAX));
             let mut response = Response::new(full_body(admin.metrics.encode()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -209,7 +207,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         },
         (&Method::POST, ["consumers"]) => {
             let body: NewConsumer = read_json(request, false).await?;
-            let (view, api_key) = registry.create_consumer(&body.name, body.roles).await?;
+            let (view, api_key) = accounts.create_consumer(&body.name, body.roles).await?;
             let prefix = view.keys.first().map(|k| k.prefix.clone());
             Ok(json_response(
                 StatusCode::CREATED,
@@ -218,30 +216,30 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         }
         (&Method::GET, ["consumers"]) => Ok(json_response(
             StatusCode::OK,
-            &json!({"consumers": to_value(&registry.list_consumers())}),
+            &json!({"consumers": to_value(&accounts.list_consumers())}),
         )),
         (&Method::GET, ["consumers", name]) => Ok(json_response(
             StatusCode::OK,
-            &to_value(&registry.consumer(name)?),
+            &to_value(&accounts.consumer_view(name)?),
         )),
         (&Method::PATCH, ["consumers", name]) => {
             let name = (*name).to_owned();
             let patch: ConsumerPatch = read_json(request, false).await?;
-            let view = registry
+            let view = accounts
                 .update_consumer(&name, patch.roles, patch.disabled)
                 .await?;
             Ok(json_response(StatusCode::OK, &to_value(&view)))
         }
         (&Method::DELETE, ["consumers", name]) => {
-            registry.delete_consumer(name).await?;
+            accounts.delete_consumer(name).await?;
             Ok(no_content())
         }
         (&Method::POST, ["consumers", name, "keys"]) => {
-            let issued = registry.issue_key(name).await?;
+            let issued = accounts.issue_key(name).await?;
             Ok(json_response(StatusCode::CREATED, &to_value(&issued)))
         }
         (&Method::DELETE, ["consumers", name, "keys", prefix]) => {
-            registry.revoke_key(name, prefix).await?;
+            accounts.revoke_key(name, prefix).await?;
             Ok(no_content())
         }
         (&Method::POST, ["consumers", name, "totp"]) => {
@@ -259,7 +257,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
                 digits: body.digits.unwrap_or(defaults.digits),
                 period: body.period.unwrap_or(defaults.period),
             };
-            let enrolment = registry.begin_totp(&name, params).await?;
+            let enrolment = accounts.begin_totp(&name, params).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({
@@ -272,24 +270,24 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         (&Method::POST, ["consumers", name, "totp", "confirm"]) => {
             let name = (*name).to_owned();
             let body: Code = read_json(request, false).await?;
-            let codes = registry.confirm_totp(&name, body.code.trim()).await?;
+            let codes = accounts.confirm_totp(&name, body.code.trim()).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"recovery_codes": codes}),
             ))
         }
         (&Method::DELETE, ["consumers", name, "totp"]) => {
-            registry.reset_totp(name).await?;
+            accounts.reset_totp(name).await?;
             Ok(no_content())
         }
         (&Method::DELETE, ["consumers", name, "sms"]) => {
-            registry.remove_sms(name, None).await?;
+            accounts.remove_sms(name, None).await?;
             Ok(no_content())
         }
         (&Method::GET, ["reports", "enrollment"]) => {
             let snapshot = admin.config.load_full();
-            let now = registry.now();
-            let entries = crate::enrollment::report(&snapshot, &registry.consumer_states(), now);
+            let now = accounts.now();
+            let entries = crate::enrollment::report(&snapshot, &accounts.directory().all(), now);
             Ok(json_response(
                 StatusCode::OK,
                 &json!({
@@ -299,20 +297,20 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
             ))
         }
         (&Method::POST, ["consumers", name, "recovery-codes"]) => {
-            let codes = registry.regenerate_recovery_codes(name).await?;
+            let codes = accounts.regenerate_recovery_codes(name).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"recovery_codes": codes}),
             ))
         }
         (&Method::POST, ["consumers", name, "unlock"]) => {
-            let view = registry.consumer(name)?;
-            let subject = crate::auth::limiter::Subject::Consumer(view.id.as_str().into());
-            let was_banned = admin.limiter.unlock(&subject);
-            if let Some(consumer) = registry.consumer_state(name) {
-                registry.audit_event(
+            let view = accounts.consumer_view(name)?;
+            let subject = crate::limiter::Subject::Consumer(view.id.as_str().into());
+            let was_banned = admin.limiter.unlock(&subject).await;
+            if let Some(consumer) = accounts.directory().get(name) {
+                accounts.audit_log().event(
                     "unlocked",
-                    Some(&consumer),
+                    Some(consumer.who()),
                     None,
                     json!({"was_banned": was_banned}),
                 );
@@ -320,7 +318,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
             Ok(no_content())
         }
         (&Method::DELETE, ["consumers", name, "step-up-tokens"]) => {
-            registry.revoke_step_up_tokens(name)?;
+            accounts.revoke_step_up_tokens(name).await?;
             Ok(no_content())
         }
         (&Method::GET, ["audit"]) => {
@@ -353,7 +351,7 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
                     _ => {}
                 }
             }
-            let events = registry.audit(consumer.as_deref(), since, limit).await?;
+            let events = accounts.audit(consumer.as_deref(), since, limit).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"events": to_value(&events)}),

@@ -1,4 +1,4 @@
-//! The first factor: the `X-Api-Key` header against the registry's in-memory index.
+//! The first factor: the `X-Api-Key` header against the directory.
 //!
 //! The key is removed from the request on every route, so no upstream ever receives it. On a
 //! route whose policy needs a key, exactly one well-formed header must be present; the
@@ -12,9 +12,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Requirement;
 use crate::context::Context;
+use crate::directory::Directory;
 use crate::error::Refusal;
 use crate::guard::Guard;
-use crate::registry::Registry;
 
 pub use crate::header_names::{
     X_API_KEY, X_CONSUMER_ID, X_CONSUMER_NAME, X_CONSUMER_ROLES, X_STEPGATE_AUTH,
@@ -25,12 +25,12 @@ const MAX_KEY_BYTES: usize = 256;
 
 #[derive(Clone)]
 pub struct ApiKeyGuard {
-    registry: Arc<Registry>,
+    directory: Arc<Directory>,
 }
 
 impl ApiKeyGuard {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(directory: Arc<Directory>) -> Self {
+        Self { directory }
     }
 }
 
@@ -77,7 +77,7 @@ impl<B> Guard<B> for ApiKeyGuard {
                 "exactly one X-Api-Key header of visible ASCII is allowed",
             )?
             .ok_or_else(|| Refusal::ApiKeyMissing)?;
-            self.registry
+            self.directory
                 .authenticate(presented)
                 .ok_or_else(|| Refusal::ApiKeyInvalid)?
         };

@@ -4,6 +4,7 @@
 //! may start a ban. [`ConsumerBan`] sits right after the API key has named the consumer and
 //! refuses a banned consumer before its code or token is evaluated.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -13,12 +14,12 @@ use pin_project_lite::pin_project;
 use serde_json::json;
 use tower::{Layer, Service};
 
-use super::limiter::{FailureLimiter, Recorded, Subject};
+use crate::audit::Audit;
 use crate::context::Context as RequestContext;
 use crate::error::{Attempt, Refusal};
 use crate::guard::Guard;
+use crate::limiter::{AttemptLimiter, Recorded, Subject};
 use crate::metrics::{Metrics, SubjectLabel};
-use crate::registry::Registry;
 use crate::routing::Route;
 
 /// At most 100 failures per account per hour over all policies (NIST SP 800-63B §5.2.2).
@@ -35,20 +36,16 @@ pub struct SecondFactorPassed {
 
 #[derive(Clone)]
 pub struct FailureLimitLayer {
-    limiter: Arc<FailureLimiter>,
-    registry: Arc<Registry>,
+    limiter: Arc<dyn AttemptLimiter>,
+    audit: Audit,
     metrics: Arc<Metrics>,
 }
 
 impl FailureLimitLayer {
-    pub fn new(
-        limiter: Arc<FailureLimiter>,
-        registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(limiter: Arc<dyn AttemptLimiter>, audit: Audit, metrics: Arc<Metrics>) -> Self {
         Self {
             limiter,
-            registry,
+            audit,
             metrics,
         }
     }
@@ -59,7 +56,7 @@ impl<S> Layer<S> for FailureLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         FailureLimit {
             limiter: self.limiter.clone(),
-            registry: self.registry.clone(),
+            audit: self.audit.clone(),
             metrics: self.metrics.clone(),
             inner,
         }
@@ -68,16 +65,16 @@ impl<S> Layer<S> for FailureLimitLayer {
 
 #[derive(Clone)]
 pub struct FailureLimit<S> {
-    limiter: Arc<FailureLimiter>,
-    registry: Arc<Registry>,
+    limiter: Arc<dyn AttemptLimiter>,
+    audit: Audit,
     metrics: Arc<Metrics>,
     inner: S,
 }
 
 /// Checks a ban, auditing its end the first time it is found over.
 fn check_ban(
-    limiter: &FailureLimiter,
-    registry: &Registry,
+    limiter: &dyn AttemptLimiter,
+    audit: &Audit,
     subject: &Subject,
     by: Option<&Attempt>,
 ) -> Result<(), Refusal> {
@@ -87,8 +84,8 @@ fn check_ban(
         Err(ended) => {
             let detail = json!({"subject": subject.describe(), "started": ended.started, "until": ended.until});
             match by {
-                Some(by) => registry.audit_attempt("ban_ended", by, detail),
-                None => registry.audit_event("ban_ended", None, None, detail),
+                Some(by) => audit.attempt("ban_ended", by, detail),
+                None => audit.event("ban_ended", None, None, detail),
             }
             Ok(())
         }
@@ -98,10 +95,11 @@ fn check_ban(
 impl<S, B, R> Service<Request<B>> for FailureLimit<S>
 where
     S: Service<Request<B>, Response = Response<R>, Error = Refusal>,
+    R: Send + 'static,
 {
     type Response = Response<R>;
     type Error = Refusal;
-    type Future = FailureLimitFuture<S::Future>;
+    type Future = FailureLimitFuture<S::Future, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         self.inner.poll_ready(cx)
@@ -117,7 +115,7 @@ where
             };
         };
         let ip = Subject::ip(client.ip);
-        if let Err(refusal) = check_ban(&self.limiter, &self.registry, &ip, None) {
+        if let Err(refusal) = check_ban(self.limiter.as_ref(), &self.audit, &ip, None) {
             return FailureLimitFuture::Refused {
                 refusal: Some(refusal),
             };
@@ -126,7 +124,7 @@ where
             future: self.inner.call(request),
             tally: Some(Tally {
                 limiter: self.limiter.clone(),
-                registry: self.registry.clone(),
+                audit: self.audit.clone(),
                 metrics: self.metrics.clone(),
                 route,
                 ip,
@@ -136,8 +134,8 @@ where
 }
 
 struct Tally {
-    limiter: Arc<FailureLimiter>,
-    registry: Arc<Registry>,
+    limiter: Arc<dyn AttemptLimiter>,
+    audit: Audit,
     metrics: Arc<Metrics>,
     route: Arc<Route>,
     ip: Subject,
@@ -145,7 +143,7 @@ struct Tally {
 
 impl Tally {
     /// Counts a failed attempt; the refusal becomes 429 when it started a ban.
-    fn failure(&self, refusal: Refusal) -> Refusal {
+    async fn failure(self, refusal: Refusal) -> Refusal {
         let Some(by) = refusal.failed_attempt() else {
             return refusal;
         };
@@ -153,27 +151,30 @@ impl Tally {
         let policy = &self.route.policy;
         let name = policy.shared_name.clone();
         let failures = &policy.failures;
-        let mut ban = self.ban_if(
-            self.limiter
-                .record(&name, self.ip.clone(), failures.per_ip, failures),
-            &self.ip,
-            by.as_ref(),
-        );
+        let recorded = self
+            .limiter
+            .record(&name, self.ip.clone(), failures.per_ip, failures)
+            .await;
+        let mut ban = self.ban_if(recorded, &self.ip, by.as_ref());
         if let Some(by) = &by {
             let consumer = Subject::Consumer(by.consumer_id.clone());
-            let recorded =
-                self.limiter
-                    .record(&name, consumer.clone(), failures.per_consumer, failures);
+            let recorded = self
+                .limiter
+                .record(&name, consumer.clone(), failures.per_consumer, failures)
+                .await;
             ban = ban.or(self.ban_if(recorded, &consumer, Some(by)));
             // Each policy counts on its own, so a consumer facing several policies gets each
             // one's allowance; this account-wide count keeps the sum within NIST's ceiling.
             if ban.is_none() {
-                let recorded = self.limiter.record(
-                    &self.limiter.account_wide(),
-                    consumer.clone(),
-                    ACCOUNT_CEILING,
-                    failures,
-                );
+                let recorded = self
+                    .limiter
+                    .record(
+                        &self.limiter.account_wide(),
+                        consumer.clone(),
+                        ACCOUNT_CEILING,
+                        failures,
+                    )
+                    .await;
                 ban = self.ban_if(recorded, &consumer, Some(by));
             }
         }
@@ -181,6 +182,17 @@ impl Tally {
             Some(retry_after) => Refusal::TooManyAttempts { retry_after },
             None => refusal,
         }
+    }
+
+    /// A proved second factor clears the consumer's counts (this policy's and the
+    /// account-wide one).
+    async fn passed(self, consumer_id: Arc<str>) {
+        let name = self.route.policy.shared_name.clone();
+        let consumer = Subject::Consumer(consumer_id);
+        self.limiter.reset(&name, consumer.clone()).await;
+        self.limiter
+            .reset(&self.limiter.account_wide(), consumer)
+            .await;
     }
 
     fn ban_if(&self, recorded: Recorded, subject: &Subject, by: Option<&Attempt>) -> Option<u64> {
@@ -197,64 +209,79 @@ impl Tally {
             .inc();
         let detail = json!({"subject": subject.describe(), "until": crate::clock::rfc3339(until), "policy": self.route.policy.name});
         match by {
-            Some(by) => self.registry.audit_attempt("ban_started", by, detail),
-            None => self.registry.audit_event("ban_started", None, None, detail),
+            Some(by) => self.audit.attempt("ban_started", by, detail),
+            None => self.audit.event("ban_started", None, None, detail),
         }
         Some(until.saturating_sub(self.limiter.now()))
     }
 }
 
+type Tallying<R> = Pin<Box<dyn Future<Output = Result<Response<R>, Refusal>> + Send>>;
+
 pin_project! {
     #[project = FailureLimitProj]
-    pub enum FailureLimitFuture<F> {
+    pub enum FailureLimitFuture<F, R> {
         Inner { #[pin] future: F, tally: Option<Tally> },
+        /// Counting a failure, or clearing the counts after a success (the limiter may be
+        /// shared by several nodes, so this may wait on it). Only these requests pay for it.
+        Tallying { future: Tallying<R> },
         Refused { refusal: Option<Refusal> },
     }
 }
 
-impl<F, R> Future for FailureLimitFuture<F>
+impl<F, R> Future for FailureLimitFuture<F, R>
 where
     F: Future<Output = Result<Response<R>, Refusal>>,
+    R: Send + 'static,
 {
     type Output = Result<Response<R>, Refusal>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let tallying: Tallying<R> = match self.as_mut().project() {
             FailureLimitProj::Inner { future, tally } => {
                 let result = ready!(future.poll(cx));
                 let Some(tally) = tally.take() else {
                     return Poll::Ready(result);
                 };
-                Poll::Ready(match result {
-                    Ok(response) => {
-                        if let Some(passed) = response.extensions().get::<SecondFactorPassed>() {
-                            let name = tally.route.policy.shared_name.clone();
-                            let consumer = Subject::Consumer(passed.consumer_id.clone());
-                            tally.limiter.reset(&name, consumer.clone());
-                            tally.limiter.reset(&tally.limiter.account_wide(), consumer);
+                match result {
+                    Ok(response) => match response.extensions().get::<SecondFactorPassed>() {
+                        Some(passed) => {
+                            let consumer_id = passed.consumer_id.clone();
+                            Box::pin(async move {
+                                tally.passed(consumer_id).await;
+                                Ok(response)
+                            })
                         }
-                        Ok(response)
+                        None => return Poll::Ready(Ok(response)),
+                    },
+                    Err(refusal) if refusal.failed_attempt().is_some() => {
+                        Box::pin(async move { Err(tally.failure(refusal).await) })
                     }
-                    Err(refusal) => Err(tally.failure(refusal)),
-                })
+                    Err(refusal) => return Poll::Ready(Err(refusal)),
+                }
             }
-            FailureLimitProj::Refused { refusal } => Poll::Ready(Err(refusal
-                .take()
-                .unwrap_or(Refusal::Internal("failure limiter polled after completion")))),
-        }
+            FailureLimitProj::Tallying { future } => return future.as_mut().poll(cx),
+            FailureLimitProj::Refused { refusal } => {
+                return Poll::Ready(Err(refusal
+                    .take()
+                    .unwrap_or(Refusal::Internal("failure limiter polled after completion"))));
+            }
+        };
+        self.set(FailureLimitFuture::Tallying { future: tallying });
+        self.poll(cx)
     }
 }
 
 /// Refuses a banned consumer as soon as its API key has named it.
 #[derive(Clone)]
 pub struct ConsumerBan {
-    limiter: Arc<FailureLimiter>,
-    registry: Arc<Registry>,
+    limiter: Arc<dyn AttemptLimiter>,
+    audit: Audit,
 }
 
 impl ConsumerBan {
-    pub fn new(limiter: Arc<FailureLimiter>, registry: Arc<Registry>) -> Self {
-        Self { limiter, registry }
+    pub fn new(limiter: Arc<dyn AttemptLimiter>, audit: Audit) -> Self {
+        Self { limiter, audit }
     }
 }
 
@@ -265,8 +292,8 @@ impl<B> Guard<B> for ConsumerBan {
         };
         let subject = Subject::Consumer(entry.consumer.shared_id.clone());
         check_ban(
-            &self.limiter,
-            &self.registry,
+            self.limiter.as_ref(),
+            &self.audit,
             &subject,
             Some(&entry.attempt),
         )

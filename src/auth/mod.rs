@@ -4,7 +4,5 @@
 pub mod api_key;
 pub mod client_ip;
 pub mod failures;
-pub mod limiter;
 pub mod roles;
 pub mod second_factor;
-pub mod step_up;

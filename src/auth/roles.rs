@@ -1,25 +1,23 @@
 //! Role rules of the route's policy (`roles: { only, except }`): a consumer whose roles the
 //! policy does not allow gets 403 `forbidden` (in `report_only` rollout: passes, audited).
 
-use std::sync::Arc;
-
 use http::Request;
 use serde_json::json;
 
+use crate::audit::Audit;
 use crate::config::RolloutMode;
 use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
-use crate::registry::Registry;
 
 #[derive(Clone)]
 pub struct RoleCheck {
-    registry: Arc<Registry>,
+    audit: Audit,
 }
 
 impl RoleCheck {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(audit: Audit) -> Self {
+        Self { audit }
     }
 }
 
@@ -34,9 +32,9 @@ impl<B> Guard<B> for RoleCheck {
             return Ok(());
         }
         if policy.rollout.mode == RolloutMode::ReportOnly {
-            self.registry.audit_event(
+            self.audit.event(
                 "would_refuse",
-                Some(&entry.consumer),
+                Some(entry.consumer.who()),
                 Some(&entry.prefix),
                 json!({"code": "forbidden", "route": route.name, "policy": policy.name}),
             );

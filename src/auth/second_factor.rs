@@ -20,24 +20,25 @@ use tower::{Layer, Service};
 
 use super::api_key::{X_STEPGATE_AUTH, single_value};
 use super::failures::SecondFactorPassed;
+use crate::accounts::{Accounts, CodeFailure};
 use crate::clock::rfc3339;
 use crate::config::{Policy, Requirement, RolloutMode};
 use crate::context::Context as RequestContext;
+use crate::directory::KeyEntry;
 use crate::error::{Body, Refusal};
 use crate::metrics::Metrics;
-use crate::registry::{CodeFailure, KeyEntry, Registry};
 
 pub use crate::header_names::{X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_WARNING};
 
 #[derive(Clone)]
 pub struct SecondFactorLayer {
-    registry: Arc<Registry>,
+    accounts: Arc<Accounts>,
     metrics: Arc<Metrics>,
 }
 
 impl SecondFactorLayer {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        Self { registry, metrics }
+    pub fn new(accounts: Arc<Accounts>, metrics: Arc<Metrics>) -> Self {
+        Self { accounts, metrics }
     }
 }
 
@@ -45,7 +46,7 @@ impl<S> Layer<S> for SecondFactorLayer {
     type Service = SecondFactor<S>;
     fn layer(&self, inner: S) -> Self::Service {
         SecondFactor {
-            registry: self.registry.clone(),
+            accounts: self.accounts.clone(),
             metrics: self.metrics.clone(),
             inner,
         }
@@ -54,7 +55,7 @@ impl<S> Layer<S> for SecondFactorLayer {
 
 #[derive(Clone)]
 pub struct SecondFactor<S> {
-    registry: Arc<Registry>,
+    accounts: Arc<Accounts>,
     metrics: Arc<Metrics>,
     inner: S,
 }
@@ -96,7 +97,7 @@ where
         // earned with a code earlier, and a client reusing it many times a second would
         // otherwise keep wiping the count of someone guessing codes with a stolen key.
         if valid_step_up(
-            &self.registry,
+            &self.accounts,
             &self.metrics,
             &route.policy,
             &entry,
@@ -107,10 +108,10 @@ where
         // The ready service goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let registry = self.registry.clone();
+        let accounts = self.accounts.clone();
         let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {
-            let decision = decide(&registry, &metrics, &route.policy, &entry, &mut request).await?;
+            let decision = decide(&accounts, &metrics, &route.policy, &entry, &mut request).await?;
             let auth = match &decision {
                 Decision::Token => "key+step_up",
                 Decision::Proved { method, .. } => *method,
@@ -167,7 +168,7 @@ where
 /// token for an enrolled consumer, unambiguously: what [`decide`] would conclude, without the
 /// boxed future it needs for codes. False leaves the request untouched for [`decide`].
 fn valid_step_up<B>(
-    registry: &Registry,
+    accounts: &Accounts,
     metrics: &Metrics,
     policy: &Policy,
     entry: &KeyEntry,
@@ -186,11 +187,13 @@ fn valid_step_up<B>(
         return false;
     }
     let consumer = &entry.consumer;
-    if registry
-        .tokens()
-        .check(token, &consumer.id, &policy.name, registry.now())
-        .is_err()
-    {
+    // Only a verdict this node has at hand: anything else goes the long way.
+    if !matches!(
+        accounts
+            .tokens()
+            .check_cached(token, &consumer.id, &policy.name, accounts.now()),
+        Some(Ok(_))
+    ) {
         return false;
     }
     metrics.factor("step_up", "accepted");
@@ -226,7 +229,7 @@ enum Decision {
 }
 
 async fn decide<B>(
-    registry: &Registry,
+    accounts: &Accounts,
     metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
@@ -249,9 +252,11 @@ async fn decide<B>(
     headers.remove(&X_STEP_UP_TOKEN);
 
     let consumer = &entry.consumer;
-    let now = registry.now();
+    let now = accounts.now();
     let audit = |kind: &str, detail: serde_json::Value| {
-        registry.audit_event(kind, Some(consumer), Some(&entry.prefix), detail);
+        accounts
+            .audit_log()
+            .event(kind, Some(consumer.who()), Some(&entry.prefix), detail);
     };
 
     let outcome = if !consumer.enrolled_for(policy.factors) {
@@ -270,7 +275,7 @@ async fn decide<B>(
         }
     } else {
         prove(
-            registry,
+            accounts,
             metrics,
             policy,
             entry,
@@ -300,7 +305,7 @@ async fn decide<B>(
 }
 
 async fn prove(
-    registry: &Registry,
+    accounts: &Accounts,
     metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
@@ -310,16 +315,24 @@ async fn prove(
 ) -> Result<Decision, Refusal> {
     let consumer = &entry.consumer;
     let audit = |kind: &str, detail: serde_json::Value| {
-        registry.audit_event(kind, Some(consumer), Some(&entry.prefix), detail);
+        accounts
+            .audit_log()
+            .event(kind, Some(consumer.who()), Some(&entry.prefix), detail);
     };
     if let Some(token) = token {
-        match registry
+        match accounts
             .tokens()
             .check(token, &consumer.id, &policy.name, now)
+            .await
         {
             Ok(_) => {
                 metrics.factor("step_up", "accepted");
                 return Ok(Decision::Token);
+            }
+            Err(crate::tokens::TokenRejection::Unavailable) => {
+                // Fail closed, and not as the caller's failure: the token may be good.
+                tracing::error!("step-up token check failed closed: token store unavailable");
+                return Err(Refusal::Unavailable);
             }
             Err(rejection) => {
                 metrics.factor("step_up", "rejected");
@@ -339,7 +352,7 @@ async fn prove(
         metrics.factor("none", "missing");
         return Err(Refusal::OtpRequired);
     };
-    match registry
+    match accounts
         .verify_code(consumer, policy.factors, code, now)
         .await
     {
@@ -349,19 +362,27 @@ async fn prove(
                 "otp_accepted",
                 json!({"factor": factor.as_str(), "policy": policy.name}),
             );
-            if factor == crate::registry::Factor::RecoveryCode {
+            if factor == crate::credentials::factors::Factor::RecoveryCode {
                 audit("recovery_code_used", json!({"policy": policy.name}));
             }
             let token = if policy.step_up.ttl.is_zero() {
                 None
             } else {
-                let issued = registry.tokens().issue(
-                    &consumer.shared_id,
-                    &policy.shared_name,
-                    policy.step_up.scope,
-                    policy.step_up.ttl,
-                    now,
-                );
+                let issued = accounts
+                    .tokens()
+                    .issue(
+                        &consumer.shared_id,
+                        &policy.shared_name,
+                        policy.step_up.scope,
+                        policy.step_up.ttl,
+                        now,
+                    )
+                    .await
+                    .unwrap_or_else(|error| {
+                        // The code was good: the request goes on, just without a token.
+                        tracing::warn!(%error, "a code was accepted but no step-up token could be issued");
+                        None
+                    });
                 if let Some((_, expires_at)) = &issued {
                     metrics.step_up_issued.inc();
                     audit(

@@ -20,6 +20,7 @@ use http::uri::{Authority, Scheme};
 
 pub use crate::client_headers::Underscores;
 pub use crate::credentials::factors::Factors;
+pub use crate::tokens::Scope;
 pub use raw::Requirement;
 pub use validate::load;
 
@@ -286,14 +287,6 @@ impl Policy {
             challenge_methods: Arc::from("totp recovery_code"),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Valid on every route whose policy is this one.
-    Policy,
-    /// Valid on every route that accepts step-up tokens.
-    Global,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -15,19 +15,21 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::Endpoints;
+use crate::accounts::{AccountError, CodeFailure, Outgoing};
 use crate::auth::api_key::single_value;
 use crate::auth::failures::SecondFactorPassed;
 use crate::auth::second_factor::X_OTP;
 use crate::clock::rfc3339;
+use crate::credentials::assurance::Assurance;
+use crate::credentials::factors::Factor;
 use crate::credentials::totp::{TotpAlgorithm, TotpParams};
+use crate::directory::KeyEntry;
 use crate::enrollment::{PolicyView, policies_for};
 use crate::error::{Body, BoxError, Refusal, full_body};
-use crate::registry::{
-    Assurance, CodeFailure, Factor, KeyEntry, Outgoing, RegistryError, SmsView, TotpView,
-};
 use crate::sms::twilio::SendError;
 use crate::sms::{self, Phone, Purpose, Reservation, SmsSettings};
 use crate::snapshot::Snapshot;
+use crate::views::{SmsView, TotpView};
 
 /// The built-in policy's name, for audit events.
 const POLICY: &str = "stepgate/self-service";
@@ -67,9 +69,9 @@ impl Proof {
 
 impl Endpoints {
     fn audit(&self, caller: &Caller, kind: &str, detail: Value) {
-        self.registry.audit_event(
+        self.accounts.audit_log().event(
             kind,
-            Some(&caller.entry.consumer),
+            Some(caller.entry.consumer.who()),
             Some(&caller.entry.prefix),
             detail,
         );
@@ -112,9 +114,9 @@ impl Endpoints {
                 json!({"policy": POLICY, "endpoint": endpoint}),
             );
         };
-        let now = self.registry.now();
+        let now = self.accounts.now();
         match self
-            .registry
+            .accounts
             .verify_code(consumer, needs.proofs(), code, now)
             .await
         {
@@ -153,9 +155,9 @@ impl Endpoints {
     }
 
     /// A confirmation that failed: a wrong code is counted, audited and 401 `otp_invalid`
-    /// (which the failure limiter counts); anything else maps as every registry error does.
-    fn confirm_refused(&self, caller: &Caller, endpoint: &str, error: RegistryError) -> Refusal {
-        if !matches!(error, RegistryError::CodeInvalid) {
+    /// (which the failure limiter counts); anything else maps as every accounts error does.
+    fn confirm_refused(&self, caller: &Caller, endpoint: &str, error: AccountError) -> Refusal {
+        if !matches!(error, AccountError::CodeInvalid) {
             return refusal(error, &caller.entry);
         }
         self.metrics.factor("code", "rejected");
@@ -224,7 +226,7 @@ impl Endpoints {
         caller: &Caller,
         destination: Option<&Phone>,
     ) -> Result<Reservation, Refusal> {
-        let now = self.registry.now();
+        let now = self.accounts.now();
         self.sends
             .reserve(&caller.entry.consumer.shared_id, destination, now)
             .map_err(|retry_after| {
@@ -234,35 +236,35 @@ impl Endpoints {
     }
 }
 
-/// A registry failure as the self-service answer it means.
-fn refusal(error: RegistryError, entry: &Arc<KeyEntry>) -> Refusal {
+/// A accounts failure as the self-service answer it means.
+fn refusal(error: AccountError, entry: &Arc<KeyEntry>) -> Refusal {
     match error {
-        RegistryError::CodeInvalid => Refusal::OtpInvalid {
+        AccountError::CodeInvalid => Refusal::OtpInvalid {
             by: entry.attempt.clone(),
         },
         // A factor was confirmed between the key check and this call: ask for its code.
-        RegistryError::Unproved(needs) => Refusal::ChangeOtpRequired { needs },
-        RegistryError::Conflict(_) => {
+        AccountError::Unproved(needs) => Refusal::ChangeOtpRequired { needs },
+        AccountError::Conflict(_) => {
             Refusal::Conflict("nothing is waiting for confirmation; start the enrolment again")
         }
-        RegistryError::PendingGone(detail) => Refusal::Conflict(detail),
+        AccountError::PendingGone(detail) => Refusal::Conflict(detail),
         // Disabled since its key was checked: as the key layer answers a disabled consumer.
-        RegistryError::Disabled => Refusal::ApiKeyInvalid,
-        // Requests are validated before they reach the registry; what is left is stored data
+        AccountError::Disabled => Refusal::ApiKeyInvalid,
+        // Requests are validated before they reach the accounts; what is left is stored data
         // that does not open (e.g. under another master key): refuse, fail closed.
-        RegistryError::Invalid(detail) => {
+        AccountError::Invalid(detail) => {
             tracing::error!(%detail, "self-service call refused: stored data is unusable");
             Refusal::Unavailable
         }
-        RegistryError::NotFound(_) | RegistryError::NotFoundOther(_) => {
+        AccountError::NotFound(_) | AccountError::NotFoundOther(_) => {
             // The consumer was deleted (or lost the factor) since its key was checked.
             Refusal::Conflict("the account changed meanwhile; reload and try again")
         }
-        RegistryError::Store(error) => {
+        AccountError::Store(error) => {
             tracing::error!(%error, "self-service call failed closed: store unavailable");
             Refusal::Unavailable
         }
-        RegistryError::WrongMasterKey => Refusal::Unavailable,
+        AccountError::WrongMasterKey => Refusal::Unavailable,
     }
 }
 
@@ -347,7 +349,7 @@ pub async fn status<B>(
 ) -> Result<Response<Body>, Refusal> {
     let caller = caller(&mut request)?;
     let consumer = &caller.entry.consumer;
-    let now = endpoints.registry.now();
+    let now = endpoints.accounts.now();
     let totp = match TotpView::of(consumer, now) {
         Some(t) => json!({
             "status": t.status, "digits": t.digits, "period": t.period, "algorithm": t.algorithm,
@@ -422,7 +424,7 @@ where
         .map_err(|_| Refusal::BadRequest("digits must be 6 to 8 and period 15 to 120 seconds"))?;
     let proof = endpoints.prove(&caller, false, "totp").await?;
     let enrolment = endpoints
-        .registry
+        .accounts
         .begin_totp_reenrolment(&caller.entry.consumer, params, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
@@ -459,7 +461,7 @@ where
         ));
     }
     let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
-    match endpoints.registry.confirm_own_totp(consumer, code).await {
+    match endpoints.accounts.confirm_own_totp(consumer, code).await {
         Ok(codes) => {
             endpoints.metrics.factor("totp", "enrolled");
             Ok(json_answer(
@@ -484,7 +486,7 @@ where
     no_body(request).await?;
     let proof = endpoints.prove(&caller, true, "recovery-codes").await?;
     let codes = endpoints
-        .registry
+        .accounts
         .regenerate_own_recovery_codes(&caller.entry.consumer, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
@@ -523,7 +525,7 @@ where
     let phone = Phone::parse(&body.phone).map_err(Refusal::BadRequest)?;
     let consumer = &caller.entry.consumer;
     // The number's own budget applies unless it is the consumer's confirmed number.
-    let own_number = endpoints.registry.confirmed_phone(consumer).as_ref() == Some(&phone);
+    let own_number = endpoints.accounts.confirmed_phone(consumer).as_ref() == Some(&phone);
     // Limits first, before the proof is spent (a 429 must cost no code). Then the proof is
     // spent, before anything is started: a refused or failed spend drops the reservation
     // (giving the send back) and leaves nothing to undo, so no texted code can confirm a
@@ -532,7 +534,7 @@ where
     let reservation = endpoints.reserve_send(&caller, (!own_number).then_some(&phone))?;
     let proof = endpoints.prove(&caller, false, "sms").await?;
     let outgoing = endpoints
-        .registry
+        .accounts
         .begin_sms(consumer, phone, settings.code_ttl, proof.level)
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
@@ -542,7 +544,7 @@ where
     if let Err(refused) = sent {
         // Nobody received the code: withdraw it, and leave no number pending.
         endpoints
-            .registry
+            .accounts
             .abandon_sms_enrolment(consumer, &outgoing)
             .await;
         return Err(refused);
@@ -586,7 +588,7 @@ where
     }
     let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
     match endpoints
-        .registry
+        .accounts
         .confirm_sms(&caller.entry.consumer, code)
         .await
     {
@@ -619,7 +621,7 @@ where
     let proof = endpoints.prove(&caller, false, "sms").await?;
     let consumer = &caller.entry.consumer;
     endpoints
-        .registry
+        .accounts
         .remove_sms(&consumer.name, Some((consumer, proof.level)))
         .await
         .map_err(|e| refusal(e, &caller.entry))?;
@@ -650,7 +652,7 @@ where
         return Err(Refusal::SmsNotEnrolled);
     }
     // Fail closed before anything is counted when the number does not open.
-    if endpoints.registry.confirmed_phone(consumer).is_none() {
+    if endpoints.accounts.confirmed_phone(consumer).is_none() {
         tracing::error!("the confirmed phone number does not decrypt with this master key");
         return Err(Refusal::Unavailable);
     }
@@ -659,11 +661,11 @@ where
     // entering that number for their enrolments cannot block it.
     let reservation = endpoints.reserve_send(&caller, None)?;
     let outgoing = endpoints
-        .registry
+        .accounts
         .login_code(consumer, settings.code_ttl)
         .await
         .map_err(|e| match e {
-            RegistryError::NotFoundOther(_) => Refusal::SmsNotEnrolled,
+            AccountError::NotFoundOther(_) => Refusal::SmsNotEnrolled,
             other => refusal(other, &caller.entry),
         })?;
     if let Err(refused) = endpoints
@@ -671,7 +673,7 @@ where
         .await
     {
         endpoints
-            .registry
+            .accounts
             .withdraw_sms_code(consumer, Purpose::Login, &outgoing)
             .await;
         return Err(refused);

@@ -28,16 +28,16 @@ use tower::{Layer, Service};
 
 pub use page::SecurityHeadersLayer;
 
+use crate::accounts::Accounts;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::sms::SendLimiter;
 use crate::upstream::Target;
 
-/// What the endpoints share: the registry, metrics and the SMS send limits (which must outlive
+/// What the endpoints share: the accounts, metrics and the SMS send limits (which must outlive
 /// configuration reloads, so they live here rather than in a snapshot).
 pub struct Endpoints {
-    pub registry: Arc<Registry>,
+    pub accounts: Arc<Accounts>,
     pub metrics: Arc<Metrics>,
     pub sends: SendLimiter,
 }
@@ -48,10 +48,10 @@ pub struct SelfServiceLayer {
 }
 
 impl SelfServiceLayer {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(accounts: Arc<Accounts>, metrics: Arc<Metrics>) -> Self {
         Self {
             endpoints: Arc::new(Endpoints {
-                registry,
+                accounts,
                 metrics,
                 sends: SendLimiter::new(),
             }),

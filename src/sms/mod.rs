@@ -46,6 +46,23 @@ impl std::fmt::Debug for SmsSettings {
 
 pub use crate::credentials::factors::Purpose;
 
+/// Associated data for a sealed number: the consumer id (so a ciphertext moved to another
+/// consumer fails to open, like TOTP secrets) plus a label, so that a sealed TOTP secret
+/// copied into the number's column cannot open as a number either.
+pub fn phone_context(consumer_id: &str) -> Vec<u8> {
+    format!("{consumer_id}/sms-phone").into_bytes()
+}
+
+/// A consumer's sealed number, opened.
+pub fn open_phone(
+    master: &crate::secrets::MasterKey,
+    consumer_id: &str,
+    sealed: &[u8],
+) -> Option<Phone> {
+    let plain = master.decrypt(sealed, &phone_context(consumer_id))?;
+    Phone::parse(std::str::from_utf8(&plain).ok()?).ok()
+}
+
 /// An E.164 phone number: `+`, a country code that does not start with 0, 8 to 15 digits in
 /// all. Anything else (spaces, dashes, national formats) is refused rather than guessed at.
 #[derive(Clone, PartialEq, Eq)]

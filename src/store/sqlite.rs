@@ -281,7 +281,10 @@ fn read_state(conn: &Connection, only: Option<&str>) -> Result<State, StoreError
     };
     let mut state = State::default();
     let mut stmt = conn
-        .prepare(&format!("SELECT id, name, roles, disabled, created_at, version FROM consumers{}", by("id")))
+        .prepare(&format!(
+            "SELECT id, name, roles, disabled, created_at, version FROM consumers{}",
+            by("id")
+        ))
         .map_err(unavailable)?;
     let rows = stmt
         .query_map(params.as_slice(), |row| {
@@ -381,7 +384,10 @@ fn read_state(conn: &Connection, only: Option<&str>) -> Result<State, StoreError
     state.sms = rows.collect::<Result<_, _>>().map_err(unavailable)?;
 
     let mut stmt = conn
-        .prepare(&format!("SELECT consumer_id, hash, used_at FROM recovery_codes{}", by("consumer_id")))
+        .prepare(&format!(
+            "SELECT consumer_id, hash, used_at FROM recovery_codes{}",
+            by("consumer_id")
+        ))
         .map_err(unavailable)?;
     let rows = stmt
         .query_map(params.as_slice(), |row| {

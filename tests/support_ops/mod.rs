@@ -29,7 +29,7 @@ pub struct OpsGw {
     pub gw: AdminGw,
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
-    pub registry: Arc<stepgate::registry::Registry>,
+    pub accounts: Arc<stepgate::accounts::Accounts>,
 }
 
 impl OpsGw {
@@ -127,7 +127,7 @@ async fn start_with(dir: tempfile::TempDir, clock: Option<Arc<ManualClock>>) -> 
     .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
     let reloader = gateway.reloader();
     let metrics = gateway.metrics();
-    let registry = gateway.registry();
+    let accounts = gateway.accounts();
     let addr = gateway.local_addr();
     let admin = gateway
         .admin_addr()
@@ -154,7 +154,7 @@ async fn start_with(dir: tempfile::TempDir, clock: Option<Arc<ManualClock>>) -> 
         },
         reloader,
         metrics,
-        registry,
+        accounts,
     }
 }
 

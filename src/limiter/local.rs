@@ -1,19 +1,6 @@
-//! The failure limiter (DESIGN.md §4). Failed attempts are counted per consumer and per
-//! client IP with governor's GCRA, per policy; a subject that goes over its policy's limit is
-//! banned for the policy's ban time, and every request from it is then answered 429 before
-//! any credential is looked at, so a correct code during a ban still gets 429.
+//! The failure limiter of one node: governor's GCRA per (policy, subject) in a bounded moka
+//! cache, bans in another, both written to the store so that a restart keeps them.
 //!
-//! Memory is bounded: counters and bans live in moka caches with a fixed capacity, and only
-//! subjects the gateway can vouch for become keys: consumer ids (known consumers only, since
-//! an unknown key counts against the IP) and client IPs (IPv6 by /64, because a single host
-//! commonly holds a whole /64).
-//!
-//! A restart must not reset an attacker's budget: every ban, and every consumer's count, is
-//! written to the store (in the background, batched, retried while the store is away: see
-//! [`LimiterWriter`]) and loaded again at start ([`FailureLimiter::restore`]). Counts of
-//! client IPs are not kept (an address flood would write a row per address); IP bans are.
-
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,56 +16,13 @@ use tokio::sync::mpsc;
 
 use crate::clock::SharedClock;
 use crate::config::{Failures, Rate};
+use async_trait::async_trait;
+
+use super::{AttemptLimiter, Ban, Recorded, Subject};
 use crate::store::{BanRecord, FailureCountRecord, LimiterChange, LimiterState, Store};
 
 const COUNTER_CAPACITY: u64 = 200_000;
 const BAN_CAPACITY: u64 = 200_000;
-
-/// Who failed: a known consumer, or a client address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Subject {
-    Consumer(Arc<str>),
-    Ip(IpAddr),
-}
-
-impl Subject {
-    /// The limiter key for a client address: the address, or its /64 for IPv6.
-    pub fn ip(ip: IpAddr) -> Self {
-        Subject::Ip(match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let mut segments = v6.segments();
-                    segments[4..].fill(0);
-                    IpAddr::V6(segments.into())
-                }
-            },
-        })
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Subject::Consumer(id) => format!("consumer {id}"),
-            Subject::Ip(ip) => format!("ip {ip}"),
-        }
-    }
-
-    /// The subject as the store keeps it: `consumer:<id>` or `ip:<address>`.
-    pub fn key(&self) -> String {
-        match self {
-            Subject::Consumer(id) => format!("consumer:{id}"),
-            Subject::Ip(ip) => format!("ip:{ip}"),
-        }
-    }
-
-    pub fn from_key(key: &str) -> Option<Self> {
-        if let Some(id) = key.strip_prefix("consumer:") {
-            return Some(Subject::Consumer(Arc::from(id)));
-        }
-        key.strip_prefix("ip:")?.parse().ok().map(Subject::Ip)
-    }
-}
 
 /// governor reads time from the gateway's injected clock, so tests move time by hand.
 #[derive(Clone)]
@@ -157,12 +101,6 @@ impl Counter {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ban {
-    pub started: u64,
-    pub until: u64,
-}
-
 struct BanExpiry;
 
 impl Expiry<Subject, Ban> for BanExpiry {
@@ -174,17 +112,7 @@ impl Expiry<Subject, Ban> for BanExpiry {
     }
 }
 
-/// Outcome of recording a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    Counted,
-    /// This failure went over the limit: a ban started, lasting until the given time.
-    Banned {
-        until: u64,
-    },
-}
-
-pub struct FailureLimiter {
+pub struct LocalLimiter {
     clock: SharedClock,
     account_wide: Arc<str>,
     counters: Cache<(Arc<str>, Subject), Arc<Counter>>,
@@ -218,7 +146,7 @@ impl BansHeld {
     }
 }
 
-impl FailureLimiter {
+impl LocalLimiter {
     /// A limiter that keeps its state in memory only.
     pub fn new(clock: SharedClock) -> Self {
         let bans_held = Arc::new(BansHeld::default());
@@ -416,6 +344,19 @@ impl FailureLimiter {
         was_banned
     }
 
+    /// The bans in force, by subject.
+    pub fn bans(&self) -> Vec<(Subject, Ban)> {
+        let now = self.clock.now();
+        let mut bans: Vec<(Subject, Ban)> = self
+            .bans
+            .iter()
+            .filter(|(_, ban)| ban.until > now)
+            .map(|(subject, ban)| (Subject::clone(&subject), ban))
+            .collect();
+        bans.sort_by_key(|(_, ban)| std::cmp::Reverse(ban.started));
+        bans
+    }
+
     /// Bans in force (approximate; for metrics).
     pub fn active_bans(&self) -> u64 {
         self.bans.run_pending_tasks();
@@ -564,6 +505,47 @@ fn quota(rate: Rate) -> Quota {
         .allow_burst(rate.max)
 }
 
+#[async_trait]
+impl AttemptLimiter for LocalLimiter {
+    fn banned(&self, subject: &Subject) -> Result<Option<u64>, Ban> {
+        LocalLimiter::banned(self, subject)
+    }
+
+    async fn record(
+        &self,
+        policy: &Arc<str>,
+        subject: Subject,
+        rate: Rate,
+        failures: &Failures,
+    ) -> Recorded {
+        LocalLimiter::record(self, policy, subject, rate, failures)
+    }
+
+    async fn reset(&self, policy: &Arc<str>, subject: Subject) {
+        LocalLimiter::reset(self, policy, subject);
+    }
+
+    async fn unlock(&self, subject: &Subject) -> bool {
+        LocalLimiter::unlock(self, subject)
+    }
+
+    async fn bans(&self) -> Vec<(Subject, Ban)> {
+        LocalLimiter::bans(self)
+    }
+
+    fn active_bans(&self) -> u64 {
+        LocalLimiter::active_bans(self)
+    }
+
+    fn account_wide(&self) -> Arc<str> {
+        LocalLimiter::account_wide(self)
+    }
+
+    fn now(&self) -> u64 {
+        LocalLimiter::now(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,7 +567,7 @@ mod tests {
     #[test]
     fn bans_after_max_failures_until_the_ban_ends() {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let limiter = FailureLimiter::new(clock.clone());
+        let limiter = LocalLimiter::new(clock.clone());
         let policy: Arc<str> = "p".into();
         let f = failures(3);
         let who = Subject::Consumer("c1".into());
@@ -613,7 +595,7 @@ mod tests {
     #[test]
     fn failures_refill_over_the_window_and_reset_on_success() {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let limiter = FailureLimiter::new(clock.clone());
+        let limiter = LocalLimiter::new(clock.clone());
         let policy: Arc<str> = "p".into();
         let f = failures(3);
         let who = Subject::Consumer("c1".into());
@@ -637,10 +619,10 @@ mod tests {
     #[test]
     fn a_ban_is_looked_up_only_for_its_kind_and_counted_until_it_is_removed() {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let limiter = FailureLimiter::new(clock.clone());
+        let limiter = LocalLimiter::new(clock.clone());
         let policy: Arc<str> = "p".into();
         let f = failures(1);
-        let held = |limiter: &FailureLimiter| {
+        let held = |limiter: &LocalLimiter| {
             limiter.bans.run_pending_tasks();
             let h = &limiter.bans_held;
             (
@@ -674,7 +656,7 @@ mod tests {
     #[test]
     fn a_restored_count_goes_on_where_it_was() {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let before = FailureLimiter::new(clock.clone());
+        let before = LocalLimiter::new(clock.clone());
         let policy: Arc<str> = "p".into();
         let f = failures(3);
         let who = Subject::Consumer("c1".into());
@@ -687,7 +669,7 @@ mod tests {
             .and_then(|c| c.tat_ms())
             .unwrap();
         clock.advance(10);
-        let after = FailureLimiter::new(clock.clone());
+        let after = LocalLimiter::new(clock.clone());
         after.restore(LimiterState {
             bans: vec![BanRecord {
                 subject: "ip:10.0.0.1".into(),

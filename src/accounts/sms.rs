@@ -1,57 +1,17 @@
-//! The registry's side of the SMS factor: numbers (sealed with the master key, bound to the
-//! consumer), verification and login codes (only their peppered HMAC, in the store, so a
-//! restart neither loses nor resurrects one), confirmation and removal. Texting is the
-//! caller's (`selfservice`), which also applies the send limits.
+//! The SMS factor's operations: numbers (sealed with the master key, bound to the consumer),
+//! verification and login codes (only their peppered HMAC, in the store, so a restart neither
+//! loses nor resurrects one), confirmation and removal. Texting is the caller's
+//! (`selfservice`), which also applies the send limits.
 
 use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Assurance, Consumer, PendingEnd, Registry, RegistryError, SmsState, unused_codes};
-use crate::secrets::MasterKey;
-use crate::sms::{self, Phone, Purpose};
-use crate::store::{CodeCheck, Hash, SmsCodeRecord, SmsRecord};
-
-/// Associated data for a sealed number: the consumer id (so a ciphertext moved to another
-/// consumer fails to open, like TOTP secrets) plus a label, so that a sealed TOTP secret
-/// copied into the number's column cannot open as a number either.
-fn phone_context(consumer_id: &str) -> Vec<u8> {
-    format!("{consumer_id}/sms-phone").into_bytes()
-}
-
-fn open_phone(master: &MasterKey, consumer_id: &str, sealed: &[u8]) -> Option<Phone> {
-    let plain = master.decrypt(sealed, &phone_context(consumer_id))?;
-    Phone::parse(std::str::from_utf8(&plain).ok()?).ok()
-}
-
-/// The in-memory form of a stored SMS record: masks computed once, here.
-pub(super) fn state_of(master: &MasterKey, record: SmsRecord) -> SmsState {
-    let mask = |sealed: &Option<Vec<u8>>| {
-        sealed.as_ref().map(|s| {
-            open_phone(master, &record.consumer_id, s)
-                .map_or_else(|| "(cannot be decrypted)".to_owned(), |p| p.masked())
-        })
-    };
-    SmsState {
-        phone_masked: mask(&record.phone_sealed),
-        pending_masked: mask(&record.pending_sealed),
-        record,
-    }
-}
-
-/// Forgets the pending number of an in-memory SMS state, as the store's `drop_pending_sms`
-/// does: the state goes when no confirmed number is left.
-pub(super) fn forget_pending(sms: &mut Option<SmsState>) {
-    if let Some(state) = sms.as_mut() {
-        state.record.pending_sealed = None;
-        state.record.pending_at = None;
-        state.record.pending_with = Assurance::KeyOnly;
-        state.pending_masked = None;
-    }
-    if sms.as_ref().is_some_and(|s| !s.confirmed()) {
-        *sms = None;
-    }
-}
+use super::{AccountError, Accounts};
+use crate::credentials::assurance::Assurance;
+use crate::directory::{Consumer, PendingEnd};
+use crate::sms::{self, Phone, Purpose, open_phone, phone_context};
+use crate::store::{CodeCheck, Hash, SmsCodeRecord};
 
 /// A code to text: the code itself (never stored), the number, when it expires, and the hash
 /// it is stored under (to withdraw exactly this code if its text fails).
@@ -71,7 +31,7 @@ impl std::fmt::Debug for Outgoing {
     }
 }
 
-impl Registry {
+impl Accounts {
     fn new_sms_code(
         &self,
         consumer_id: &str,
@@ -100,7 +60,7 @@ impl Registry {
         phone: Phone,
         ttl: Duration,
         proof: Assurance,
-    ) -> Result<Outgoing, RegistryError> {
+    ) -> Result<Outgoing, AccountError> {
         let _write = self.writes.lock().await;
         let old = self.to_change(&consumer.name, Some((consumer, proof)))?;
         let level = old.assurance();
@@ -111,39 +71,19 @@ impl Registry {
         let (code, record) = self.new_sms_code(&old.id, Purpose::Enrol, ttl);
         let (expires_at, hash) = (record.expires_at, record.hash);
         self.store
-            .put_pending_sms(old.id.clone(), sealed.clone(), now, level, record)
+            .put_pending_sms(old.id.clone(), sealed, now, level, record)
             .await?;
         let masked = phone.masked();
-        let updated = old.with(|p| {
-            let mut sms = p.factors.sms.take().unwrap_or_else(|| SmsState {
-                record: SmsRecord {
-                    consumer_id: p.record.id.clone(),
-                    phone_sealed: None,
-                    pending_sealed: None,
-                    updated_at: now,
-                    pending_at: None,
-                    pending_with: Assurance::KeyOnly,
-                },
-                phone_masked: None,
-                pending_masked: None,
-            });
-            sms.record.pending_sealed = Some(sealed);
-            sms.record.updated_at = now;
-            sms.record.pending_at = Some(now);
-            sms.record.pending_with = level;
-            sms.pending_masked = Some(masked.clone());
-            p.factors.sms = Some(sms);
-        });
-        self.audit_event(
+        let updated = self.refreshed(&old).await?;
+        self.audit.event(
             "sms_enrolment_started",
-            Some(&updated),
+            Some(updated.who()),
             None,
             json!({
                 "phone": masked, "replaces_confirmed": updated.confirmed_sms(),
                 "proved_with": level.as_str(),
             }),
         );
-        self.publish(|index| index.put(updated));
         Ok(Outgoing {
             code,
             phone,
@@ -163,7 +103,7 @@ impl Registry {
         &self,
         consumer: &Consumer,
         code: &str,
-    ) -> Result<Option<Vec<String>>, RegistryError> {
+    ) -> Result<Option<Vec<String>>, AccountError> {
         let _write = self.writes.lock().await;
         let old = self.own(consumer)?;
         let Some(pending) = old
@@ -172,7 +112,7 @@ impl Registry {
             .map(|s| &s.record)
             .filter(|r| r.pending_sealed.is_some())
         else {
-            return Err(RegistryError::Conflict(
+            return Err(AccountError::Conflict(
                 "no phone number is waiting for confirmation; POST the number first".into(),
             ));
         };
@@ -180,7 +120,7 @@ impl Registry {
         let entered = pending.pending_at.unwrap_or(pending.updated_at);
         if let Some(end) = old.pending_end(entered, pending.pending_with, now) {
             self.drop_pending_sms(&old, end).await?;
-            return Err(RegistryError::PendingGone(match end {
+            return Err(AccountError::PendingGone(match end {
                 PendingEnd::Expired => {
                     "the number waited too long for its code (15 minutes); enter it again"
                 }
@@ -191,7 +131,7 @@ impl Registry {
             }));
         }
         if !sms::is_code_shape(code) {
-            return Err(RegistryError::CodeInvalid);
+            return Err(AccountError::CodeInvalid);
         }
         let purpose = Purpose::Enrol;
         let hash = self.master.hash_sms_code(&old.id, purpose.as_str(), code);
@@ -211,7 +151,7 @@ impl Registry {
         {
             CodeCheck::Accepted => {}
             CodeCheck::Wrong | CodeCheck::Expired | CodeCheck::Missing => {
-                return Err(RegistryError::CodeInvalid);
+                return Err(AccountError::CodeInvalid);
             }
         }
         let replaced = old.confirmed_sms();
@@ -219,44 +159,28 @@ impl Registry {
             .totp_pending
             .as_ref()
             .is_some_and(|t| t.started_with < level);
-        let updated = old.with(|p| {
-            if let Some(sms) = p.factors.sms.as_mut() {
-                sms.record.phone_sealed = sms.record.pending_sealed.take();
-                sms.phone_masked = sms.pending_masked.take();
-                sms.record.updated_at = now;
-                sms.record.pending_at = None;
-                sms.record.pending_with = Assurance::KeyOnly;
-            }
-            if let Some(hashes) = &hashes {
-                p.factors.recovery_codes = unused_codes(&p.record.id, hashes);
-            }
-            if drops_totp {
-                p.factors.totp_pending = None;
-            }
-        });
+        let updated = self.refreshed(&old).await?;
         let masked = updated.sms.as_ref().and_then(|s| s.phone_masked.clone());
-        self.audit_event(
+        self.audit.event(
             "sms_enrolled",
-            Some(&updated),
+            Some(updated.who()),
             None,
             json!({"phone": masked, "replaced": replaced}),
         );
         if drops_totp {
             self.audit_dropped(&updated, "totp", PendingEnd::Outranked);
         }
-        self.publish(|index| index.put(updated));
         if replaced {
-            self.revoke_tokens(&old, None, "sms_replaced");
+            self.revoke_tokens(&old, None, "sms_replaced").await?;
         }
         Ok(codes)
     }
 
     /// Drops the pending number (the confirmed one stays), with an audit event.
-    async fn drop_pending_sms(&self, old: &Consumer, end: PendingEnd) -> Result<(), RegistryError> {
+    async fn drop_pending_sms(&self, old: &Consumer, end: PendingEnd) -> Result<(), AccountError> {
         self.store.drop_pending_sms(old.id.clone(), None).await?;
-        let updated = old.with(|p| forget_pending(&mut p.factors.sms));
-        self.audit_dropped(&updated, "sms", end);
-        self.publish(|index| index.put(updated));
+        self.directory.refresh(&old.id).await?;
+        self.audit_dropped(old, "sms", end);
         Ok(())
     }
 
@@ -266,7 +190,7 @@ impl Registry {
         &self,
         consumer: &Consumer,
         ttl: Duration,
-    ) -> Result<Outgoing, RegistryError> {
+    ) -> Result<Outgoing, AccountError> {
         let _write = self.writes.lock().await;
         let current = self.own(consumer)?;
         let phone = current
@@ -274,14 +198,14 @@ impl Registry {
             .as_ref()
             .and_then(|s| s.record.phone_sealed.as_deref())
             .ok_or_else(|| {
-                RegistryError::NotFoundOther(format!(
+                AccountError::NotFoundOther(format!(
                     "`{}` has no confirmed phone number",
                     current.name
                 ))
             })
             .and_then(|sealed| {
                 open_phone(&self.master, &current.id, sealed).ok_or_else(|| {
-                    RegistryError::Invalid(
+                    AccountError::Invalid(
                         "the phone number cannot be decrypted with this master key".into(),
                     )
                 })
@@ -335,11 +259,8 @@ impl Registry {
             .await
         {
             Ok(true) => {
-                if let Ok(old) = self.get(&consumer.name)
-                    && old.id == consumer.id
-                {
-                    let updated = old.with(|p| forget_pending(&mut p.factors.sms));
-                    self.publish(|index| index.put(updated));
+                if let Err(error) = self.directory.refresh(&consumer.id).await {
+                    tracing::warn!(%error, "could not refresh a consumer after undoing its enrolment");
                 }
             }
             Ok(false) => {}
@@ -357,26 +278,20 @@ impl Registry {
         &self,
         name: &str,
         by_consumer: Option<(&Consumer, Assurance)>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(), AccountError> {
         let _write = self.writes.lock().await;
         let old = self.to_change(name, by_consumer)?;
         if old.sms.is_none() {
-            return Err(RegistryError::NotFoundOther(format!(
+            return Err(AccountError::NotFoundOther(format!(
                 "`{name}` has no SMS number"
             )));
         }
         let drop_recovery = old.confirmed_totp().is_none();
         self.store.delete_sms(old.id.clone(), drop_recovery).await?;
-        let updated = old.with(|p| {
-            p.factors.sms = None;
-            if drop_recovery {
-                p.factors.recovery_codes.clear();
-            }
-        });
-        self.audit_event("sms_removed", Some(&updated), None, json!({}));
-        self.publish(|index| index.put(updated));
-        self.revoke_tokens(&old, None, "sms_removed");
-        Ok(())
+        self.directory.refresh(&old.id).await?;
+        self.audit
+            .event("sms_removed", Some(old.who()), None, json!({}));
+        self.revoke_tokens(&old, None, "sms_removed").await
     }
 }
 
@@ -385,49 +300,59 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use crate::accounts::{AccountError, Accounts};
+    use crate::audit::{Audit, AuditLog};
     use crate::clock::ManualClock;
-    use crate::config::Factors;
+    use crate::credentials::assurance::Assurance;
+    use crate::credentials::factors::Factors;
     use crate::credentials::totp::TotpParams;
-    use crate::registry::{Assurance, Registry, RegistryError};
     use crate::secrets::MasterKey;
     use crate::sms::{Phone, Purpose};
     use crate::store::sqlite::SqliteStore;
     use crate::store::{CodeCheck, SmsCodeRecord, Store, TotpRecord};
+    use crate::tokens::LocalTokens;
 
     const NOW: u64 = 1_800_000_000;
     const TTL: Duration = Duration::from_secs(300);
 
-    async fn registry(dir: &tempfile::TempDir) -> (Registry, Arc<ManualClock>) {
+    async fn registry(dir: &tempfile::TempDir) -> (Accounts, Arc<ManualClock>) {
         let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
         let clock = Arc::new(ManualClock::new(NOW));
         (open(store, &clock).await, clock)
     }
 
-    async fn open(store: Arc<dyn Store>, clock: &Arc<ManualClock>) -> Registry {
-        Registry::open(store, MasterKey::from_bytes([7; 32]), clock.clone(), None)
-            .await
-            .unwrap()
+    async fn open(store: Arc<dyn Store>, clock: &Arc<ManualClock>) -> Accounts {
+        let audit = Audit::new(AuditLog::start(store.clone(), None), clock.clone());
+        Accounts::open(
+            store,
+            Arc::new(MasterKey::from_bytes([7; 32])),
+            clock.clone(),
+            audit,
+            Arc::new(LocalTokens::new()),
+        )
+        .await
+        .unwrap()
     }
 
-    /// The registry a restart would build from the same store (what start-up loads).
-    async fn reopen(registry: Registry, clock: &Arc<ManualClock>) -> Registry {
+    /// The accounts a restart would open on the same store (what start-up loads).
+    async fn reopen(registry: Accounts, clock: &Arc<ManualClock>) -> Accounts {
         let store = registry.store().clone();
         drop(registry);
         open(store, clock).await
     }
 
     /// alice with a confirmed TOTP enrolment (by the admin path).
-    async fn with_totp(registry: &Registry) {
+    async fn with_totp(registry: &Accounts) {
         registry.create_consumer("alice", vec![]).await.unwrap();
         enrol_totp(registry).await;
     }
 
-    async fn enrol_totp(registry: &Registry) {
+    async fn enrol_totp(registry: &Accounts) {
         registry
             .begin_totp("alice", TotpParams::default())
             .await
             .unwrap();
-        let pending = registry.consumer_state("alice").unwrap();
+        let pending = registry.directory().get("alice").unwrap();
         let code = registry
             .totp_generator(&pending)
             .unwrap()
@@ -437,17 +362,17 @@ mod tests {
     }
 
     /// A factor confirmed after the caller's key was checked (so the caller's view of the
-    /// consumer has none, and no code was asked for) still needs its code: the registry checks
+    /// consumer has none, and no code was asked for) still needs its code: the operation checks
     /// again under its write lock, against the account's level by then.
     #[tokio::test]
     async fn a_factor_confirmed_meanwhile_still_needs_its_code() {
         let dir = tempfile::tempdir().unwrap();
         let (registry, _) = registry(&dir).await;
         registry.create_consumer("alice", vec![]).await.unwrap();
-        let stale = registry.consumer_state("alice").unwrap();
+        let stale = registry.directory().get("alice").unwrap();
         assert_eq!(stale.assurance(), Assurance::KeyOnly);
         enrol_totp(&registry).await;
-        let now = registry.consumer_state("alice").unwrap();
+        let now = registry.directory().get("alice").unwrap();
         assert_eq!(now.assurance(), Assurance::Totp);
 
         let phone = Phone::parse("+447700900123").unwrap();
@@ -456,15 +381,15 @@ mod tests {
                 registry
                     .begin_totp_reenrolment(&stale, TotpParams::default(), weak)
                     .await,
-                Err(RegistryError::Unproved(Assurance::Totp))
+                Err(AccountError::Unproved(Assurance::Totp))
             ));
             assert!(matches!(
                 registry.begin_sms(&stale, phone.clone(), TTL, weak).await,
-                Err(RegistryError::Unproved(Assurance::Totp))
+                Err(AccountError::Unproved(Assurance::Totp))
             ));
             assert!(matches!(
                 registry.regenerate_own_recovery_codes(&stale, weak).await,
-                Err(RegistryError::Unproved(Assurance::Totp))
+                Err(AccountError::Unproved(Assurance::Totp))
             ));
         }
         // Proved at the account's level, both go ahead; the confirmed TOTP stays beside.
@@ -476,37 +401,37 @@ mod tests {
             .begin_totp_reenrolment(&stale, TotpParams::default(), Assurance::Totp)
             .await
             .unwrap();
-        let now = registry.consumer_state("alice").unwrap();
+        let now = registry.directory().get("alice").unwrap();
         assert!(now.confirmed_totp().is_some() && now.totp_pending.is_some());
         assert!(matches!(
             registry
                 .remove_sms("alice", Some((&stale, Assurance::Sms)))
                 .await,
-            Err(RegistryError::Unproved(_))
+            Err(AccountError::Unproved(_))
         ));
         registry
             .remove_sms("alice", Some((&stale, Assurance::Totp)))
             .await
             .unwrap();
-        assert!(registry.consumer_state("alice").unwrap().sms.is_none());
+        assert!(registry.directory().get("alice").unwrap().sms.is_none());
     }
 
-    /// Review I5: withdrawing a code whose text failed (a provider timeout can outlast the
+    /// Withdrawing a code whose text failed (a provider timeout can outlast the
     /// send interval) deletes that code only, not a newer one that was delivered meanwhile.
     #[tokio::test]
     async fn withdrawing_an_unsent_code_leaves_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let (registry, clock) = registry(&dir).await;
         registry.create_consumer("bob", vec![]).await.unwrap();
-        let bob = registry.consumer_state("bob").unwrap();
+        let bob = registry.directory().get("bob").unwrap();
         let phone = Phone::parse("+447700900123").unwrap();
         let enrol = registry
             .begin_sms(&bob, phone, TTL, Assurance::KeyOnly)
             .await
             .unwrap();
-        let bob = registry.consumer_state("bob").unwrap();
+        let bob = registry.directory().get("bob").unwrap();
         registry.confirm_sms(&bob, &enrol.code).await.unwrap();
-        let bob = registry.consumer_state("bob").unwrap();
+        let bob = registry.directory().get("bob").unwrap();
 
         let slow = registry.login_code(&bob, TTL).await.unwrap();
         clock.advance(31);
@@ -528,7 +453,7 @@ mod tests {
         );
     }
 
-    /// Review C1 (defence in depth): a pending enrolment started on a weaker account than the
+    /// Defence in depth: a pending enrolment started on a weaker account than the
     /// consumer's now, say one stored before the rule existed, is refused and dropped at
     /// confirmation, even with its own valid code.
     #[tokio::test]
@@ -536,7 +461,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (registry, clock) = registry(&dir).await;
         with_totp(&registry).await;
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         // A pending secret as the old schema left it: started with the key alone.
         registry
             .begin_totp_reenrolment(&alice, TotpParams::default(), Assurance::Totp)
@@ -545,7 +470,8 @@ mod tests {
         let planted = TotpRecord {
             started_with: Assurance::KeyOnly,
             ..registry
-                .consumer_state("alice")
+                .directory()
+                .get("alice")
                 .unwrap()
                 .totp_pending
                 .clone()
@@ -553,7 +479,7 @@ mod tests {
         };
         registry.store().put_pending_totp(planted).await.unwrap();
         let registry = reopen(registry, &clock).await;
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         clock.advance(30);
         let pending = alice.totp_pending.clone().unwrap();
         let code = registry
@@ -563,14 +489,14 @@ mod tests {
             .to_string();
         assert!(matches!(
             registry.confirm_own_totp(&alice, &code).await,
-            Err(RegistryError::PendingGone(_))
+            Err(AccountError::PendingGone(_))
         ));
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         assert!(alice.totp_pending.is_none() && alice.confirmed_totp().is_some());
         assert!(registry.store().load().await.unwrap().totp.len() == 1);
     }
 
-    /// Re-review finding 2, the SMS twin of the test above: a pending number entered on a
+    /// The SMS twin of the test above: a pending number entered on a
     /// weaker account than the consumer's now (key only, beside a confirmed TOTP) is refused
     /// and dropped at confirmation, even with its own valid code.
     #[tokio::test]
@@ -578,14 +504,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (registry, clock) = registry(&dir).await;
         with_totp(&registry).await;
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         let phone = Phone::parse("+447700900123").unwrap();
         let sent = registry
             .begin_sms(&alice, phone, TTL, Assurance::Totp)
             .await
             .unwrap();
         // The same number and code as the old schema left them: entered with the key alone.
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         let record = alice.sms.as_ref().unwrap().record.clone();
         let code = SmsCodeRecord {
             consumer_id: alice.id.clone(),
@@ -605,7 +531,7 @@ mod tests {
             .await
             .unwrap();
         let registry = reopen(registry, &clock).await;
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         assert_eq!(
             alice.sms.as_ref().unwrap().record.pending_with,
             Assurance::KeyOnly
@@ -613,9 +539,9 @@ mod tests {
         clock.advance(30);
         assert!(matches!(
             registry.confirm_sms(&alice, &sent.code).await,
-            Err(RegistryError::PendingGone(_))
+            Err(AccountError::PendingGone(_))
         ));
-        let alice = registry.consumer_state("alice").unwrap();
+        let alice = registry.directory().get("alice").unwrap();
         assert!(alice.sms.is_none() && alice.confirmed_totp().is_some());
         assert!(registry.store().load().await.unwrap().sms.is_empty());
         // Its code went with it.
@@ -627,13 +553,13 @@ mod tests {
         assert_eq!(planted, CodeCheck::Missing);
     }
 
-    /// Review minor 5: a consumer disabled after its key was checked changes nothing.
+    /// A consumer disabled after its key was checked changes nothing.
     #[tokio::test]
     async fn self_service_writes_refuse_a_consumer_disabled_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         let (registry, _) = registry(&dir).await;
         with_totp(&registry).await;
-        let stale = registry.consumer_state("alice").unwrap();
+        let stale = registry.directory().get("alice").unwrap();
         registry
             .update_consumer("alice", None, Some(true))
             .await
@@ -644,27 +570,27 @@ mod tests {
             registry
                 .begin_totp_reenrolment(&stale, TotpParams::default(), proof)
                 .await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
         assert!(matches!(
             registry.begin_sms(&stale, phone, TTL, proof).await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
         assert!(matches!(
             registry.regenerate_own_recovery_codes(&stale, proof).await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
         assert!(matches!(
             registry.confirm_own_totp(&stale, "123456").await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
         assert!(matches!(
             registry.login_code(&stale, TTL).await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
         assert!(matches!(
             registry.remove_sms("alice", Some((&stale, proof))).await,
-            Err(RegistryError::Disabled)
+            Err(AccountError::Disabled)
         ));
     }
 }

@@ -1,6 +1,4 @@
-//! Step-up tokens: proof of a recent second factor, so a client need not send a fresh code on
-//! every call. `sgt_` + 256 random bits, kept server-side only by their SHA-256, with an
-//! absolute expiry (no sliding), bound to one consumer and a scope.
+//! The token store of one node: tokens in memory.
 //!
 //! Storage is a sharded hash map rather than a moka cache: a moka entry with its own expiry
 //! costs about 450 bytes, so a million live tokens would not fit the memory budget; here an
@@ -12,57 +10,25 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::Scope;
-use crate::secrets::{DigestMap, hex, random_bytes};
+use async_trait::async_trait;
 
-pub const PREFIX: &str = "sgt_";
+use super::{PREFIX, Scope, TokenInfo, TokenRejection, TokenStore};
+use crate::secrets::{DigestMap, hex, random_bytes};
+use crate::store::StoreError;
 /// Live tokens kept at most; beyond it the least useful are evicted (their holders simply
 /// need a code again).
 const CAPACITY: usize = 2_000_000;
-
-/// What the gateway keeps per token: shared strings and numbers, no allocation of its own
-/// (a million live tokens must fit comfortably in memory).
-#[derive(Debug, Clone)]
-pub struct TokenInfo {
-    pub consumer_id: Arc<str>,
-    /// The policy it was earned on, for `Scope::Policy`.
-    pub policy: Arc<str>,
-    pub scope: Scope,
-    pub expires_at: u64,
-}
-
-/// Why a presented token was refused (told apart in the audit log only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenRejection {
-    Malformed,
-    Unknown,
-    Expired,
-    OtherConsumer,
-    OutOfScope,
-}
-
-impl TokenRejection {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenRejection::Malformed => "malformed",
-            TokenRejection::Unknown => "unknown_or_revoked",
-            TokenRejection::Expired => "expired",
-            TokenRejection::OtherConsumer => "other_consumer",
-            TokenRejection::OutOfScope => "out_of_scope",
-        }
-    }
-}
 
 const SHARDS: usize = 64;
 
 type Shard = RwLock<DigestMap<TokenInfo>>;
 
 #[derive(Clone)]
-pub struct StepUpTokens {
+pub struct LocalTokens {
     shards: Arc<[Shard]>,
 }
 
-impl Default for StepUpTokens {
+impl Default for LocalTokens {
     fn default() -> Self {
         Self::new()
     }
@@ -82,7 +48,7 @@ fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, DigestMap<TokenInfo>>
     shard.write().unwrap_or_else(|p| p.into_inner())
 }
 
-impl StepUpTokens {
+impl LocalTokens {
     pub fn new() -> Self {
         Self {
             shards: (0..SHARDS)
@@ -193,13 +159,68 @@ impl StepUpTokens {
     }
 }
 
+#[async_trait]
+impl TokenStore for LocalTokens {
+    fn check_cached(
+        &self,
+        token: &str,
+        consumer_id: &str,
+        policy: &str,
+        now: u64,
+    ) -> Option<Result<TokenInfo, TokenRejection>> {
+        // Every token of this node is here: the verdict is always known.
+        Some(LocalTokens::check(self, token, consumer_id, policy, now))
+    }
+
+    async fn check(
+        &self,
+        token: &str,
+        consumer_id: &str,
+        policy: &str,
+        now: u64,
+    ) -> Result<TokenInfo, TokenRejection> {
+        LocalTokens::check(self, token, consumer_id, policy, now)
+    }
+
+    async fn issue(
+        &self,
+        consumer_id: &Arc<str>,
+        policy: &Arc<str>,
+        scope: Scope,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        Ok(LocalTokens::issue(
+            self,
+            consumer_id,
+            policy,
+            scope,
+            ttl,
+            now,
+        ))
+    }
+
+    async fn revoke_consumer(&self, consumer_id: &str) -> Result<(), StoreError> {
+        LocalTokens::revoke_consumer(self, consumer_id);
+        Ok(())
+    }
+
+    fn sweep(&self, now: u64) -> usize {
+        LocalTokens::sweep(self, now)
+    }
+
+    fn held(&self) -> u64 {
+        LocalTokens::len(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn tokens_are_bound_to_consumer_scope_and_time() {
-        let tokens = StepUpTokens::new();
+        let tokens = LocalTokens::new();
         let (c1, policy): (Arc<str>, Arc<str>) = ("c1".into(), "step-up".into());
         let (token, expires) = tokens
             .issue(&c1, &policy, Scope::Policy, Duration::from_secs(900), 1000)

@@ -66,3 +66,11 @@ impl Context {
         request.extensions().get::<Context>()?.entry.as_ref()
     }
 }
+
+impl Snapshot {
+    /// The snapshot a request was admitted under (in its context, from the server's
+    /// connection).
+    pub fn of<B>(request: &Request<B>) -> Result<&Arc<Snapshot>, Refusal> {
+        Context::of(request).map(|c| &c.snapshot)
+    }
+}

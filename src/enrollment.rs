@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::clock::rfc3339;
+use crate::config::Config;
 use crate::config::{Policy, Requirement, RolloutMode};
 use crate::directory::Consumer;
-use crate::snapshot::Snapshot;
 use crate::views::ConsumerView;
 
 /// Where a consumer stands with one policy.
@@ -38,7 +38,7 @@ pub struct PolicyStanding<'a> {
 /// whose roles rule lets the consumer in (a consumer a policy refuses outright needs no
 /// factor for it). In policy-name order.
 pub fn policies_for<'a>(
-    snapshot: &'a Snapshot,
+    snapshot: &'a Config,
     consumer: &Consumer,
     now: u64,
 ) -> Vec<PolicyStanding<'a>> {
@@ -125,7 +125,7 @@ pub struct ReportEntry {
 
 /// The enrolment report over `consumers` (disabled ones are left out: they cannot call).
 pub fn report(
-    snapshot: &Snapshot,
+    snapshot: &Config,
     consumers: &[std::sync::Arc<Consumer>],
     now: u64,
 ) -> Vec<ReportEntry> {
@@ -161,4 +161,18 @@ pub fn report(
     }
     entries.sort_by(|a, b| (&a.consumer, &a.policy).cmp(&(&b.consumer, &b.policy)));
     entries
+}
+
+/// The `X-Stepgate-Warning` of a consumer passing during a grace period: the deadline, and
+/// where to enrol (the security page; an operator when self-service is off).
+pub fn grace_warning(self_service: &crate::config::SelfServiceSpec, until: u64) -> String {
+    let deadline = rfc3339(until);
+    match self_service.page_path() {
+        Some(page) => {
+            format!("second factor not enrolled; required from {deadline} on; enrol at {page}")
+        }
+        None => format!(
+            "second factor not enrolled; required from {deadline} on; ask your operator to enrol"
+        ),
+    }
 }

@@ -3,25 +3,56 @@
 //! An API gateway that puts a second factor in front of API calls. This crate is the whole
 //! gateway; `main.rs` only calls [`cli::main`].
 //!
-//! ## Layout: a request's path
+//! ## A request's path
 //! - [`server`]: TCP accept, TLS termination (rustls), HTTP/1.1 + HTTP/2 (hyper), connection
-//!   limits, idle and header-read timeouts, graceful drain.
+//!   limits, idle and header-read timeouts, graceful drain; each request gets its
+//!   [`context`] (the [`snapshot`] it runs on, its [`connection`]'s facts).
 //! - [`stack`]: the tower stack, assembled in one function, in request order:
-//!   - [`observe`]: request id, configuration snapshot, access log;
-//!   - [`rescue`]: refusals ([`error::Refusal`]) become problem+json, in one place;
-//!   - [`limits`]: URI and header limits;
-//!   - [`host`], [`path`]: canonical host and path, ambiguous forms refused;
-//!   - [`client_headers`]: the client's headers cleaned in one pass (look-alikes of
-//!     credential and identity headers refused, identity and hop-by-hop headers removed,
-//!     ambiguous framing refused);
-//!   - [`routing`]: route table and the routing layer;
+//!   - [`sensitive`], [`observe`], [`rescue`]: credentials marked sensitive; request id and
+//!     access log; refusals ([`error::Refusal`]) become problem+json, in one place;
+//!   - [`edge`]: the guards before routing: limits, the canonical [`host`] and [`path`], the
+//!     client's address, the client's headers cleaned ([`client_headers`]);
+//!   - [`routing`]: the route table and the routing layer;
 //!   - [`auth`]: failure limiter, API key, consumer ban, roles, second factor;
 //!   - [`selfservice`]: the consumers' own security page and enrolment API, answered by the
 //!     gateway under its prefix (never forwarded);
-//!   - [`proxy`]: forwarding to http(s) upstreams or the built-in echo upstream.
-//! - Beside the path: [`header_names`] (which header names mean what), [`config`] (YAML to validated [`config::Snapshot`]), [`registry`] and
-//!   [`store`] (consumers and credentials), [`sms`] (the SMS factor and its Twilio client),
-//!   [`enrollment`] (who is enrolled for which policy), [`admin`], [`tls`], [`cli`].
+//!   - [`proxy`]: forwarding to the route's [`upstream`] (http(s) pools, or the echo).
+//!
+//! ## Beside it: the state behind ports
+//! - [`store`]: the durable store and its change feed (SQLite; a shared store for several
+//!   nodes implements the same port);
+//! - [`tokens`]: the step-up token store; [`limiter`]: the attempt limiter (failure counts and
+//!   bans); each a port with a one-node implementation;
+//! - [`directory`]: the request path's read model of consumers, fed by the store's changes;
+//!   [`accounts`]: every write operation (admin and self-service) and the code check;
+//!   [`views`]: consumers as the admin API shows them;
+//! - [`config`]: YAML to a validated [`config::Config`]; [`audit`], [`metrics`], [`sms`],
+//!   [`enrollment`], [`credentials`], [`secrets`], [`tls`], [`clock`];
+//! - [`admin`], [`reload`], [`cli`], [`startup`].
+//!
+//! ## Layers
+//!
+//! Every module sits in one layer and imports only from its own layer and the ones above it
+//! in this table (lower numbers); `tests/layering.rs` reads this table and checks every
+//! `crate::` path in `src/` against it.
+//!
+//! | layer | modules | what they are |
+//! |---|---|---|
+//! | 1 | `clock`, `secrets`, `header_names`, `host`, `path`, `client_headers`, `credentials`, `error` | leaves: values and pure rules |
+//! | 2 | `store`, `tls`, `sms`, `audit`, `tokens`, `config` | the durable store, its records, settings |
+//! | 3 | `limiter`, `directory`, `metrics` | state the request path reads |
+//! | 4 | `accounts`, `views`, `enrollment` | operations on that state |
+//! | 5 | `upstream` | upstream targets and their pools |
+//! | 6 | `routing` | the route table |
+//! | 7 | `snapshot` | a configuration ready to serve |
+//! | 8 | `connection` | a client connection's facts |
+//! | 9 | `context` | a request's facts |
+//! | 10 | `guard`, `sensitive`, `observe`, `rescue` | tower plumbing |
+//! | 11 | `edge`, `routing::layer` | the guards before routing, and routing |
+//! | 12 | `auth` | the credential layers |
+//! | 13 | `selfservice` | the gateway's own endpoints |
+//! | 14 | `proxy` | forwarding |
+//! | 15 | `stack`, `server`, `admin`, `reload`, `cli`, `startup` | assembly |
 
 #![forbid(unsafe_code)]
 

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::error::{Body, Refusal, Refused, problem};
-use crate::observe::X_REQUEST_ID;
+use crate::header_names::X_REQUEST_ID;
 
 #[derive(Clone, Copy, Default)]
 pub struct RescueLayer;

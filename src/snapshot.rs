@@ -76,11 +76,6 @@ impl Snapshot {
             config,
         }
     }
-
-    /// The snapshot a request was admitted under (inserted by the server's connection).
-    pub fn of<B>(request: &http::Request<B>) -> Result<&Arc<Snapshot>, crate::error::Refusal> {
-        crate::context::Context::of(request).map(|c| &c.snapshot)
-    }
 }
 
 /// A synthetic route of the gateway's own endpoints: under the prefix, for any host.

@@ -9,7 +9,7 @@ use http::Request;
 use crate::context::Context;
 use crate::error::Refusal;
 use crate::guard::Guard;
-use crate::proxy::headers::X_FORWARDED_FOR;
+use crate::header_names::X_FORWARDED_FOR;
 
 pub use crate::connection::ClientIp;
 

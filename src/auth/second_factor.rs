@@ -263,7 +263,10 @@ async fn decide<B>(
         match policy.rollout.grace_until {
             Some(until) if now < until => {
                 metrics.factor("none", "grace");
-                let warning = crate::selfservice::grace_warning(request, until);
+                let warning = match crate::snapshot::Snapshot::of(request) {
+                    Ok(snapshot) => crate::enrollment::grace_warning(&snapshot.self_service, until),
+                    Err(_) => String::new(),
+                };
                 return Ok(Decision::Unproved {
                     warning: HeaderValue::from_str(&warning).ok(),
                 });

@@ -135,20 +135,3 @@ where
         _ => Err(Refusal::NoRoute),
     }
 }
-
-/// The `X-Stepgate-Warning` of a consumer passing during a grace period: the deadline, and
-/// where to enrol (the configured prefix's page; an operator when self-service is off).
-pub fn grace_warning<B>(request: &Request<B>, until: u64) -> String {
-    let deadline = crate::clock::rfc3339(until);
-    match crate::snapshot::Snapshot::of(request)
-        .ok()
-        .and_then(|s| s.self_service.page_path())
-    {
-        Some(page) => {
-            format!("second factor not enrolled; required from {deadline} on; enrol at {page}")
-        }
-        None => format!(
-            "second factor not enrolled; required from {deadline} on; ask your operator to enrol"
-        ),
-    }
-}

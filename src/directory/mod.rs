@@ -281,3 +281,112 @@ impl Directory {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{ConsumerRecord, KeyRecord};
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn record(id: &str, name: &str) -> ConsumerRecord {
+        ConsumerRecord {
+            id: id.into(),
+            name: name.into(),
+            roles: vec![],
+            disabled: false,
+            created_at: NOW,
+            version: 1,
+        }
+    }
+
+    fn key(master: &MasterKey, id: &str, presented: &str) -> KeyRecord {
+        KeyRecord {
+            consumer_id: id.into(),
+            hash: master.hash_api_key(presented),
+            prefix: api_key::display_prefix(presented).to_owned(),
+            created_at: NOW,
+            last_used_at: None,
+            revoked_at: None,
+        }
+    }
+
+    /// Two directories on one store: what one node writes, the other applies from the feed,
+    /// and a feed that lost changes makes it reload everything.
+    #[tokio::test]
+    async fn a_directory_follows_the_stores_changes_and_resyncs_when_it_lost_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("d.db")).unwrap());
+        let master = Arc::new(MasterKey::from_bytes([3; 32]));
+        let clock: SharedClock = Arc::new(ManualClock::new(NOW));
+        let feed = store.changes();
+        let other = Arc::new(
+            Directory::load(store.clone(), master.clone(), clock.clone())
+                .await
+                .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let following = tokio::spawn(other.clone().follow(feed, shutdown.clone()));
+
+        let alice_key = api_key::generate();
+        store
+            .insert_consumer(record("c1", "alice"), key(&master, "c1", &alice_key))
+            .await
+            .unwrap();
+        let seen = || async {
+            for _ in 0..200 {
+                if other.authenticate(&alice_key).is_some() {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            false
+        };
+        assert!(seen().await, "the other directory never saw alice");
+        let mut disabled = record("c1", "alice");
+        disabled.disabled = true;
+        store.update_consumer(disabled).await.unwrap();
+        for _ in 0..200 {
+            if other.authenticate(&alice_key).is_none() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(other.authenticate(&alice_key).is_none(), "still enabled");
+        assert!(other.get("alice").unwrap().disabled);
+
+        // Resync: a state written behind the feed's back is loaded.
+        store.delete_consumer("c1".into()).await.unwrap();
+        other.resync().await.unwrap();
+        assert!(other.get("alice").is_none());
+        assert_eq!(other.count(), 0);
+        shutdown.cancel();
+        following.await.unwrap();
+    }
+
+    /// A newer state is applied once; an announced version already held is skipped.
+    #[tokio::test]
+    async fn a_change_already_applied_is_not_loaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("d.db")).unwrap());
+        let master = Arc::new(MasterKey::from_bytes([3; 32]));
+        let clock: SharedClock = Arc::new(ManualClock::new(NOW));
+        let key = key(&master, "c1", &api_key::generate());
+        store
+            .insert_consumer(record("c1", "alice"), key)
+            .await
+            .unwrap();
+        let directory = Directory::load(store.clone(), master, clock).await.unwrap();
+        let version = directory.get("alice").unwrap().version;
+        // Behind the directory's back (as a stale announcement would leave it).
+        let mut renamed = record("c1", "alice");
+        renamed.roles = vec!["ops".into()];
+        store.update_consumer(renamed).await.unwrap();
+        directory.apply("c1", version).await.unwrap();
+        assert!(directory.get("alice").unwrap().roles.is_empty(), "skipped");
+        directory.apply("c1", version + 1).await.unwrap();
+        assert_eq!(directory.get("alice").unwrap().roles, ["ops"]);
+    }
+}

@@ -1,0 +1,102 @@
+//! Contract suites for the ports behind which the gateway's shared state lives: one set of
+//! tests per port that every implementation must pass. Each suite is a set of functions over
+//! a factory; `contract!` instantiates it for one backend. The one-node backends (SQLite,
+//! the in-memory token store, the local limiter) run them here.
+
+mod limiter;
+mod store;
+mod tokens;
+
+/// One `#[tokio::test]` per case of a suite, for one backend.
+#[macro_export]
+macro_rules! contract {
+    ($backend:ident, $suite:ident, $factory:expr, [$($case:ident),+ $(,)?]) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::$suite::$case($factory).await;
+                }
+            )+
+        }
+    };
+}
+
+mod sqlite_store {
+    use std::sync::Arc;
+
+    use stepgate::store::Store;
+    use stepgate::store::sqlite::SqliteStore;
+
+    /// A fresh SQLite store in cargo's scratch directory for tests (under `target/`).
+    pub async fn make() -> Arc<dyn Store> {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("contract.db")).unwrap();
+        // The file outlives the test's handle on the directory: it stays under target/tmp.
+        let _ = dir.keep();
+        Arc::new(store)
+    }
+
+    contract!(
+        sqlite,
+        store,
+        super::make,
+        [
+            the_watermark_moves_forward_once_under_50_concurrent_callers,
+            a_recovery_code_is_used_once_under_50_concurrent_callers,
+            an_sms_code_is_used_once_under_50_concurrent_callers,
+            a_totp_confirmation_happens_once_under_concurrent_callers,
+            an_sms_confirmation_happens_once_under_concurrent_callers,
+            every_write_is_announced_in_order_with_a_rising_version,
+            a_subscriber_that_falls_behind_is_told_to_resync,
+            a_deleted_consumer_is_announced_and_loads_as_none,
+            limiter_state_round_trips_and_expired_state_is_dropped,
+        ]
+    );
+}
+
+mod local_tokens {
+    use std::sync::Arc;
+
+    use stepgate::tokens::{LocalTokens, TokenStore};
+
+    pub async fn make() -> Arc<dyn TokenStore> {
+        Arc::new(LocalTokens::new())
+    }
+
+    contract!(
+        local,
+        tokens,
+        super::make,
+        [
+            a_token_is_bound_to_its_consumer_scope_and_time,
+            revoking_a_consumer_ends_all_its_tokens_and_only_its,
+            expired_tokens_are_swept,
+            the_cached_verdict_agrees_with_the_full_check,
+        ]
+    );
+}
+
+mod local_limiter {
+    use std::sync::Arc;
+
+    use stepgate::clock::ManualClock;
+    use stepgate::limiter::{AttemptLimiter, LocalLimiter};
+
+    pub async fn make(clock: Arc<ManualClock>) -> Arc<dyn AttemptLimiter> {
+        Arc::new(LocalLimiter::new(clock))
+    }
+
+    contract!(
+        local,
+        limiter,
+        super::make,
+        [
+            a_subject_is_banned_past_its_limit_until_the_ban_expires,
+            a_success_resets_the_count,
+            an_unlock_lifts_the_ban_and_the_count,
+            active_bans_are_listed_newest_first,
+            consumers_and_addresses_are_counted_apart,
+        ]
+    );
+}

@@ -8,14 +8,14 @@ mod store;
 mod tokens;
 
 /// One `#[tokio::test]` per case of a suite, for one backend.
-#[macro_export]
+
 macro_rules! contract {
     ($backend:ident, $suite:ident, $factory:expr, [$($case:ident),+ $(,)?]) => {
         mod $backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
-                    crate::$suite::$case($factory).await;
+                    $crate::$suite::$case($factory).await;
                 }
             )+
         }

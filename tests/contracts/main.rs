@@ -8,7 +8,6 @@ mod store;
 mod tokens;
 
 /// One `#[tokio::test]` per case of a suite, for one backend.
-
 macro_rules! contract {
     ($backend:ident, $suite:ident, $factory:expr, [$($case:ident),+ $(,)?]) => {
         mod $backend {

@@ -6,3 +6,6 @@ pub mod client_ip;
 pub mod failures;
 pub mod roles;
 pub mod second_factor;
+
+#[cfg(test)]
+mod tests;

@@ -11,12 +11,13 @@ WORKDIR /src
 # Everything cargo reads to build the package: the manifests; src/; assets/, compiled into the
 # binary (include_str! of the security page); benches/ and examples/, which the manifest
 # declares or cargo discovers, so it refuses to load the package without them (they are not
-# built here).
+# built here); testkit/, the tests' helper crate, a workspace member cargo must find.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY assets ./assets
 COPY benches ./benches
 COPY examples ./examples
+COPY testkit ./testkit
 # Dependency caching with BuildKit cache mounts rather than a layer of stub sources: the
 # crates downloaded and the compiled dependencies stay in the builder's cache across builds
 # (also when Cargo.lock changes, where a stub layer would rebuild every dependency), and there

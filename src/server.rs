@@ -137,6 +137,11 @@ impl Gateway {
         })
     }
 
+    /// Where the master key, admin token and (by default) the database are.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.config.load().data_dir.clone()
+    }
+
     /// The admin API's address, when the config has an `admin` section.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_listener

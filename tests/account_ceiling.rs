@@ -1,13 +1,11 @@
 //! Failure counts are per policy, and over all policies a consumer gets at most NIST SP
 //! 800-63B's 100 failures (a burst of 100, refilled at 100 per hour).
 
-mod support;
-
 use std::sync::Arc;
 
 use serde_json::json;
 use stepgate::clock::ManualClock;
-use support::*;
+use stepgate_testkit::*;
 
 const T0: u64 = 1_800_000_000;
 
@@ -30,7 +28,10 @@ async fn policies_count_separately_within_an_account_wide_ceiling() {
         files.push((path.as_str(), policy));
     }
     let dir = write_config_with(&yaml, &files);
-    let gw = start_admin_gateway_clocked(dir, Arc::new(ManualClock::new(T0))).await;
+    let gw = GatewayBuilder::in_dir(dir)
+        .clock(Arc::new(ManualClock::new(T0)))
+        .start_admin()
+        .await;
     let key = gw.add_consumer("alice", &[]).await["api_key"]
         .as_str()
         .unwrap()

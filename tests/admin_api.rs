@@ -2,14 +2,13 @@
 //! call of DESIGN.md §6 (consumers, keys, TOTP, recovery codes, audit, health) and every bad
 //! input (malformed JSON, invalid fields, unknown consumers, duplicates). TOTP codes come from
 //! `oathtool`, never from the code under test.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use serde_json::{Value, json};
 
 async fn setup() -> (AdminGw, Upstream) {
     let up = Upstream::named("app").await;
-    let gw = start_keyed_gateway(&up.url(), "data").await;
+    let gw = keyed_gateway(&up.url(), "data").start_admin().await;
     (gw, up)
 }
 

@@ -2,8 +2,7 @@
 //! binary) call an `api_key: required` route over real sockets; the recording upstream sees the
 //! consumer's identity and never its key. Missing, invalid, duplicate and malformed keys,
 //! revocation with rotation, disabled consumers, public routes and forged identity headers.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use serde_json::{Value, json};
 
@@ -16,7 +15,7 @@ const IDENTITY: [&str; 4] = [
 
 async fn setup() -> (AdminGw, Upstream) {
     let up = Upstream::named("app").await;
-    let gw = start_keyed_gateway(&up.url(), "data").await;
+    let gw = keyed_gateway(&up.url(), "data").start_admin().await;
     (gw, up)
 }
 
@@ -86,7 +85,10 @@ async fn a_key_from_the_admin_api_reaches_the_upstream_as_an_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_added_with_the_cli_calls_the_keyed_route() {
     let up = Upstream::named("app").await;
-    let gw = start_keyed_gateway_fixed_admin(&up.url(), "data").await;
+    let gw = keyed_gateway(&up.url(), "data")
+        .fixed_admin_port()
+        .start_admin()
+        .await;
     let config = path_str(&gw.config_path());
     let (code, stdout, stderr) = run_cli_async(
         &[

@@ -2,14 +2,12 @@
 //! security event (admin operations, second-factor events) is a JSON line in the file, in the
 //! order `GET /audit` reports (reversed: it is newest first), with `kind`, `at`, `consumer`, and
 //! no secret; with `sink: stdout` the running binary prints them.
-mod support;
-mod support_ops;
 
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use support::*;
-use support_ops as ops;
+use stepgate_testkit::ops;
+use stepgate_testkit::*;
 
 const T0: u64 = 1_800_000_000;
 
@@ -49,7 +47,10 @@ async fn the_file_sink_gets_every_event_as_a_json_line_without_secrets() {
             "api_key: required\nsecond_factor: required\n",
         )],
     );
-    let g = ops::start_clocked(dir, clock.clone()).await;
+    let g = GatewayBuilder::in_dir(dir)
+        .clock(clock.clone())
+        .start_ops()
+        .await;
     let gw = &g.gw;
     let sink = g.path("audit.jsonl");
 

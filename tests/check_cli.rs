@@ -1,6 +1,5 @@
 //! `stepgate check`: every config error is reported as `FILE:LINE:COLUMN: message`.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const GOOD: &str = r#"listen: 127.0.0.1:0
 limits:

@@ -2,9 +2,8 @@
 //! list every consumer not enrolled for a policy that needs a second factor and applies to its
 //! roles, with the grace deadline and whether it passed; moving the injected clock past the
 //! deadline turns `grace` into `overdue`.
-mod support;
-use support::self_service::*;
-use support::*;
+use stepgate_testkit::self_service::*;
+use stepgate_testkit::*;
 
 use serde_json::{Value, json};
 

@@ -1,6 +1,5 @@
 //! Upstream failures: refused connections, timeouts, resets mid-body, no retries.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +24,9 @@ routes:
 "#;
 
 async fn gateway_for(url: &str) -> Gw {
-    start_gateway(&render(CONFIG, &[("url", url)])).await
+    GatewayBuilder::new(&render(CONFIG, &[("url", url)]))
+        .start()
+        .await
 }
 
 /// A raw TCP upstream: runs `f` on every accepted connection; counts connections.

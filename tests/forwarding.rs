@@ -1,7 +1,6 @@
 //! Forwarding: hop-by-hop headers, X-Forwarded-*, X-Request-Id, query and path handling,
 //! and the built-in echo upstream.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use http::Response;
 
@@ -22,7 +21,9 @@ routes:
 "#;
 
 async fn setup_with(up: Upstream) -> (Gw, Upstream) {
-    let gw = start_gateway(&render(CONFIG, &[("app", &up.url())])).await;
+    let gw = GatewayBuilder::new(&render(CONFIG, &[("app", &up.url())]))
+        .start()
+        .await;
     (gw, up)
 }
 

@@ -2,11 +2,10 @@
 //! `/readyz` answers 200 while the store is reachable and 503 `unavailable` once the SQLite
 //! database is gone; `stepgate health -c gateway.yaml` (admin address from the config, token
 //! from the data directory) exits 0 when ready and 1 when not.
-mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::*;
+use stepgate_testkit::*;
 
 async fn healthz(admin: std::net::SocketAddr) {
     let r = admin_call(admin, None, "GET", "/healthz", None).await;
@@ -46,7 +45,10 @@ fn db_files(data: &Path) -> [PathBuf; 3] {
 async fn ready_turns_unready_when_the_store_is_gone() {
     let app = Upstream::named("app").await;
     let data = tempfile::tempdir().unwrap();
-    let mut gw = start_keyed_gateway_fixed_admin(&app.url(), &path_str(data.path())).await;
+    let mut gw = keyed_gateway(&app.url(), &path_str(data.path()))
+        .fixed_admin_port()
+        .start_admin()
+        .await;
     let config = gw.config_path();
     let db = data.path().join("stepgate.db");
     assert!(db.exists(), "the store is {}", db.display());
@@ -101,7 +103,9 @@ async fn ready_turns_unready_when_the_store_is_gone() {
 async fn probes_need_no_token_and_other_admin_calls_do() {
     let app = Upstream::named("app").await;
     let data = tempfile::tempdir().unwrap();
-    let gw = start_keyed_gateway(&app.url(), &path_str(data.path())).await;
+    let gw = keyed_gateway(&app.url(), &path_str(data.path()))
+        .start_admin()
+        .await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let r = admin_call(gw.admin, None, "GET", path, None).await;
         assert_eq!(r.status, 200, "{path} without a token: {}", r.text());

@@ -1,7 +1,6 @@
 //! Limits: body size (413), URI size (414), header size/count (431), ambiguous paths (400),
 //! and the header read timeout (slowloris).
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,9 @@ routes:
 
 async fn setup() -> (Gw, Upstream) {
     let up = Upstream::named("app").await;
-    let gw = start_gateway(&render(CONFIG, &[("app", &up.url())])).await;
+    let gw = GatewayBuilder::new(&render(CONFIG, &[("app", &up.url())]))
+        .start()
+        .await;
     (gw, up)
 }
 
@@ -325,7 +326,9 @@ async fn idle_keep_alive_connections_are_closed_and_busy_ones_are_not() {
         "  header_read_timeout: 300ms\n",
         "  header_read_timeout: 5s\n  idle_timeout: 400ms\n",
     );
-    let gw = start_gateway(&render(&config, &[("app", &up.url())])).await;
+    let gw = GatewayBuilder::new(&render(&config, &[("app", &up.url())]))
+        .start()
+        .await;
     let request = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n";
     let mut tmp = [0u8; 4096];
 

@@ -2,8 +2,7 @@
 //! its policy's failures (then even the correct code or a valid token gets 429 until the ban
 //! ends or an operator unlocks it), a fresh code (not a token) resetting the count, a per-IP
 //! ban across many unknown keys, and `X-Forwarded-For` believed only from trusted proxies.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const BOTH: &str = "totp recovery_code";
 

@@ -2,15 +2,13 @@
 //! Prometheus text, and its counters moving by exactly what the requests did: requests by route
 //! and status (404s with `route=""`), latency histograms, upstream errors by kind, second-factor
 //! outcomes, step-up tokens, bans. No label carries a path, key, code or token.
-mod support;
-mod support_ops;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use support::*;
-use support_ops as ops;
-use support_ops::{OpsGw, Scrape};
+use stepgate_testkit::ops;
+use stepgate_testkit::ops::{OpsGw, Scrape};
+use stepgate_testkit::*;
 
 const CONFIG: &str = r#"listen: 127.0.0.1:0
 admin: { listen: "127.0.0.1:0" }
@@ -59,7 +57,10 @@ impl Setup {
                 ),
             ],
         );
-        let g = ops::start_clocked(dir, clock.clone()).await;
+        let g = GatewayBuilder::in_dir(dir)
+            .clock(clock.clone())
+            .start_ops()
+            .await;
         Setup {
             g,
             app,

@@ -2,8 +2,7 @@
 //! finding the admin API from `-c gateway.yaml` (address from `admin.listen`, token from the
 //! data dir). Consumers, keys, TOTP with oathtool's codes, recovery codes, `--json`, and the
 //! messages when no gateway answers or the config cannot say where the admin API is.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use serde_json::Value;
 
@@ -98,7 +97,10 @@ fn codes_in(text: &str) -> Vec<String> {
 
 async fn setup() -> (AdminGw, Upstream, Cli) {
     let up = Upstream::named("app").await;
-    let gw = start_keyed_gateway_fixed_admin(&up.url(), "data").await;
+    let gw = keyed_gateway(&up.url(), "data")
+        .fixed_admin_port()
+        .start_admin()
+        .await;
     let cli = Cli::of(&gw);
     (gw, up, cli)
 }

@@ -1,8 +1,7 @@
 //! Persistence on a real SQLite file: a restarted gateway on the same data dir has every
 //! consumer, key and factor; nothing secret is in the database in clear; a wrong master key
 //! refuses to start (library and binary); the secret files are private.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -44,7 +43,7 @@ fn sorted_list(list: &Value) -> Vec<Value> {
 async fn everything_survives_a_restart() {
     let (_root, data) = shared_data_dir();
     let up = Upstream::named("app").await;
-    let mut a = start_keyed_gateway(&up.url(), &data).await;
+    let mut a = keyed_gateway(&up.url(), &data).start_admin().await;
 
     // alice: two keys, the first revoked; bob: disabled; carol: TOTP confirmed; dave: TOTP
     // pending (SHA-256, 8 digits); erin: deleted.
@@ -101,7 +100,7 @@ async fn everything_survives_a_restart() {
     a.shutdown().await;
     drop(a);
 
-    let b = start_keyed_gateway(&up.url(), &data).await;
+    let b = keyed_gateway(&up.url(), &data).start_admin().await;
     assert_eq!(
         b.token, token_before,
         "the admin token is kept in the data dir"
@@ -221,7 +220,7 @@ fn assert_no_secret(files: &[(PathBuf, Vec<u8>)], secrets: &[(String, Vec<u8>)],
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_holds_no_key_secret_or_recovery_code_in_clear() {
     let up = Upstream::named("app").await;
-    let mut gw = start_keyed_gateway(&up.url(), "data").await;
+    let mut gw = keyed_gateway(&up.url(), "data").start_admin().await;
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     let mut add = |what: String, text: &str| {
         secrets.push((format!("{what} ({text})"), text.as_bytes().to_vec()));
@@ -320,7 +319,7 @@ async fn the_database_holds_no_key_secret_or_recovery_code_in_clear() {
 /// Starts a gateway on `data`, creates a consumer, stops it; returns (config dir, master key
 /// file contents, the consumer's key).
 async fn seeded(up: &Upstream, data: &str) -> (AdminGw, String, String) {
-    let mut gw = start_keyed_gateway(&up.url(), data).await;
+    let mut gw = keyed_gateway(&up.url(), data).start_admin().await;
     let alice = gw.add_consumer("alice", &[]).await;
     let e = gw
         .ok("POST", "/consumers/alice/totp", Some(json!({})), 201)
@@ -357,7 +356,7 @@ async fn a_wrong_master_key_file_refuses_to_start() {
 
     // With the original key back, the same data dir opens and the key works.
     std::fs::write(&master_path, &master).unwrap();
-    let gw = start_keyed_gateway(&up.url(), &data).await;
+    let gw = keyed_gateway(&up.url(), &data).start_admin().await;
     assert_eq!(get_keyed(gw.addr(), "/keyed/x", &key).await.status, 200);
 }
 
@@ -469,7 +468,7 @@ async fn the_binary_exits_1_naming_the_master_key_when_it_is_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_key_and_admin_token_files_are_private() {
     let up = Upstream::named("app").await;
-    let gw = start_keyed_gateway(&up.url(), "data").await;
+    let gw = keyed_gateway(&up.url(), "data").start_admin().await;
     for file in ["master.key", "admin.token"] {
         let path = gw.data_dir.join(file);
         assert_eq!(mode_of(&path), 0o600, "{}", path.display());

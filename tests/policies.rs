@@ -1,8 +1,7 @@
 //! Policies (issue 4): roles `only`/`except`, a grace period before and after its date (on the
 //! injected clock), `report_only` rollout, and the validation of policy files (`stepgate
 //! check` and `stepgate::config::load`), every error at `file:line`.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const BOTH: &str = "totp recovery_code";
 

@@ -1,6 +1,5 @@
 //! Protocols: HTTP/2 over TLS (ALPN), HTTP/1.1 over TLS, h2c with prior knowledge.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use http::{Request, Version};
 
@@ -54,7 +53,7 @@ async fn setup(tls: bool) -> Setup {
     let vars = [("app", app.url()), ("hosted", hosted.url())];
     let vars: Vec<(&str, &str)> = vars.iter().map(|(a, b)| (*a, b.as_str())).collect();
     let gw = if tls {
-        start_gateway_in(write_config_with(
+        GatewayBuilder::in_dir(write_config_with(
             &render(TLS, &vars),
             &[
                 ("policies/public.yaml", DEFAULT_POLICY),
@@ -62,9 +61,10 @@ async fn setup(tls: bool) -> Setup {
                 ("certs/key.pem", &cert.key_pem),
             ],
         ))
+        .start()
         .await
     } else {
-        start_gateway(&render(PLAIN, &vars)).await
+        GatewayBuilder::new(&render(PLAIN, &vars)).start().await
     };
     Setup {
         gw,

@@ -7,8 +7,7 @@
 //! TOTP codes come from oathtool for the real time. `totp confirm` spends the current code (a
 //! code is accepted once), so the first protected call uses the code of the *next* 30-s step,
 //! which the gateway accepts at once (±1 step of clock skew): no waiting in the test.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

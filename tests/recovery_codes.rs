@@ -1,9 +1,8 @@
 //! Recovery codes through the consumer's own eyes (issue 7): each of the ten works once, the
 //! tenth used leaves none (the security page's status says 0, an eleventh attempt fails), and
 //! regenerating them invalidates the old set.
-mod support;
-use support::self_service::*;
-use support::*;
+use stepgate_testkit::self_service::*;
+use stepgate_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_code_works_once_and_the_tenth_leaves_none() {

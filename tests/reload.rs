@@ -3,8 +3,6 @@
 //! old configuration serving and the failure visible in the admin API and metrics; the file
 //! watcher follows in-place writes, renames and Kubernetes-style symlink swaps; TLS certificates
 //! are reloaded (a bad one keeps the old); SIGHUP reloads the running binary.
-mod support;
-mod support_ops;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +13,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use stepgate::reload::Outcome;
-use support::*;
-use support_ops as ops;
-use support_ops::OpsGw;
+use stepgate_testkit::ops;
+use stepgate_testkit::ops::OpsGw;
+use stepgate_testkit::*;
 use tokio_util::sync::CancellationToken;
 
 const OPEN: &str = "api_key: off\nsecond_factor: off\n";
@@ -240,7 +238,7 @@ async fn twenty_reloads_under_continuous_load_fail_no_request() {
             ("policies/open.yaml", OPEN),
         ],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
 
     let valid_gw = gateway_with(0);
     let bad_yaml = "listen: 127.0.0.1:0\nupstreams:\n  app: { url: \"http://x\" }\n routes: []\n";
@@ -451,7 +449,7 @@ async fn a_tightened_policy_and_changed_routes_apply_from_the_next_request() {
         &gateway_yaml(&app.url(), &before_routes),
         &[("policies/p.yaml", OPEN), ("policies/open.yaml", OPEN)],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let alice = g.gw.add_consumer("alice", &[]).await;
     let key = alice["api_key"].as_str().unwrap().to_string();
 
@@ -533,7 +531,7 @@ async fn a_request_in_flight_finishes_on_the_snapshot_it_started_with() {
         )
     };
     let dir = write_config_with(&yaml("app"), &[("policies/open.yaml", OPEN)]);
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let addr = g.addr();
     let in_flight = tokio::spawn(async move { get(addr, "/r", "api.example.com").await });
     slow.wait_arrived(1).await;
@@ -581,7 +579,7 @@ async fn a_broken_file_keeps_the_old_config_and_shows_the_failure() {
         &good,
         &[("policies/p.yaml", OPEN), ("policies/k.yaml", KEYED)],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let gateway_file = g.path("gateway.yaml");
     let p_file = g.path("policies/p.yaml");
     let k_file = g.path("policies/k.yaml");
@@ -753,7 +751,7 @@ async fn the_watcher_follows_in_place_writes_renames_and_editor_saves() {
         &routes(0),
         &[("policies/p.yaml", OPEN), ("policies/open.yaml", OPEN)],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let gateway_file = g.path("gateway.yaml");
     let mut version = g.version().await;
     assert_eq!(get(g.addr(), "/w0", "api.example.com").await.status, 200);
@@ -862,7 +860,7 @@ async fn the_watcher_follows_a_kubernetes_symlink_swap() {
             .file_type()
             .is_symlink()
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let mut version = g.version().await;
     assert_eq!(get(g.addr(), "/k1", "api.example.com").await.status, 200);
 
@@ -993,7 +991,7 @@ async fn tls_certificates_are_reloaded_and_a_bad_one_keeps_the_old() {
             ("certs/key.pem", &a.key_pem),
         ],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let yaml = std::fs::read_to_string(g.path("gateway.yaml")).unwrap();
     assert_serves_cert(&g, &all, &a, "at start").await;
     // A connection made under cert A, kept open across the reloads.
@@ -1082,7 +1080,7 @@ async fn a_corrupt_certificate_is_reported_on_the_cert_line() {
             ("certs/key.pem", &a.key_pem),
         ],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let yaml = std::fs::read_to_string(g.path("gateway.yaml")).unwrap();
     std::fs::write(g.path("certs/cert.pem"), CORRUPT_CERT).unwrap();
     let errors = reload_answer(&g.post_reload().await).expect_err("a corrupt certificate");
@@ -1112,7 +1110,7 @@ async fn a_rotated_certificate_is_picked_up_by_the_watcher() {
             ("certs/key.pem", &a.key_pem),
         ],
     );
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let v0 = g.version().await;
     ops::write_atomic(&g.path("certs/key.pem"), &b.key_pem);
     ops::write_atomic(&g.path("certs/cert.pem"), &b.cert_pem);
@@ -1284,7 +1282,7 @@ async fn the_watcher_follows_a_policies_dir_changed_by_reload() {
     let app = Upstream::named("app").await;
     let base = gateway_yaml(&app.url(), &[("p", "/p", "app", "p")]);
     let dir = write_config_with(&base, &[("policies/p.yaml", OPEN), ("rules/p.yaml", OPEN)]);
-    let g = ops::start(dir).await;
+    let g = GatewayBuilder::in_dir(dir).start_ops().await;
     let v0 = g.version().await;
     ops::write_atomic(
         &g.path("gateway.yaml"),

@@ -1,7 +1,6 @@
 //! Routing: host matching, whole-segment prefixes, methods, precedence, strip_prefix,
 //! 404 problem+json, and the `explain` CLI.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const NAMES: [&str; 8] = [
     "generic", "host", "long", "post", "first", "second", "strip", "delete",
@@ -83,7 +82,7 @@ async fn setup() -> Setup {
             ("policies/internal.yaml", DEFAULT_POLICY),
         ],
     );
-    let gw = start_gateway_in(dir).await;
+    let gw = GatewayBuilder::in_dir(dir).start().await;
     Setup { gw, ups }
 }
 

@@ -4,8 +4,7 @@
 //! captured stdout and stderr contain none of the API key, TOTP secret, codes, token,
 //! recovery code, admin token or master key. The binary reads the real clock, so codes are
 //! computed by oathtool for the real time.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};

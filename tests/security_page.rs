@@ -5,12 +5,9 @@
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/test` installs them); without them
 //! these tests fail, saying so.
 
-mod support;
-mod support_browser;
-
 use serde_json::{Value, json};
-use support::*;
-use support_browser::Browser;
+use stepgate_testkit::browser::Browser;
+use stepgate_testkit::*;
 
 const PAGE: &str = "/_stepgate/";
 
@@ -612,7 +609,7 @@ async fn narrow_page_under_a_custom_prefix_explains_refusals() {
 /// code and use it as the proof for new recovery codes, and see a Twilio refusal in words.
 #[tokio::test]
 async fn sms_in_chromium() {
-    let twilio = support::twilio::FakeTwilio::start().await;
+    let twilio = stepgate_testkit::twilio::FakeTwilio::start().await;
     let secrets = tempfile::tempdir().expect("tempdir");
     let token_file = secrets.path().join("twilio-token");
     std::fs::write(&token_file, &twilio.auth_token).unwrap();

@@ -3,9 +3,8 @@
 //! recovery-code regeneration, `X-OTP` required to change an existing factor, wrong codes
 //! counted by the failure limiter until 429, ambiguous input refused, a disabled or moved
 //! prefix. Contract: `.notes/selfservice-contract.md`.
-mod support;
-use support::self_service::*;
-use support::*;
+use stepgate_testkit::self_service::*;
+use stepgate_testkit::*;
 
 use serde_json::{Value, json};
 

@@ -1,6 +1,5 @@
 //! Graceful shutdown: in-flight requests complete, new connections are refused, run() returns.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::time::{Duration, Instant};
 
@@ -45,7 +44,9 @@ async fn connection_refused_within(addr: std::net::SocketAddr, within: Duration)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_request_completes_after_cancel() {
     let up = slow_upstream(Duration::from_millis(500)).await;
-    let mut gw = start_gateway(&render(CONFIG, &[("slow", &up.url())])).await;
+    let mut gw = GatewayBuilder::new(&render(CONFIG, &[("slow", &up.url())]))
+        .start()
+        .await;
     let addr = gw.addr;
     let in_flight = tokio::spawn(async move {
         send_http1(addr, req("GET", "/slow", "h").body(empty()).unwrap()).await
@@ -94,7 +95,9 @@ async fn in_flight_request_completes_after_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shutdown_returns_promptly() {
     let up = Upstream::named("x").await;
-    let mut gw = start_gateway(&render(CONFIG, &[("slow", &up.url())])).await;
+    let mut gw = GatewayBuilder::new(&render(CONFIG, &[("slow", &up.url())]))
+        .start()
+        .await;
     // An idle keep-alive connection must not hold shutdown up until drain_timeout.
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (mut sender, conn) =
@@ -138,7 +141,9 @@ routes:
     policy: public
 "#;
     let up = slow_upstream(Duration::from_secs(20)).await;
-    let mut gw = start_gateway(&render(config, &[("slow", &up.url())])).await;
+    let mut gw = GatewayBuilder::new(&render(config, &[("slow", &up.url())]))
+        .start()
+        .await;
     let addr = gw.addr;
     let in_flight = tokio::spawn(async move {
         send_http1_stream(addr, req("GET", "/stuck", "h").body(empty()).unwrap()).await

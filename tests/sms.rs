@@ -5,10 +5,9 @@
 //! what "enrolled" means with only SMS, removal, restart, failing closed, and nothing secret
 //! in logs, upstream requests or the database. Time is the injected clock; codes are read out
 //! of the texts the fake received.
-mod support;
-use support::self_service::*;
-use support::twilio::code_in;
-use support::*;
+use stepgate_testkit::self_service::*;
+use stepgate_testkit::twilio::code_in;
+use stepgate_testkit::*;
 
 use serde_json::{Value, json};
 

@@ -1,7 +1,6 @@
 //! The `sms` section of gateway.yaml (issue 7): off by default, validated like the rest with
 //! `file:line:column` errors, the auth token only from the environment or an owner-only file.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const SID: &str = "AC0123456789abcdef0123456789abcdef";
 

@@ -1,8 +1,7 @@
 //! Step-up tokens end to end (issue 4), with an injected clock: issued after a code with its
 //! expiry, accepted alone within the TTL (absolute, no sliding), refused after it, with another
 //! consumer's key, outside its scope, and after each kind of revocation.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 const BOTH: &str = "totp recovery_code";
 

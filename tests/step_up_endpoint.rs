@@ -1,12 +1,10 @@
 //! `POST /_stepgate/step-up`: trades a code for a step-up token without calling an upstream.
 
-mod support;
-
 use std::sync::Arc;
 
 use serde_json::json;
 use stepgate::clock::ManualClock;
-use support::*;
+use stepgate_testkit::*;
 
 const T0: u64 = 1_800_000_000;
 
@@ -62,7 +60,10 @@ async fn a_code_buys_a_token_that_works_on_the_policys_routes() {
         ],
     );
     let clock = Arc::new(ManualClock::new(T0));
-    let gw = start_admin_gateway_clocked(dir, clock.clone()).await;
+    let gw = GatewayBuilder::in_dir(dir)
+        .clock(clock.clone())
+        .start_admin()
+        .await;
     let (key, secret) = enrolled(&gw, "alice").await;
 
     // No code: the OTP challenge, like any protected route.

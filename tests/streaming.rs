@@ -2,8 +2,7 @@
 //!
 //! The gateway runs in-process, so the process's own VmHWM (peak RSS) bounds the gateway's
 //! memory use: if it buffered a 64 MiB body, the peak would grow by at least 64 MiB.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use http::Response;
 use http_body_util::BodyExt;
@@ -43,7 +42,9 @@ async fn upload(exact_length: bool) {
             .unwrap()
     })
     .await;
-    let gw = start_gateway(&render(CONFIG, &[("big", &up.url())])).await;
+    let gw = GatewayBuilder::new(&render(CONFIG, &[("big", &up.url())]))
+        .start()
+        .await;
     // Warm up connections/allocators with a small request first.
     let r = send_http1(
         gw.addr,
@@ -109,7 +110,9 @@ async fn large_response_body_is_streamed_to_client() {
             .unwrap()
     })
     .await;
-    let gw = start_gateway(&render(CONFIG, &[("big", &up.url())])).await;
+    let gw = GatewayBuilder::new(&render(CONFIG, &[("big", &up.url())]))
+        .start()
+        .await;
     let r = get(gw.addr, "/big/warm", "h").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), 4);

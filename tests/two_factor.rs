@@ -4,8 +4,7 @@
 //! concurrent uses), ±1 step of skew, malformed codes, recovery codes, the factors a policy
 //! accepts, `WWW-Authenticate` challenges, what the upstream sees, audit events and failing
 //! closed when the store cannot be written.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::sync::Arc;
 

@@ -1,8 +1,7 @@
 //! Upstream connections (src/proxy/pool.rs): kept and reused per worker thread, HTTP/2 by
 //! ALPN to https upstreams (one multiplexed connection per worker), HTTP/1.1 otherwise, and
 //! a connection the upstream closes is never reused.
-mod support;
-use support::*;
+use stepgate_testkit::*;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -111,7 +110,7 @@ async fn https_gateway(up: &Counting, ca_pem: &str, workers: usize) -> Gw {
         &config,
         &[("ca.pem", ca_pem), ("policies/public.yaml", PUBLIC)],
     );
-    start_gateway_in(dir).await
+    GatewayBuilder::in_dir(dir).start().await
 }
 
 /// One client connection, `n` requests one after another: every answer 200, and the version
@@ -138,7 +137,9 @@ async fn sequential(gw: &Gw, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_share_one_upstream_connection() {
     let up = Counting::start(None, false).await;
-    let gw = start_gateway(&config(&format!("http://{}", up.addr), "")).await;
+    let gw = GatewayBuilder::new(&config(&format!("http://{}", up.addr), ""))
+        .start()
+        .await;
     let versions = sequential(&gw, 20).await;
     assert!(versions.iter().all(|v| v == "HTTP/1.1"), "{versions:?}");
     // One client connection lives on one worker, whose pool keeps the connection it made.
@@ -148,7 +149,9 @@ async fn sequential_requests_share_one_upstream_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_open_what_they_need_then_reuse_it() {
     let up = Counting::start(None, false).await;
-    let gw = start_gateway(&config(&format!("http://{}", up.addr), "")).await;
+    let gw = GatewayBuilder::new(&config(&format!("http://{}", up.addr), ""))
+        .start()
+        .await;
     let round = || async {
         let clients: Vec<_> = (0..8)
             .map(|_| {
@@ -185,7 +188,9 @@ async fn concurrent_requests_open_what_they_need_then_reuse_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_upstream_closes_is_not_reused() {
     let up = Counting::start(None, true).await;
-    let gw = start_gateway(&config(&format!("http://{}", up.addr), "")).await;
+    let gw = GatewayBuilder::new(&config(&format!("http://{}", up.addr), ""))
+        .start()
+        .await;
     sequential(&gw, 10).await;
     assert_eq!(
         up.connections(),

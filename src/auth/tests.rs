@@ -129,8 +129,7 @@ impl Fixture {
 
     fn code(&self) -> String {
         let generator =
-            crate::credentials::totp::generator(&self.secret, Default::default(), "alice")
-                .unwrap();
+            crate::credentials::totp::generator(&self.secret, Default::default(), "alice").unwrap();
         generator.generate(self.clock.now()).to_string()
     }
 
@@ -259,7 +258,11 @@ async fn the_api_key_guard_vouches_for_the_consumer_and_removes_the_key() {
     assert_eq!(code_of(&twice), "bad_request");
     assert_eq!(seen.calls(), 0, "nothing refused reached the inner service");
 
-    let good = call(service.clone(), f.request("/keyed", &[("x-api-key", &f.key)])).await;
+    let good = call(
+        service.clone(),
+        f.request("/keyed", &[("x-api-key", &f.key)]),
+    )
+    .await;
     assert!(good.is_ok());
     assert_eq!(seen.header("x-consumer-name").as_deref(), Some("alice"));
     assert_eq!(seen.header("x-consumer-roles").as_deref(), Some("partner"));
@@ -292,7 +295,10 @@ async fn the_failure_limiter_counts_failures_from_below_and_bans_before_anything
         assert_eq!(code_of(&r), "otp_invalid");
     }
     let r = call(failing.clone(), f.request("/secure", &[])).await;
-    assert!(matches!(r, Err(Refusal::TooManyAttempts { retry_after: 600 })));
+    assert!(matches!(
+        r,
+        Err(Refusal::TooManyAttempts { retry_after: 600 })
+    ));
     let consumer = Subject::Consumer(f.alice().consumer_id);
     assert_eq!(f.limiter.banned(&consumer), Ok(Some(600)));
     assert_eq!(seen.calls(), 3);
@@ -309,7 +315,11 @@ async fn the_failure_limiter_counts_failures_from_below_and_bans_before_anything
     let passing = layer.layer(stub(&seen, ok));
     let r = call(passing, f.request("/open", &[])).await;
     assert_eq!(code_of(&r), "too_many_attempts");
-    assert_eq!(seen.calls(), 3, "the banned address reached the inner service");
+    assert_eq!(
+        seen.calls(),
+        3,
+        "the banned address reached the inner service"
+    );
 }
 
 #[tokio::test]
@@ -382,7 +392,10 @@ async fn roles_refuse_a_consumer_the_policy_does_not_allow_unless_reporting_only
     assert!(call(service, f.keyed("/watch", &[])).await.is_ok());
     assert_eq!(seen.calls(), 2);
     let events = f.accounts.audit(Some("alice"), None, 10).await.unwrap();
-    assert!(events.iter().any(|e| e.kind == "would_refuse"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e.kind == "would_refuse"),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +419,10 @@ async fn the_second_factor_layer_takes_a_code_once_and_then_its_token() {
     assert_eq!(seen.header("x-stepgate-auth").as_deref(), Some("key+totp"));
     assert_eq!(seen.header("x-otp"), None);
     assert!(proved.extensions().get::<SecondFactorPassed>().is_some());
-    let token = proved.headers()["x-step-up-token"].to_str().unwrap().to_owned();
+    let token = proved.headers()["x-step-up-token"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     // The same code again is a replay.
     let replay = call(service.clone(), f.keyed("/secure", &[("x-otp", &code)])).await;
     assert_eq!(code_of(&replay), "otp_invalid");
@@ -418,12 +434,23 @@ async fn the_second_factor_layer_takes_a_code_once_and_then_its_token() {
     )
     .await
     .unwrap();
-    assert!(with_token.extensions().get::<SecondFactorPassed>().is_none());
-    assert_eq!(seen.header("x-stepgate-auth").as_deref(), Some("key+step_up"));
+    assert!(
+        with_token
+            .extensions()
+            .get::<SecondFactorPassed>()
+            .is_none()
+    );
+    assert_eq!(
+        seen.header("x-stepgate-auth").as_deref(),
+        Some("key+step_up")
+    );
     assert_eq!(seen.header("x-step-up-token"), None);
     let bad_token = call(
         service,
-        f.keyed("/secure", &[("x-step-up-token", &format!("sgt_{}", "0".repeat(64)))]),
+        f.keyed(
+            "/secure",
+            &[("x-step-up-token", &format!("sgt_{}", "0".repeat(64)))],
+        ),
     )
     .await;
     assert_eq!(code_of(&bad_token), "step_up_invalid");

@@ -2,8 +2,8 @@
 //! the gateway adds its own, so they can never delete what the gateway vouches for; an option
 //! naming a credential or identity header is refused outright.
 
-use crate::support::*;
 use crate::tools::*;
+use stepgate_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_delete_or_name_identity_and_credential_headers() {

@@ -2,8 +2,8 @@
 //! spelling; other names with `_` follow `limits.headers_with_underscores`; the client's own
 //! identity and connection facts never reach an upstream.
 
-use crate::support::*;
 use crate::tools::*;
+use stepgate_testkit::*;
 
 /// CGI, WSGI, PHP and Rack upstreams read these as `HTTP_X_CONSUMER_NAME` and so on: the same
 /// variables as the gateway's own headers.

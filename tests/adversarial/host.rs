@@ -1,7 +1,7 @@
 //! One host, however it is spelled: the canonical host is routed, authorised and forwarded.
 
-use crate::support::*;
 use crate::tools::*;
+use stepgate_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailing_dot_case_or_default_port_does_not_escape_a_host_scoped_route() {

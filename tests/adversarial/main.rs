@@ -13,8 +13,6 @@
 //! - `paths`: dot segments with path parameters;
 //! - `watcher`: trace logging into a watched directory.
 
-#[path = "../support/mod.rs"]
-mod support;
 mod tools;
 
 mod connection;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::support::*;
+use stepgate_testkit::*;
 
 /// Routes: `/h` scoped to `api.example.com` (API key) and `/h` for any host (public), to
 /// different upstreams; `/keyed` (API key) and `/app` (public) to the recorder; `/raw` to
@@ -74,7 +74,7 @@ impl Edge {
                 ("policies/key.yaml", API_KEY_POLICY),
             ],
         );
-        let gw = start_admin_gateway(dir).await;
+        let gw = GatewayBuilder::in_dir(dir).start_admin().await;
         let created = gw.add_consumer("alice", &["partner"]).await;
         let key = created["api_key"].as_str().unwrap().to_string();
         Edge {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support::*;
 use crate::tools::*;
+use stepgate_testkit::*;
 
 async fn edge_before(script: Vec<Act>) -> (Edge, RawUpstream) {
     let up = RawUpstream::start(script).await;

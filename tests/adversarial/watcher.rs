@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::*;
+use stepgate_testkit::*;
 
 #[test]
 fn trace_logs_written_beside_the_config_do_not_feed_the_watcher() {

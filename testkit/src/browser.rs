@@ -4,7 +4,6 @@
 //! ready, and opens a session in Debian's Chromium with a fresh profile; dropping the
 //! [`Browser`] kills chromedriver (and with it Chromium). Missing binaries are a test failure
 //! that says to run `scripts/test`, never a skip.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -425,6 +424,6 @@ impl Browser {
 pub fn artifacts_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        .unwrap_or_else(crate::target_dir);
     target.join("test-artifacts")
 }

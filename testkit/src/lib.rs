@@ -1,4 +1,6 @@
-//! Shared helpers for the stepgate integration tests.
+//! What stepgate's integration tests share: the gateway started in-process, upstreams,
+//! clients, and the fixtures of whole flows. A crate of its own, so it is compiled once for
+//! every test binary.
 //!
 //! * [`write_config`] / [`start_gateway`]: write `gateway.yaml` (+ `policies/public.yaml`) into a
 //!   temp dir, load it, bind the in-process gateway on an ephemeral port and spawn `run`.
@@ -8,13 +10,16 @@
 //! * [`GenBody`]: a streaming body that produces N bytes in chunks without allocating N bytes.
 //! * [`twilio`]: a local server speaking Twilio's Messages API; [`logs`]: captured tracing
 //!   output of the in-process gateway.
-#![allow(dead_code)]
 
+pub mod browser;
+pub mod gateway;
 pub mod logs;
+pub mod ops;
 pub mod self_service;
 pub mod twilio;
 
-use std::collections::HashMap;
+pub use gateway::GatewayBuilder;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,9 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -54,6 +57,34 @@ pub fn full(b: impl Into<Bytes>) -> BoxBody {
 
 pub fn empty() -> BoxBody {
     full(Bytes::new())
+}
+
+/// The `stepgate` binary cargo built for the tests: beside the test executables' `deps/`.
+pub fn stepgate_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CARGO_BIN_EXE_stepgate") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is in target/<profile>/deps");
+    let bin = profile_dir.join(format!("stepgate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests through cargo, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// The target directory the tests run from.
+pub fn target_dir() -> PathBuf {
+    stepgate_bin()
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("the binary is in target/<profile>")
 }
 
 pub fn install_crypto() {
@@ -108,6 +139,19 @@ pub struct Gw {
 }
 
 impl Gw {
+    /// Runs a bound gateway on the test's runtime.
+    pub fn run(gateway: stepgate::server::Gateway, dir: tempfile::TempDir) -> Gw {
+        let addr = gateway.local_addr();
+        let token = gateway.shutdown_token();
+        let join = tokio::spawn(gateway.run());
+        Gw {
+            addr,
+            token,
+            join: Some(join),
+            dir,
+        }
+    }
+
     /// `127.0.0.1:PORT`
     pub fn authority(&self) -> String {
         self.addr.to_string()
@@ -133,39 +177,6 @@ impl Gw {
 impl Drop for Gw {
     fn drop(&mut self) {
         self.token.cancel();
-    }
-}
-
-pub async fn start_gateway(yaml: &str) -> Gw {
-    start_gateway_in(write_config(yaml)).await
-}
-
-pub async fn start_gateway_in(dir: tempfile::TempDir) -> Gw {
-    install_crypto();
-    let snapshot = match stepgate::config::load(&dir.path().join("gateway.yaml")) {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "config failed to load:\n{e}\n--- gateway.yaml ---\n{}",
-            std::fs::read_to_string(dir.path().join("gateway.yaml")).unwrap_or_default()
-        ),
-    };
-    let gw = stepgate::server::Gateway::bind(snapshot)
-        .await
-        .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
-    let addr = gw.local_addr();
-    assert_eq!(addr.ip().to_string(), "127.0.0.1");
-    assert_ne!(
-        addr.port(),
-        0,
-        "local_addr must report the real ephemeral port"
-    );
-    let token = gw.shutdown_token();
-    let join = tokio::spawn(gw.run());
-    Gw {
-        addr,
-        token,
-        join: Some(join),
-        dir,
     }
 }
 
@@ -884,21 +895,9 @@ pub fn is_uuid(s: &str) -> bool {
         })
 }
 
-pub fn header_names(h: &HeaderMap) -> Vec<String> {
-    h.keys().map(|k| k.as_str().to_string()).collect()
-}
-
-pub fn hn(s: &'static str) -> HeaderName {
-    HeaderName::from_static(s)
-}
-
-pub fn hv(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap()
-}
-
 /// Runs the stepgate binary with `args`; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stepgate"))
+    let out = std::process::Command::new(stepgate_bin())
         .args(args)
         .output()
         .expect("spawn stepgate");
@@ -911,13 +910,6 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 
 pub fn path_str(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-pub fn map_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -945,6 +937,11 @@ routes:
     policy: public
 "#;
 
+/// A gateway on [`KEYED_CONFIG`] with the admin API on an ephemeral port.
+pub fn keyed_gateway(app_url: &str, data_dir: &str) -> GatewayBuilder {
+    GatewayBuilder::in_dir(write_keyed_config(app_url, "127.0.0.1:0", data_dir))
+}
+
 /// Writes [`KEYED_CONFIG`] with both policies into a fresh temp dir. `data_dir` may be relative
 /// (to the config's directory) or absolute (to share one data dir between gateways).
 pub fn write_keyed_config(app_url: &str, admin: &str, data_dir: &str) -> tempfile::TempDir {
@@ -971,6 +968,32 @@ pub struct AdminGw {
 }
 
 impl AdminGw {
+    /// Runs a bound gateway whose configuration has an `admin` section; its token is read
+    /// from the data directory.
+    pub fn run(gateway: stepgate::server::Gateway, dir: tempfile::TempDir) -> AdminGw {
+        let admin = gateway.admin_addr().expect(
+            "the config has an `admin` section, so the gateway must bind an admin listener",
+        );
+        assert_ne!(admin.port(), 0, "admin_addr must report the real port");
+        let data_dir = gateway.data_dir();
+        let token_path = stepgate::secrets::admin_token_path(&data_dir);
+        let token = std::fs::read_to_string(&token_path)
+            .unwrap_or_else(|e| panic!("admin token {}: {e}", token_path.display()))
+            .trim()
+            .to_string();
+        assert!(
+            token.len() >= 16,
+            "admin token too short: {} chars",
+            token.len()
+        );
+        AdminGw {
+            gw: Gw::run(gateway, dir),
+            admin,
+            token,
+            data_dir,
+        }
+    }
+
     /// The public listener.
     pub fn addr(&self) -> SocketAddr {
         self.gw.addr
@@ -1082,67 +1105,6 @@ pub fn assert_admin_problem(r: &Resp, status: u16, code: &str) -> serde_json::Va
     j
 }
 
-fn load_snapshot(dir: &Path) -> stepgate::config::Config {
-    match stepgate::config::load(&dir.join("gateway.yaml")) {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "config failed to load:\n{e}\n--- gateway.yaml ---\n{}",
-            std::fs::read_to_string(dir.join("gateway.yaml")).unwrap_or_default()
-        ),
-    }
-}
-
-fn spawn_bound(
-    gw: stepgate::server::Gateway,
-    dir: tempfile::TempDir,
-    data_dir: PathBuf,
-) -> AdminGw {
-    let addr = gw.local_addr();
-    let admin = gw
-        .admin_addr()
-        .expect("the config has an `admin` section, so the gateway must bind an admin listener");
-    assert_ne!(admin.port(), 0, "admin_addr must report the real port");
-    let token_path = stepgate::secrets::admin_token_path(&data_dir);
-    let token = std::fs::read_to_string(&token_path)
-        .unwrap_or_else(|e| panic!("admin token {}: {e}", token_path.display()))
-        .trim()
-        .to_string();
-    assert!(
-        token.len() >= 16,
-        "admin token too short: {} chars",
-        token.len()
-    );
-    let token_cancel = gw.shutdown_token();
-    let join = tokio::spawn(gw.run());
-    AdminGw {
-        gw: Gw {
-            addr,
-            token: token_cancel,
-            join: Some(join),
-            dir,
-        },
-        admin,
-        token,
-        data_dir,
-    }
-}
-
-/// Binds and runs the gateway of `dir` (whose config must have an `admin` section).
-pub async fn start_admin_gateway(dir: tempfile::TempDir) -> AdminGw {
-    install_crypto();
-    let snapshot = load_snapshot(dir.path());
-    let data_dir = snapshot.data_dir.clone();
-    let gw = stepgate::server::Gateway::bind(snapshot)
-        .await
-        .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
-    spawn_bound(gw, dir, data_dir)
-}
-
-/// A gateway on [`KEYED_CONFIG`] with the admin API on an ephemeral port.
-pub async fn start_keyed_gateway(app_url: &str, data_dir: &str) -> AdminGw {
-    start_admin_gateway(write_keyed_config(app_url, "127.0.0.1:0", data_dir)).await
-}
-
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -1150,30 +1112,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Like [`start_keyed_gateway`], but the admin API listens on a fixed port written into
-/// gateway.yaml, so that the CLI can find it from the config alone. Retries with another port
-/// if the chosen one was taken meanwhile.
-pub async fn start_keyed_gateway_fixed_admin(app_url: &str, data_dir: &str) -> AdminGw {
-    install_crypto();
-    let mut last = String::new();
-    for _ in 0..5 {
-        let port = free_port();
-        let dir = write_keyed_config(app_url, &format!("127.0.0.1:{port}"), data_dir);
-        let snapshot = load_snapshot(dir.path());
-        let data_dir = snapshot.data_dir.clone();
-        match stepgate::server::Gateway::bind(snapshot).await {
-            Ok(gw) => {
-                let started = spawn_bound(gw, dir, data_dir);
-                assert_eq!(started.admin.port(), port);
-                return started;
-            }
-            Err(e @ stepgate::Error::Bind { .. }) => last = e.to_string(),
-            Err(e) => panic!("Gateway::bind failed: {e}"),
-        }
-    }
-    panic!("could not bind a fixed admin port: {last}");
 }
 
 /// Runs the stepgate binary off the async runtime with a clean environment (no
@@ -1193,7 +1131,7 @@ pub fn run_cli_env<S: AsRef<std::ffi::OsStr>>(
     args: &[S],
     env: &[(String, String)],
 ) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_stepgate"));
+    let mut cmd = std::process::Command::new(stepgate_bin());
     for var in [
         "STEPGATE_ADMIN_URL",
         "STEPGATE_ADMIN_TOKEN",
@@ -1410,20 +1348,6 @@ pub fn totp_at(secret: &str, t: u64) -> String {
     totp_at_with(secret, "SHA1", 6, 30, t)
 }
 
-/// Like [`start_admin_gateway`], with an injected clock.
-pub async fn start_admin_gateway_clocked(
-    dir: tempfile::TempDir,
-    clock: Arc<stepgate::clock::ManualClock>,
-) -> AdminGw {
-    install_crypto();
-    let snapshot = load_snapshot(dir.path());
-    let data_dir = snapshot.data_dir.clone();
-    let gw = stepgate::server::Gateway::bind_with_clock(snapshot, clock)
-        .await
-        .unwrap_or_else(|e| panic!("Gateway::bind_with_clock failed: {e}"));
-    spawn_bound(gw, dir, data_dir)
-}
-
 /// The policies of [`TWO_FACTOR_CONFIG`], one file each.
 pub const TWO_FACTOR_POLICIES: &[(&str, &str)] = &[
     ("policies/public.yaml", DEFAULT_POLICY),
@@ -1514,17 +1438,6 @@ routes:
   - { name: open, match: { path: /open }, upstream: app, policy: public }
 "#;
 
-/// Writes [`TWO_FACTOR_CONFIG`] and its policies into a fresh temp dir.
-pub fn write_two_factor_config(app_url: &str, data_dir: &str, extra: &str) -> tempfile::TempDir {
-    write_config_with(
-        &render(
-            TWO_FACTOR_CONFIG,
-            &[("app", app_url), ("data_dir", data_dir), ("extra", extra)],
-        ),
-        TWO_FACTOR_POLICIES,
-    )
-}
-
 /// A gateway.yaml template with `${app}` and `${data_dir}` (and nothing else left to fill),
 /// with its policy files: what [`TwoFactor::start_custom`] runs.
 #[derive(Debug, Clone)]
@@ -1600,7 +1513,10 @@ impl TwoFactor {
         let clock = Arc::new(stepgate::clock::ManualClock::new(T0));
         let data = tempfile::tempdir().expect("tempdir");
         let dir = config.write(&up.url(), &path_str(data.path()));
-        let gw = start_admin_gateway_clocked(dir, clock.clone()).await;
+        let gw = GatewayBuilder::in_dir(dir)
+            .clock(clock.clone())
+            .start_admin()
+            .await;
         TwoFactor {
             gw,
             up,
@@ -1617,7 +1533,10 @@ impl TwoFactor {
         let dir = self
             .config
             .write(&self.up.url(), &path_str(self.data.path()));
-        self.gw = start_admin_gateway_clocked(dir, self.clock.clone()).await;
+        self.gw = GatewayBuilder::in_dir(dir)
+            .clock(self.clock.clone())
+            .start_admin()
+            .await;
     }
 
     /// The SQLite file of the store.

@@ -17,8 +17,8 @@ use std::ops::Deref;
 
 use serde_json::{Value, json};
 
-use super::twilio::FakeTwilio;
-use super::*;
+use crate::twilio::FakeTwilio;
+use crate::*;
 
 pub const PHONE: &str = "+447700900123";
 pub const PHONE_MASKED: &str = "+44•••••••123";

@@ -1,12 +1,10 @@
-//! Helpers for the operations tests (issue 5: reload, metrics, health, audit sink), on top of
-//! `tests/support` (which a test file must declare as `mod support;` next to this module).
+//! Helpers for the operations tests (reload, metrics, health, audit sink).
 //!
-//! * [`start`] / [`start_clocked`]: bind the in-process gateway and keep its [`Reloader`] and
-//!   [`Metrics`] handles (the shared helpers hand `Gateway` to `run` and lose them).
+//! * [`OpsGw`]: a gateway with the handles `run` would keep to itself (see
+//!   [`GatewayBuilder::start_ops`](crate::GatewayBuilder::start_ops)).
 //! * [`Scrape`]: `/metrics` fetched and parsed as Prometheus text.
 //! * [`eventually`]: polls with a bounded deadline (for the debounced file watcher).
 //! * [`write_atomic`], [`write_in_place`]: the ways editors and deploy tools save files.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::*;
+use crate::*;
 use serde_json::Value;
-use stepgate::clock::ManualClock;
+
 use stepgate::metrics::Metrics;
 use stepgate::reload::Reloader;
 
@@ -96,65 +94,6 @@ impl OpsGw {
             hit.then_some(status)
         })
         .await
-    }
-}
-
-/// Binds the gateway of `dir` (its `gateway.yaml` must have an `admin` section) and spawns
-/// `run`.
-pub async fn start(dir: tempfile::TempDir) -> OpsGw {
-    start_with(dir, None).await
-}
-
-/// [`start`] with an injected clock.
-pub async fn start_clocked(dir: tempfile::TempDir, clock: Arc<ManualClock>) -> OpsGw {
-    start_with(dir, Some(clock)).await
-}
-
-async fn start_with(dir: tempfile::TempDir, clock: Option<Arc<ManualClock>>) -> OpsGw {
-    install_crypto();
-    let file = dir.path().join("gateway.yaml");
-    let snapshot = stepgate::config::load(&file).unwrap_or_else(|e| {
-        panic!(
-            "config failed to load:\n{e}\n--- gateway.yaml ---\n{}",
-            std::fs::read_to_string(&file).unwrap_or_default()
-        )
-    });
-    let data_dir = snapshot.data_dir.clone();
-    let gateway = match clock {
-        Some(clock) => stepgate::server::Gateway::bind_with_clock(snapshot, clock).await,
-        None => stepgate::server::Gateway::bind(snapshot).await,
-    }
-    .unwrap_or_else(|e| panic!("Gateway::bind failed: {e}"));
-    let reloader = gateway.reloader();
-    let metrics = gateway.metrics();
-    let accounts = gateway.accounts();
-    let addr = gateway.local_addr();
-    let admin = gateway
-        .admin_addr()
-        .expect("the test config has an `admin` section");
-    assert_ne!(admin.port(), 0);
-    let token_path = stepgate::secrets::admin_token_path(&data_dir);
-    let token = std::fs::read_to_string(&token_path)
-        .unwrap_or_else(|e| panic!("admin token {}: {e}", token_path.display()))
-        .trim()
-        .to_string();
-    let cancel = gateway.shutdown_token();
-    let join = tokio::spawn(gateway.run());
-    OpsGw {
-        gw: AdminGw {
-            gw: Gw {
-                addr,
-                token: cancel,
-                join: Some(join),
-                dir,
-            },
-            admin,
-            token,
-            data_dir,
-        },
-        reloader,
-        metrics,
-        accounts,
     }
 }
 

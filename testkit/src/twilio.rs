@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::{BoxBody, full};
+use crate::{BoxBody, full};
 
 /// One message the fake accepted.
 #[derive(Debug, Clone)]

@@ -22,16 +22,19 @@ pub struct Who<'a> {
     pub name: &'a str,
 }
 
-/// Records security events with the time they happened.
+/// Records security events with the time they happened. Cheap to clone (one shared handle):
+/// the request path carries it into every request's future.
 #[derive(Clone)]
-pub struct Audit {
+pub struct Audit(Arc<AuditFront>);
+
+struct AuditFront {
     log: AuditLog,
     clock: SharedClock,
 }
 
 impl Audit {
     pub fn new(log: AuditLog, clock: SharedClock) -> Self {
-        Self { log, clock }
+        Self(Arc::new(AuditFront { log, clock }))
     }
 
     /// An event about `who` (or nobody in particular), with the key it came with.
@@ -42,9 +45,9 @@ impl Audit {
         key_prefix: Option<&str>,
         detail: serde_json::Value,
     ) {
-        self.log.record(AuditEvent {
+        self.0.log.record(AuditEvent {
             id: 0,
-            at: self.clock.now(),
+            at: self.0.clock.now(),
             kind: kind.to_owned(),
             consumer_id: who.map(|w| w.id.to_owned()),
             consumer_name: who.map(|w| w.name.to_owned()),
@@ -68,7 +71,7 @@ impl Audit {
 
     /// Waits until every event recorded so far is stored (or given up on).
     pub async fn flush(&self) {
-        self.log.flush().await;
+        self.0.log.flush().await;
     }
 }
 
@@ -118,11 +121,22 @@ impl AuditLog {
                         next = rx.try_recv().ok();
                     }
                 }
-                if !batch.is_empty() {
-                    let events = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                    let count = events.len();
-                    if let Err(error) = store.append_audit_batch(events).await {
-                        tracing::error!(%error, count, "could not store audit events");
+                // A store that is away (a restart, an outage) loses no event: the batch is
+                // tried again, with backoff, while new events wait in the queue (and past its
+                // bound reach the log only, counted above).
+                let mut backoff = std::time::Duration::from_millis(100);
+                while !batch.is_empty() {
+                    match store.append_audit_batch(batch.clone()).await {
+                        Ok(()) => batch.clear(),
+                        Err(error) => {
+                            tracing::error!(%error, count = batch.len(), "could not store audit events; retrying");
+                            // Whoever waits for a flush reads what is stored meanwhile.
+                            for done in flushes.drain(..) {
+                                let _ = done.send(());
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                        }
                     }
                 }
                 for done in flushes.drain(..) {

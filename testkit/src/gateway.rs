@@ -1,5 +1,5 @@
-//! The one way the tests start a gateway: [`GatewayBuilder`]. A configuration (YAML with its
-//! files, or a directory already written), optionally a manual clock and a fixed admin port;
+//! The one way the tests start a gateway: [`GatewayBuilder`]. A configuration (YAML, or a
+//! directory already written), optionally a manual clock and a fixed admin port;
 //! then [`start`](GatewayBuilder::start) (the public listener), [`start_admin`]
 //! (with its admin API and token) or [`start_ops`] (with the handles `run` would keep).
 //!
@@ -13,7 +13,7 @@ use stepgate::clock::ManualClock;
 use stepgate::server::Gateway;
 
 use crate::ops::OpsGw;
-use crate::{AdminGw, Gw, free_port, install_crypto, write_config, write_config_with};
+use crate::{AdminGw, Gw, free_port, install_crypto, write_config};
 
 pub struct GatewayBuilder {
     dir: tempfile::TempDir,
@@ -25,11 +25,6 @@ impl GatewayBuilder {
     /// `gateway.yaml` from `yaml`, with the public policy (`policies/public.yaml`).
     pub fn new(yaml: &str) -> Self {
         Self::in_dir(write_config(yaml))
-    }
-
-    /// `gateway.yaml` from `yaml`, and these files (relative paths) beside it.
-    pub fn with_files(yaml: &str, files: &[(&str, &str)]) -> Self {
-        Self::in_dir(write_config_with(yaml, files))
     }
 
     /// A configuration written already (`gateway.yaml` in `dir`).

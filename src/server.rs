@@ -32,7 +32,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Limits, StoreSettings};
 use crate::connection::{Activity, Awaiting, ConnInfo};
 use crate::context::Context as RequestContext;
-use crate::limiter::{AttemptLimiter, LimiterWriter, LocalLimiter};
+use crate::limiter::{AttemptLimiter, LimiterWriter, LocalLimiter, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
@@ -40,8 +40,9 @@ use crate::snapshot::{ConfigHandle, Snapshot};
 use crate::startup::Error;
 use crate::store::ChangeFeed;
 use crate::store::Store;
+use crate::store::redis::{Redis, RedisStore};
 use crate::store::sqlite::SqliteStore;
-use crate::tokens::{LocalTokens, TokenStore};
+use crate::tokens::{LocalTokens, RedisTokens, TokenStore};
 
 /// How often key "last used" times are written and expired step-up tokens swept.
 const HOUSEKEEPING: Duration = Duration::from_secs(30);
@@ -76,12 +77,20 @@ impl Gateway {
         let data_dir = snapshot.data_dir.clone();
         let master = MasterKey::load_or_create(&data_dir)?;
         let admin_token = AdminToken::load_or_create(&data_dir)?;
-        let store: Arc<dyn Store> = match snapshot.store.clone() {
-            StoreSettings::Sqlite { path } => Arc::new(
-                tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??,
+        let (store, redis): (Arc<dyn Store>, Option<Redis>) = match snapshot.store.clone() {
+            StoreSettings::Sqlite { path } => (
+                Arc::new(
+                    tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                        .await
+                        .map_err(|e| Error::Io(std::io::Error::other(e)))??,
+                ),
+                None,
             ),
+            StoreSettings::Redis(settings) => {
+                let redis = Redis::connect(&settings).await?;
+                tracing::info!(url = settings.url.as_str(), "store: Redis");
+                (Arc::new(RedisStore::new(redis.clone())), Some(redis))
+            }
         };
         // Subscribed before the directory loads, so that no change made meanwhile is missed.
         let changes = store.changes();
@@ -89,7 +98,10 @@ impl Gateway {
             AuditLog::start(store.clone(), snapshot.audit_sink.clone()),
             clock.clone(),
         );
-        let tokens: Arc<dyn TokenStore> = Arc::new(LocalTokens::new());
+        let tokens: Arc<dyn TokenStore> = match &redis {
+            Some(redis) => Arc::new(RedisTokens::start(redis.clone())),
+            None => Arc::new(LocalTokens::new()),
+        };
         let accounts = Arc::new(
             Accounts::open(
                 store.clone(),
@@ -100,9 +112,17 @@ impl Gateway {
             )
             .await?,
         );
-        // Bans and counts from before a restart are in force again before the first request.
-        let (limiter, limiter_writer) = LocalLimiter::persistent(clock.clone(), store).await?;
-        let limiter: Arc<dyn AttemptLimiter> = Arc::new(limiter);
+        // Bans (and counts) from before a restart are in force again before the first request.
+        let (limiter, limiter_writer): (Arc<dyn AttemptLimiter>, LimiterWriter) = match redis {
+            Some(redis) => {
+                let (limiter, writer) = RedisLimiter::start(redis, clock.clone(), store).await?;
+                (Arc::new(limiter), writer)
+            }
+            None => {
+                let (limiter, writer) = LocalLimiter::persistent(clock.clone(), store).await?;
+                (Arc::new(limiter), writer)
+            }
+        };
         let metrics = Metrics::new();
 
         let addr = snapshot.listen;

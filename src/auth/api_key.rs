@@ -77,6 +77,10 @@ impl<B> Guard<B> for ApiKeyGuard {
                 "exactly one X-Api-Key header of visible ASCII is allowed",
             )?
             .ok_or_else(|| Refusal::ApiKeyMissing)?;
+            // A node out of touch with a shared store may hold a key revoked elsewhere.
+            if !self.directory.is_current() {
+                return Err(Refusal::Unavailable);
+            }
             self.directory
                 .authenticate(presented)
                 .ok_or_else(|| Refusal::ApiKeyInvalid)?

@@ -193,7 +193,61 @@ impl SelfServiceSpec {
 /// Where consumers and credentials are persisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSettings {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// Shared by several nodes.
+    Redis(RedisSettings),
+}
+
+/// A Redis store shared by several nodes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS), without a password.
+    pub url: String,
+    /// Before every key and the pub/sub channel, so that several deployments can share one
+    /// Redis; `stepgate:` by default.
+    pub key_prefix: String,
+    /// From `password_env` or `password_file`; never shown.
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    /// How long one command may take before the gateway gives up on it (and fails closed).
+    pub command_timeout: Duration,
+    /// How long keys and step-up tokens are served from this node's memory once it has lost
+    /// touch with Redis (revocations may be missed meanwhile); then they fail closed.
+    pub stale_for: Duration,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url)
+            .field("key_prefix", &self.key_prefix)
+            .field("password", &self.password.as_ref().map(|_| "(set)"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("stale_for", &self.stale_for)
+            .finish()
+    }
+}
+
+impl RedisSettings {
+    pub const DEFAULT_PREFIX: &'static str = "stepgate:";
+    pub const DEFAULT_STALE_FOR: Duration = Duration::from_secs(5);
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The settings for `url` with every default (no password).
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            key_prefix: Self::DEFAULT_PREFIX.to_owned(),
+            password: None,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: Self::DEFAULT_COMMAND_TIMEOUT,
+            stale_for: Self::DEFAULT_STALE_FOR,
+        }
+    }
 }
 
 /// Protocol limits of the public listener. Defaults sit close to nginx's and Envoy's.

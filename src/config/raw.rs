@@ -122,6 +122,21 @@ pub struct Audit {
 #[serde(deny_unknown_fields)]
 pub struct StoreSpec {
     pub sqlite: Option<Sqlite>,
+    pub redis: Option<Spanned<Redis>>,
+}
+
+/// `store: { redis: {...} }`: several nodes sharing one Redis. The password is never written
+/// here: it comes from an environment variable or an owner-only file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: Spanned<String>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<Scalar>>,
+    pub command_timeout: Option<Spanned<Scalar>>,
+    pub stale_for: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

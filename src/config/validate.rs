@@ -2,6 +2,7 @@
 //! instead of stopping at the first, so `stepgate check` shows an operator everything at once.
 //! The `sms` and `self_service` sections are in their own files.
 
+mod redis;
 mod self_service;
 mod sms;
 
@@ -141,24 +142,31 @@ impl Loader<'_> {
         let data_dir = self
             .base
             .join(raw.data_dir.as_ref().map_or("data", |d| d.value.as_str()));
-        let store = match raw.store.as_ref().map(|s| &s.sqlite) {
-            Some(Some(sqlite)) => StoreSettings::Sqlite {
+        let default_store = StoreSettings::Sqlite {
+            path: data_dir.join("stepgate.db"),
+        };
+        let store = match raw.store.as_ref().map(|s| (&s.sqlite, &s.redis)) {
+            Some((Some(sqlite), None)) => StoreSettings::Sqlite {
                 path: self.base.join(&sqlite.path.value),
             },
-            Some(None) => {
+            Some((None, Some(redis))) => self.redis(redis).unwrap_or(default_store),
+            Some((Some(_), Some(redis))) => {
+                self.at(
+                    &redis.referenced,
+                    "store: name one backend, `sqlite` or `redis`, not both",
+                );
+                default_store
+            }
+            Some((None, None)) => {
                 self.errors.0.push(ConfigError::new(
                     self.file,
                     0,
                     0,
                     "store: name a backend, e.g. `store: { sqlite: { path: data/stepgate.db } }`",
                 ));
-                StoreSettings::Sqlite {
-                    path: data_dir.join("stepgate.db"),
-                }
+                default_store
             }
-            None => StoreSettings::Sqlite {
-                path: data_dir.join("stepgate.db"),
-            },
+            None => default_store,
         };
         let tls = raw.tls.as_ref().and_then(|t| self.tls(t));
         let limits = self.limits(&raw.limits);

@@ -23,7 +23,9 @@ use crate::clock::SharedClock;
 use crate::credentials::api_key;
 use crate::error::Attempt;
 use crate::secrets::{DigestMap, MasterKey};
-use crate::store::{ChangeFeed, ConsumerState, FeedEvent, Hash, Store, StoreError};
+use crate::store::{
+    ChangeFeed, ConsumerState, FeedEvent, Freshness, Hash, Resync, Store, StoreError,
+};
 
 /// A live API key in the index.
 #[derive(Debug)]
@@ -116,6 +118,9 @@ pub struct Directory {
     store: Arc<dyn Store>,
     master: Arc<MasterKey>,
     clock: SharedClock,
+    /// Whether the index may be trusted: on a shared store, a node that stopped hearing the
+    /// store's announcements could be holding a revoked key.
+    freshness: Arc<Freshness>,
     /// One refresh or resync at a time: each loads the store's state after the one before
     /// published, so an older load can never overwrite a newer one.
     applying: tokio::sync::Mutex<()>,
@@ -130,6 +135,7 @@ impl Directory {
     ) -> Result<Self, StoreError> {
         let directory = Self {
             index: ArcSwap::from_pointee(Index::default()),
+            freshness: store.freshness(),
             store,
             master,
             clock,
@@ -141,6 +147,12 @@ impl Directory {
 
     pub fn now(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// False while the index may have missed a change (a shared store's announcements have not
+    /// been heard for too long): keys must not be trusted then, and requests fail closed.
+    pub fn is_current(&self) -> bool {
+        !self.freshness.is_stale()
     }
 
     /// The live key entry for a presented API key. No lock, no I/O: the request path.
@@ -235,31 +247,40 @@ impl Directory {
     /// that cannot be applied (the store unavailable) is retried by resyncing later.
     pub async fn follow(self: Arc<Self>, mut feed: ChangeFeed, shutdown: CancellationToken) {
         let mut behind = false;
+        // The resync owed since the feed was lost, held until one succeeds (the node's
+        // freshness waits for it).
+        let mut owed: Option<Resync> = None;
         loop {
             let event = tokio::select! {
                 event = feed.next() => event,
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(std::time::Duration::from_secs(1)), if behind => {
-                    Some(FeedEvent::Lost)
+                    Some(FeedEvent::Lost(Resync::default()))
                 }
             };
-            let applied = match event {
+            match event {
                 None => return,
                 Some(FeedEvent::Changed(change)) => {
-                    self.apply(&change.consumer_id, change.version).await
+                    if let Err(error) = self.apply(&change.consumer_id, change.version).await {
+                        tracing::warn!(%error, "could not apply a consumer change; resyncing");
+                        behind = true;
+                    }
                 }
-                Some(FeedEvent::Lost) => {
+                Some(FeedEvent::Lost(resync)) => {
+                    owed.get_or_insert(resync);
                     tracing::info!("consumer changes may have been missed; reloading them all");
-                    self.resync().await
+                    match self.resync().await {
+                        Ok(()) => {
+                            behind = false;
+                            owed = None;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "could not reload the consumers; retrying");
+                            behind = true;
+                        }
+                    }
                 }
-            };
-            behind = match applied {
-                Ok(()) => false,
-                Err(error) => {
-                    tracing::warn!(%error, "could not apply a consumer change; resyncing");
-                    true
-                }
-            };
+            }
         }
     }
 

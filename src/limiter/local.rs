@@ -186,11 +186,41 @@ impl LocalLimiter {
         store: Arc<dyn Store>,
     ) -> Result<(Self, LimiterWriter), crate::store::StoreError> {
         let kept = store.load_limiter(clock.now(), clock.now_millis()).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut limiter = Self::new(clock);
+        let limiter = Self::new(clock);
         limiter.restore(kept);
-        limiter.changes = Some(tx);
-        Ok((limiter, LimiterWriter::new(store, rx)))
+        Ok(limiter.writing_to(store))
+    }
+
+    /// This limiter, its changes written to `store` by the returned writer (run it in the
+    /// background).
+    pub fn writing_to(mut self, store: Arc<dyn Store>) -> (Self, LimiterWriter) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.changes = Some(tx);
+        (self, LimiterWriter::new(store, rx))
+    }
+
+    /// Holds a ban made elsewhere (not written anywhere): kept unless a ban ending later is
+    /// held already.
+    pub fn hold_ban(&self, subject: Subject, ban: Ban) {
+        if ban.until <= self.clock.now()
+            || self
+                .bans
+                .get(&subject)
+                .is_some_and(|held| held.until >= ban.until)
+        {
+            return;
+        }
+        self.bans_held.of(&subject).fetch_add(1, Ordering::AcqRel);
+        self.bans.insert(subject, ban);
+    }
+
+    /// Forgets a subject's ban and counts, lifted elsewhere (not written anywhere).
+    pub fn forget(&self, subject: &Subject) {
+        self.bans.invalidate(subject);
+        let cleared = subject.clone();
+        let _ = self
+            .counters
+            .invalidate_entries_if(move |(_, s), _| *s == cleared);
     }
 
     /// Takes up bans and counts kept from before a restart.
@@ -256,6 +286,7 @@ impl LocalLimiter {
             self.bans.invalidate(subject);
             self.persist(|| LimiterChange::Unban {
                 subject: subject.key(),
+                until: ban.until,
             });
             Err(ban)
         }
@@ -388,7 +419,7 @@ impl ChangeKey {
     fn of(change: &LimiterChange) -> Option<ChangeKey> {
         Some(match change {
             LimiterChange::Ban(ban) => ChangeKey::Ban(ban.subject.clone()),
-            LimiterChange::Unban { subject } => ChangeKey::Ban(subject.clone()),
+            LimiterChange::Unban { subject, .. } => ChangeKey::Ban(subject.clone()),
             LimiterChange::Count(c) => ChangeKey::Counter(c.policy.clone(), c.subject.clone()),
             LimiterChange::Uncount { policy, subject } => {
                 ChangeKey::Counter(policy.clone(), subject.clone())

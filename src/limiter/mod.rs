@@ -19,6 +19,7 @@
 //! shared backend. [`LocalLimiter`] is the one-node implementation.
 
 mod local;
+pub mod redis;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use local::{LimiterWriter, LocalLimiter};
+pub use redis::RedisLimiter;
 
 use crate::config::{Failures, Rate};
 

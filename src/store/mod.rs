@@ -3,9 +3,17 @@
 //! API key: the directory keeps what a request needs in memory, and learns of every change
 //! from the store's [`ChangeFeed`] (each write bumps its consumer's version and announces
 //! it), so a write on one node reaches the directory of every node sharing the store. SQLite
-//! (`sqlite`) is the embedded default and feeds itself.
+//! (`sqlite`) is the embedded default and feeds itself; Redis (`redis`) is shared by several
+//! nodes, and its feed can go quiet: [`Freshness`] says whether what a node holds may be
+//! trusted.
 
+mod feed;
+pub mod redis;
 pub mod sqlite;
+
+use std::sync::Arc;
+
+pub use feed::{Change, ChangeFeed, Feed, FeedEvent, Follower, Freshness, Resync};
 
 use async_trait::async_trait;
 
@@ -155,9 +163,10 @@ pub struct FailureCountRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimiterChange {
     Ban(BanRecord),
-    /// The ban ended (its time is over).
+    /// The ban ending at `until` is over: it goes, unless a later one replaced it.
     Unban {
         subject: String,
+        until: u64,
     },
     Count(FailureCountRecord),
     /// A success (or a ban) started the count afresh.
@@ -232,44 +241,6 @@ impl State {
     }
 }
 
-/// A consumer changed: its id and its version after the change. A deleted consumer's last
-/// version is the one before its deletion plus one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub consumer_id: std::sync::Arc<str>,
-    pub version: u64,
-}
-
-/// What a change feed delivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FeedEvent {
-    Changed(Change),
-    /// Changes may have been missed (the subscriber fell behind, or the feed's connection was
-    /// lost and is back): the subscriber must resync from the store.
-    Lost,
-}
-
-/// A subscription to a store's changes, in the order they were made.
-pub struct ChangeFeed {
-    rx: tokio::sync::broadcast::Receiver<FeedEvent>,
-}
-
-impl ChangeFeed {
-    pub fn new(rx: tokio::sync::broadcast::Receiver<FeedEvent>) -> Self {
-        Self { rx }
-    }
-
-    /// The next event; `None` once the store is gone.
-    pub async fn next(&mut self) -> Option<FeedEvent> {
-        use tokio::sync::broadcast::error::RecvError;
-        match self.rx.recv().await {
-            Ok(event) => Some(event),
-            Err(RecvError::Lagged(_)) => Some(FeedEvent::Lost),
-            Err(RecvError::Closed) => None,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("already exists: {0}")]
@@ -285,6 +256,8 @@ pub trait Store: Send + Sync + 'static {
     async fn load_consumer(&self, id: &str) -> Result<Option<ConsumerState>, StoreError>;
     /// The changes made from now on, by any node sharing the store.
     fn changes(&self) -> ChangeFeed;
+    /// How recent this node's view of the store is (see [`Freshness`]).
+    fn freshness(&self) -> Arc<Freshness>;
     /// A consumer and its first key, atomically. `Conflict` when the name is taken.
     async fn insert_consumer(
         &self,
@@ -413,7 +386,8 @@ pub trait Store: Send + Sync + 'static {
     /// The failure limiter's bans still in force at `now` (Unix seconds) and its counts not yet
     /// run out at `now_ms`; those over are deleted on the way.
     async fn load_limiter(&self, now: u64, now_ms: u64) -> Result<LimiterState, StoreError>;
-    /// Applies limiter changes in order, atomically.
+    /// Applies limiter changes in order (atomically where the store can: a shared store does
+    /// it subject by subject).
     async fn save_limiter(&self, changes: Vec<LimiterChange>) -> Result<(), StoreError>;
     /// Cheap reachability check for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::{
     AuditEvent, BanRecord, Change, ChangeFeed, CodeCheck, ConsumerFilter, ConsumerRecord,
-    ConsumerState, FailureCountRecord, FeedEvent, Hash, KeyRecord, LimiterChange, LimiterState,
+    ConsumerState, FailureCountRecord, Freshness, Hash, KeyRecord, LimiterChange, LimiterState,
     RecoveryCodeRecord, SmsCodeRecord, SmsRecord, State, Store, StoreError, TotpRecord,
 };
 use crate::credentials::assurance::Assurance;
@@ -162,7 +162,8 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     /// Every committed change to a consumer, for this process's subscribers (one node: the
     /// store feeds itself).
-    feed: tokio::sync::broadcast::Sender<FeedEvent>,
+    feed: tokio::sync::broadcast::Sender<Change>,
+    freshness: Arc<Freshness>,
 }
 
 /// Changes a subscriber may fall behind by before it is told to resync.
@@ -194,6 +195,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
             feed: tokio::sync::broadcast::channel(FEED_BACKLOG).0,
+            freshness: Freshness::always(),
         })
     }
 
@@ -220,10 +222,10 @@ impl SqliteStore {
 
     fn announce(&self, consumer_id: &str, version: u64) {
         // No subscriber is fine: nothing holds an index then.
-        let _ = self.feed.send(FeedEvent::Changed(Change {
+        let _ = self.feed.send(Change {
             consumer_id: Arc::from(consumer_id),
             version,
-        }));
+        });
     }
 
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -445,6 +447,11 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> ChangeFeed {
         ChangeFeed::new(self.feed.subscribe())
+    }
+
+    /// Only this node writes the file, and its feed never goes quiet.
+    fn freshness(&self) -> Arc<Freshness> {
+        self.freshness.clone()
     }
 
     async fn insert_consumer(
@@ -985,9 +992,10 @@ impl Store for SqliteStore {
                          ON CONFLICT(subject) DO UPDATE SET started = ?2, until = ?3",
                         params![ban.subject, to_i64(ban.started), to_i64(ban.until)],
                     ),
-                    LimiterChange::Unban { subject } => {
-                        tx.execute("DELETE FROM bans WHERE subject = ?1", params![subject])
-                    }
+                    LimiterChange::Unban { subject, until } => tx.execute(
+                        "DELETE FROM bans WHERE subject = ?1 AND until <= ?2",
+                        params![subject, to_i64(*until)],
+                    ),
                     LimiterChange::Count(count) => tx.execute(
                         "INSERT INTO failure_counts (policy, subject, tat_ms) VALUES (?1, ?2, ?3) \
                          ON CONFLICT(policy, subject) DO UPDATE SET tat_ms = ?3",

@@ -34,8 +34,43 @@ impl Default for LocalTokens {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+pub(super) fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new token and its digest.
+pub(super) fn mint() -> (String, [u8; 32]) {
+    let token = format!("{PREFIX}{}", hex(&random_bytes::<32>()));
+    let key = digest(&token);
+    (token, key)
+}
+
+/// `sgt_` and 64 lowercase hex digits.
+pub(super) fn well_formed(token: &str) -> bool {
+    token.len() == PREFIX.len() + 64
+        && token.starts_with(PREFIX)
+        && token[PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The verdict on a known token for `consumer_id` on a route of `policy` at `now`.
+pub(super) fn verdict(
+    info: TokenInfo,
+    consumer_id: &str,
+    policy: &str,
+    now: u64,
+) -> Result<TokenInfo, TokenRejection> {
+    if now >= info.expires_at {
+        return Err(TokenRejection::Expired);
+    }
+    if *info.consumer_id != *consumer_id {
+        return Err(TokenRejection::OtherConsumer);
+    }
+    if info.scope == Scope::Policy && *info.policy != *policy {
+        return Err(TokenRejection::OutOfScope);
+    }
+    Ok(info)
 }
 
 fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, DigestMap<TokenInfo>> {
@@ -71,29 +106,32 @@ impl LocalTokens {
         ttl: Duration,
         now: u64,
     ) -> Option<(String, u64)> {
-        let token = format!("{PREFIX}{}", hex(&random_bytes::<32>()));
-        let key = digest(&token);
-        let expires_at = now.saturating_add(ttl.as_secs());
+        let (token, key) = mint();
+        let info = TokenInfo {
+            consumer_id: consumer_id.clone(),
+            policy: policy.clone(),
+            scope,
+            expires_at: now.saturating_add(ttl.as_secs()),
+        };
+        let expires_at = info.expires_at;
+        if !self.hold(key, info, now) {
+            tracing::warn!("step-up token store full; a code was accepted without issuing a token");
+            return None;
+        }
+        Some((token, expires_at))
+    }
+
+    /// Keeps a token by its digest; false when full of live tokens.
+    pub fn hold(&self, key: [u8; 32], info: TokenInfo, now: u64) -> bool {
         let mut shard = write(self.shard(&key));
         if shard.len() >= CAPACITY / SHARDS {
             shard.retain(|_, info| info.expires_at > now);
             if shard.len() >= CAPACITY / SHARDS {
-                tracing::warn!(
-                    "step-up token store full; a code was accepted without issuing a token"
-                );
-                return None;
+                return false;
             }
         }
-        shard.insert(
-            key,
-            TokenInfo {
-                consumer_id: consumer_id.clone(),
-                policy: policy.clone(),
-                scope,
-                expires_at,
-            },
-        );
-        Some((token, expires_at))
+        shard.insert(key, info);
+        true
     }
 
     /// Checks a presented token for `consumer_id` on a route with `policy`, at `now`.
@@ -104,12 +142,7 @@ impl LocalTokens {
         policy: &str,
         now: u64,
     ) -> Result<TokenInfo, TokenRejection> {
-        let well_formed = token.len() == PREFIX.len() + 64
-            && token.starts_with(PREFIX)
-            && token[PREFIX.len()..]
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !well_formed {
+        if !well_formed(token) {
             return Err(TokenRejection::Malformed);
         }
         // The key is a hash of 256 random bits: looking it up leaks nothing useful by timing.
@@ -118,16 +151,14 @@ impl LocalTokens {
             .get(&key)
             .cloned()
             .ok_or(TokenRejection::Unknown)?;
-        if now >= info.expires_at {
-            return Err(TokenRejection::Expired);
+        verdict(info, consumer_id, policy, now)
+    }
+
+    /// Forgets every token (a cache that may have missed revocations).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            write(shard).clear();
         }
-        if *info.consumer_id != *consumer_id {
-            return Err(TokenRejection::OtherConsumer);
-        }
-        if info.scope == Scope::Policy && *info.policy != *policy {
-            return Err(TokenRejection::OutOfScope);
-        }
-        Ok(info)
     }
 
     /// Revokes every token of a consumer (key revoked, 2FA reset, disabled, admin call).

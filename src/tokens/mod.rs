@@ -8,6 +8,7 @@
 //! implementation ([`LocalTokens`]) knows every token of its node.
 
 mod local;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use local::LocalTokens;
+pub use redis::RedisTokens;
 
 use crate::store::StoreError;
 

@@ -15,6 +15,7 @@ pub mod browser;
 pub mod gateway;
 pub mod logs;
 pub mod ops;
+pub mod redis;
 pub mod self_service;
 pub mod twilio;
 

@@ -99,3 +99,128 @@ mod local_limiter {
         ]
     );
 }
+
+/// The same suites against a real `redis-server` per test (started and killed by the test).
+/// `$factory(settings)` makes the suite's factory for the test's server.
+macro_rules! contract_on_redis {
+    ($backend:ident, $suite:ident, $factory:path, [$($case:ident),+ $(,)?]) => {
+        mod $backend {
+            use stepgate_testkit::redis::RedisServer;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let server = RedisServer::start();
+                    $crate::$suite::$case($factory(server.settings())).await;
+                    drop(server);
+                }
+            )+
+        }
+    };
+}
+
+type Made<T> = std::pin::Pin<Box<dyn std::future::Future<Output = std::sync::Arc<T>> + Send>>;
+
+mod redis_store {
+    use std::sync::Arc;
+
+    use stepgate::config::RedisSettings;
+    use stepgate::store::Store;
+    use stepgate::store::redis::{Redis, RedisStore};
+
+    pub fn make(settings: RedisSettings) -> impl Fn() -> crate::Made<dyn Store> {
+        move || {
+            let settings = settings.clone();
+            Box::pin(async move {
+                let store: Arc<dyn Store> =
+                    Arc::new(RedisStore::new(Redis::connect(&settings).await.unwrap()));
+                store
+            })
+        }
+    }
+
+    contract_on_redis!(
+        redis,
+        store,
+        super::make,
+        [
+            the_watermark_moves_forward_once_under_50_concurrent_callers,
+            a_recovery_code_is_used_once_under_50_concurrent_callers,
+            an_sms_code_is_used_once_under_50_concurrent_callers,
+            a_totp_confirmation_happens_once_under_concurrent_callers,
+            an_sms_confirmation_happens_once_under_concurrent_callers,
+            every_write_is_announced_in_order_with_a_rising_version,
+            a_subscriber_that_falls_behind_is_told_to_resync,
+            a_deleted_consumer_is_announced_and_loads_as_none,
+            limiter_state_round_trips_and_expired_state_is_dropped,
+        ]
+    );
+}
+
+mod redis_tokens {
+    use std::sync::Arc;
+
+    use stepgate::config::RedisSettings;
+    use stepgate::store::redis::Redis;
+    use stepgate::tokens::{RedisTokens, TokenStore};
+
+    pub fn make(settings: RedisSettings) -> impl Fn() -> crate::Made<dyn TokenStore> {
+        move || {
+            let settings = settings.clone();
+            Box::pin(async move {
+                let tokens: Arc<dyn TokenStore> =
+                    Arc::new(RedisTokens::start(Redis::connect(&settings).await.unwrap()));
+                tokens
+            })
+        }
+    }
+
+    contract_on_redis!(
+        redis,
+        tokens,
+        super::make,
+        [
+            a_token_is_bound_to_its_consumer_scope_and_time,
+            revoking_a_consumer_ends_all_its_tokens_and_only_its,
+            expired_tokens_are_swept,
+            the_cached_verdict_agrees_with_the_full_check,
+        ]
+    );
+}
+
+mod redis_limiter {
+    use std::sync::Arc;
+
+    use stepgate::clock::ManualClock;
+    use stepgate::config::RedisSettings;
+    use stepgate::limiter::{AttemptLimiter, RedisLimiter};
+    use stepgate::store::redis::{Redis, RedisStore};
+
+    pub fn make(
+        settings: RedisSettings,
+    ) -> impl Fn(Arc<ManualClock>) -> crate::Made<dyn AttemptLimiter> {
+        move |clock| {
+            let settings = settings.clone();
+            Box::pin(async move {
+                let redis = Redis::connect(&settings).await.unwrap();
+                let store = Arc::new(RedisStore::new(redis.clone()));
+                let (limiter, writer) = RedisLimiter::start(redis, clock, store).await.unwrap();
+                tokio::spawn(writer.run(tokio_util::sync::CancellationToken::new()));
+                let limiter: Arc<dyn AttemptLimiter> = Arc::new(limiter);
+                limiter
+            })
+        }
+    }
+
+    contract_on_redis!(
+        redis,
+        limiter,
+        super::make,
+        [
+            a_subject_is_banned_past_its_limit_until_the_ban_expires,
+            a_success_resets_the_count,
+            an_unlock_lifts_the_ban_and_the_count,
+            active_bans_are_listed_newest_first,
+            consumers_and_addresses_are_counted_apart,
+        ]
+    );
+}

@@ -1,0 +1,236 @@
+//! Step-up tokens shared by several nodes on Redis, with a near-cache on each node.
+//!
+//! A token lives in Redis under its consumer's hash tag, by its digest, with the token's own
+//! expiry as the key's TTL; the consumer's index of tokens lets one script revoke them all and
+//! announce it. Each node keeps the tokens it issued or has seen in a [`LocalTokens`] cache,
+//! so the request path's common case (a known token) makes no network call; a token issued
+//! on another node is fetched once. A revocation reaches every node's cache through the
+//! events channel; a node whose subscription was lost forgets its whole cache, and a node
+//! that is stale (see [`Freshness`]) asks Redis every time.
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+
+use super::local::{digest, mint, verdict, well_formed};
+use super::{LocalTokens, Scope, TokenInfo, TokenRejection, TokenStore};
+use crate::secrets::hex;
+use crate::store::redis::Redis;
+use crate::store::redis::events::Notice;
+use crate::store::{FeedEvent, Freshness, StoreError};
+
+/// KEYS: token, index. ARGV: digest, value, expires_at, now. Stores the token and indexes it
+/// (dropping the index's expired entries); the index lives as long as its last token. The
+/// TTLs count from the gateway's clock, which decides expiry (Redis's only collects garbage).
+static ISSUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local ttl = math.max(tonumber(ARGV[3]) - tonumber(ARGV[4]), 1)
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
+"#,
+    )
+});
+
+/// KEYS: index. ARGV: token key prefix, consumer id, channel. Deletes every token of the
+/// consumer (their keys share the index's hash tag, so they are in this script's slot) and
+/// announces it.
+static REVOKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. digest)
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], 't ' .. ARGV[2])
+return 1
+"#,
+    )
+});
+
+pub struct RedisTokens {
+    redis: Redis,
+    cache: Arc<LocalTokens>,
+    /// Raised by every revocation heard and every loss of the feed: a token fetched from
+    /// Redis is cached only if none came while it was being fetched (it may be one of those
+    /// revoked).
+    revocations: Arc<AtomicU64>,
+    freshness: Arc<Freshness>,
+}
+
+impl RedisTokens {
+    /// The token store, following revocations from the events channel in the background.
+    pub fn start(redis: Redis) -> Self {
+        let cache = Arc::new(LocalTokens::new());
+        let revocations = Arc::new(AtomicU64::new(0));
+        let mut notices = redis.events.notices();
+        let (held, counter) = (cache.clone(), revocations.clone());
+        tokio::spawn(async move {
+            while let Some(event) = notices.next().await {
+                match event {
+                    FeedEvent::Changed(Notice::TokensRevoked(consumer_id)) => {
+                        counter.fetch_add(1, Ordering::AcqRel);
+                        held.revoke_consumer(&consumer_id);
+                    }
+                    FeedEvent::Changed(_) => {}
+                    FeedEvent::Lost(resync) => {
+                        counter.fetch_add(1, Ordering::AcqRel);
+                        held.clear();
+                        drop(resync);
+                    }
+                }
+            }
+        });
+        Self {
+            freshness: redis.events.freshness(),
+            redis,
+            cache,
+            revocations,
+        }
+    }
+
+    async fn fetch(
+        &self,
+        consumer_id: &str,
+        key: &[u8; 32],
+    ) -> Result<Option<TokenInfo>, StoreError> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(self.redis.keys.token(consumer_id, &hex(key)))
+            .query_async(&mut self.redis.conn.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(value.and_then(|value| parse(consumer_id, &value)))
+    }
+}
+
+fn parse(consumer_id: &str, value: &str) -> Option<TokenInfo> {
+    // From the end: a policy's name is whatever comes before.
+    let mut words = value.rsplitn(3, ' ');
+    let expires_at = words.next()?.parse().ok()?;
+    let scope = match words.next()? {
+        "policy" => Scope::Policy,
+        "global" => Scope::Global,
+        _ => return None,
+    };
+    let policy = words.next()?;
+    Some(TokenInfo {
+        consumer_id: Arc::from(consumer_id),
+        policy: Arc::from(policy),
+        scope,
+        expires_at,
+    })
+}
+
+#[async_trait]
+impl TokenStore for RedisTokens {
+    fn check_cached(
+        &self,
+        token: &str,
+        consumer_id: &str,
+        policy: &str,
+        now: u64,
+    ) -> Option<Result<TokenInfo, TokenRejection>> {
+        if self.freshness.is_stale() {
+            return None; // the cache may hold a revoked token
+        }
+        match self.cache.check(token, consumer_id, policy, now) {
+            Err(TokenRejection::Unknown) => None, // maybe issued on another node
+            verdict => Some(verdict),
+        }
+    }
+
+    async fn check(
+        &self,
+        token: &str,
+        consumer_id: &str,
+        policy: &str,
+        now: u64,
+    ) -> Result<TokenInfo, TokenRejection> {
+        if let Some(verdict) = self.check_cached(token, consumer_id, policy, now) {
+            return verdict;
+        }
+        if !well_formed(token) {
+            return Err(TokenRejection::Malformed);
+        }
+        let key = digest(token);
+        let before = self.revocations.load(Ordering::Acquire);
+        let info = match self.fetch(consumer_id, &key).await {
+            Ok(Some(info)) => info,
+            Ok(None) => return Err(TokenRejection::Unknown),
+            Err(error) => {
+                tracing::warn!(%error, "cannot check a step-up token with Redis");
+                return Err(TokenRejection::Unavailable);
+            }
+        };
+        if self.revocations.load(Ordering::Acquire) == before && !self.freshness.is_stale() {
+            self.cache.hold(key, info.clone(), now);
+        }
+        verdict(info, consumer_id, policy, now)
+    }
+
+    async fn issue(
+        &self,
+        consumer_id: &Arc<str>,
+        policy: &Arc<str>,
+        scope: Scope,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        let (token, key) = mint();
+        let expires_at = now.saturating_add(ttl.as_secs());
+        let scope_name = match scope {
+            Scope::Policy => "policy",
+            Scope::Global => "global",
+        };
+        let digest_hex = hex(&key);
+        let _: i64 = ISSUE
+            .key(self.redis.keys.token(consumer_id, &digest_hex))
+            .key(self.redis.keys.tokens(consumer_id))
+            .arg(&digest_hex)
+            .arg(format!("{policy} {scope_name} {expires_at}"))
+            .arg(expires_at)
+            .arg(now)
+            .invoke_async(&mut self.redis.conn.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let info = TokenInfo {
+            consumer_id: consumer_id.clone(),
+            policy: policy.clone(),
+            scope,
+            expires_at,
+        };
+        // A full cache only means this node will fetch the token when it is presented.
+        self.cache.hold(key, info, now);
+        Ok(Some((token, expires_at)))
+    }
+
+    async fn revoke_consumer(&self, consumer_id: &str) -> Result<(), StoreError> {
+        // This node's cache first: its own requests stop at once, whatever Redis says.
+        self.revocations.fetch_add(1, Ordering::AcqRel);
+        self.cache.revoke_consumer(consumer_id);
+        let _: i64 = REVOKE
+            .key(self.redis.keys.tokens(consumer_id))
+            .arg(self.redis.keys.tokens_prefix(consumer_id))
+            .arg(consumer_id)
+            .arg(self.redis.keys.events())
+            .invoke_async(&mut self.redis.conn.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    fn sweep(&self, now: u64) -> usize {
+        self.cache.sweep(now)
+    }
+
+    fn held(&self) -> u64 {
+        self.cache.len()
+    }
+}

@@ -79,6 +79,11 @@ pub struct Metrics {
     pub bans_active: Gauge,
     pub step_up_issued: Counter,
     pub step_up_live: Gauge,
+    /// 1 while the store answers (set at each scrape).
+    pub store_up: Gauge,
+    /// 1 while this node's copies of shared state are not trusted (it lost touch with a
+    /// shared store for longer than allowed; keyed requests fail closed).
+    pub store_stale: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_last_reload_ok: Gauge,
 }
@@ -135,6 +140,8 @@ impl Metrics {
         let bans_active = Gauge::default();
         let step_up_issued = Counter::default();
         let step_up_live = Gauge::default();
+        let store_up = Gauge::default();
+        let store_stale = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let config_last_reload_ok = Gauge::default();
         registry.register(
@@ -179,6 +186,16 @@ impl Metrics {
             step_up_live.clone(),
         );
         registry.register(
+            "store_up",
+            "1 when the store answered the last scrape's ping",
+            store_up.clone(),
+        );
+        registry.register(
+            "store_stale",
+            "1 while this node is out of touch with its shared store (keyed requests get 503)",
+            store_stale.clone(),
+        );
+        registry.register(
             "config_reloads",
             "Configuration reloads, by result",
             config_reloads.clone(),
@@ -205,6 +222,8 @@ impl Metrics {
             bans_active,
             step_up_issued,
             step_up_live,
+            store_up,
+            store_stale,
             config_reloads,
             config_last_reload_ok,
         })

@@ -158,10 +158,18 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
 
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        (&Method::GET, ["readyz"]) => match accounts.store().ping().await {
-            Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
-            Err(e) => Err(Failure::Unavailable(format!("store: {e}"))),
-        },
+        (&Method::GET, ["readyz"]) => {
+            let store = accounts.store();
+            match store.ping().await {
+                Err(e) => Err(Failure::Unavailable(format!("store: {e}"))),
+                Ok(()) if store.freshness().is_stale() => Err(Failure::Unavailable(
+                    "store: out of touch with its announcements (a revocation could be missed); \
+                     resyncing"
+                        .into(),
+                )),
+                Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+            }
+        }
         (&Method::GET, ["metrics"]) => {
             admin
                 .metrics
@@ -171,6 +179,15 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
                 .metrics
                 .step_up_live
                 .set(i64::try_from(accounts.tokens().held()).unwrap_or(i64::MAX));
+            let store = accounts.store();
+            admin
+                .metrics
+                .store_up
+                .set(i64::from(store.ping().await.is_ok()));
+            admin
+                .metrics
+                .store_stale
+                .set(i64::from(store.freshness().is_stale()));
             let mut response = Response::new(full_body(admin.metrics.encode()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -316,6 +333,31 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
                 );
             }
             Ok(no_content())
+        }
+        (&Method::GET, ["bans"]) => {
+            let directory = accounts.directory();
+            let bans: Vec<serde_json::Value> = admin
+                .limiter
+                .bans()
+                .await
+                .into_iter()
+                .map(|(subject, ban)| {
+                    let (kind, value, consumer) = match &subject {
+                        crate::limiter::Subject::Consumer(id) => {
+                            ("consumer", id.to_string(), directory.name_of(id))
+                        }
+                        crate::limiter::Subject::Ip(ip) => ("ip", ip.to_string(), None),
+                    };
+                    json!({
+                        "kind": kind,
+                        "subject": value,
+                        "consumer": consumer,
+                        "started": crate::clock::rfc3339(ban.started),
+                        "until": crate::clock::rfc3339(ban.until),
+                    })
+                })
+                .collect();
+            Ok(json_response(StatusCode::OK, &json!({"bans": bans})))
         }
         (&Method::DELETE, ["consumers", name, "step-up-tokens"]) => {
             accounts.revoke_step_up_tokens(name).await?;

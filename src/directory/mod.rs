@@ -177,6 +177,11 @@ impl Directory {
         self.index.load().by_name.get(name).cloned()
     }
 
+    /// The name of the consumer of that id, if there is one.
+    pub fn name_of(&self, id: &str) -> Option<String> {
+        self.index.load().by_id.get(id).map(|c| c.name.clone())
+    }
+
     /// Every consumer, in name order.
     pub fn all(&self) -> Vec<Arc<Consumer>> {
         let mut all: Vec<Arc<Consumer>> = self.index.load().by_name.values().cloned().collect();

@@ -12,6 +12,7 @@
 //!   output of the in-process gateway.
 
 pub mod browser;
+pub mod cluster;
 pub mod gateway;
 pub mod logs;
 pub mod ops;

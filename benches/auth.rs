@@ -153,6 +153,7 @@ fn fixture() -> Fixture {
         accounts: accounts.clone(),
         limiter: Arc::new(LocalLimiter::new(clock)),
         metrics: Metrics::new(),
+        sends: Arc::new(stepgate::sms::LocalSendBudget::new()),
     };
     Fixture {
         _dir: dir,

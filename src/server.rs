@@ -36,6 +36,7 @@ use crate::limiter::{AttemptLimiter, LimiterWriter, LocalLimiter, RedisLimiter};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::secrets::{AdminToken, MasterKey};
+use crate::sms::{LocalSendBudget, RedisSendBudget, SendBudget};
 use crate::snapshot::{ConfigHandle, Snapshot};
 use crate::startup::Error;
 use crate::store::ChangeFeed;
@@ -57,6 +58,7 @@ pub struct Gateway {
     changes: ChangeFeed,
     limiter: Arc<dyn AttemptLimiter>,
     limiter_writer: LimiterWriter,
+    sends: Arc<dyn SendBudget>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     watcher: Option<crate::reload::Watcher>,
@@ -98,9 +100,15 @@ impl Gateway {
             AuditLog::start(store.clone(), snapshot.audit_sink.clone()),
             clock.clone(),
         );
-        let tokens: Arc<dyn TokenStore> = match &redis {
-            Some(redis) => Arc::new(RedisTokens::start(redis.clone())),
-            None => Arc::new(LocalTokens::new()),
+        let (tokens, sends): (Arc<dyn TokenStore>, Arc<dyn SendBudget>) = match &redis {
+            Some(redis) => (
+                Arc::new(RedisTokens::start(redis.clone())),
+                Arc::new(RedisSendBudget::new(redis.clone())),
+            ),
+            None => (
+                Arc::new(LocalTokens::new()),
+                Arc::new(LocalSendBudget::new()),
+            ),
         };
         let accounts = Arc::new(
             Accounts::open(
@@ -149,6 +157,7 @@ impl Gateway {
             changes,
             limiter,
             limiter_writer,
+            sends,
             metrics,
             reloader,
             watcher,
@@ -219,6 +228,7 @@ impl Gateway {
             changes,
             limiter,
             limiter_writer,
+            sends,
             metrics,
             reloader,
             watcher,
@@ -257,6 +267,7 @@ impl Gateway {
             accounts: accounts.clone(),
             limiter: limiter.clone(),
             metrics: metrics.clone(),
+            sends,
         });
         let shared = Arc::new(WorkerShared {
             config: config.clone(),

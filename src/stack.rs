@@ -26,6 +26,7 @@ use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
 use crate::selfservice::{SecurityHeadersLayer, SelfServiceLayer};
 use crate::sensitive::SensitiveHeadersLayer;
+use crate::sms::SendBudget;
 
 /// What the layers share; cheap to clone. The layers use the ports inside: the directory
 /// and token store (through `accounts`), the attempt limiter.
@@ -34,6 +35,8 @@ pub struct Shared {
     pub accounts: Arc<Accounts>,
     pub limiter: Arc<dyn AttemptLimiter>,
     pub metrics: Arc<Metrics>,
+    /// The SMS send budgets (shared by every node on a shared store).
+    pub sends: Arc<dyn SendBudget>,
 }
 
 /// The service every connection serves: the stack in front of [`Forward`]. Cloned per
@@ -139,6 +142,7 @@ where
         .layer(SelfServiceLayer::new(
             accounts.clone(),
             shared.metrics.clone(),
+            shared.sends,
         ))
         // Second factor: step-up token or X-OTP; issues a token after a code.
         .layer(SecondFactorLayer::new(accounts, shared.metrics))

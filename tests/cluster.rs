@@ -148,6 +148,14 @@ async fn an_sms_code_is_accepted_once_over_three_nodes() {
     });
     let statuses = join_all(confirms).await;
     assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    // The send budget is one for all nodes: the verification text was this consumer's text
+    // of the last 30 s, whichever node is asked.
+    for node in &c.nodes {
+        node.request("POST", "/_stepgate/sms/send", &[("x-api-key", &key)])
+            .await
+            .assert_problem(429, "too_many_attempts");
+    }
+    assert_eq!(c.twilio.messages().len(), 1, "one text so far");
     // A login code texted by one node, used on another, then refused on a third.
     wait_for_send_interval().await;
     let r = c

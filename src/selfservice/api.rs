@@ -27,7 +27,7 @@ use crate::directory::KeyEntry;
 use crate::enrollment::{PolicyView, policies_for};
 use crate::error::{Body, BoxError, Refusal, full_body};
 use crate::sms::twilio::SendError;
-use crate::sms::{self, Phone, Purpose, Reservation, SmsSettings};
+use crate::sms::{self, NotNow, Phone, Purpose, Reservation, SmsSettings};
 use crate::snapshot::Snapshot;
 use crate::views::{SmsView, TotpView};
 
@@ -221,7 +221,7 @@ impl Endpoints {
 
     /// Reserves a send against the limits before anything is spent or made: the consumer's
     /// budget, and `destination`'s for a text to a number the consumer has not confirmed.
-    fn reserve_send(
+    async fn reserve_send(
         &self,
         caller: &Caller,
         destination: Option<&Phone>,
@@ -229,9 +229,13 @@ impl Endpoints {
         let now = self.accounts.now();
         self.sends
             .reserve(&caller.entry.consumer.shared_id, destination, now)
-            .map_err(|retry_after| {
-                self.metrics.factor("sms", "send_limited");
-                Refusal::SendLimited { retry_after }
+            .await
+            .map_err(|not_now| match not_now {
+                NotNow::Wait(retry_after) => {
+                    self.metrics.factor("sms", "send_limited");
+                    Refusal::SendLimited { retry_after }
+                }
+                NotNow::Unavailable => Refusal::Unavailable,
             })
     }
 }
@@ -531,7 +535,9 @@ where
     // (giving the send back) and leaves nothing to undo, so no texted code can confirm a
     // number without a spent proof. A text that fails afterwards costs the code, as it costs
     // a TOTP or SMS code.
-    let reservation = endpoints.reserve_send(&caller, (!own_number).then_some(&phone))?;
+    let reservation = endpoints
+        .reserve_send(&caller, (!own_number).then_some(&phone))
+        .await?;
     let proof = endpoints.prove(&caller, false, "sms").await?;
     let outgoing = endpoints
         .accounts
@@ -659,7 +665,7 @@ where
     // Limits first: a refused send must not replace the outstanding code. A login code goes
     // to the consumer's own confirmed number: only the consumer's budget applies, so others
     // entering that number for their enrolments cannot block it.
-    let reservation = endpoints.reserve_send(&caller, None)?;
+    let reservation = endpoints.reserve_send(&caller, None).await?;
     let outgoing = endpoints
         .accounts
         .login_code(consumer, settings.code_ttl)

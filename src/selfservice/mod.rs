@@ -31,7 +31,7 @@ pub use page::SecurityHeadersLayer;
 use crate::accounts::Accounts;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
-use crate::sms::SendLimiter;
+use crate::sms::SendBudget;
 use crate::upstream::Target;
 
 /// What the endpoints share: the accounts, metrics and the SMS send limits (which must outlive
@@ -39,7 +39,7 @@ use crate::upstream::Target;
 pub struct Endpoints {
     pub accounts: Arc<Accounts>,
     pub metrics: Arc<Metrics>,
-    pub sends: SendLimiter,
+    pub sends: Arc<dyn SendBudget>,
 }
 
 #[derive(Clone)]
@@ -48,12 +48,12 @@ pub struct SelfServiceLayer {
 }
 
 impl SelfServiceLayer {
-    pub fn new(accounts: Arc<Accounts>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(accounts: Arc<Accounts>, metrics: Arc<Metrics>, sends: Arc<dyn SendBudget>) -> Self {
         Self {
             endpoints: Arc::new(Endpoints {
                 accounts,
                 metrics,
-                sends: SendLimiter::new(),
+                sends,
             }),
         }
     }

@@ -9,23 +9,18 @@
 //! [`Phone::masked`]), a code is never stored (only its peppered HMAC, see
 //! `MasterKey::hash_sms_code`), and a failed send is never treated as sent.
 
+mod budget;
+mod redis_budget;
 pub mod twilio;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+pub use budget::{LocalSendBudget, MIN_INTERVAL_SECS, NotNow, PER_HOUR, Reservation, SendBudget};
+pub use redis_budget::RedisSendBudget;
+
 use std::time::Duration;
 
-use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::secrets::random_bytes;
-
-/// At most one text per this many seconds, per consumer and per destination number.
-pub const MIN_INTERVAL_SECS: u64 = 30;
-/// At most this many texts per hour, per consumer and per destination number.
-pub const PER_HOUR: usize = 5;
-/// Limiter entries kept at most per kind (consumers, numbers): bounded memory under a flood.
-const LIMITER_CAPACITY: u64 = 100_000;
 
 /// The SMS configuration of a snapshot: the provider client and how long a code lives.
 pub struct SmsSettings {
@@ -102,7 +97,7 @@ impl Phone {
     }
 
     /// Key of the per-destination send limit (a digest, so the limiter holds no numbers).
-    fn limiter_key(&self) -> [u8; 32] {
+    pub(crate) fn limiter_key(&self) -> [u8; 32] {
         Sha256::digest(self.0.as_bytes()).into()
     }
 }
@@ -158,157 +153,6 @@ pub fn message(purpose: Purpose, code: &str, ttl: Duration) -> String {
     }
 }
 
-/// Send times of one subject within the last hour, oldest first.
-type History = Arc<Mutex<VecDeque<u64>>>;
-
-/// Limits texts, at most one per [`MIN_INTERVAL_SECS`] and [`PER_HOUR`] per hour for each
-/// budget, so that neither an API key nor a typed-in number can flood a phone (or run up the
-/// SMS bill). Two budgets:
-///
-/// - **per consumer**: every text the consumer asks for (login and verification codes);
-/// - **per destination**: verification texts to a number the sender has *not* confirmed
-///   (an enrolment). A login code to the consumer's own confirmed number is left out, so
-///   another consumer entering that number cannot use up its owner's login texts. The
-///   destination budget applies the same to every enrolment text, confirmed by someone else
-///   or not, so its answer tells nothing about other consumers' numbers.
-///
-/// Times come from the gateway's clock, so tests move time instead of sleeping. A send takes
-/// a [`Reservation`] before anything is spent (the `X-OTP` proof, the provider call) and keeps
-/// it only if the text went out. Entries live in bounded caches, are created only for a send
-/// that is allowed (a flood of refused numbers adds none), and leave after an hour idle.
-pub struct SendLimiter {
-    consumers: Cache<Arc<str>, History>,
-    phones: Cache<[u8; 32], History>,
-}
-
-impl Default for SendLimiter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// A send counted against its budgets while it is attempted; dropped without
-/// [`commit`](Reservation::commit) (the proof failed, the provider refused, an error on the
-/// way), it is given back.
-#[must_use = "a reservation is given back when dropped; commit it once the text went out"]
-pub struct Reservation {
-    histories: Vec<History>,
-    at: u64,
-    kept: bool,
-}
-
-impl Reservation {
-    /// The text went out: the send stays counted.
-    pub fn commit(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.kept {
-            return;
-        }
-        for history in &self.histories {
-            let mut history = history.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = history.iter().rposition(|&t| t == self.at) {
-                history.remove(i);
-            }
-        }
-    }
-}
-
-impl SendLimiter {
-    pub fn new() -> Self {
-        Self {
-            consumers: history_cache(),
-            phones: history_cache(),
-        }
-    }
-
-    /// Reserves a send at `now` for `consumer`, and against `destination`'s budget when given
-    /// (an enrolment text to a number the consumer has not confirmed), if every budget allows
-    /// it; otherwise reserves nothing and returns the seconds until a send would be allowed.
-    pub fn reserve(
-        &self,
-        consumer: &Arc<str>,
-        destination: Option<&Phone>,
-        now: u64,
-    ) -> Result<Reservation, u64> {
-        let phone_key = destination.map(Phone::limiter_key);
-        // Look before creating entries: a refused send must leave no trace in the caches.
-        let existing = [
-            self.consumers.get(consumer),
-            phone_key.as_ref().and_then(|k| self.phones.get(k)),
-        ];
-        let wait = existing
-            .iter()
-            .flatten()
-            .map(|h| wait_for(&mut h.lock().unwrap_or_else(|p| p.into_inner()), now))
-            .max()
-            .unwrap_or(0);
-        if wait > 0 {
-            return Err(wait);
-        }
-        let mut histories = vec![self.consumers.get_with(consumer.clone(), History::default)];
-        if let Some(key) = phone_key {
-            histories.push(self.phones.get_with(key, History::default));
-        }
-        // Always in this order (consumer, then number), so two sends cannot deadlock; checked
-        // again under the locks, since another send may have reserved meanwhile.
-        let mut locked: Vec<_> = histories
-            .iter()
-            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let wait = locked
-            .iter_mut()
-            .map(|h| wait_for(h, now))
-            .max()
-            .unwrap_or(0);
-        if wait > 0 {
-            return Err(wait);
-        }
-        for history in &mut locked {
-            history.push_back(now);
-        }
-        drop(locked);
-        Ok(Reservation {
-            histories,
-            at: now,
-            kept: false,
-        })
-    }
-}
-
-fn history_cache<K>() -> Cache<K, History>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-{
-    Cache::builder()
-        .max_capacity(LIMITER_CAPACITY)
-        .time_to_idle(Duration::from_secs(3600))
-        .build()
-}
-
-/// Seconds until `history` allows another send at `now` (0: allowed). Drops sends older than
-/// an hour.
-fn wait_for(history: &mut VecDeque<u64>, now: u64) -> u64 {
-    while history.front().is_some_and(|&t| t + 3600 <= now) {
-        history.pop_front();
-    }
-    let interval = history
-        .back()
-        .map_or(0, |&last| (last + MIN_INTERVAL_SECS).saturating_sub(now));
-    let hourly = if history.len() >= PER_HOUR {
-        history
-            .front()
-            .map_or(0, |&first| (first + 3600).saturating_sub(now))
-    } else {
-        0
-    };
-    interval.max(hourly)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,60 +199,5 @@ mod tests {
         unique.dedup();
         assert!(unique.len() > 190, "{} distinct of 200", unique.len());
         assert!(!is_code_shape("12345") && !is_code_shape("１２３４５６"));
-    }
-
-    #[test]
-    fn sends_are_limited_per_consumer_and_per_number() {
-        let limiter = SendLimiter::new();
-        let send = |who: &Arc<str>, to: Option<&Phone>, at: u64| {
-            limiter.reserve(who, to, at).map(Reservation::commit)
-        };
-        let alice: Arc<str> = "alice".into();
-        let bob: Arc<str> = "bob".into();
-        let one = Phone::parse("+447700900001").unwrap();
-        let two = Phone::parse("+447700900002").unwrap();
-        let t = 1_000_000;
-        assert_eq!(send(&alice, Some(&one), t), Ok(()));
-        // Same consumer, other number: the consumer's 30 s.
-        assert_eq!(send(&alice, Some(&two), t + 10), Err(20));
-        // Other consumer, same number: the number's 30 s.
-        assert_eq!(send(&bob, Some(&one), t + 10), Err(20));
-        assert_eq!(send(&bob, Some(&two), t + 10), Ok(()));
-        // Five an hour.
-        for i in 1..5 {
-            assert_eq!(send(&alice, Some(&one), t + 30 * i), Ok(()), "{i}");
-        }
-        assert_eq!(send(&alice, Some(&one), t + 150), Err(3600 - 150));
-        // The number's budget is spent, but a login text (no destination budget) of a
-        // consumer whose own budget allows it still goes.
-        let carol: Arc<str> = "carol".into();
-        assert_eq!(send(&carol, None, t + 150), Ok(()));
-        assert_eq!(send(&alice, Some(&one), t + 3600), Ok(()));
-    }
-
-    #[test]
-    fn a_reservation_not_committed_is_given_back() {
-        let limiter = SendLimiter::new();
-        let alice: Arc<str> = "alice".into();
-        let one = Phone::parse("+447700900001").unwrap();
-        let held = limiter.reserve(&alice, Some(&one), 100).unwrap();
-        // While held, it counts: a concurrent send waits.
-        assert_eq!(limiter.reserve(&alice, None, 101).err(), Some(29));
-        drop(held);
-        limiter.reserve(&alice, Some(&one), 101).unwrap().commit();
-        assert_eq!(limiter.reserve(&alice, Some(&one), 102).err(), Some(29));
-    }
-
-    #[test]
-    fn refused_sends_create_no_entries() {
-        let limiter = SendLimiter::new();
-        let alice: Arc<str> = "alice".into();
-        limiter.reserve(&alice, None, 100).unwrap().commit();
-        for n in 0..50 {
-            let phone = Phone::parse(&format!("+4477009{n:05}")).unwrap();
-            assert!(limiter.reserve(&alice, Some(&phone), 101).is_err());
-        }
-        limiter.phones.run_pending_tasks();
-        assert_eq!(limiter.phones.entry_count(), 0);
     }
 }

@@ -4,6 +4,7 @@
 //! the in-memory token store, the local limiter) run them here.
 
 mod limiter;
+mod sends;
 mod store;
 mod tokens;
 
@@ -72,6 +73,27 @@ mod local_tokens {
             revoking_a_consumer_ends_all_its_tokens_and_only_its,
             expired_tokens_are_swept,
             the_cached_verdict_agrees_with_the_full_check,
+        ]
+    );
+}
+
+mod local_sends {
+    use std::sync::Arc;
+
+    use stepgate::sms::{LocalSendBudget, SendBudget};
+
+    pub async fn make() -> Arc<dyn SendBudget> {
+        Arc::new(LocalSendBudget::new())
+    }
+
+    contract!(
+        local,
+        sends,
+        super::make,
+        [
+            sends_are_limited_per_consumer_and_per_number,
+            a_reservation_not_committed_is_given_back,
+            a_send_refused_by_the_number_is_not_counted_for_the_consumer,
         ]
     );
 }
@@ -221,6 +243,37 @@ mod redis_limiter {
             an_unlock_lifts_the_ban_and_the_count,
             active_bans_are_listed_newest_first,
             consumers_and_addresses_are_counted_apart,
+        ]
+    );
+}
+
+mod redis_sends {
+    use std::sync::Arc;
+
+    use stepgate::config::RedisSettings;
+    use stepgate::sms::{RedisSendBudget, SendBudget};
+    use stepgate::store::redis::Redis;
+
+    pub fn make(settings: RedisSettings) -> impl Fn() -> crate::Made<dyn SendBudget> {
+        move || {
+            let settings = settings.clone();
+            Box::pin(async move {
+                let budget: Arc<dyn SendBudget> = Arc::new(RedisSendBudget::new(
+                    Redis::connect(&settings).await.unwrap(),
+                ));
+                budget
+            })
+        }
+    }
+
+    contract_on_redis!(
+        redis,
+        sends,
+        super::make,
+        [
+            sends_are_limited_per_consumer_and_per_number,
+            a_reservation_not_committed_is_given_back,
+            a_send_refused_by_the_number_is_not_counted_for_the_consumer,
         ]
     );
 }

@@ -126,6 +126,14 @@ impl Keys {
     pub fn tokens(&self, consumer_id: &str) -> String {
         self.of(consumer_id, "tokens")
     }
+    /// A consumer's SMS sends of the last hour (sorted set by time).
+    pub fn sends_of_consumer(&self, consumer_id: &str) -> String {
+        self.of(consumer_id, "sends")
+    }
+    /// A destination number's SMS sends of the last hour, by the number's digest.
+    pub fn sends_of_phone(&self, digest_hex: &str) -> String {
+        format!("{}{{p:{digest_hex}}}:sends", self.prefix)
+    }
     /// A subject's failure counters (hash: policy → theoretical arrival time, ms).
     pub fn failures(&self, subject: &str) -> String {
         format!("{}{{s:{subject}}}:failures", self.prefix)

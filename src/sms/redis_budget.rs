@@ -60,21 +60,27 @@ impl RedisSendBudget {
     }
 }
 
-/// Takes a send out of the budgets again (in the background: a reservation is given back
-/// when dropped).
+/// Takes a send out of the budgets again.
+async fn take_back(redis: &Redis, budgets: &[String], send: &str) {
+    if budgets.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for budget in budgets {
+        pipe.zrem(budget, send).ignore();
+    }
+    if let Err(error) = pipe.query_async::<()>(&mut redis.conn.clone()).await {
+        tracing::warn!(%error, "cannot give back an SMS send not made; it stays counted");
+    }
+}
+
+/// [`take_back`] in the background: a reservation is given back when dropped, outside any
+/// async context of its own.
 fn give_back(redis: Redis, budgets: Vec<String>, send: String) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    runtime.spawn(async move {
-        let mut pipe = redis::pipe();
-        for budget in &budgets {
-            pipe.zrem(budget, &send).ignore();
-        }
-        if let Err(error) = pipe.query_async::<()>(&mut redis.conn.clone()).await {
-            tracing::warn!(%error, "cannot give back an SMS send not made; it stays counted");
-        }
-    });
+    runtime.spawn(async move { take_back(&redis, &budgets, &send).await });
 }
 
 #[async_trait]
@@ -91,12 +97,13 @@ impl SendBudget for RedisSendBudget {
             budgets.push(self.redis.keys.sends_of_phone(&hex(&phone.limiter_key())));
         }
         // One budget after the other (they live in different slots); a refusal gives back
-        // what was taken before it.
+        // what was taken before it, before answering, so that a refused send counts nothing
+        // even for the very next request.
         for (taken, budget) in budgets.iter().enumerate() {
             match self.take(budget, &send, now).await {
                 Ok(0) => {}
                 refused => {
-                    give_back(self.redis.clone(), budgets[..taken].to_vec(), send);
+                    take_back(&self.redis, &budgets[..taken], &send).await;
                     return Err(match refused {
                         Ok(wait) => NotNow::Wait(wait),
                         Err(not_now) => not_now,

@@ -120,14 +120,34 @@ impl MasterKey {
 
     /// From `STEPGATE_MASTER_KEY`, else `<data_dir>/master.key`, created (mode 0600) when absent.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, SecretsError> {
-        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
-            let key = unhex::<32>(&value).ok_or(SecretsError::BadMasterKey(MASTER_KEY_ENV))?;
-            return Ok(Self::from_bytes(key));
-        }
-        let path = data_dir.join(MASTER_KEY_FILE);
-        let text = read_or_create_private(&path, || hex(&random_bytes::<32>()))?;
-        let key = unhex::<32>(&text).ok_or(SecretsError::BadMasterKey("the master key file"))?;
-        Ok(Self::from_bytes(key))
+        Self::from_env().unwrap_or_else(|| {
+            let path = data_dir.join(MASTER_KEY_FILE);
+            Self::from_text(&read_or_create_private(&path, || {
+                hex(&random_bytes::<32>())
+            })?)
+        })
+    }
+
+    /// From `STEPGATE_MASTER_KEY`, else `<data_dir>/master.key`; never created (for tools that
+    /// read data a gateway sealed).
+    pub fn load(data_dir: &Path) -> Result<Self, SecretsError> {
+        Self::from_env()
+            .unwrap_or_else(|| Self::from_text(&read_private(&data_dir.join(MASTER_KEY_FILE))?))
+    }
+
+    fn from_env() -> Option<Result<Self, SecretsError>> {
+        let value = std::env::var(MASTER_KEY_ENV).ok()?;
+        Some(
+            unhex::<32>(&value)
+                .map(Self::from_bytes)
+                .ok_or(SecretsError::BadMasterKey(MASTER_KEY_ENV)),
+        )
+    }
+
+    fn from_text(text: &str) -> Result<Self, SecretsError> {
+        unhex::<32>(text)
+            .map(Self::from_bytes)
+            .ok_or(SecretsError::BadMasterKey("the master key file"))
     }
 
     /// HMAC-SHA256 of an API key under the API-key pepper.

@@ -9,8 +9,10 @@
 //!   and API keys, token revocation, reading the audit log;
 //! - [`factors`]: TOTP enrolment and recovery codes;
 //! - [`sms`]: the SMS factor's numbers and codes;
-//! - [`verify`]: a code from `X-OTP`, checked and spent.
+//! - [`verify`]: a code from `X-OTP`, checked and spent;
+//! - [`copy`]: everything of one store copied into another (`stepgate store copy`).
 
+pub mod copy;
 mod factors;
 mod sms;
 mod verify;
@@ -69,6 +71,26 @@ pub enum AccountError {
     WrongMasterKey,
 }
 
+/// Whether `store`'s data was sealed with `master`: `None` while the store has no check
+/// value (nothing was ever sealed in it).
+pub async fn sealed_with(
+    store: &dyn Store,
+    master: &MasterKey,
+) -> Result<Option<bool>, StoreError> {
+    Ok(store.get_meta(MASTER_CHECK_META).await?.map(|sealed| {
+        master
+            .decrypt(&sealed, MASTER_CHECK_META.as_bytes())
+            .as_deref()
+            == Some(MASTER_CHECK_PLAINTEXT)
+    }))
+}
+
+/// Seals the check value of `master` into a store that has none.
+async fn seal_check(store: &dyn Store, master: &MasterKey) -> Result<(), StoreError> {
+    let sealed = master.encrypt(MASTER_CHECK_PLAINTEXT, MASTER_CHECK_META.as_bytes());
+    store.put_meta(MASTER_CHECK_META, sealed).await
+}
+
 /// The operations, and what they need.
 pub struct Accounts {
     directory: Arc<Directory>,
@@ -91,20 +113,10 @@ impl Accounts {
         audit: Audit,
         tokens: Arc<dyn TokenStore>,
     ) -> Result<Self, AccountError> {
-        match store.get_meta(MASTER_CHECK_META).await? {
-            Some(sealed) => {
-                if master
-                    .decrypt(&sealed, MASTER_CHECK_META.as_bytes())
-                    .as_deref()
-                    != Some(MASTER_CHECK_PLAINTEXT)
-                {
-                    return Err(AccountError::WrongMasterKey);
-                }
-            }
-            None => {
-                let sealed = master.encrypt(MASTER_CHECK_PLAINTEXT, MASTER_CHECK_META.as_bytes());
-                store.put_meta(MASTER_CHECK_META, sealed).await?;
-            }
+        match sealed_with(store.as_ref(), &master).await? {
+            Some(true) => {}
+            Some(false) => return Err(AccountError::WrongMasterKey),
+            None => seal_check(store.as_ref(), &master).await?,
         }
         let directory =
             Arc::new(Directory::load(store.clone(), master.clone(), clock.clone()).await?);

@@ -1,9 +1,10 @@
-//! The `stepgate` command line: `run` (the default), `check` and `explain`, and the operator
+//! The `stepgate` command line: `run` (the default), `check` and `explain`, the operator
 //! commands over the admin API (`consumer`, `key`, `totp`, `recovery`, `sms`, `report`,
-//! `audit`; see [`ops`]).
+//! `audit`; see [`ops`]), and `store copy` ([`store_copy`]).
 
 mod admin_client;
 mod ops;
+mod store_copy;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,11 @@ config's `admin.listen` and `<data_dir>/admin.token`, or --admin-url / --admin-t
   stepgate sms reset alice                     remove alice's SMS number (and pending one)
   stepgate report enrollment                   who is not enrolled for which policy, and until when
   stepgate audit --consumer alice --since 2025-01-01T00:00:00Z
-  stepgate --json consumer show alice          the raw JSON answer, for scripts";
+  stepgate --json consumer show alice          the raw JSON answer, for scripts
+
+Store commands (with the gateways stopped):
+  stepgate store copy --from sqlite:data/stepgate.db --to redis://redis:6379
+  stepgate store copy --from config --to sqlite:backup.db";
 
 #[derive(Debug, Parser)]
 #[command(name = "stepgate", version, about = "An API gateway that puts a second factor in front of API calls", after_help = EXAMPLES)]
@@ -110,6 +115,17 @@ enum Command {
     Report(ops::ReportCommand),
     /// Show audit events, newest first (admin API).
     Audit(ops::AuditArgs),
+    /// Work on the store itself, with the gateways stopped.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy everything one store holds into another (e.g. SQLite to Redis): consumers, keys,
+    /// factors, used codes, bans, failure counts and the audit log. Safe to run again;
+    /// verified by reading the target back.
+    Copy(store_copy::CopyArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -131,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Report(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Report(c)),
         Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
         Command::Health => ops::run(&cli.config, &cli.admin, ops::Operation::Health),
+        Command::Store(StoreCommand::Copy(args)) => store_copy::run(&cli.config, &args),
     }
 }
 

@@ -188,7 +188,7 @@ pub struct LimiterState {
 }
 
 /// A consumer and everything of it the directory holds, as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerState {
     pub record: ConsumerRecord,
     pub keys: Vec<KeyRecord>,
@@ -366,6 +366,14 @@ pub trait Store: Send + Sync + 'static {
         hash: Hash,
         at: u64,
     ) -> Result<bool, StoreError>;
+    /// Writes `state` as the whole of its consumer, keeping its id, name and records as given
+    /// (what the store held of that consumer is replaced; the version is the store's own,
+    /// raised and announced as by any write). For copying data between stores: `Conflict`
+    /// when another consumer has the name.
+    async fn restore_consumer(&self, state: ConsumerState) -> Result<(), StoreError>;
+    /// Replaces the whole audit log with `events`, oldest first, atomically. For copying data
+    /// between stores, when copied events must go before ones the log holds.
+    async fn rewrite_audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
     /// Several events at once (one transaction where the store has them).
     async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {

@@ -827,6 +827,109 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn restore_consumer(&self, state: ConsumerState) -> Result<(), StoreError> {
+        self.write(state.record.id.clone(), move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let c = &state.record;
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM consumers WHERE name = ?1",
+                    params![c.name],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            if owner.is_some_and(|owner| owner != c.id) {
+                return Err(StoreError::Conflict(format!("consumer `{}`", c.name)));
+            }
+            let roles = serde_json::to_string(&c.roles).map_err(unavailable)?;
+            // An update, not a replace: a replace would delete the row and cascade.
+            tx.execute(
+                "INSERT INTO consumers (id, name, roles, disabled, created_at, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1)
+                 ON CONFLICT (id) DO UPDATE SET name = ?2, roles = ?3, disabled = ?4, created_at = ?5",
+                params![c.id, c.name, roles, c.disabled, to_i64(c.created_at)],
+            )
+            .map_err(unavailable)?;
+            for table in ["api_keys", "totp", "totp_pending", "recovery_codes", "sms", "sms_codes"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE consumer_id = ?1"),
+                    params![c.id],
+                )
+                .map_err(unavailable)?;
+            }
+            for key in &state.keys {
+                insert_key(&tx, key)?;
+            }
+            for totp in &state.totp {
+                if totp.confirmed {
+                    tx.execute(
+                        "INSERT INTO totp (consumer_id, secret, algorithm, digits, period, confirmed, last_step, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
+                        params![
+                            c.id,
+                            totp.secret_sealed,
+                            totp.params.algorithm.as_str(),
+                            totp.params.digits,
+                            to_i64(totp.params.period),
+                            totp.last_step.map(to_i64),
+                            to_i64(totp.created_at),
+                        ],
+                    )
+                } else {
+                    tx.execute(
+                        "INSERT INTO totp_pending (consumer_id, secret, algorithm, digits, period, created_at, started_with)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            c.id,
+                            totp.secret_sealed,
+                            totp.params.algorithm.as_str(),
+                            totp.params.digits,
+                            to_i64(totp.params.period),
+                            to_i64(totp.created_at),
+                            totp.started_with.to_db(),
+                        ],
+                    )
+                }
+                .map_err(unavailable)?;
+            }
+            for code in &state.recovery_codes {
+                tx.execute(
+                    "INSERT INTO recovery_codes (consumer_id, hash, used_at) VALUES (?1, ?2, ?3)",
+                    params![c.id, code.hash.as_slice(), code.used_at.map(to_i64)],
+                )
+                .map_err(unavailable)?;
+            }
+            if let Some(sms) = &state.sms {
+                tx.execute(
+                    "INSERT INTO sms (consumer_id, phone, pending_phone, updated_at, pending_at, pending_with)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        c.id,
+                        sms.phone_sealed,
+                        sms.pending_sealed,
+                        to_i64(sms.updated_at),
+                        sms.pending_at.map(to_i64),
+                        sms.pending_with.to_db(),
+                    ],
+                )
+                .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn rewrite_audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute("DELETE FROM audit", []).map_err(unavailable)?;
+            insert_audit(&tx, &events)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
         self.append_audit_batch(vec![event]).await
     }
@@ -834,25 +937,7 @@ impl Store for SqliteStore {
     async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            {
-                let mut stmt = tx
-                    .prepare(
-                        "INSERT INTO audit (at, kind, consumer_id, consumer_name, key_prefix, detail) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )
-                    .map_err(unavailable)?;
-                for event in &events {
-                    stmt.execute(params![
-                        to_i64(event.at),
-                        event.kind,
-                        event.consumer_id,
-                        event.consumer_name,
-                        event.key_prefix,
-                        event.detail.to_string()
-                    ])
-                    .map_err(unavailable)?;
-                }
-            }
+            insert_audit(&tx, &events)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -1055,6 +1140,27 @@ fn insert_key(conn: &Connection, key: &KeyRecord) -> Result<(), StoreError> {
             unavailable(e)
         }
     })?;
+    Ok(())
+}
+
+fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "INSERT INTO audit (at, kind, consumer_id, consumer_name, key_prefix, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(unavailable)?;
+    for event in events {
+        stmt.execute(params![
+            to_i64(event.at),
+            event.kind,
+            event.consumer_id,
+            event.consumer_name,
+            event.key_prefix,
+            event.detail.to_string()
+        ])
+        .map_err(unavailable)?;
+    }
     Ok(())
 }
 

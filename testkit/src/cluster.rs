@@ -82,38 +82,9 @@ impl Cluster {
         &self.nodes[i]
     }
 
-    /// A consumer created on node 0 with TOTP enrolled and confirmed (with the current code):
-    /// its API key, TOTP secret and recovery codes.
+    /// A consumer created on node 0 with TOTP enrolled and confirmed (see [`Node::enrol`]).
     pub async fn enrolled(&self, name: &str) -> Enrolled {
-        let a = self.node(0);
-        let created = a
-            .ok("POST", "/consumers", Some(json!({"name": name})), 201)
-            .await;
-        let key = created["api_key"].as_str().unwrap().to_string();
-        let begun = a
-            .ok("POST", &format!("/consumers/{name}/totp"), None, 201)
-            .await;
-        let secret = begun["secret"].as_str().unwrap().to_string();
-        let confirmed = a
-            .ok(
-                "POST",
-                &format!("/consumers/{name}/totp/confirm"),
-                Some(json!({"code": totp_now(&secret)})),
-                200,
-            )
-            .await;
-        Enrolled {
-            name: name.to_string(),
-            id: created["id"].as_str().unwrap().to_string(),
-            key,
-            recovery_codes: confirmed["recovery_codes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c.as_str().unwrap().to_string())
-                .collect(),
-            secret,
-        }
+        self.node(0).enrol(name).await
     }
 }
 
@@ -143,13 +114,18 @@ pub struct Node {
 
 impl Node {
     async fn start(redis: &RedisServer, twilio: &FakeTwilio) -> Node {
+        Node::start_on(&redis.store_yaml(), twilio).await
+    }
+
+    /// A node on the store `store_yaml` configures (a `store:` section).
+    pub async fn start_on(store_yaml: &str, twilio: &FakeTwilio) -> Node {
         let (port, admin) = (free_port(), free_port());
         let config = render(
             TEMPLATE,
             &[
                 ("port", &port.to_string()),
                 ("admin", &admin.to_string()),
-                ("store", &redis.store_yaml()),
+                ("store", store_yaml),
                 ("sid", &twilio.account_sid),
                 ("twilio", &twilio.base_url()),
             ],
@@ -247,6 +223,40 @@ impl Node {
         }
     }
 
+    /// A consumer created on this node with TOTP enrolled and confirmed (with the current
+    /// code): its API key, TOTP secret and recovery codes.
+    pub async fn enrol(&self, name: &str) -> Enrolled {
+        let a = self;
+        let created = a
+            .ok("POST", "/consumers", Some(json!({"name": name})), 201)
+            .await;
+        let key = created["api_key"].as_str().unwrap().to_string();
+        let begun = a
+            .ok("POST", &format!("/consumers/{name}/totp"), None, 201)
+            .await;
+        let secret = begun["secret"].as_str().unwrap().to_string();
+        let confirmed = a
+            .ok(
+                "POST",
+                &format!("/consumers/{name}/totp/confirm"),
+                Some(json!({"code": totp_now(&secret)})),
+                200,
+            )
+            .await;
+        Enrolled {
+            name: name.to_string(),
+            id: created["id"].as_str().unwrap().to_string(),
+            key,
+            recovery_codes: confirmed["recovery_codes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect(),
+            secret,
+        }
+    }
+
     /// The status of admin `GET /readyz`, or `None` when nothing answers.
     pub async fn readyz(&self) -> Option<u16> {
         let stream = tokio::time::timeout(
@@ -272,6 +282,21 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGTERM, and waits for the drain to finish.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// The node's directory (its `gateway.yaml`, `data/`).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Kills the node and starts it again on the same files and ports.

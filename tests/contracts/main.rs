@@ -51,6 +51,8 @@ mod sqlite_store {
             a_subscriber_that_falls_behind_is_told_to_resync,
             a_deleted_consumer_is_announced_and_loads_as_none,
             limiter_state_round_trips_and_expired_state_is_dropped,
+            a_restored_consumer_reads_back_exactly,
+            a_rewritten_audit_log_reads_in_the_new_order,
         ]
     );
 }
@@ -174,6 +176,8 @@ mod redis_store {
             a_subscriber_that_falls_behind_is_told_to_resync,
             a_deleted_consumer_is_announced_and_loads_as_none,
             limiter_state_round_trips_and_expired_state_is_dropped,
+            a_restored_consumer_reads_back_exactly,
+            a_rewritten_audit_log_reads_in_the_new_order,
         ]
     );
 }

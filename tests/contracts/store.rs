@@ -432,3 +432,139 @@ where
         "{state:?}"
     );
 }
+
+/// `restore_consumer` writes a consumer exactly as given (every kind of record, used codes and
+/// revoked keys included), replacing what was there, and announces it; a name held by another
+/// consumer is a conflict.
+pub async fn a_restored_consumer_reads_back_exactly<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    use stepgate::store::{ConsumerState, RecoveryCodeRecord, SmsRecord};
+    let store = with_consumer(&make, "c1").await;
+    store.put_pending_totp(pending_totp("c1")).await.unwrap();
+    let mut feed = store.changes();
+    let mut revoked = key("c1", 7);
+    revoked.revoked_at = Some(NOW + 5);
+    let mut used = key("c1", 8);
+    used.last_used_at = Some(NOW + 9);
+    let mut confirmed = pending_totp("c1");
+    confirmed.confirmed = true;
+    confirmed.last_step = Some(NOW / 30);
+    confirmed.started_with = Assurance::KeyOnly;
+    let mut pending = pending_totp("c1");
+    pending.secret_sealed = vec![9, 9];
+    pending.started_with = Assurance::Totp;
+    let state = ConsumerState {
+        record: ConsumerRecord {
+            name: "renamed".into(),
+            roles: vec!["ops".into(), "partner".into()],
+            disabled: true,
+            ..record("c1")
+        },
+        keys: vec![revoked, used],
+        totp: vec![confirmed, pending],
+        recovery_codes: vec![
+            RecoveryCodeRecord {
+                consumer_id: "c1".into(),
+                hash: [3; 32],
+                used_at: Some(NOW + 1),
+            },
+            RecoveryCodeRecord {
+                consumer_id: "c1".into(),
+                hash: [4; 32],
+                used_at: None,
+            },
+        ],
+        sms: Some(SmsRecord {
+            consumer_id: "c1".into(),
+            phone_sealed: Some(vec![5, 5]),
+            pending_sealed: Some(vec![6]),
+            updated_at: NOW + 2,
+            pending_at: Some(NOW + 2),
+            pending_with: Assurance::Sms,
+        }),
+    };
+    store.restore_consumer(state.clone()).await.unwrap();
+    let mut read = store.load_consumer("c1").await.unwrap().unwrap();
+    assert!(read.record.version > 1, "a restore raises the version");
+    // Announced (an earlier write's announcement may still be on its way first).
+    loop {
+        match feed.next().await.unwrap() {
+            FeedEvent::Changed(change) if change.version < read.record.version => {}
+            FeedEvent::Changed(change) => {
+                assert_eq!(&*change.consumer_id, "c1");
+                assert_eq!(change.version, read.record.version);
+                break;
+            }
+            FeedEvent::Lost(_) => panic!("lost"),
+        }
+    }
+    read.record.version = 1;
+    read.keys.sort_by_key(|k| k.hash);
+    read.totp.sort_by_key(|t| !t.confirmed);
+    read.recovery_codes.sort_by_key(|c| c.hash);
+    assert_eq!(read, state, "the first key is gone, the rest as given");
+    // Restored again: the same (idempotent).
+    store.restore_consumer(state.clone()).await.unwrap();
+    assert_eq!(
+        store.load().await.unwrap().consumers.len(),
+        1,
+        "one consumer, whatever its name was"
+    );
+    // The old name is free, the new one taken.
+    store
+        .insert_consumer(record("c2"), key("c2", 20))
+        .await
+        .unwrap();
+    let mut taken = state.clone();
+    taken.record.id = "c3".into();
+    taken.keys.clear();
+    taken.totp.clear();
+    taken.recovery_codes.clear();
+    taken.sms = None;
+    assert!(matches!(
+        store.restore_consumer(taken).await,
+        Err(stepgate::store::StoreError::Conflict(_))
+    ));
+}
+
+/// `rewrite_audit` replaces the whole log, which then reads newest first.
+pub async fn a_rewritten_audit_log_reads_in_the_new_order<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    use stepgate::store::AuditEvent;
+    let store = make().await;
+    let event = |at: u64, kind: &str| AuditEvent {
+        id: 0,
+        at,
+        kind: kind.into(),
+        consumer_id: Some("c1".into()),
+        consumer_name: Some("alice".into()),
+        key_prefix: None,
+        detail: serde_json::json!({"n": at}),
+    };
+    store.append_audit(event(NOW + 5, "old")).await.unwrap();
+    store
+        .rewrite_audit(vec![
+            event(NOW, "a"),
+            event(NOW + 1, "b"),
+            event(NOW + 2, "c"),
+        ])
+        .await
+        .unwrap();
+    let kinds: Vec<String> = store
+        .audit(None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["c", "b", "a"]);
+    let since = store.audit(None, Some(NOW + 1), 10).await.unwrap();
+    assert_eq!(since.len(), 2);
+    assert_eq!(since[0].detail, serde_json::json!({"n": NOW + 2}));
+}

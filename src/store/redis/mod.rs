@@ -272,6 +272,81 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
+    /// Reserves `name` for consumer `id` (the name's own slot) and lists the id among the
+    /// consumers, before the consumer's record is written: a name held by another existing
+    /// consumer is a conflict. A creation that fails half way leaves a reserved name without
+    /// a consumer, which the next attempt with that name takes over (its owner does not
+    /// exist).
+    async fn reserve(&self, name: &str, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let name_key = self.keys().name(name);
+        let reserved: bool = conn.set_nx(&name_key, id).await.map_err(unavailable)?;
+        if !reserved {
+            let owner: Option<String> = conn.get(&name_key).await.map_err(unavailable)?;
+            let alive = match owner.as_deref() {
+                Some(owner) if owner == id => false,
+                Some(owner) => conn
+                    .exists(self.keys().consumer(owner))
+                    .await
+                    .map_err(unavailable)?,
+                None => false,
+            };
+            if alive {
+                return Err(StoreError::Conflict(format!("consumer `{name}`")));
+            }
+            let _: () = conn.set(&name_key, id).await.map_err(unavailable)?;
+        }
+        let _: () = conn
+            .sadd(self.keys().consumers(), id)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Adds `events` to the audit stream, in `pipe`.
+    fn add_audit(
+        &self,
+        pipe: &mut redis::Pipeline,
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        for event in events {
+            let detail = serde_json::to_string(&event.detail).map_err(unavailable)?;
+            let mut fields: Vec<(&str, String)> = vec![
+                ("at", event.at.to_string()),
+                ("kind", event.kind.clone()),
+                ("detail", detail),
+            ];
+            if let Some(id) = &event.consumer_id {
+                fields.push(("consumer_id", id.clone()));
+            }
+            if let Some(name) = &event.consumer_name {
+                fields.push(("consumer_name", name.clone()));
+            }
+            if let Some(prefix) = &event.key_prefix {
+                fields.push(("key_prefix", prefix.clone()));
+            }
+            pipe.xadd_maxlen(
+                self.keys().audit(),
+                redis::streams::StreamMaxlen::Approx(AUDIT_KEPT),
+                "*",
+                &fields,
+            )
+            .ignore();
+        }
+        Ok(())
+    }
+
+    /// Frees `name` once consumer `id` no longer has it (unless someone took it meanwhile).
+    async fn release(&self, name: &str, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let name_key = self.keys().name(name);
+        let owner: Option<String> = conn.get(&name_key).await.map_err(unavailable)?;
+        if owner.as_deref() == Some(id) {
+            let _: () = conn.del(&name_key).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     async fn read_consumer(&self, id: &str) -> Result<Option<ConsumerState>, StoreError> {
         let all = self.keys().all(id);
         // One transaction (one slot): a consistent picture of the consumer.
@@ -364,6 +439,63 @@ struct StoredTotp {
     digits: u8,
     period: u64,
     created_at: u64,
+}
+
+fn totp_json(totp: &TotpRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&StoredTotp {
+        secret: hex(&totp.secret_sealed),
+        algorithm: totp.params.algorithm.as_str().to_owned(),
+        digits: totp.params.digits,
+        period: totp.params.period,
+        created_at: totp.created_at,
+    })
+    .map_err(unavailable)
+}
+
+/// The hashes (keys, totp, recovery, sms) that hold `state`, as the scripts write them.
+fn consumer_hashes(state: &ConsumerState) -> Result<[HashMap<String, String>; 4], StoreError> {
+    let mut keys = HashMap::new();
+    for key in &state.keys {
+        keys.insert(hex(&key.hash), key_json(key)?);
+    }
+    let mut totp = HashMap::new();
+    for t in &state.totp {
+        if t.confirmed {
+            totp.insert("confirmed".to_owned(), totp_json(t)?);
+            if let Some(step) = t.last_step {
+                totp.insert("last_step".to_owned(), step.to_string());
+            }
+        } else {
+            totp.insert("pending".to_owned(), totp_json(t)?);
+            totp.insert(
+                "pending_with".to_owned(),
+                t.started_with.to_db().to_string(),
+            );
+        }
+    }
+    let recovery = state
+        .recovery_codes
+        .iter()
+        .map(|c| (hex(&c.hash), c.used_at.unwrap_or(0).to_string()))
+        .collect();
+    let mut sms = HashMap::new();
+    if let Some(s) = &state.sms {
+        if let Some(phone) = &s.phone_sealed {
+            sms.insert("phone".to_owned(), hex(phone));
+        }
+        if let Some(pending) = &s.pending_sealed {
+            sms.insert("pending".to_owned(), hex(pending));
+        }
+        if let Some(at) = s.pending_at {
+            sms.insert("pending_at".to_owned(), at.to_string());
+        }
+        sms.insert("updated_at".to_owned(), s.updated_at.to_string());
+        sms.insert(
+            "pending_with".to_owned(),
+            s.pending_with.to_db().to_string(),
+        );
+    }
+    Ok([keys, totp, recovery, sms])
 }
 
 fn key_json(key: &KeyRecord) -> Result<String, StoreError> {
@@ -517,40 +649,7 @@ impl Store for RedisStore {
         consumer: ConsumerRecord,
         key: KeyRecord,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        // The name first (its own slot): taken, it is a conflict; then the id's membership,
-        // then the record. A creation that fails half way leaves a reserved name without a
-        // consumer, which the next attempt with that name reports as taken only while the
-        // reservation's owner exists (see below).
-        let name_key = self.keys().name(&consumer.name);
-        let reserved: bool = conn
-            .set_nx(&name_key, &consumer.id)
-            .await
-            .map_err(unavailable)?;
-        if !reserved {
-            let owner: Option<String> = conn.get(&name_key).await.map_err(unavailable)?;
-            let alive = match &owner {
-                Some(owner) => conn
-                    .exists(self.keys().consumer(owner))
-                    .await
-                    .map_err(unavailable)?,
-                None => false,
-            };
-            if alive {
-                return Err(StoreError::Conflict(format!(
-                    "consumer `{}`",
-                    consumer.name
-                )));
-            }
-            let _: () = conn
-                .set(&name_key, &consumer.id)
-                .await
-                .map_err(unavailable)?;
-        }
-        let _: () = conn
-            .sadd(self.keys().consumers(), &consumer.id)
-            .await
-            .map_err(unavailable)?;
+        self.reserve(&consumer.name, &consumer.id).await?;
         let roles = serde_json::to_string(&consumer.roles).map_err(unavailable)?;
         let created: i64 = self
             .run(
@@ -596,12 +695,7 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         if let Some(name) = name {
-            // The name is free again (unless someone took it meanwhile).
-            let name_key = self.keys().name(&name);
-            let owner: Option<String> = conn.get(&name_key).await.map_err(unavailable)?;
-            if owner.as_deref() == Some(id.as_str()) {
-                let _: () = conn.del(&name_key).await.map_err(unavailable)?;
-            }
+            self.release(&name, &id).await?;
         }
         Ok(())
     }
@@ -663,14 +757,7 @@ impl Store for RedisStore {
     }
 
     async fn put_pending_totp(&self, totp: TotpRecord) -> Result<(), StoreError> {
-        let stored = serde_json::to_string(&StoredTotp {
-            secret: hex(&totp.secret_sealed),
-            algorithm: totp.params.algorithm.as_str().to_owned(),
-            digits: totp.params.digits,
-            period: totp.params.period,
-            created_at: totp.created_at,
-        })
-        .map_err(unavailable)?;
+        let stored = totp_json(&totp)?;
         let _: i64 = self
             .run(
                 &scripts::PUT_PENDING_TOTP,
@@ -886,36 +973,62 @@ impl Store for RedisStore {
         Ok(used == 1)
     }
 
+    async fn restore_consumer(&self, state: ConsumerState) -> Result<(), StoreError> {
+        let c = &state.record;
+        self.reserve(&c.name, &c.id).await?;
+        let roles = serde_json::to_string(&c.roles).map_err(unavailable)?;
+        let hashes = serde_json::to_string(&consumer_hashes(&state)?).map_err(unavailable)?;
+        let had: Option<String> = self
+            .run(
+                &scripts::RESTORE_CONSUMER,
+                &c.id,
+                &[1, 2, 3, 4, 5, 6, 7],
+                &[
+                    c.name.clone(),
+                    roles,
+                    if c.disabled { "1" } else { "0" }.into(),
+                    c.created_at.to_string(),
+                    hashes,
+                ],
+            )
+            .await?;
+        if let Some(had) = had.filter(|had| *had != c.name) {
+            self.release(&had, &c.id).await?;
+        }
+        // Last uses live apart from the keys (they change on every request, not the version).
+        let mut pipe = redis::pipe();
+        for key in &state.keys {
+            match key.last_used_at {
+                Some(at) => pipe.hset(self.keys().key_use(), hex(&key.hash), at),
+                None => pipe.hdel(self.keys().key_use(), hex(&key.hash)),
+            }
+            .ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn rewrite_audit(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.keys().audit()).ignore();
+        self.add_audit(&mut pipe, &events)?;
+        let _: () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
         self.append_audit_batch(vec![event]).await
     }
 
     async fn append_audit_batch(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
-        for event in &events {
-            let detail = serde_json::to_string(&event.detail).map_err(unavailable)?;
-            let mut fields: Vec<(&str, String)> = vec![
-                ("at", event.at.to_string()),
-                ("kind", event.kind.clone()),
-                ("detail", detail),
-            ];
-            if let Some(id) = &event.consumer_id {
-                fields.push(("consumer_id", id.clone()));
-            }
-            if let Some(name) = &event.consumer_name {
-                fields.push(("consumer_name", name.clone()));
-            }
-            if let Some(prefix) = &event.key_prefix {
-                fields.push(("key_prefix", prefix.clone()));
-            }
-            pipe.xadd_maxlen(
-                self.keys().audit(),
-                redis::streams::StreamMaxlen::Approx(AUDIT_KEPT),
-                "*",
-                &fields,
-            )
-            .ignore();
-        }
+        self.add_audit(&mut pipe, &events)?;
         let _: () = pipe
             .query_async(&mut self.conn())
             .await

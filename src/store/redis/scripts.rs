@@ -55,6 +55,28 @@ return 1
     )
 });
 
+/// KEYS: consumer, keys, totp, recovery, sms, login code, enrolment code. ARGV: id, name,
+/// roles, disabled, created_at, the contents of keys, totp, recovery and sms (a JSON array of
+/// four objects of strings), channel. Replaces everything of the consumer (outstanding codes
+/// go); returns the name it had, or false.
+pub static RESTORE_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local old = redis.call('HGET', KEYS[1], 'name')
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') + 1
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'roles', ARGV[3],
+  'disabled', ARGV[4], 'created_at', ARGV[5], 'version', v)
+local maps = cjson.decode(ARGV[6])
+for i = 1, 4 do
+  for field, value in pairs(maps[i]) do redis.call('HSET', KEYS[i + 1], field, value) end
+end
+redis.call('PUBLISH', ARGV[7], 'c ' .. ARGV[1] .. ' ' .. v)
+return old or false
+"#,
+    )
+});
+
 /// KEYS: consumer. ARGV: id, roles, disabled, channel.
 pub static UPDATE_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
     script(

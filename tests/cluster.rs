@@ -527,3 +527,135 @@ async fn while_redis_is_down_codes_fail_closed_and_cached_tokens_last_only_the_s
     let r = c.node(1).request("GET", "/secure/x", &with_token).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// The ACL user `docs/cluster.md` documents, exactly as written there, is all a gateway needs:
+/// every kind of write (codes, confirmations, SMS, tokens, failures, bans, unlocks, deletes,
+/// audit) and `store copy` both ways run as that user, and Redis logs no denied command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_needs_only_the_commands_the_documented_acl_user_allows() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cluster.md")).unwrap();
+    let acl = doc
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER stepgate "))
+        .expect("the ACL line in docs/cluster.md");
+    let c = Cluster::start(0).await;
+    let args: Vec<String> = acl
+        .split_whitespace()
+        .map(|a| a.replace(">CHANGE-ME", ">acl-test-password"))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(c.redis.cli(&args), "OK");
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("redis.password");
+    stepgate_testkit::cluster::write_private(&password, "acl-test-password");
+    let store = format!(
+        "store:\n  redis:\n    url: redis://stepgate@127.0.0.1:{}\n    password_file: {}\n    stale_for: 1s\n",
+        c.redis.port(),
+        password.display()
+    );
+    let node = Node::start_on(&store, &c.twilio).await;
+    assert!(
+        !node.log().contains("maxmemory-policy"),
+        "the eviction policy could be read: {}",
+        node.log()
+    );
+
+    let alice = node.enrol("alice").await;
+    let token = token_for(&node, &alice).await;
+    assert_eq!(
+        node.get_with_token("/secure/x", &alice.key, &token)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        node.get("/secure/x", &alice.key, Some(&alice.recovery_codes[0]))
+            .await
+            .status,
+        200
+    );
+    node.ok("DELETE", "/consumers/alice/step-up-tokens", None, 204)
+        .await;
+    node.ok("POST", "/consumers/alice/keys", None, 201).await;
+    node.ok(
+        "PATCH",
+        "/consumers/alice",
+        Some(json!({"roles": ["ops"]})),
+        200,
+    )
+    .await;
+    node.ok("POST", "/consumers/alice/recovery-codes", None, 201)
+        .await;
+    let wrong = wrong_totp(&alice.secret, "SHA1", 6, 30);
+    for _ in 0..6 {
+        node.get("/secure/x", &alice.key, Some(&wrong)).await;
+    }
+    assert_eq!(node.get("/keyed/x", &alice.key, None).await.status, 429);
+    let bans = node.ok("GET", "/bans", None, 200).await;
+    assert_eq!(bans["bans"][0]["consumer"], "alice", "{bans}");
+    node.ok("POST", "/consumers/alice/unlock", None, 204).await;
+    let sam = node
+        .ok("POST", "/consumers", Some(json!({"name": "sam"})), 201)
+        .await["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = node
+        .request_json(
+            "POST",
+            "/_stepgate/2fa/sms",
+            &[("x-api-key", &sam)],
+            json!({"phone": "+447700900123"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let code = c.twilio.last_code();
+    let r = node
+        .request(
+            "POST",
+            "/_stepgate/2fa/sms/confirm",
+            &[("x-api-key", &sam), ("x-otp", &code)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    node.ok("DELETE", "/consumers/alice/totp", None, 204).await;
+    node.ok("DELETE", "/consumers/sam", None, 204).await;
+    let audit = node.ok("GET", "/audit?limit=1000", None, 200).await;
+    assert!(audit["events"].as_array().unwrap().len() > 10, "{audit}");
+    assert_eq!(node.readyz().await, Some(200));
+
+    // `store copy` out of Redis and back in, as the same user.
+    let backup = secrets.path().join("backup.db");
+    let url = format!("redis://stepgate@127.0.0.1:{}", c.redis.port());
+    for (from, to) in [
+        (url.clone(), format!("sqlite:{}", backup.display())),
+        (format!("sqlite:{}", backup.display()), url.clone()),
+    ] {
+        let out = std::process::Command::new(stepgate_bin())
+            .args([
+                "store",
+                "copy",
+                "-c",
+                "gateway.yaml",
+                "--from",
+                &from,
+                "--to",
+                &to,
+            ])
+            .arg("--password-file")
+            .arg(&password)
+            .current_dir(node.dir())
+            .env("STEPGATE_MASTER_KEY", stepgate_testkit::cluster::MASTER_KEY)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(c.redis.cli(&["ACL", "LOG"]), "", "commands were denied");
+    assert!(!node.log().contains("NOPERM"), "{}", node.log());
+}

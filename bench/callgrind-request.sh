@@ -7,6 +7,7 @@
 # (examples/bare_proxy.rs) for reference.
 #
 #   bench/callgrind-request.sh          # needs valgrind (apt-get install valgrind)
+#   BENCH_STORE=redis bench/callgrind-request.sh   # the gateway as a cluster node, on Redis
 #
 # Valgrind hides SHA-NI from the program, so the key's HMAC-SHA256 runs in software here
 # (~10,000 instructions; a few hundred cycles natively). Compare builds, not wall time.
@@ -16,6 +17,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DURATION="${BENCH_DURATION:-10s}"
+STORE="${BENCH_STORE:-sqlite}"
+[[ "$STORE" == sqlite || "$STORE" == redis ]] || die "BENCH_STORE must be sqlite or redis (got '$STORE')"
 DURATION_S="$(duration_seconds "$DURATION")" || die "BENCH_DURATION must look like 10s"
 command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install valgrind)"
 
@@ -27,6 +30,7 @@ run_waited bash -c 'cd "$1" && exec cargo build --release --example bare_proxy' 
 BARE_BIN="$ROOT/target/release/examples/bare_proxy"
 start_upstream
 
+[[ "$STORE" == redis ]] && start_redis
 GW="$WORK/gateway"
 mkdir -p "$GW/policies" "$GW/data"
 printf 'api_key: required\nsecond_factor: off\n' >"$GW/policies/key.yaml"
@@ -34,7 +38,7 @@ printf 'api_key: required\nsecond_factor: required\nstep_up: { ttl: 1h, scope: p
     >"$GW/policies/two-factor.yaml"
 GATEWAY_PORT="$(free_port)"
 ADMIN_PORT="$(free_port)"
-{ gateway_yaml_head "$GW"; cat <<EOF; } >"$GW/gateway.yaml"
+{ gateway_yaml_head "$GW"; [[ "$STORE" == sqlite ]] || redis_store_yaml; cat <<EOF; } >"$GW/gateway.yaml"
 upstreams:
   nginx: { url: "http://127.0.0.1:$UPSTREAM_PORT" }
 routes:
@@ -135,11 +139,12 @@ for _ in 1 2 3 4 5; do http_status "$BARE_PORT" /key >/dev/null; done
 callgrind_run bare "$STARTED_PID" "$BARE_PORT" /key "X-Api-Key: $KEY"
 
 mkdir -p "$RESULTS_DIR"
-REPORT="$RESULTS_DIR/$(date -u +%Y%m%dT%H%M%SZ)-callgrind-request.md"
+REPORT="$RESULTS_DIR/$(date -u +%Y%m%dT%H%M%SZ)-callgrind-request-$STORE.md"
 {
     echo "# Instructions per request (callgrind, whole process)"
     echo
     echo "- commit: $(commit_desc)"
+    echo "- store: $STORE"
     echo "- wrk -t1 -c8 -d$DURATION; nginx \`return 200\` upstream; SHA-256 in software under valgrind"
     echo
     echo "| target | instructions / request | requests | non-2xx |"

@@ -385,6 +385,39 @@ start_upstream() {
     UPSTREAM_PORT="$NGINX_STARTED_PORT"
 }
 
+# ---------------------------------------------------------------- redis
+
+# start_redis: a redis-server of our own on a free port, configured as a gateway cluster needs
+# it (AOF with fsync on every write, no eviction), its files in $WORK/redis; sets REDIS_PID
+# and REDIS_PORT.
+start_redis() {
+    command -v redis-server >/dev/null 2>&1 || die "redis-server is not installed (apt-get install redis-server)"
+    mkdir -p "$WORK/redis"
+    REDIS_PORT="$(free_port)"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
+        --appendonly yes --appendfsync always --save "" --maxmemory-policy noeviction \
+        --logfile "$WORK/redis/redis.log" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && return 0
+        sleep 0.1
+    done
+    die "redis-server did not start; its log: $WORK/redis/redis.log"
+}
+
+# redis_store_yaml: the `store:` section of a gateway on that Redis.
+redis_store_yaml() {
+    printf 'store: { redis: { url: "redis://127.0.0.1:%s" } }\n' "$REDIS_PORT"
+}
+
+# redis_calls: the number of commands Redis has run so far (all clients; INFO commandstats).
+redis_calls() {
+    redis-cli -p "$REDIS_PORT" info commandstats \
+        | awk -F'[=,:]' '/^cmdstat_/ { n += $3 } END { print n + 0 }'
+}
+
 # ---------------------------------------------------------------- wrk
 
 # run_wrk_bg OUT SECS wrk-args...: starts wrk in the background under a watchdog (killed

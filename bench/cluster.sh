@@ -86,7 +86,7 @@ seed() {
     run_waited python3 "$BENCH_DIR/seed.py" seed \
         --admin-port "$3" --admin-token-file "$WORK/$1/data/admin.token" \
         --gateway-port "$2" --out "$WORK/$1/seed" \
-        --tokens "$CONSUMERS" --codes 0 --flood 0 --workers 8 \
+        --tokens "$CONSUMERS" --codes 0 --flood 1 --workers 8 \
         || die "seeding $1 failed (log: $WORK/$1/gateway.log)"
 }
 log "seeding $CONSUMERS consumers on S and on R1 (R2 shares R1's through Redis)"

@@ -66,8 +66,13 @@ pub enum Refusal {
     OtpInvalid { by: Attempt },
     #[error("the step-up token is not valid")]
     StepUpInvalid { by: Attempt },
-    #[error("this route needs a second factor and none is enrolled")]
-    EnrollmentRequired,
+    /// `page`: where the consumer enrols (the security page's path), `None` when
+    /// self-service is off.
+    #[error("this route needs a second factor and none is enrolled; {}", match page {
+        Some(page) => format!("enrol at {page}"),
+        None => "ask your operator to enrol you".to_owned(),
+    })]
+    EnrollmentRequired { page: Option<Arc<str>> },
     #[error("this consumer's role may not call this route")]
     Forbidden,
     #[error("too many failed attempts; try again in {retry_after} seconds")]
@@ -140,7 +145,7 @@ impl Refusal {
                 (StatusCode::UNAUTHORIZED, "otp_invalid")
             }
             Refusal::StepUpInvalid { .. } => (StatusCode::UNAUTHORIZED, "step_up_invalid"),
-            Refusal::EnrollmentRequired => (StatusCode::FORBIDDEN, "enrollment_required"),
+            Refusal::EnrollmentRequired { .. } => (StatusCode::FORBIDDEN, "enrollment_required"),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Refusal::TooManyAttempts { .. } | Refusal::SendLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")

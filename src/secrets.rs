@@ -122,7 +122,7 @@ impl MasterKey {
     pub fn load_or_create(data_dir: &Path) -> Result<Self, SecretsError> {
         Self::from_env().unwrap_or_else(|| {
             let path = data_dir.join(MASTER_KEY_FILE);
-            Self::from_text(&read_or_create_private(&path, || {
+            Self::from_text(&read_or_create_private(&path, "master key", || {
                 hex(&random_bytes::<32>())
             })?)
         })
@@ -232,7 +232,9 @@ impl AdminToken {
             return Ok(Self(value));
         }
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        let text = read_or_create_private(&path, || format!("sga_{}", hex(&random_bytes::<32>())))?;
+        let text = read_or_create_private(&path, "admin token", || {
+            format!("sga_{}", hex(&random_bytes::<32>()))
+        })?;
         Ok(Self(text.trim().to_owned()))
     }
 
@@ -265,8 +267,11 @@ pub fn read_private(path: &Path) -> Result<String, SecretsError> {
 
 /// Reads a secret file as [`read_private`] does; creates it with mode 0600 when it does not
 /// exist (never overwriting one that appeared meanwhile).
+/// A file created is logged by its path (never its contents), so that an operator learns
+/// where the gateway put a secret it generated.
 fn read_or_create_private(
     path: &Path,
+    what: &str,
     make: impl FnOnce() -> String,
 ) -> Result<String, SecretsError> {
     let io = |e: std::io::Error| io_error(path, e);
@@ -286,6 +291,7 @@ fn read_or_create_private(
             file.write_all(format!("{value}\n").as_bytes())
                 .map_err(io)?;
             file.sync_all().map_err(io)?;
+            tracing::info!(path = %path.display(), "generated the {what} (mode 0600)");
             Ok(value)
         }
         Err(e) => Err(io(e)),

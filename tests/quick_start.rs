@@ -208,7 +208,14 @@ async fn the_readme_quick_start_works_as_written() {
 
     // /secure before alice has a second factor: 403 enrollment_required.
     let r = get_with(addr, "/secure/hello", &[("x-api-key", &key)]).await;
-    r.assert_problem(403, "enrollment_required");
+    let problem = r.assert_problem(403, "enrollment_required");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("enrol at /_stepgate/"),
+        "the refusal names the security page: {problem}"
+    );
 
     // The security page is served under /_stepgate/.
     let r = get_with(addr, "/_stepgate/", &[]).await;

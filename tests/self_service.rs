@@ -522,6 +522,13 @@ async fn disabled_self_service_is_404_but_step_up_stays() {
         warning.contains("2027-01-31") && !warning.contains("/_stepgate"),
         "{warning}"
     );
+    // Nor does the refusal once grace is over.
+    let r = s.call("/totp/x", &alice.key, None).await;
+    let problem = r.assert_problem(403, "enrollment_required");
+    assert!(
+        problem["detail"].as_str().unwrap().ends_with("ask your operator to enrol you"),
+        "{problem}"
+    );
     // Step-up is not enrolment: it stays.
     s.t.enrol("alice").await;
     let e = s.gw.view("alice").await;

@@ -273,7 +273,11 @@ async fn decide<B>(
             }
             _ => {
                 metrics.factor("none", "not_enrolled");
-                Err(Refusal::EnrollmentRequired)
+                let page = crate::snapshot::Snapshot::of(request)
+                    .ok()
+                    .and_then(|snapshot| snapshot.self_service.page_path())
+                    .map(Arc::from);
+                Err(Refusal::EnrollmentRequired { page })
             }
         }
     } else {
@@ -296,7 +300,7 @@ async fn decide<B>(
             refusal @ (Refusal::OtpRequired
             | Refusal::OtpInvalid { .. }
             | Refusal::StepUpInvalid { .. }
-            | Refusal::EnrollmentRequired),
+            | Refusal::EnrollmentRequired { .. }),
         ) if report_only => {
             let (_, code) = refusal.status_code();
             metrics.factor("none", "would_refuse");

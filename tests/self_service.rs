@@ -526,7 +526,10 @@ async fn disabled_self_service_is_404_but_step_up_stays() {
     let r = s.call("/totp/x", &alice.key, None).await;
     let problem = r.assert_problem(403, "enrollment_required");
     assert!(
-        problem["detail"].as_str().unwrap().ends_with("ask your operator to enrol you"),
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("ask your operator to enrol you"),
         "{problem}"
     );
     // Step-up is not enrolment: it stays.

@@ -424,6 +424,8 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
         } else {
             "http"
         };
+        let page = snapshot.self_service.page_path();
+        let token_file = crate::secrets::admin_token_path(&snapshot.data_dir);
         let gateway = match Gateway::bind(snapshot).await {
             Ok(gateway) => gateway,
             Err(error) => {
@@ -431,11 +433,19 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(
-            address = %gateway.local_addr(),
-            "stepgate listening on {scheme}://{}",
-            gateway.local_addr()
-        );
+        let address = gateway.local_addr();
+        tracing::info!(%address, "stepgate listening on {scheme}://{address}");
+        match gateway.admin_addr() {
+            Some(admin) => tracing::info!(
+                %admin,
+                "admin API on http://{admin} (bearer token: {} or STEPGATE_ADMIN_TOKEN)",
+                token_file.display()
+            ),
+            None => tracing::info!("no admin API (the configuration has no `admin:` section)"),
+        }
+        if let Some(page) = page {
+            tracing::info!("security page for consumers: {scheme}://{address}{page}");
+        }
         let token = gateway.shutdown_token();
         let reloader = gateway.reloader();
         tokio::spawn(async move {

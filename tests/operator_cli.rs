@@ -541,3 +541,121 @@ async fn explain_names_the_key_requirement() {
         "{stdout}"
     );
 }
+
+/// Everything the admin API does has a command: roles, unlock, step-up revoke, bans, the
+/// configuration in force and reloads (an invalid file refused with every error printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_is_level_with_the_admin_api() {
+    let (gw, _up, cli) = setup().await;
+    let out = cli.run(&["consumer", "add", "carol"]).await.ok();
+    let key = key_in(&out);
+
+    let out = cli
+        .run(&["consumer", "roles", "carol", "partner,ops"])
+        .await
+        .ok();
+    assert!(
+        out.contains("Roles of carol: ops, partner") || out.contains("partner"),
+        "{out}"
+    );
+    assert_eq!(
+        gw.view("carol").await["roles"],
+        serde_json::json!(["ops", "partner"])
+    );
+    cli.run(&["consumer", "roles", "carol"]).await.ok();
+    assert_eq!(gw.view("carol").await["roles"], serde_json::json!([]));
+
+    // Unknown keys from one address until it is banned (50 per address in 15 minutes).
+    let addr = gw.addr();
+    for i in 0..60 {
+        let bogus = format!("sgk_{i:0>72}");
+        get_with(addr, "/keyed/x", &[("x-api-key", &bogus)]).await;
+    }
+    assert_eq!(
+        get_with(addr, "/keyed/x", &[("x-api-key", &key)])
+            .await
+            .status,
+        429
+    );
+    let out = cli.run(&["bans", "list"]).await.ok();
+    assert!(out.contains("ip") && out.contains("127.0.0.1"), "{out}");
+    let bans = cli.run(&["--json", "bans", "list"]).await.json();
+    assert_eq!(bans["bans"][0]["kind"], "ip", "{bans}");
+
+    let out = cli.run(&["consumer", "unlock", "carol"]).await.ok();
+    assert!(out.contains("Unlocked carol"), "{out}");
+    let out = cli.run(&["step-up", "revoke", "carol"]).await.ok();
+    assert!(out.contains("Revoked the step-up tokens of carol"), "{out}");
+    cli.run(&["consumer", "unlock", "nobody"])
+        .await
+        .fails_with(&["404"]);
+
+    let out = cli.run(&["config", "show"]).await.ok();
+    assert!(
+        out.contains("version:") && out.contains("gateway.yaml"),
+        "{out}"
+    );
+    assert!(out.contains("last reload: no error"), "{out}");
+    let out = cli.run(&["reload"]).await.ok();
+    assert!(out.contains("Nothing changed"), "{out}");
+    let config = gw.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}  - {{ name: more, match: {{ path: /more }}, upstream: app, policy: public }}\n"
+        ),
+    )
+    .unwrap();
+    let out = cli.run(&["reload"]).await.ok();
+    assert!(out.contains("Reloaded"), "{out}");
+    std::fs::write(
+        &config,
+        format!("{text}  - {{ name: bad, match: {{ path: /bad }}, upstream: nowhere, policy: public }}\n"),
+    )
+    .unwrap();
+    let refused = cli.run(&["reload"]).await;
+    refused.fails_with(&["previous one keeps serving", "nowhere"]);
+    let out = cli.run(&["config", "show"]).await.ok();
+    assert!(
+        out.contains("the last reload was refused") && out.contains("nowhere"),
+        "{out}"
+    );
+}
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_same_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run_cli(&["completions", shell]);
+        assert_eq!(code, 0, "{err}");
+        for command in ["consumer", "step-up", "bans", "reload", "store"] {
+            assert!(out.contains(command), "{shell} completion lacks {command}");
+        }
+    }
+    let (code, out, _) = run_cli(&["man"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(".TH stepgate 1") && out.contains("step\\-up"),
+        "{}",
+        &out[..200]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_cli(&["man", "--out", &path_str(dir.path())]);
+    assert_eq!(code, 0, "{err}");
+    for page in [
+        "stepgate.1",
+        "stepgate-consumer.1",
+        "stepgate-consumer-unlock.1",
+    ] {
+        assert!(dir.path().join(page).is_file(), "{page}");
+    }
+    // `run`'s own flag is under `run` only.
+    let (_, top, _) = run_cli(&["--help"]);
+    assert!(
+        !top.lines()
+            .any(|l| l.trim_start().starts_with("--log-format")),
+        "{top}"
+    );
+    let (_, run, _) = run_cli(&["run", "--help"]);
+    assert!(run.contains("--log-format"), "{run}");
+}

@@ -92,6 +92,13 @@ fn no_content() -> Response<Body> {
     response
 }
 
+/// The answer to a reload: the configuration in force, and whether this reload changed it.
+fn reloaded(status: &crate::reload::Status, changed: bool) -> Response<Body> {
+    let mut answer = to_value(status);
+    answer["changed"] = json!(changed);
+    json_response(StatusCode::OK, &answer)
+}
+
 fn to_value<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
@@ -200,9 +207,8 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
             &to_value(&admin.reloader.status()),
         )),
         (&Method::POST, ["reload"]) => match admin.reloader.reload("admin").await {
-            Outcome::Applied(status) | Outcome::Unchanged(status) => {
-                Ok(json_response(StatusCode::OK, &to_value(&status)))
-            }
+            Outcome::Applied(status) => Ok(reloaded(&status, true)),
+            Outcome::Unchanged(status) => Ok(reloaded(&status, false)),
             Outcome::Rejected(errors) => {
                 let lines: Vec<String> = errors.errors().iter().map(ToString::to_string).collect();
                 let mut response = problem(

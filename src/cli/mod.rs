@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use http::Method;
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +23,8 @@ const EXAMPLES: &str = "\
 Examples:
   stepgate                                  run the gateway on ./gateway.yaml
   stepgate run -c /etc/stepgate/gateway.yaml --log-format json
+  stepgate completions bash > /etc/bash_completion.d/stepgate
+  stepgate man --out /usr/local/share/man/man1
   stepgate check -c gateway.yaml            validate; print every error as file:line:column
   stepgate explain GET /orders/7            which route, upstream and policy apply
   stepgate explain POST /orders --host api.example.com --role partner
@@ -39,6 +41,11 @@ config's `admin.listen` and `<data_dir>/admin.token`, or --admin-url / --admin-t
   stepgate totp reset alice
   stepgate recovery regenerate alice
   stepgate sms reset alice                     remove alice's SMS number (and pending one)
+  stepgate consumer roles alice partner,ops    set alice's roles
+  stepgate consumer unlock alice               lift alice's ban for failed attempts
+  stepgate step-up revoke alice                alice's next call needs a code again
+  stepgate bans list                           bans in force
+  stepgate config show | reload                the configuration in force; read it again
   stepgate report enrollment                   who is not enrolled for which policy, and until when
   stepgate audit --consumer alice --since 2025-01-01T00:00:00Z
   stepgate --json consumer show alice          the raw JSON answer, for scripts
@@ -59,25 +66,31 @@ struct Cli {
         default_value = "gateway.yaml"
     )]
     config: PathBuf,
-    /// Log format for `run`.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
     #[command(flatten)]
     admin: ops::AdminOptions,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
 enum LogFormat {
+    #[default]
     Human,
     Json,
 }
 
+#[derive(Debug, Default, Args)]
+struct RunArgs {
+    /// Log format: human-readable lines, or JSON lines for a log collector.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve traffic (the default). SIGINT or SIGTERM drain in-flight requests and exit 0.
-    Run,
+    /// Serve traffic (the default). SIGINT or SIGTERM drain in-flight requests and exit 0;
+    /// SIGHUP reloads the configuration.
+    Run(RunArgs),
     /// Validate the configuration and policies; exit 0 when valid, 1 with every error.
     Check,
     /// Show the route, upstream and policy a request would get, or why none matches.
@@ -115,6 +128,30 @@ enum Command {
     Report(ops::ReportCommand),
     /// Show audit events, newest first (admin API).
     Audit(ops::AuditArgs),
+    /// Revoke step-up tokens (admin API).
+    #[command(subcommand, name = "step-up")]
+    StepUp(ops::StepUpCommand),
+    /// The failure limiter's bans (admin API).
+    #[command(subcommand)]
+    Bans(ops::BansCommand),
+    /// The configuration the running gateway serves (admin API).
+    #[command(subcommand)]
+    Config(ops::ConfigCommand),
+    /// Make the running gateway read its configuration again (admin API; as SIGHUP). A file
+    /// with an error is refused as a whole: every error is printed, the previous
+    /// configuration keeps serving.
+    Reload,
+    /// Print a shell completion script: `stepgate completions bash > /etc/bash_completion.d/stepgate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --out write one page per command into a directory.
+    Man {
+        /// Directory for stepgate.1, stepgate-consumer.1, …
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Work on the store itself, with the gateways stopped.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -130,8 +167,8 @@ enum StoreCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(&cli.config, cli.log_format),
+    match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
+        Command::Run(args) => run(&cli.config, args.log_format),
         Command::Check => check(&cli.config),
         Command::Explain {
             method,
@@ -147,7 +184,40 @@ pub fn main() -> ExitCode {
         Command::Report(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Report(c)),
         Command::Audit(a) => ops::run(&cli.config, &cli.admin, ops::Operation::Audit(a)),
         Command::Health => ops::run(&cli.config, &cli.admin, ops::Operation::Health),
+        Command::StepUp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::StepUp(c)),
+        Command::Bans(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Bans(c)),
+        Command::Config(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Config(c)),
+        Command::Reload => ops::run(&cli.config, &cli.admin, ops::Operation::Reload),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "stepgate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => man(out.as_deref()),
         Command::Store(StoreCommand::Copy(args)) => store_copy::run(&cli.config, &args),
+    }
+}
+
+/// The manual page of the whole command line, from the same definitions as `--help`.
+fn man(out: Option<&Path>) -> ExitCode {
+    let result = match out {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+            .map(|()| println!("manual pages written to {}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // `stepgate man | head`: the reader had enough.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("man: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

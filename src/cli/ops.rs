@@ -1,5 +1,6 @@
-//! Operator commands: consumers, API keys, TOTP and recovery codes, the audit log; each one
-//! admin API call (see DESIGN.md §6), printed for people or, with `--json`, as the raw answer.
+//! Operator commands: consumers, API keys, factors, step-up tokens, bans, the configuration
+//! in force and reloads, the audit log; each one admin API call, printed for people or, with
+//! `--json`, as the raw answer.
 //!
 //! Where the admin API is: `--admin-url` / `STEPGATE_ADMIN_URL`, else `http://` + the
 //! `admin.listen` address of the configuration. The token: `--admin-token` /
@@ -67,8 +68,31 @@ pub enum Operation {
     Sms(SmsCommand),
     Report(ReportCommand),
     Audit(AuditArgs),
+    StepUp(StepUpCommand),
+    Bans(BansCommand),
+    Config(ConfigCommand),
+    /// `POST /reload`: read the configuration again.
+    Reload,
     /// `GET /readyz`: exit 0 when the gateway is ready (for container health checks).
     Health,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StepUpCommand {
+    /// Revoke every step-up token of a consumer: its next call needs a code again.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BansCommand {
+    /// The bans in force (consumers and client addresses), newest first.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// The configuration in force: its version, file, when it was loaded, the last reload error.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +108,15 @@ pub enum ConsumerCommand {
     List,
     /// One consumer in detail: keys, TOTP status, recovery codes remaining.
     Show { name: String },
+    /// Set the consumer's roles (replacing them; none given: no roles).
+    Roles {
+        name: String,
+        /// The roles (separate arguments, or separated with commas).
+        #[arg(value_delimiter = ',')]
+        roles: Vec<String>,
+    },
+    /// Lift the consumer's ban for failed attempts, and forget its failure count.
+    Unlock { name: String },
     /// Refuse the consumer's API keys from the next request on.
     Disable { name: String },
     /// Accept the consumer's live API keys again.
@@ -221,38 +254,16 @@ fn connect(config_path: &Path, options: &AdminOptions) -> Result<AdminClient, St
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty());
-    let snapshot = if url.is_none() || token.is_none() {
-        Some(config::load(config_path).map_err(|errors| {
-            let mut message = format!(
-                "cannot load {} ({} error(s)) to find the admin API:",
-                config_path.display(),
-                errors.errors().len()
-            );
-            for error in errors.errors().iter().take(5) {
-                message.push_str(&format!("\n  {error}"));
-            }
-            message.push_str(&format!(
-                "\nfix it (see `stepgate check -c {}`), point -c at the gateway's \
-                 configuration, or pass {}",
-                config_path.display(),
-                match (url, token) {
-                    (None, None) =>
-                        "--admin-url and --admin-token (or STEPGATE_ADMIN_URL and \
-                                     STEPGATE_ADMIN_TOKEN)",
-                    (None, Some(_)) => "--admin-url URL (or set STEPGATE_ADMIN_URL)",
-                    _ => "--admin-token (or set STEPGATE_ADMIN_TOKEN)",
-                }
-            ));
-            message
-        })?)
+    let found = if url.is_none() || token.is_none() {
+        Some(find_admin(config_path, url, token)?)
     } else {
         None
     };
     let url = match url {
         Some(url) => url.to_owned(),
         None => {
-            let snapshot = snapshot.as_ref().unwrap_or_else(|| unreachable!());
-            let Some(admin) = snapshot.admin else {
+            let found = found.as_ref().unwrap_or_else(|| unreachable!());
+            let Some(admin) = found.admin else {
                 return Err(format!(
                     "{} has no `admin:` section, so the gateway serves no admin API; add \
                      `admin: {{ listen: 127.0.0.1:9901 }}` and restart it, or pass --admin-url",
@@ -272,8 +283,8 @@ fn connect(config_path: &Path, options: &AdminOptions) -> Result<AdminClient, St
     let token = match token {
         Some(token) => token.to_owned(),
         None => {
-            let snapshot = snapshot.as_ref().unwrap_or_else(|| unreachable!());
-            let path = crate::secrets::admin_token_path(&snapshot.data_dir);
+            let found = found.as_ref().unwrap_or_else(|| unreachable!());
+            let path = crate::secrets::admin_token_path(&found.data_dir);
             match std::fs::read_to_string(&path) {
                 Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
                 Ok(_) => return Err(format!("{} is empty", path.display())),
@@ -296,6 +307,85 @@ fn connect(config_path: &Path, options: &AdminOptions) -> Result<AdminClient, St
         }
     };
     AdminClient::new(&url, &token)
+}
+
+/// Where the configuration says the admin API and its token are.
+struct AdminLocation {
+    admin: Option<SocketAddr>,
+    data_dir: std::path::PathBuf,
+}
+
+/// The admin API's address and data directory from the configuration. A configuration
+/// with errors elsewhere still says where its admin API is (that is when `stepgate reload`
+/// and `config show` are wanted): its `admin` and `data_dir` are then read on their own,
+/// with a warning.
+fn find_admin(
+    config_path: &Path,
+    url: Option<&str>,
+    token: Option<&str>,
+) -> Result<AdminLocation, String> {
+    let errors = match config::load(config_path) {
+        Ok(config) => {
+            return Ok(AdminLocation {
+                admin: config.admin,
+                data_dir: config.data_dir,
+            });
+        }
+        Err(errors) => errors,
+    };
+    if let Some(found) = admin_section(config_path) {
+        eprintln!(
+            "warning: {} has {} error(s) (see `stepgate check`); using its admin section",
+            config_path.display(),
+            errors.errors().len()
+        );
+        return Ok(found);
+    }
+    let mut message = format!(
+        "cannot load {} ({} error(s)) to find the admin API:",
+        config_path.display(),
+        errors.errors().len()
+    );
+    for error in errors.errors().iter().take(5) {
+        message.push_str(&format!("\n  {error}"));
+    }
+    message.push_str(&format!(
+        "\nfix it (see `stepgate check -c {}`), point -c at the gateway's configuration, or \
+         pass {}",
+        config_path.display(),
+        match (url, token) {
+            (None, None) =>
+                "--admin-url and --admin-token (or STEPGATE_ADMIN_URL and STEPGATE_ADMIN_TOKEN)",
+            (None, Some(_)) => "--admin-url URL (or set STEPGATE_ADMIN_URL)",
+            _ => "--admin-token (or set STEPGATE_ADMIN_TOKEN)",
+        }
+    ));
+    Err(message)
+}
+
+/// Only `admin.listen` and `data_dir` of a configuration file, whatever else it holds;
+/// `None` when even those cannot be read.
+fn admin_section(config_path: &Path) -> Option<AdminLocation> {
+    #[derive(serde::Deserialize)]
+    struct Admin {
+        listen: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Partial {
+        admin: Option<Admin>,
+        data_dir: Option<String>,
+    }
+    let text = std::fs::read_to_string(config_path).ok()?;
+    let partial: Partial = serde_saphyr::from_str(&text).ok()?;
+    let admin = match partial.admin {
+        Some(admin) => Some(admin.listen.trim().parse().ok()?),
+        None => None,
+    };
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    Some(AdminLocation {
+        admin,
+        data_dir: base.join(partial.data_dir.as_deref().unwrap_or("data")),
+    })
 }
 
 /// A wildcard listen address (0.0.0.0, ::) is reached over loopback.
@@ -400,6 +490,27 @@ async fn execute(
         }
         Operation::Report(ReportCommand::Enrollment) => enrollment_report(client, out).await,
         Operation::Audit(args) => audit(client, out, args).await,
+        Operation::StepUp(StepUpCommand::Revoke { name }) => {
+            let path = format!("{}/step-up-tokens", consumer_path(&name));
+            let answer = client.call(Method::DELETE, &path, None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Revoked the step-up tokens of {name}: its next call to a second-factor \
+                     route needs a code."
+                );
+            }
+            Ok(())
+        }
+        Operation::Bans(BansCommand::List) => bans(client, out).await,
+        Operation::Config(ConfigCommand::Show) => {
+            let answer = client.call(Method::GET, "/config", None).await?;
+            if let Some(body) = out.take(&answer)? {
+                print_config_status(out, &body);
+            }
+            Ok(())
+        }
+        Operation::Reload => reload(client, out).await,
         Operation::Health => {
             let answer = client.call(Method::GET, "/readyz", None).await?;
             if out.take(&answer)?.is_some() {
@@ -509,6 +620,37 @@ async fn consumer(
                 }
             }
         }
+        ConsumerCommand::Roles { name, roles } => {
+            let roles: Vec<String> = roles
+                .into_iter()
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty())
+                .collect();
+            let answer = client
+                .call(
+                    Method::PATCH,
+                    &consumer_path(&name),
+                    Some(&json!({"roles": roles})),
+                )
+                .await?;
+            if let Some(body) = out.take(&answer)? {
+                say!(
+                    out,
+                    "Roles of {name}: {} (in force from the next request).",
+                    roles_or_none(&body["roles"])
+                );
+            }
+        }
+        ConsumerCommand::Unlock { name } => {
+            let path = format!("{}/unlock", consumer_path(&name));
+            let answer = client.call(Method::POST, &path, None).await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Unlocked {name}: any ban is lifted and its failure count starts afresh."
+                );
+            }
+        }
         ConsumerCommand::Disable { name } => {
             set_disabled(client, out, &name, true).await?;
         }
@@ -525,6 +667,91 @@ async fn consumer(
         }
     }
     Ok(())
+}
+
+async fn bans(client: &AdminClient, out: &Output) -> Result<(), CallError> {
+    let answer = client.call(Method::GET, "/bans", None).await?;
+    let Some(body) = out.take(&answer)? else {
+        return Ok(());
+    };
+    let bans = body["bans"].as_array().cloned().unwrap_or_default();
+    if bans.is_empty() {
+        say!(out, "No bans in force.");
+        return Ok(());
+    }
+    let mut rows = vec![vec![
+        "KIND".to_owned(),
+        "WHO".to_owned(),
+        "SINCE".to_owned(),
+        "UNTIL".to_owned(),
+    ]];
+    for ban in &bans {
+        let who = match ban["consumer"].as_str() {
+            Some(name) => name.to_owned(),
+            None => text(&ban["subject"]),
+        };
+        rows.push(vec![
+            text(&ban["kind"]),
+            who,
+            text(&ban["started"]),
+            text(&ban["until"]),
+        ]);
+    }
+    print_table(out, &rows);
+    say!(out);
+    say!(
+        out,
+        "Lift a consumer's ban with `stepgate consumer unlock NAME`; a client address's ban \
+         ends by itself."
+    );
+    Ok(())
+}
+
+fn print_config_status(out: &Output, body: &Value) {
+    say!(out, "version:   {}", text(&body["version"]));
+    say!(out, "file:      {}", text(&body["source"]));
+    say!(out, "loaded at: {}", text(&body["loaded_at"]));
+    match body["last_error"].as_array() {
+        Some(errors) => {
+            say!(
+                out,
+                "the last reload was refused (the configuration above keeps serving):"
+            );
+            for error in errors {
+                say!(out, "  {}", text(error));
+            }
+        }
+        None => say!(out, "last reload: no error"),
+    }
+}
+
+async fn reload(client: &AdminClient, out: &Output) -> Result<(), CallError> {
+    match client.call(Method::POST, "/reload", None).await {
+        Ok(answer) => {
+            if let Some(body) = out.take(&answer)? {
+                if body["changed"] == json!(true) {
+                    say!(out, "Reloaded: the new configuration serves from now on.");
+                } else {
+                    say!(
+                        out,
+                        "Nothing changed: the configuration in force is the file's."
+                    );
+                }
+                print_config_status(out, &body);
+            }
+            Ok(())
+        }
+        Err(CallError::Problem { body, .. }) if !out.json && !body.is_empty() => {
+            // Every error of the refused file, one per line, as `stepgate check` prints them.
+            let problem: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            eprintln!("the new configuration is invalid; the previous one keeps serving:");
+            for error in problem["errors"].as_array().into_iter().flatten() {
+                eprintln!("  {}", text(error));
+            }
+            Err(CallError::Other("reload refused".into()))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 async fn set_disabled(

@@ -74,6 +74,8 @@ fn standing(policy: &Policy, consumer: &Consumer, now: u64) -> Standing {
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyView {
     pub policy: String,
+    /// The policy's words for consumers, when it has them.
+    pub description: Option<String>,
     pub factors: Vec<&'static str>,
     pub grace_until: Option<String>,
     /// `enrolled`, `grace` or `required`.
@@ -86,6 +88,7 @@ impl PolicyView {
     pub fn of(p: &PolicyStanding<'_>) -> Self {
         Self {
             policy: p.policy.name.clone(),
+            description: p.policy.description.clone(),
             factors: p.policy.factors.names(),
             grace_until: p.policy.rollout.grace_until.map(rfc3339),
             status: p.standing,

@@ -484,6 +484,15 @@ async fn totp_enrolment_confirmation_recovery_codes_and_reset() {
         )
         .await;
     let codes = assert_recovery_codes(&confirmed);
+    // The current code spent its step: the first one that works begins with the next step,
+    // at most one period away.
+    let next_in = confirmed["next_code_in"].as_u64().expect("next_code_in");
+    assert!(next_in <= 30, "{confirmed}");
+    let next_at = confirmed["next_code_at"].as_str().expect("next_code_at");
+    assert!(
+        next_at.ends_with(":00Z") || next_at.ends_with(":30Z"),
+        "a step boundary: {next_at}"
+    );
     let view = gw.view("alice").await;
     assert_eq!(view["totp"]["status"], "confirmed", "{view}");
     assert_eq!(view["factors"], json!(["totp", "recovery_code"]));

@@ -372,3 +372,39 @@ fn library_load_reports_all_errors() {
 
     assert!(stepgate::config::load(&config_path(&write_config(GOOD))).is_ok());
 }
+
+#[test]
+fn descriptions_and_titles_are_one_short_line() {
+    let dir = write_config_with(
+        GOOD,
+        &[(
+            "policies/public.yaml",
+            "description: \"Orders\\nand refunds\"\napi_key: off\nsecond_factor: off\n",
+        )],
+    );
+    let (code, _, err) = check(&dir);
+    assert_eq!(code, 1, "{err}");
+    assert_error_line(&err, "public.yaml", 1, &["description", "one line"]);
+
+    let long = "x".repeat(81);
+    let dir = write_config_with(
+        &format!("{GOOD}self_service: {{ title: {long} }}\n"),
+        &[("policies/public.yaml", DEFAULT_POLICY)],
+    );
+    let (code, _, err) = check(&dir);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("self_service.title: at most 80 characters"),
+        "{err}"
+    );
+
+    let dir = write_config_with(
+        &format!("{GOOD}self_service: {{ title: Acme API }}\n"),
+        &[(
+            "policies/public.yaml",
+            "description: Everything public\napi_key: off\nsecond_factor: off\n",
+        )],
+    );
+    let (code, out, err) = check(&dir);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -298,6 +298,11 @@ async fn totp_and_recovery_codes_through_the_cli() {
         .ok();
     let codes = codes_in(&out);
     assert_eq!(codes.len(), 10, "{out}");
+    // The confirming code spent its step: the output says when the first usable one comes.
+    assert!(
+        out.contains("the first code that works is the next one, in"),
+        "{out}"
+    );
     assert!(out.to_lowercase().contains("only once"), "{out}");
     let out = cli.run(&["consumer", "show", "bob"]).await.ok();
     assert!(out.contains("confirmed"), "{out}");

@@ -241,6 +241,10 @@ async fn the_readme_quick_start_works_as_written() {
         .filter(|l| l.len() == 27 && l.matches('-').count() == 3)
         .collect();
     assert_eq!(recovery.len(), 10, "{out}");
+    assert!(
+        out.contains("the first code that works is the next one, in"),
+        "confirm says when the first usable code comes: {out}"
+    );
 
     // curl -i -H "X-Api-Key: $KEY" localhost:8080/secure/hello: 401 otp_required.
     let r = get_with(addr, "/secure/hello", &[("x-api-key", &key)]).await;

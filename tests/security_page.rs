@@ -189,6 +189,11 @@ async fn page_and_assets_carry_the_security_headers() {
         assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
     }
     let html = get(tf.addr(), PAGE, "api.example.com").await.text();
+    assert!(
+        html.contains("<title>Security · stepgate</title>"),
+        "the default title"
+    );
+    assert!(!html.contains("{{"), "no placeholder left");
     assert!(html.contains(r#"<script src="app.js" defer></script>"#));
     assert!(html.contains(r#"<link rel="stylesheet" href="app.css">"#));
     assert_eq!(html.matches("<script").count(), 1, "one script, app.js");
@@ -250,14 +255,18 @@ async fn enrol_an_authenticator_app_in_chromium() {
             .to_string()
         }
     };
-    let report = policy_text("report").await;
+    // A policy with a description is shown by it, not by its file name.
+    let report = policy_text("Monthly reports").await;
     assert!(
         report.contains("calls are let through for now") && !report.contains("refused"),
         "{report}"
     );
     let enforced = policy_text("two-factor").await;
     assert!(enforced.contains("calls are refused until"), "{enforced}");
-    assert_eq!(b.text("#st-recovery").await.as_deref(), Some("None left"));
+    assert_eq!(
+        b.text("#st-recovery").await.as_deref(),
+        Some("None yet (they come with your first factor)")
+    );
     // The grace policy applies to alice; its deadline is shown as a date.
     let grace = b
         .until(
@@ -328,7 +337,13 @@ async fn enrol_an_authenticator_app_in_chromium() {
 
     // The right code, from oathtool at the gateway's time.
     b.type_into("#totp-code", &totp_at(&secret, tf.now())).await;
-    b.click("#totp-confirm").await;
+    let (text, kind) = message_after_click(&b, "#totp-confirm").await;
+    assert_eq!(kind, "ok", "{text}");
+    // The code typed is spent: the page says which one works next.
+    assert!(
+        text.contains("your next code, in") && text.contains("is the first that works"),
+        "{text}"
+    );
     let codes = recovery_codes_on_page(&b).await;
     assert!(codes.iter().all(|c| is_recovery_code(c)), "{codes:?}");
     let mut distinct = codes.clone();
@@ -702,4 +717,20 @@ async fn sms_in_chromium() {
 
     assert_no_csp_violations(&b).await;
     b.close().await;
+}
+
+/// The operator names the gateway (`self_service.title`): the page shows it, as text.
+#[tokio::test]
+async fn the_page_carries_the_operators_title_as_text() {
+    let tf = TwoFactor::start_with("self_service: { title: \"Acme <Payments> & Co\" }").await;
+    let html = get(tf.addr(), PAGE, "api.example.com").await.text();
+    assert!(
+        html.contains("<title>Security · Acme &lt;Payments&gt; &amp; Co</title>"),
+        "{html}"
+    );
+    assert!(
+        html.contains(
+            r#"<p class="gateway" id="gateway-title">Acme &lt;Payments&gt; &amp; Co</p>"#
+        )
+    );
 }

@@ -136,13 +136,15 @@
       confirmed: `Set up for ${sms.phone || 'your phone'}`,
       pending: `Waiting for the code texted to ${sms.phone || 'your phone'}`,
     }[sms.status] || (s.sms_available ? 'Not set up' : 'Not offered by this gateway');
-    $('st-recovery').textContent = left === 0 ? 'None left' : `${left} of 10 left`;
+    // Recovery codes come with the first confirmed factor: before it there are none yet.
+    $('st-recovery').textContent = !s.enrolled ? 'None yet (they come with your first factor)'
+      : left === 0 ? 'None left' : `${left} of 10 left`;
 
     const list = $('policies');
     list.replaceChildren();
     for (const p of s.policies || []) {
       const li = el('li', undefined, `policy ${p.status}`);
-      li.append(el('strong', p.policy), ': ');
+      li.append(el('strong', p.description || p.policy), ': ');
       // A report_only policy lets calls through whatever the standing; it only audits them.
       const trial = p.mode === 'report_only' && p.status !== 'enrolled';
       li.append(trial ? 'calls are let through for now; this policy will ask for a second factor later.' : {
@@ -311,7 +313,8 @@
     clearTotpSetup();
     await refresh();
     showCodes(r.recovery_codes);
-    say('Your authenticator app is set up. Store your recovery codes now.', 'ok');
+    // The code just typed is spent: the app's next one is the first that works.
+    say(`Your authenticator app is set up. Store your recovery codes now. The code you typed is used up: your next code, in ${r.next_code_in} s, is the first that works.`, 'ok');
   }));
 
   on('totp-secret-copy', 'click', () => copy($('totp-secret').textContent, $('totp-secret'), 'Secret'));

@@ -4,11 +4,32 @@
 use serde_json::json;
 
 use super::{AccountError, Accounts};
+use crate::clock::rfc3339;
 use crate::credentials::assurance::Assurance;
 use crate::credentials::recovery;
 use crate::credentials::totp::{self, TotpParams};
 use crate::directory::{Consumer, PendingEnd};
 use crate::store::{Hash, TotpRecord};
+
+/// A confirmed TOTP enrolment.
+pub struct TotpConfirmed {
+    /// Shown once.
+    pub recovery_codes: Vec<String>,
+    /// When the first code that works begins (Unix seconds): the confirming code spent its
+    /// time step, so the next step's code is the first one accepted.
+    pub next_code_at: u64,
+}
+
+impl TotpConfirmed {
+    /// The answer of the admin API and of the enrolment API.
+    pub fn answer(&self, now: u64) -> serde_json::Value {
+        json!({
+            "recovery_codes": self.recovery_codes,
+            "next_code_at": rfc3339(self.next_code_at),
+            "next_code_in": self.next_code_at.saturating_sub(now),
+        })
+    }
+}
 
 impl Accounts {
     /// Starts (or restarts) a TOTP enrolment; it stays pending until confirmed with a code.
@@ -109,7 +130,11 @@ impl Accounts {
     /// the consumer's own call (it must still be that consumer, enabled); `None` for the
     /// admin API. Either way, an enrolment older than [`PENDING_TTL_SECS`], or started on a
     /// weaker account than the consumer's now, is refused and dropped.
-    pub async fn confirm_totp(&self, name: &str, code: &str) -> Result<Vec<String>, AccountError> {
+    pub async fn confirm_totp(
+        &self,
+        name: &str,
+        code: &str,
+    ) -> Result<TotpConfirmed, AccountError> {
         self.confirm_pending_totp(name, None, code).await
     }
 
@@ -119,7 +144,7 @@ impl Accounts {
         &self,
         consumer: &Consumer,
         code: &str,
-    ) -> Result<Vec<String>, AccountError> {
+    ) -> Result<TotpConfirmed, AccountError> {
         self.confirm_pending_totp(&consumer.name, Some(consumer), code)
             .await
     }
@@ -129,7 +154,7 @@ impl Accounts {
         name: &str,
         by_consumer: Option<&Consumer>,
         code: &str,
-    ) -> Result<Vec<String>, AccountError> {
+    ) -> Result<TotpConfirmed, AccountError> {
         let _write = self.writes.lock().await;
         let old = match by_consumer {
             Some(consumer) => self.own(consumer)?,
@@ -153,6 +178,7 @@ impl Accounts {
             AccountError::Invalid("the enrolment cannot be decrypted with this master key".into())
         })?;
         let step = totp::verify(&generator, code, now).ok_or(AccountError::CodeInvalid)?;
+        let next_code_at = (step + 1).saturating_mul(pending.params.period);
         let (codes, hashes) = self.new_recovery_codes();
         if !self
             .store
@@ -188,7 +214,10 @@ impl Accounts {
             )
             .await?;
         }
-        Ok(codes)
+        Ok(TotpConfirmed {
+            recovery_codes: codes,
+            next_code_at,
+        })
     }
 
     /// Drops the pending TOTP enrolment (the confirmed one stays), with an audit event.

@@ -17,6 +17,7 @@ mod factors;
 mod sms;
 mod verify;
 
+pub use factors::TotpConfirmed;
 pub use sms::Outgoing;
 pub use verify::CodeFailure;
 

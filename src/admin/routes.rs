@@ -293,10 +293,10 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
         (&Method::POST, ["consumers", name, "totp", "confirm"]) => {
             let name = (*name).to_owned();
             let body: Code = read_json(request, false).await?;
-            let codes = accounts.confirm_totp(&name, body.code.trim()).await?;
+            let confirmed = accounts.confirm_totp(&name, body.code.trim()).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"recovery_codes": codes}),
+                &confirmed.answer(accounts.now()),
             ))
         }
         (&Method::DELETE, ["consumers", name, "totp"]) => {

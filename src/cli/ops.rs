@@ -868,6 +868,14 @@ async fn totp(client: &AdminClient, out: &Output, command: TotpCommand) -> Resul
             if let Some(body) = out.take(&answer)? {
                 say!(out, "TOTP confirmed for {name}. Recovery codes:");
                 print_recovery_codes(out, &body);
+                say!(out);
+                say!(
+                    out,
+                    "The code just used is spent: the first code that works is the next one, \
+                     in {} s (from {}).",
+                    body["next_code_in"].as_u64().unwrap_or(0),
+                    text(&body["next_code_at"])
+                );
             }
         }
         TotpCommand::Reset { name } => {

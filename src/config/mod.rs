@@ -164,6 +164,8 @@ pub struct SelfServiceSpec {
     pub prefix: String,
     /// False: the page and the enrolment API answer 404; `{prefix}/step-up` stays.
     pub enabled: bool,
+    /// The gateway's name on the security page; `stepgate` by default.
+    pub title: String,
     /// `{prefix}/step-up`, computed once.
     pub step_up_path: String,
     /// The built-in policy of the page and its assets (no credentials).
@@ -298,6 +300,8 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct Policy {
     pub name: String,
+    /// For consumers, on the security page; the name stands in when there is none.
+    pub description: Option<String>,
     /// The name again, shared (step-up tokens, limiter keys) without allocating per request.
     pub shared_name: Arc<str>,
     pub file: PathBuf,
@@ -319,6 +323,7 @@ impl Policy {
     pub fn public(name: &str) -> Self {
         Policy {
             name: name.to_owned(),
+            description: None,
             shared_name: Arc::from(name),
             file: PathBuf::from(format!("policies/{name}.yaml")),
             api_key: Requirement::Off,

@@ -86,6 +86,8 @@ pub struct Admin {
 pub struct SelfService {
     pub prefix: Option<Spanned<String>>,
     pub enabled: Option<Spanned<bool>>,
+    /// The gateway's name on the security page (the operator's, e.g. "Acme API").
+    pub title: Option<Spanned<String>>,
 }
 
 /// `sms: { twilio: {...}, code_ttl }`: the SMS factor; absent means off.
@@ -201,6 +203,9 @@ pub struct Match {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// What the policy protects, in words for consumers (shown on the security page).
+    #[serde(default)]
+    pub description: Option<Spanned<String>>,
     pub api_key: Spanned<Requirement>,
     pub second_factor: Spanned<Requirement>,
     #[serde(default)]

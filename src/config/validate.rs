@@ -636,6 +636,16 @@ impl Loader<'_> {
             });
 
         let methods = factors.names();
+        let description =
+            raw.description
+                .as_ref()
+                .and_then(|d| match words_for_people(&d.value, 200) {
+                    Ok(text) => Some(text),
+                    Err(message) => {
+                        e.at(&d.referenced, format!("description: {message}"));
+                        None
+                    }
+                });
         let failed = !e.errors.is_empty();
         self.errors.0.extend(e.errors);
         if failed {
@@ -644,6 +654,7 @@ impl Loader<'_> {
         Some(Policy {
             shared_name: Arc::from(name.as_str()),
             name,
+            description,
             file: file.to_path_buf(),
             api_key: raw.api_key.value,
             second_factor: raw.second_factor.value,
@@ -828,6 +839,22 @@ impl Loader<'_> {
 }
 
 /// Errors of one policy file, collected before the policy is accepted or refused as a whole.
+/// A text shown to people (a policy's description, the page's title): one line of at most
+/// `max` characters, no control characters, trimmed.
+pub(super) fn words_for_people(text: &str, max: usize) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty".into());
+    }
+    if text.chars().count() > max {
+        return Err(format!("at most {max} characters"));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("one line, without control characters".into());
+    }
+    Ok(text.to_owned())
+}
+
 struct PolicyErrors<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,

@@ -466,11 +466,11 @@ where
     }
     let code = caller.code.as_deref().ok_or(Refusal::OtpRequired)?;
     match endpoints.accounts.confirm_own_totp(consumer, code).await {
-        Ok(codes) => {
+        Ok(confirmed) => {
             endpoints.metrics.factor("totp", "enrolled");
             Ok(json_answer(
                 StatusCode::OK,
-                &json!({"recovery_codes": codes}),
+                &confirmed.answer(endpoints.accounts.now()),
             ))
         }
         Err(error) => Err(endpoints.confirm_refused(&caller, "totp/confirm", error)),

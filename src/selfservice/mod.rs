@@ -119,7 +119,7 @@ where
     use http::Method;
     match (&method, rest.as_str()) {
         (&Method::GET | &Method::HEAD, "") => Ok(page::redirect(&snapshot.self_service.prefix)),
-        (&Method::GET | &Method::HEAD, "/") => Ok(page::asset(page::Asset::Index)),
+        (&Method::GET | &Method::HEAD, "/") => Ok(page::index(&snapshot.self_service.title)),
         (&Method::GET | &Method::HEAD, "/app.js") => Ok(page::asset(page::Asset::Script)),
         (&Method::GET | &Method::HEAD, "/app.css") => Ok(page::asset(page::Asset::Style)),
         (&Method::GET, "/2fa") => api::status(endpoints, &snapshot, request).await,

@@ -28,20 +28,44 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 #[derive(Debug, Clone, Copy)]
 pub enum Asset {
-    Index,
     Script,
     Style,
+}
+
+/// The page itself, under the operator's name for the gateway (`self_service.title`).
+pub fn index(title: &str) -> Response<Body> {
+    let page = INDEX_HTML.replace("{{title}}", &html_escaped(title));
+    with_type("text/html; charset=utf-8", full_body(page))
+}
+
+/// `text` as HTML text content.
+fn html_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// One of the page's files. `no-cache`: a browser revalidates, so a new gateway version's page
 /// is picked up at once.
 pub fn asset(which: Asset) -> Response<Body> {
     let (content_type, text) = match which {
-        Asset::Index => ("text/html; charset=utf-8", INDEX_HTML),
         Asset::Script => ("text/javascript; charset=utf-8", APP_JS),
         Asset::Style => ("text/css; charset=utf-8", APP_CSS),
     };
-    let mut response = Response::new(full_body(text));
+    with_type(content_type, full_body(text))
+}
+
+fn with_type(content_type: &'static str, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -1399,7 +1399,7 @@ rollout: { mode: enforce }
     ),
     (
         "policies/report.yaml",
-        "api_key: required\nsecond_factor: required\nroles: { except: [contractor] }\nrollout: { mode: report_only }\n",
+        "description: Monthly reports\napi_key: required\nsecond_factor: required\nroles: { except: [contractor] }\nrollout: { mode: report_only }\n",
     ),
     (
         "policies/strict.yaml",

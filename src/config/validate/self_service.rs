@@ -18,7 +18,16 @@ impl Loader<'_> {
     ) -> SelfServiceSpec {
         let mut prefix = SelfServiceSpec::DEFAULT_PREFIX.to_owned();
         let mut enabled = true;
+        let mut title = "stepgate".to_owned();
         if let Some(raw) = raw {
+            if let Some(t) = &raw.value.title {
+                match super::words_for_people(&t.value, 80) {
+                    Ok(text) => title = text,
+                    Err(message) => {
+                        self.at(&t.referenced, format!("self_service.title: {message}"))
+                    }
+                }
+            }
             if let Some(p) = &raw.value.prefix {
                 match check_prefix(&p.value) {
                     Ok(canonical) => prefix = canonical,
@@ -36,6 +45,7 @@ impl Loader<'_> {
             step_up_path: format!("{prefix}/step-up"),
             prefix,
             enabled,
+            title,
             page_policy: Arc::new(builtin_policy(
                 "stepgate/self-service-page",
                 Requirement::Off,

@@ -408,3 +408,50 @@ fn descriptions_and_titles_are_one_short_line() {
     let (code, out, err) = check(&dir);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// An upstream or a policy with an error is reported once, where it is; the routes naming it
+/// are not told it is unknown.
+#[test]
+fn a_broken_upstream_or_policy_is_reported_once_not_by_every_route() {
+    let yaml = "listen: 127.0.0.1:0\nupstreams:\n  app: { url: \"ftp://x\" }\nroutes:\n  - { name: a, match: { path: /a }, upstream: app, policy: strict }\n  - { name: b, match: { path: /b }, upstream: app, policy: strict }\n";
+    let dir = write_config_with(
+        yaml,
+        &[(
+            "policies/strict.yaml",
+            "api_key: required\nsecond_factor: requird\n",
+        )],
+    );
+    let (code, _, err) = check(&dir);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("gateway.yaml: 2 error(s)"), "{err}");
+    assert_error_line(&err, "strict.yaml", 2, &["requird"]);
+    assert_error_line(&err, "gateway.yaml", 3, &["ftp://x"]);
+    assert!(
+        !err.contains("unknown upstream") && !err.contains("unknown policy"),
+        "{err}"
+    );
+    // A name that is not defined at all still is.
+    let dir = write_config_with(
+        &yaml.replace(
+            "upstream: app, policy: strict }\n  - { name: b",
+            "upstream: nope, policy: strict }\n  - { name: b",
+        ),
+        &[(
+            "policies/strict.yaml",
+            "api_key: required\nsecond_factor: requird\n",
+        )],
+    );
+    let (_, _, err) = check(&dir);
+    assert!(err.contains("unknown upstream `nope`"), "{err}");
+}
+
+#[test]
+fn check_counts_in_words() {
+    let dir = write_config_with(
+        "listen: 127.0.0.1:0\nupstreams:\n  app: { echo: {} }\nroutes:\n  - { name: a, match: { path: /a }, upstream: app, policy: public }\n",
+        &[("policies/public.yaml", DEFAULT_POLICY)],
+    );
+    let (code, out, err) = check(&dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok (1 route, 1 upstream, 1 policy)"), "{out}");
+}

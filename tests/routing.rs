@@ -382,7 +382,7 @@ fn explain_says_what_each_role_must_present() {
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("X-Api-Key") && out.contains("X-OTP"), "{out}");
     assert!(
-        out.contains("step-up token") && out.contains("600s on every route"),
+        out.contains("step-up token") && out.contains("10m on every route"),
         "{out}"
     );
     assert!(!out.contains("403"), "{out}");

@@ -269,8 +269,8 @@ fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
             Scope::Global => "every route".to_owned(),
         };
         lines.push(format!(
-            "  or a step-up token (X-Step-Up-Token); a code earns one valid {}s on {scope}",
-            policy.step_up.ttl.as_secs()
+            "  or a step-up token (X-Step-Up-Token); a code earns one valid {} on {scope}",
+            config::format_duration(policy.step_up.ttl)
         ));
     }
     if let Some(until) = policy.rollout.grace_until {
@@ -284,11 +284,12 @@ fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
     }
     let f = &policy.failures;
     lines.push(format!(
-        "failures:  {} per consumer / {} per IP in {}s, then a {}s ban",
+        "failures:  {} per consumer in {} / {} per IP in {}, then a {} ban",
         f.per_consumer.max,
+        config::format_duration(f.per_consumer.window),
         f.per_ip.max,
-        f.per_consumer.window.as_secs(),
-        f.ban.as_secs()
+        config::format_duration(f.per_ip.window),
+        config::format_duration(f.ban)
     ));
     lines
 }
@@ -306,15 +307,20 @@ fn load_or_report(path: &Path) -> Option<config::Config> {
     }
 }
 
+/// `1 upstream`, `2 upstreams`.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn check(path: &Path) -> ExitCode {
     match load_or_report(path) {
         Some(snapshot) => {
             println!(
-                "{}: ok ({} routes, {} upstreams, {} policies)",
+                "{}: ok ({}, {}, {})",
                 path.display(),
-                snapshot.routes.len(),
-                snapshot.upstreams.len(),
-                snapshot.policies.len()
+                count(snapshot.routes.len(), "route", "routes"),
+                count(snapshot.upstreams.len(), "upstream", "upstreams"),
+                count(snapshot.policies.len(), "policy", "policies")
             );
             ExitCode::SUCCESS
         }
@@ -388,7 +394,7 @@ fn explain(
                 Some(q) => println!("forwards:  {method} {forwarded}?{q}"),
                 None => println!("forwards:  {method} {forwarded}"),
             }
-            println!("body limit: {} bytes", route.body_bytes);
+            println!("body limit: {}", config::format_size(route.body_bytes));
             ExitCode::SUCCESS
         }
         Err(Miss::NoPath) => {

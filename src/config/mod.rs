@@ -6,6 +6,8 @@
 
 pub mod raw;
 mod units;
+
+pub use units::{format_duration, format_size};
 mod validate;
 
 use std::collections::BTreeMap;

@@ -56,9 +56,46 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{text}` is too large"))
 }
 
+/// A duration as it would be written in the YAML, in its largest exact unit (`15m`, `90s`,
+/// `1500ms`): what `parse_duration` reads back.
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    match millis {
+        0 => "0s".to_owned(),
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1_000 == 0 => format!("{}s", m / 1_000),
+        m => format!("{m}ms"),
+    }
+}
+
+/// A byte count as it would be written in the YAML, in its largest exact unit (`10MiB`).
+pub fn format_size(bytes: u64) -> String {
+    match bytes {
+        0 => "0".to_owned(),
+        b if b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => b.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_as_written_and_read_back() {
+        for text in ["500ms", "1500ms", "30s", "90s", "15m", "1h", "36h"] {
+            let parsed = parse_duration(text).unwrap();
+            assert_eq!(format_duration(parsed), text);
+        }
+        for text in ["4096", "1000", "32KiB", "10MiB", "1GiB", "1536KiB"] {
+            let parsed = parse_size(text).unwrap();
+            assert_eq!(format_size(parsed), text);
+            assert_eq!(parse_size(&format_size(parsed)), Ok(parsed));
+        }
+    }
 
     #[test]
     fn durations() {

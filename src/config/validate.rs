@@ -6,7 +6,7 @@ mod redis;
 mod self_service;
 mod sms;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         errors: &mut errors,
         digest: Sha256::new(),
         extra_files: Vec::new(),
+        broken_upstreams: BTreeSet::new(),
+        broken_policies: BTreeSet::new(),
     }
     .load();
     match snapshot {
@@ -59,6 +61,10 @@ struct Loader<'a> {
     /// Over every file read, in order: the snapshot's version.
     digest: Sha256,
     extra_files: Vec<PathBuf>,
+    /// Upstreams and policies that are defined but have errors of their own (reported where
+    /// they are): a route naming one is not told again that it is unknown.
+    broken_upstreams: BTreeSet<String>,
+    broken_policies: BTreeSet<String>,
 }
 
 impl Loader<'_> {
@@ -173,7 +179,13 @@ impl Loader<'_> {
         let upstreams: BTreeMap<String, UpstreamSpec> = raw
             .upstreams
             .iter()
-            .filter_map(|(name, spec)| Some((name.clone(), self.upstream(name, spec)?)))
+            .filter_map(|(name, spec)| match self.upstream(name, spec) {
+                Some(upstream) => Some((name.clone(), upstream)),
+                None => {
+                    self.broken_upstreams.insert(name.clone());
+                    None
+                }
+            })
             .collect();
         let routes = self.routes(&raw.routes, &upstreams, &policies, &limits, &self_service);
 
@@ -473,8 +485,13 @@ impl Loader<'_> {
                 ));
                 continue;
             }
-            if let Some(policy) = self.policy(&file, name.clone(), sms_configured) {
-                policies.insert(name, Arc::new(policy));
+            match self.policy(&file, name.clone(), sms_configured) {
+                Some(policy) => {
+                    policies.insert(name, Arc::new(policy));
+                }
+                None => {
+                    self.broken_policies.insert(name);
+                }
             }
         }
         policies
@@ -783,7 +800,7 @@ impl Loader<'_> {
             let upstream = upstreams
                 .contains_key(&r.upstream.value)
                 .then(|| r.upstream.value.clone());
-            if upstream.is_none() {
+            if upstream.is_none() && !self.broken_upstreams.contains(&r.upstream.value) {
                 let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
                 self.at(
                     &r.upstream.referenced,
@@ -795,7 +812,7 @@ impl Loader<'_> {
                 );
             }
             let policy = policies.get(&r.policy.value).cloned();
-            if policy.is_none() {
+            if policy.is_none() && !self.broken_policies.contains(&r.policy.value) {
                 let known: Vec<&str> = policies.keys().map(String::as_str).collect();
                 self.at(
                     &r.policy.referenced,

@@ -90,7 +90,7 @@ mod tests {
             let parsed = parse_duration(text).unwrap();
             assert_eq!(format_duration(parsed), text);
         }
-        for text in ["4096", "1000", "32KiB", "10MiB", "1GiB", "1536KiB"] {
+        for text in ["4100", "1000", "32KiB", "10MiB", "1GiB", "1536KiB"] {
             let parsed = parse_size(text).unwrap();
             assert_eq!(format_size(parsed), text);
             assert_eq!(parse_size(&format_size(parsed)), Ok(parsed));

@@ -10,7 +10,9 @@
 //!   like `X-Forwarded-*`);
 //! - hop-by-hop headers, and the headers `Connection` names, are removed *now*, before the
 //!   gateway adds its own: a `Connection` option naming a credential or identity header is
-//!   refused rather than obeyed;
+//!   refused rather than obeyed. Two survive in a form: `TE: trailers` (it only says the client
+//!   takes trailers, which the gateway passes end to end, and gRPC servers insist on it), and
+//!   a WebSocket upgrade, reported to the caller for the routes that tunnel one;
 //! - a message framed two ways (`Content-Length` with `Transfer-Encoding`), or with a transfer
 //!   coding other than `chunked`, is refused and its connection closed (RFC 9112 §6.3 would
 //!   let a server pick one reading; a gateway in front of unknown upstreams must not).
@@ -33,7 +35,9 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 const CONNECTION: usize = 0;
+const TE: usize = 5;
 const TRANSFER_ENCODING: usize = 7;
+const UPGRADE: usize = 8;
 
 /// The position of a hop-by-hop header in [`HOP_BY_HOP`]: one string match (a switch on the
 /// length, then one comparison), not a comparison with each of the nine.
@@ -68,12 +72,14 @@ pub enum Underscores {
 }
 
 /// The pass itself (see the module doc). `trusted_peer`: the peer is a trusted proxy, whose
-/// `Forwarded` and `X-Real-IP` are kept for forwarding to extend or replace.
+/// `Forwarded` and `X-Real-IP` are kept for forwarding to extend or replace. True when the
+/// client asked to upgrade the connection to WebSocket (`Upgrade: websocket` named by
+/// `Connection`); both headers are gone either way.
 pub fn clean(
     headers: &mut HeaderMap,
     underscores: Underscores,
     trusted_peer: bool,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     // Room for what the gateway adds, made once: hyper sizes the map for the headers it
     // parsed, and growing it rehashes every entry. A map at its size limit grows later.
     let _ = headers.try_reserve(ADDED_HEADERS);
@@ -106,6 +112,10 @@ pub fn clean(
     if hop_by_hop_here[CONNECTION] && names_options(headers) {
         connection_options(headers, &mut doomed)?;
     }
+    let websocket = hop_by_hop_here[UPGRADE] && asks_for_websocket(headers);
+    if hop_by_hop_here[TE] && only_trailers(headers) {
+        hop_by_hop_here[TE] = false;
+    }
     for name in doomed {
         headers.remove(name);
     }
@@ -116,7 +126,30 @@ pub fn clean(
     {
         headers.remove(name);
     }
-    Ok(())
+    Ok(websocket)
+}
+
+/// `Upgrade` offers `websocket` (RFC 6455 §4.1) and `Connection` names `upgrade`: an upgrade
+/// the sender meant (RFC 9110 §7.8).
+fn asks_for_websocket(headers: &HeaderMap) -> bool {
+    let offers = tokens(headers, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case(b"websocket"));
+    offers && tokens(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// `TE` says nothing but `trailers`: no transfer coding is asked of anyone.
+fn only_trailers(headers: &HeaderMap) -> bool {
+    let mut all = tokens(headers, &header::TE);
+    matches!((all.next(), all.next()), (Some(t), None) if t.eq_ignore_ascii_case(b"trailers"))
+}
+
+/// The comma-separated tokens of every field of a name, trimmed, empty ones skipped.
+fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// One framing only, and only `chunked` as a transfer coding (hyper has decoded it; any other
@@ -234,13 +267,13 @@ mod tests {
         names
     }
 
-    fn bad(result: Result<(), Refusal>) -> String {
+    fn bad(result: Result<bool, Refusal>) -> String {
         match result {
             Err(refusal) => {
                 assert_eq!(refusal.status_code().0, 400, "{refusal}");
                 refusal.to_string()
             }
-            Ok(()) => panic!("not refused"),
+            Ok(_) => panic!("not refused"),
         }
     }
 
@@ -303,7 +336,7 @@ mod tests {
             ("connection", "x-bar, keep-alive"),
             ("x-foo", "1"),
             ("x-bar", "1"),
-            ("te", "trailers"),
+            ("te", "gzip"),
             ("x-kept", "1"),
         ]);
         clean(&mut h, Underscores::Drop, false).unwrap();
@@ -323,6 +356,41 @@ mod tests {
         }
         let mut h = map(&[("connection", "close, bad header")]);
         bad(clean(&mut h, Underscores::Drop, false));
+    }
+
+    #[test]
+    fn te_trailers_stays_and_any_other_te_goes() {
+        let mut h = map(&[("te", "Trailers"), ("connection", "te")]);
+        clean(&mut h, Underscores::Drop, false).unwrap();
+        assert_eq!(names(&h), ["te"]);
+        for te in ["trailers, deflate", "gzip", "trailers;q=0.5"] {
+            let mut h = map(&[("te", te)]);
+            clean(&mut h, Underscores::Drop, false).unwrap();
+            assert!(h.is_empty(), "{te}");
+        }
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_reported_and_its_headers_removed() {
+        for (upgrade, connection, asked) in [
+            ("websocket", "Upgrade", true),
+            ("WebSocket", "keep-alive, upgrade", true),
+            ("h2c", "Upgrade, HTTP2-Settings", false),
+            ("websocket", "keep-alive", false),
+        ] {
+            let mut h = map(&[("upgrade", upgrade), ("connection", connection)]);
+            h.insert(
+                "sec-websocket-key",
+                "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+            );
+            let got = clean(&mut h, Underscores::Drop, false).unwrap();
+            assert_eq!(got, asked, "{upgrade} / {connection}");
+            assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
+            assert!(
+                h.contains_key("sec-websocket-key"),
+                "end-to-end headers stay"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,22 @@ pub struct ConnInfo {
     /// requests of a connection nearly always name the same host, and checking its bytes
     /// again costs more than comparing them.
     host: std::sync::Mutex<Option<(Bytes, crate::host::Host)>>,
+    /// What the connection becomes once hyper hands it over after a `101` (a WebSocket
+    /// tunnel): run by the connection's own task, so that it counts against
+    /// `limits.max_connections` and the drain like the connection it was.
+    tunnel: HandedOver,
+}
+
+/// A tunnel to run when the connection's HTTP ends.
+pub type Tunnel = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[derive(Default)]
+struct HandedOver(std::sync::Mutex<Option<Tunnel>>);
+
+impl std::fmt::Debug for HandedOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandedOver")
+    }
 }
 
 impl ConnInfo {
@@ -44,7 +60,22 @@ impl ConnInfo {
             activity: Arc::new(Activity::default()),
             forwarded: std::sync::Mutex::new(None),
             host: std::sync::Mutex::new(None),
+            tunnel: HandedOver::default(),
         }
+    }
+
+    /// Leaves the tunnel the connection becomes after its upgrade (see [`Tunnel`]).
+    pub fn hand_over(&self, tunnel: Tunnel) {
+        *self.tunnel.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    }
+
+    /// The tunnel left by [`hand_over`](Self::hand_over), if any.
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// `canonicalize` of `raw`, the host as this connection's request sent it, remembered for

@@ -27,6 +27,9 @@ pub struct Context {
     pub client: Option<ClientIp>,
     /// Set by the API-key guard, when the route needs a key and it was valid.
     pub entry: Option<Arc<KeyEntry>>,
+    /// The client asked to upgrade to WebSocket (set by the client-headers guard, which
+    /// removed the upgrade headers: only a route that tunnels WebSocket puts them back).
+    pub websocket: bool,
 }
 
 impl Context {
@@ -38,6 +41,7 @@ impl Context {
             route: None,
             client: None,
             entry: None,
+            websocket: false,
         }
     }
 

@@ -28,6 +28,13 @@ pub struct ProtocolLimits;
 
 impl<B> Guard<B> for ProtocolLimits {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
+        // A reverse proxy tunnels nothing on CONNECT (hyper would hand over the connection
+        // after any 2xx answer to one): refused before anything reads it.
+        if request.method() == http::Method::CONNECT {
+            return Err(Refusal::BadRequest(
+                "CONNECT is not served: this gateway is a reverse proxy, not a forward proxy",
+            ));
+        }
         let snapshot = Snapshot::of(request)?;
         let limits = &snapshot.limits;
         let uri = request.uri();
@@ -133,6 +140,9 @@ impl<B> Guard<B> for ClientHeaders {
                 "Content-Length and Transfer-Encoding together are ambiguous",
             ));
         }
-        client_headers::clean(request.headers_mut(), underscores, trusted_peer)
+        if client_headers::clean(request.headers_mut(), underscores, trusted_peer)? {
+            Context::of_mut(request)?.websocket = true;
+        }
+        Ok(())
     }
 }

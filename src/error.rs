@@ -244,9 +244,13 @@ impl From<Refusal> for Refused {
     }
 }
 
-/// Marks a response the gateway generated itself, with its problem `code`.
+/// Marks a response the gateway generated itself, with its problem `code` and the HTTP status
+/// it stands for (the response's own, except for a gRPC refusal: see [`grpc_problem`]).
 #[derive(Debug, Clone, Copy)]
-pub struct ProblemCode(pub &'static str);
+pub struct ProblemCode {
+    pub code: &'static str,
+    pub status: StatusCode,
+}
 
 /// The one rescue: a refusal as an `application/problem+json` response.
 pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<Body> {
@@ -327,6 +331,63 @@ pub fn problem_response(
         HeaderValue::from_static("application/problem+json"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response.extensions_mut().insert(ProblemCode(code));
     response
+        .extensions_mut()
+        .insert(ProblemCode { code, status });
+    response
+}
+
+/// Whether a request is gRPC (or gRPC-Web), whose clients read refusals only in gRPC's terms.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A refusal of a gRPC request, in gRPC's terms: a "Trailers-Only" answer (HTTP 200 whose
+/// head carries `grpc-status` and `grpc-message` and ends the stream), which is all a gRPC
+/// client reads. `grpc-message` is the problem code, a colon and the detail; the headers that
+/// help (`WWW-Authenticate`, `Retry-After`, `X-Request-Id`) stay.
+pub fn grpc_problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<Body> {
+    let detail = refused.refusal.to_string();
+    let mut response = problem(refused, request_id);
+    let (code, status) = response
+        .extensions()
+        .get::<ProblemCode>()
+        .map_or(("internal", StatusCode::INTERNAL_SERVER_ERROR), |p| {
+            (p.code, p.status)
+        });
+    let message = format!("{code}: {detail}");
+    let message = percent_encoding::utf8_percent_encode(&message, GRPC_MESSAGE).to_string();
+    *response.status_mut() = StatusCode::OK;
+    *response.body_mut() = full_body(Bytes::new());
+    let headers = response.headers_mut();
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(grpc_status(status, code)));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
+/// `grpc-message` is percent-encoded: everything but printable ASCII, and `%` itself.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// The gRPC status code of a refusal (the codes of grpc/doc/statuscodes.md).
+fn grpc_status(status: StatusCode, code: &str) -> u16 {
+    match (status.as_u16(), code) {
+        (401, _) => 16,                  // UNAUTHENTICATED
+        (403, _) => 7,                   // PERMISSION_DENIED
+        (429 | 413 | 414 | 431, _) => 8, // RESOURCE_EXHAUSTED
+        (404, "no_route") => 12,         // UNIMPLEMENTED: no such method here
+        (404 | 409, _) => 9,             // FAILED_PRECONDITION
+        (400, _) => 3,                   // INVALID_ARGUMENT
+        (502 | 503, _) => 14,            // UNAVAILABLE
+        (504, _) => 4,                   // DEADLINE_EXCEEDED
+        _ => 13,                         // INTERNAL
+    }
 }

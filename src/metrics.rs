@@ -57,6 +57,14 @@ pub struct SubjectLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelEnd {
+    pub route: Arc<str>,
+    /// `closed` (by a peer), `idle`, `token_expired`, `token_revoked`, `store_unavailable`,
+    /// `shutdown`, `error`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -86,6 +94,9 @@ pub struct Metrics {
     pub store_stale: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub config_last_reload_ok: Gauge,
+    /// WebSocket tunnels open now, and the ones that ended, by route and why.
+    pub tunnels_open: Gauge,
+    pub tunnels_closed: Family<TunnelEnd, Counter>,
 }
 
 /// The `factor` and `outcome` label values of `second_factor` (others are counted too, just
@@ -144,6 +155,18 @@ impl Metrics {
         let store_stale = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let config_last_reload_ok = Gauge::default();
+        let tunnels_open = Gauge::default();
+        let tunnels_closed = Family::<TunnelEnd, Counter>::default();
+        registry.register(
+            "websocket_tunnels_open",
+            "WebSocket tunnels open",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "websocket_tunnels_closed",
+            "WebSocket tunnels ended, by route and reason",
+            tunnels_closed.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by route (empty: none matched) and status",
@@ -226,6 +249,8 @@ impl Metrics {
             store_stale,
             config_reloads,
             config_last_reload_ok,
+            tunnels_open,
+            tunnels_closed,
         })
     }
 

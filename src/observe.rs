@@ -115,20 +115,20 @@ where
         let this = self.project();
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let route = response.extensions().get::<Arc<Route>>();
+        let problem = response.extensions().get::<ProblemCode>();
+        // A refusal's own status, also when it went out in gRPC's terms (as a 200).
+        let status = problem.map_or(response.status(), |p| p.status).as_u16();
         let elapsed = this.start.elapsed();
-        this.metrics.request(
-            route.map(|r| (&r.label, &r.metrics)),
-            response.status().as_u16(),
-            elapsed,
-        );
+        this.metrics
+            .request(route.map(|r| (&r.label, &r.metrics)), status, elapsed);
         tracing::info!(
             target: "stepgate::access",
             method = %this.method,
             path = %this.uri.path(),
             route = route.map(|r| r.name.as_str()),
             upstream = route.map(|r| r.upstream.name.as_str()),
-            status = response.status().as_u16(),
-            code = response.extensions().get::<ProblemCode>().map(|c| c.0),
+            status,
+            code = problem.map(|p| p.code),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             request_id = this.id.to_str().unwrap_or(""),
         );

@@ -9,7 +9,7 @@ use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::error::{Body, Refusal, Refused, problem};
+use crate::error::{Body, Refusal, Refused, grpc_problem, is_grpc, problem};
 use crate::header_names::X_REQUEST_ID;
 
 #[derive(Clone, Copy, Default)]
@@ -56,16 +56,35 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let request_id = request.headers().get(&X_REQUEST_ID).cloned();
+        let answer = Answer {
+            request_id: request.headers().get(&X_REQUEST_ID).cloned(),
+            grpc: is_grpc(request.headers()),
+        };
         match self.not_ready.take() {
             Some(refused) => RescueFuture::Refused {
                 refused: Some(refused),
-                request_id,
+                answer,
             },
             None => RescueFuture::Inner {
                 inner: self.inner.call(request),
-                request_id,
+                answer,
             },
+        }
+    }
+}
+
+/// How a refusal is answered: with the request's id, and in gRPC's terms to a gRPC request.
+pub struct Answer {
+    request_id: Option<HeaderValue>,
+    grpc: bool,
+}
+
+impl Answer {
+    fn refuse(&self, refused: Refused) -> Response<Body> {
+        if self.grpc {
+            grpc_problem(refused, self.request_id.as_ref())
+        } else {
+            problem(refused, self.request_id.as_ref())
         }
     }
 }
@@ -73,8 +92,8 @@ where
 pin_project! {
     #[project = RescueProj]
     pub enum RescueFuture<F> {
-        Inner { #[pin] inner: F, request_id: Option<HeaderValue> },
-        Refused { refused: Option<Refused>, request_id: Option<HeaderValue> },
+        Inner { #[pin] inner: F, answer: Answer },
+        Refused { refused: Option<Refused>, answer: Answer },
     }
 }
 
@@ -85,21 +104,18 @@ where
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (refused, request_id) = match self.project() {
-            RescueProj::Inner { inner, request_id } => match ready!(inner.poll(cx)) {
+        let (refused, answer) = match self.project() {
+            RescueProj::Inner { inner, answer } => match ready!(inner.poll(cx)) {
                 Ok(response) => return Poll::Ready(Ok(response)),
-                Err(refused) => (refused, request_id),
+                Err(refused) => (refused, answer),
             },
-            RescueProj::Refused {
-                refused,
-                request_id,
-            } => (
+            RescueProj::Refused { refused, answer } => (
                 refused.take().unwrap_or_else(|| {
                     Refusal::Internal("rescue future polled after completion").into()
                 }),
-                request_id,
+                answer,
             ),
         };
-        Poll::Ready(Ok(problem(refused, request_id.as_ref())))
+        Poll::Ready(Ok(answer.refuse(refused)))
     }
 }

@@ -530,6 +530,7 @@ impl Connection {
     async fn serve<S: GatewayService>(self, stream: TcpStream, service: S) {
         let _ = stream.set_nodelay(true);
         let info = Arc::new(ConnInfo::new(self.peer, self.tls.is_some()));
+        let conn = info.clone();
         let activity = info.activity.clone();
         let config = self.config.clone();
         // Each request starts with its context: the configuration read once (the request
@@ -566,6 +567,16 @@ impl Connection {
                 }
             }
         }
+        // A WebSocket upgrade handed the connection over: it lives on as the tunnel, in this
+        // task, until the tunnel ends or the drain deadline passes.
+        if let Some(tunnel) = conn.take_tunnel() {
+            tokio::select! {
+                () = tunnel => {}
+                () = self.hard_stop.cancelled() => {
+                    tracing::debug!(peer = %self.peer, "tunnel cut at the drain deadline");
+                }
+            }
+        }
     }
 
     async fn drive<I, S>(&self, io: I, service: S, activity: Arc<Activity>)
@@ -578,7 +589,10 @@ impl Connection {
             activity: activity.clone(),
         });
         let builder = builder(&self.limits);
-        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+        // With upgrades: a WebSocket route's `101` hands the connection to its tunnel (see
+        // `proxy::tunnel`); hyper upgrades nothing else (CONNECT is refused before routing).
+        let connection =
+            builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
         tokio::pin!(connection);
 
         // The idle timeout is checked IDLE_TICKS times per period, against a flag the I/O sets:

@@ -98,6 +98,7 @@ fn builtin_route(
             policy,
             strip_prefix: false,
             body_bytes,
+            websocket: None,
             line: 0,
         },
         upstream.clone(),

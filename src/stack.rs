@@ -47,7 +47,7 @@ pub fn build(
 + Clone
 + Send
 + 'static {
-    let forward = Forward::new(shared.metrics.clone());
+    let forward = Forward::new(shared.metrics.clone(), shared.accounts.clone());
     build_with(shared, forward)
 }
 

@@ -455,3 +455,58 @@ fn check_counts_in_words() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok (1 route, 1 upstream, 1 policy)"), "{out}");
 }
+
+#[test]
+fn websocket_routes_and_h2c_upstreams_are_checked() {
+    // A tunnel needs an upstream that can answer the upgrade.
+    let yaml = GOOD.replace(
+        "    upstream: demo\n    policy: public",
+        "    upstream: demo\n    policy: public\n    websocket: true",
+    );
+    assert_fails_with(&yaml, "websocket: true", 0, &["websocket", "echo"]);
+    // `on_token_expiry` means nothing without `websocket: true`, and has two values.
+    let yaml = GOOD.replace(
+        "    body_bytes: 100MiB\n",
+        "    body_bytes: 100MiB\n    on_token_expiry: close\n",
+    );
+    assert_fails_with(
+        &yaml,
+        "on_token_expiry",
+        0,
+        &["on_token_expiry", "websocket"],
+    );
+    let yaml = GOOD.replace(
+        "    body_bytes: 100MiB\n",
+        "    body_bytes: 100MiB\n    websocket: true\n    on_token_expiry: later\n",
+    );
+    assert_fails_with(&yaml, "on_token_expiry", 0, &["later", "close", "keep"]);
+    let ok = GOOD.replace(
+        "    body_bytes: 100MiB\n",
+        "    body_bytes: 100MiB\n    websocket: true\n    on_token_expiry: keep\n",
+    );
+    let (code, out, err) = check(&write_config(&ok));
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+
+    // HTTP/2 by prior knowledge: one mode, and only without TLS (over TLS, ALPN decides).
+    let yaml = GOOD.replace("    connect_timeout: 2s\n", "    http2: always\n");
+    assert_fails_with(&yaml, "http2: always", 0, &["http2", "prior_knowledge"]);
+    let yaml = GOOD
+        .replace("http://127.0.0.1:9001", "https://127.0.0.1:9001")
+        .replace("    connect_timeout: 2s\n", "    http2: prior_knowledge\n");
+    assert_fails_with(&yaml, "http2: prior_knowledge", 0, &["https", "ALPN"]);
+    let yaml = GOOD.replace("http://127.0.0.1:9001", "ftp://127.0.0.1:9001");
+    assert_fails_with(&yaml, "ftp://", 0, &["h2c://"]);
+    for ok in [
+        GOOD.replace("http://127.0.0.1:9001", "h2c://127.0.0.1:9001"),
+        GOOD.replace("    connect_timeout: 2s\n", "    http2: prior_knowledge\n"),
+    ] {
+        let (code, out, err) = check(&write_config(&ok));
+        assert_eq!(code, 0, "{ok}\nstdout: {out}\nstderr: {err}");
+    }
+    // The echo upstream has no HTTP/2 to speak.
+    let yaml = GOOD.replace(
+        "  demo: { echo: {} }",
+        "  demo: { echo: {}, http2: prior_knowledge }",
+    );
+    assert_fails_with(&yaml, "demo: { echo", 0, &["http2", "url"]);
+}

@@ -54,7 +54,7 @@ async fn hop_by_hop_request_headers_are_removed() {
                Proxy-Connection: keep-alive\r\n\
                Proxy-Authenticate: Basic\r\n\
                Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
-               TE: trailers\r\n\
+               TE: deflate\r\n\
                Trailer: X-Checksum\r\n\
                X-Foo: secret-foo\r\n\
                X-Bar: secret-bar\r\n\

@@ -153,3 +153,63 @@ async fn large_response_body_is_streamed_to_client() {
         SIZE / 1024
     );
 }
+
+/// Server-sent events: each event reaches the client as the upstream sends it, while the
+/// upstream's response is still open (nothing is buffered to the end, or to a size).
+#[tokio::test]
+async fn server_sent_events_reach_the_client_as_they_are_sent() {
+    use std::sync::{Arc, Mutex};
+
+    let (events, rx) = tokio::sync::mpsc::channel::<&'static str>(1);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let up = Upstream::with(move |_| {
+        let rx = rx.lock().unwrap().take().expect("one request");
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let event = rx.recv().await?;
+            Some((
+                Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(event))),
+                rx,
+            ))
+        });
+        Response::builder()
+            .status(200)
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(http_body_util::StreamBody::new(stream).boxed())
+            .unwrap()
+    })
+    .await;
+    let gw = GatewayBuilder::new(&render(CONFIG, &[("big", &up.url())]))
+        .start()
+        .await;
+    let resp = send_http1_stream(
+        gw.addr,
+        req("GET", "/big/events", "h")
+            .header("accept", "text/event-stream")
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .expect("request failed");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    let mut body = resp.into_body();
+    for event in ["event: tick\ndata: 1\n\n", ": heartbeat\n\n", "data: 2\n\n"] {
+        // The upstream sends the next event only now, and has not finished.
+        events.send(event).await.unwrap();
+        let frame = tokio::time::timeout(STEP, body.frame())
+            .await
+            .expect("the event did not arrive while the stream was open")
+            .expect("the stream ended early")
+            .expect("the stream failed");
+        assert_eq!(frame.data_ref().unwrap().as_ref(), event.as_bytes());
+    }
+    drop(events);
+    let end = tokio::time::timeout(STEP, body.frame())
+        .await
+        .expect("no end");
+    assert!(end.is_none(), "the stream ends when the upstream's does");
+}

@@ -77,8 +77,14 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let route = RequestContext::route_of(&request).cloned();
-        let entry = RequestContext::entry_of(&request).cloned();
+        let (route, entry, websocket) = match RequestContext::of(&request) {
+            Ok(context) => (
+                context.route.clone(),
+                context.entry.clone(),
+                context.websocket,
+            ),
+            Err(_) => (None, None, false),
+        };
         let (route, entry) = match (route, entry) {
             (Some(route), Some(entry)) if route.policy.second_factor == Requirement::Required => {
                 (route, entry)
@@ -101,6 +107,7 @@ where
             &self.metrics,
             &route.policy,
             &entry,
+            websocket,
             &mut request,
         ) {
             return Either::Left(self.inner.call(request));
@@ -113,10 +120,28 @@ where
         Either::Right(Box::pin(async move {
             let decision = decide(&accounts, &metrics, &route.policy, &entry, &mut request).await?;
             let auth = match &decision {
-                Decision::Token => "key+step_up",
+                Decision::Token { .. } => "key+step_up",
                 Decision::Proved { method, .. } => *method,
                 Decision::Unproved { .. } => "key",
             };
+            if websocket {
+                let token = match &decision {
+                    Decision::Token { token, expires_at }
+                    | Decision::Proved {
+                        token: Some((token, expires_at)),
+                        ..
+                    } => Some((token.clone(), *expires_at)),
+                    _ => None,
+                };
+                if let Some((token, expires_at)) = token {
+                    request.extensions_mut().insert(StepUpGrant {
+                        token,
+                        consumer_id: entry.consumer.shared_id.clone(),
+                        policy: route.policy.shared_name.clone(),
+                        expires_at,
+                    });
+                }
+            }
             request
                 .headers_mut()
                 .insert(X_STEPGATE_AUTH.clone(), HeaderValue::from_static(auth));
@@ -157,7 +182,7 @@ where
                         .headers_mut()
                         .insert(X_STEPGATE_WARNING.clone(), warning);
                 }
-                Decision::Token | Decision::Unproved { warning: None } => {}
+                Decision::Token { .. } | Decision::Unproved { warning: None } => {}
             }
             Ok(response)
         }))
@@ -172,6 +197,7 @@ fn valid_step_up<B>(
     metrics: &Metrics,
     policy: &Policy,
     entry: &KeyEntry,
+    websocket: bool,
     request: &mut Request<B>,
 ) -> bool {
     let headers = request.headers();
@@ -188,13 +214,21 @@ fn valid_step_up<B>(
     }
     let consumer = &entry.consumer;
     // Only a verdict this node has at hand: anything else goes the long way.
-    if !matches!(
+    let Some(Ok(info)) =
         accounts
             .tokens()
-            .check_cached(token, &consumer.id, &policy.name, accounts.now()),
-        Some(Ok(_))
-    ) {
+            .check_cached(token, &consumer.id, &policy.name, accounts.now())
+    else {
         return false;
+    };
+    if websocket {
+        let grant = StepUpGrant {
+            token: token.to_owned(),
+            consumer_id: consumer.shared_id.clone(),
+            policy: policy.shared_name.clone(),
+            expires_at: info.expires_at,
+        };
+        request.extensions_mut().insert(grant);
     }
     metrics.factor("step_up", "accepted");
     let headers = request.headers_mut();
@@ -209,6 +243,28 @@ fn valid_step_up<B>(
     true
 }
 
+/// The step-up token a WebSocket upgrade passed with, presented or just earned by its code:
+/// the tunnel it opens lives no longer than the token (`on_token_expiry: close`), so it is
+/// kept for upgrade requests only. Never printed.
+#[derive(Clone)]
+pub struct StepUpGrant {
+    pub token: String,
+    pub consumer_id: Arc<str>,
+    /// The route's policy, which the token is checked against again while the tunnel lives.
+    pub policy: Arc<str>,
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for StepUpGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepUpGrant")
+            .field("consumer_id", &self.consumer_id)
+            .field("policy", &self.policy)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A step-up token issued for this request (read by the built-in step-up endpoint).
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -217,8 +273,9 @@ pub struct IssuedToken {
 }
 
 enum Decision {
-    /// A valid step-up token: a second factor proved earlier (the failure count stays).
-    Token,
+    /// A valid step-up token, and when it expires: a second factor proved earlier (the
+    /// failure count stays).
+    Token { token: String, expires_at: u64 },
     /// A code proved a second factor; `token` is a newly issued step-up token.
     Proved {
         method: &'static str,
@@ -332,9 +389,12 @@ async fn prove(
             .check(token, &consumer.id, &policy.name, now)
             .await
         {
-            Ok(_) => {
+            Ok(info) => {
                 metrics.factor("step_up", "accepted");
-                return Ok(Decision::Token);
+                return Ok(Decision::Token {
+                    token: token.to_owned(),
+                    expires_at: info.expires_at,
+                });
             }
             Err(crate::tokens::TokenRejection::Unavailable) => {
                 // Fail closed, and not as the caller's failure: the token may be good.

@@ -108,6 +108,8 @@ pub struct HttpSettings {
     /// Extra attempts after a connect failure (idempotent requests without a body only).
     pub retries: u32,
     pub ca_file: Option<PathBuf>,
+    /// HTTP/2 without negotiation over plain TCP (`h2c://` or `http2: prior_knowledge`).
+    pub prior_knowledge: bool,
 }
 
 impl Default for HttpSettings {
@@ -118,6 +120,7 @@ impl Default for HttpSettings {
             idle_timeout: Duration::from_secs(30),
             retries: 1,
             ca_file: None,
+            prior_knowledge: false,
         }
     }
 }
@@ -139,8 +142,21 @@ pub struct RouteSpec {
     pub strip_prefix: bool,
     /// Request body limit for this route.
     pub body_bytes: u64,
+    /// WebSocket upgrades are tunnelled (`websocket: true`), with what becomes of a tunnel
+    /// when its step-up token expires; `None`: no upgrade is honoured.
+    pub websocket: Option<OnTokenExpiry>,
     /// Line in `gateway.yaml`, for messages.
     pub line: u64,
+}
+
+/// `on_token_expiry`: what becomes of a WebSocket tunnel opened with a step-up token (or with
+/// a code that earned one) when that token expires or is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTokenExpiry {
+    /// The tunnel is closed: a connection cannot outlive its second factor.
+    Close,
+    /// The tunnel stays open until either side closes it (or it goes idle).
+    Keep,
 }
 
 impl RouteSpec {

@@ -172,6 +172,9 @@ pub struct Upstream {
     pub idle_timeout: Option<Spanned<Scalar>>,
     pub retries: Option<Spanned<u32>>,
     pub ca_file: Option<Spanned<String>>,
+    /// `prior_knowledge`: HTTP/2 from the first byte over plain TCP (h2c), as most gRPC
+    /// servers without TLS expect.
+    pub http2: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +192,11 @@ pub struct Route {
     #[serde(default)]
     pub strip_prefix: bool,
     pub body_bytes: Option<Spanned<Scalar>>,
+    /// WebSocket upgrades are tunnelled on this route (refused everywhere else).
+    pub websocket: Option<Spanned<bool>>,
+    /// What becomes of a tunnel when the step-up token it was opened with expires: `close`
+    /// (the default) or `keep`.
+    pub on_token_expiry: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,9 +21,9 @@ use sha2::{Digest, Sha256};
 use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
-    Config, ConfigError, ConfigErrors, Factors, Failures, HttpSettings, HttpSpec, Limits, Policy,
-    Rate, Roles, Rollout, RolloutMode, RouteSpec, Scope, SelfServiceSpec, StepUp, StoreSettings,
-    Target, Underscores, UpstreamSpec,
+    Config, ConfigError, ConfigErrors, Factors, Failures, HttpSettings, HttpSpec, Limits,
+    OnTokenExpiry, Policy, Rate, Roles, Rollout, RolloutMode, RouteSpec, Scope, SelfServiceSpec,
+    StepUp, StoreSettings, Target, Underscores, UpstreamSpec,
 };
 use crate::path;
 use crate::tls;
@@ -373,6 +373,7 @@ impl Loader<'_> {
                     ),
                     ("ca_file", raw.ca_file.as_ref().map(|s| &s.referenced)),
                     ("retries", raw.retries.as_ref().map(|s| &s.referenced)),
+                    ("http2", raw.http2.as_ref().map(|s| &s.referenced)),
                 ];
                 for (key, location) in http_only {
                     if let Some(location) = location {
@@ -389,7 +390,7 @@ impl Loader<'_> {
             }
             (Some(url), None) => {
                 let d = HttpSettings::default();
-                let settings = HttpSettings {
+                let mut settings = HttpSettings {
                     connect_timeout: self.duration_or(
                         &format!("{field}.connect_timeout"),
                         &raw.connect_timeout,
@@ -407,6 +408,7 @@ impl Loader<'_> {
                         self.hash_file(&path);
                         path
                     }),
+                    prior_knowledge: false,
                 };
                 let parsed = match parse_url(&url.value) {
                     Ok(parsed) => parsed,
@@ -415,6 +417,25 @@ impl Loader<'_> {
                         return None;
                     }
                 };
+                let (scheme, authority, base_path, h2c) = parsed;
+                settings.prior_knowledge = h2c;
+                if let Some(http2) = &raw.http2 {
+                    match http2.value.as_str() {
+                        "prior_knowledge" if scheme == http::uri::Scheme::HTTPS => self.at(
+                            &http2.referenced,
+                            format!(
+                                "{field}.http2: over https, HTTP/2 is negotiated (ALPN) whenever the upstream offers it; `prior_knowledge` is for http:// upstreams"
+                            ),
+                        ),
+                        "prior_knowledge" => settings.prior_knowledge = true,
+                        other => self.at(
+                            &http2.referenced,
+                            format!(
+                                "{field}.http2: `{other}` is not a mode: the one mode is `prior_knowledge` (HTTP/2 from the first byte, no TLS); leave it out to speak HTTP/1.1 to http:// upstreams"
+                            ),
+                        ),
+                    }
+                }
                 let tls = match tls::client_config(settings.ca_file.as_deref()) {
                     Ok(tls) => tls,
                     Err(message) => {
@@ -426,7 +447,6 @@ impl Loader<'_> {
                         return None;
                     }
                 };
-                let (scheme, authority, base_path) = parsed;
                 Some(UpstreamSpec {
                     name: name.to_owned(),
                     target: Target::Http(Box::new(HttpSpec {
@@ -688,6 +708,54 @@ impl Loader<'_> {
         })
     }
 
+    /// `websocket: true` with its `on_token_expiry`: a tunnel needs an upstream that can
+    /// answer the upgrade (a `url` one), and `on_token_expiry` means nothing without it.
+    fn websocket(
+        &mut self,
+        field: &str,
+        r: &raw::Route,
+        upstreams: &BTreeMap<String, UpstreamSpec>,
+    ) -> Option<OnTokenExpiry> {
+        let on_expiry = r
+            .on_token_expiry
+            .as_ref()
+            .and_then(|v| match v.value.as_str() {
+                "close" => Some(OnTokenExpiry::Close),
+                "keep" => Some(OnTokenExpiry::Keep),
+                other => {
+                    self.at(
+                        &v.referenced,
+                        format!("{field}.on_token_expiry: `{other}` is not one of close, keep"),
+                    );
+                    None
+                }
+            });
+        let Some(websocket) = r.websocket.as_ref().filter(|w| w.value) else {
+            if let Some(v) = &r.on_token_expiry {
+                self.at(
+                    &v.referenced,
+                    format!(
+                        "{field}.on_token_expiry: applies to WebSocket tunnels only; add `websocket: true` or remove it"
+                    ),
+                );
+            }
+            return None;
+        };
+        if let Some(UpstreamSpec {
+            target: Target::Echo,
+            name,
+        }) = upstreams.get(&r.upstream.value)
+        {
+            self.at(
+                &websocket.referenced,
+                format!(
+                    "{field}.websocket: upstream `{name}` is the built-in echo, which answers no upgrade; use a `url` upstream"
+                ),
+            );
+        }
+        Some(on_expiry.unwrap_or(OnTokenExpiry::Close))
+    }
+
     fn routes(
         &mut self,
         raw: &[Spanned<raw::Route>],
@@ -828,6 +896,7 @@ impl Loader<'_> {
                 &r.body_bytes,
                 limits.body_bytes,
             );
+            let websocket = self.websocket(&field, r, upstreams);
 
             if let (Some(path), Some(upstream), Some(policy)) = (route_path, upstream, policy) {
                 let route = RouteSpec {
@@ -839,6 +908,7 @@ impl Loader<'_> {
                     policy,
                     strip_prefix: r.strip_prefix,
                     body_bytes,
+                    websocket,
                     line: spec.referenced.line(),
                 };
                 if let Some(twin) = routes.iter().find(|other| other.shadows(&route)) {
@@ -933,18 +1003,21 @@ impl PolicyErrors<'_> {
 }
 
 /// A synthetic route per policy that issues step-up tokens, for `POST {prefix}/step-up`.
-/// An upstream URL taken apart: scheme (http or https), authority (no credentials), and the
-/// path prefix without trailing `/`; no query.
-fn parse_url(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+/// An upstream URL taken apart: scheme (http or https; `h2c` is http with HTTP/2 from the
+/// first byte, the last member), authority (no credentials), and the path prefix without
+/// trailing `/`; no query.
+fn parse_url(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, String, bool), String> {
     use http::uri::{Scheme, Uri};
     let uri: Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let h2c = uri.scheme_str() == Some("h2c");
     let scheme = uri
         .scheme()
         .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
         .cloned()
-        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
+        .or(h2c.then_some(Scheme::HTTP))
+        .ok_or_else(|| format!("`{url}` must start with http://, https:// or h2c://"))?;
     let authority = uri
         .authority()
         .cloned()
@@ -959,6 +1032,7 @@ fn parse_url(url: &str) -> Result<(http::uri::Scheme, http::uri::Authority, Stri
         scheme,
         authority,
         uri.path().trim_end_matches('/').to_owned(),
+        h2c,
     ))
 }
 

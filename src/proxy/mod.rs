@@ -3,6 +3,7 @@
 //! `Forwarded` set) and streams it to the route's upstream.
 
 pub mod headers;
+pub mod tunnel;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +16,8 @@ use http::{Request, Response, Uri, Version, header};
 use http_body_util::BodyExt;
 use tower::Service;
 
+use crate::accounts::Accounts;
+use crate::auth::second_factor::StepUpGrant;
 use crate::context::Context as RequestContext;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
@@ -25,11 +28,13 @@ use crate::upstream::{Target, body, echo, pool};
 #[derive(Clone)]
 pub struct Forward {
     metrics: Arc<Metrics>,
+    /// For WebSocket tunnels, which check their step-up token while they live.
+    accounts: Arc<Accounts>,
 }
 
 impl Forward {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Arc<Metrics>, accounts: Arc<Accounts>) -> Self {
+        Self { metrics, accounts }
     }
 }
 
@@ -47,11 +52,19 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        Box::pin(forward(request, self.metrics.clone()))
+        Box::pin(forward(
+            request,
+            self.metrics.clone(),
+            self.accounts.clone(),
+        ))
     }
 }
 
-async fn forward<B>(request: Request<B>, metrics: Arc<Metrics>) -> Result<Response<Body>, Refusal>
+async fn forward<B>(
+    mut request: Request<B>,
+    metrics: Arc<Metrics>,
+    accounts: Arc<Accounts>,
+) -> Result<Response<Body>, Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -64,10 +77,28 @@ where
     let conn = context.conn.clone();
     let client = context.client;
     let host = context.host.as_ref().map(|h| h.value().clone());
+    let websocket = context.websocket;
+    let idle_timeout = context.snapshot.limits.idle_timeout;
 
     if let Target::StepUp = route.upstream.target {
         return step_up_answer(&request);
     }
+    // A WebSocket upgrade on a route that tunnels one: the client's side of the connection
+    // and the token it was opened with are taken before the request's extensions go. On
+    // any other route the upgrade headers are gone and the request is forwarded as plain
+    // HTTP.
+    let upgrade = match (websocket, route.websocket) {
+        (true, Some(on_token_expiry)) => {
+            tunnel::check_request(
+                request.method(),
+                request.version(),
+                !request.body().is_end_stream(),
+            )?;
+            let grant = request.extensions_mut().remove::<StepUpGrant>();
+            Some((hyper::upgrade::on(&mut request), grant, on_token_expiry))
+        }
+        _ => None,
+    };
     let (mut parts, body) = request.into_parts();
     // The upstream gets its own authority as Host (set by the pool); the canonical host the
     // request was routed by goes in X-Forwarded-Host and Forwarded.
@@ -106,13 +137,24 @@ where
 
     let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
     let start = tokio::time::Instant::now();
-    let result = match &route.upstream.target {
-        Target::Echo => Box::pin(echo::respond(Request::from_parts(parts, body))).await,
-        Target::StepUp => Err(Refusal::Internal("step-up endpoint reached forwarding")),
-        Target::SelfService => Err(Refusal::Internal(
+    let result = match (&route.upstream.target, upgrade) {
+        (Target::Http(http), Some((client_side, grant, on_token_expiry))) => {
+            let tunnel = tunnel::Tunnel {
+                route: route.label.clone(),
+                on_token_expiry,
+                idle_timeout,
+                conn: &conn,
+                accounts: &accounts,
+                metrics: &metrics,
+            };
+            tunnel.open(parts, client_side, grant, http).await
+        }
+        (Target::Http(http), None) => http.send(parts, body).await,
+        (Target::Echo, _) => Box::pin(echo::respond(Request::from_parts(parts, body))).await,
+        (Target::StepUp, _) => Err(Refusal::Internal("step-up endpoint reached forwarding")),
+        (Target::SelfService, _) => Err(Refusal::Internal(
             "self-service endpoint reached forwarding",
         )),
-        Target::Http(http) => http.send(parts, body).await,
     };
     metrics.upstream(
         &route.upstream.label,

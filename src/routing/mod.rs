@@ -31,6 +31,8 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Request body limit for this route.
     pub body_bytes: u64,
+    /// WebSocket upgrades are tunnelled, and what a tunnel does when its token expires.
+    pub websocket: Option<crate::config::OnTokenExpiry>,
     /// Line in `gateway.yaml`, for messages.
     pub line: u64,
     /// This route's request metrics.
@@ -50,6 +52,7 @@ impl Route {
             policy: spec.policy.clone(),
             strip_prefix: spec.strip_prefix,
             body_bytes: spec.body_bytes,
+            websocket: spec.websocket,
             line: spec.line,
             metrics: Default::default(),
         }
@@ -186,6 +189,7 @@ mod tests {
             policy: Arc::new(Policy::public("public")),
             strip_prefix: false,
             body_bytes: 1,
+            websocket: None,
             line: 1,
             metrics: Default::default(),
         }

@@ -83,15 +83,19 @@ impl Upstream {
         match &spec.target {
             SpecTarget::Echo => Self::echo(&spec.name),
             SpecTarget::Http(http) => {
-                let connector =
-                    crate::tls::https_connector(http.tls.clone(), http.settings.connect_timeout);
+                let timeout = http.settings.connect_timeout;
+                let connectors = [
+                    crate::tls::https_connector(http.tls.clone(), timeout),
+                    crate::tls::http1_connector(http.tls.clone(), timeout),
+                ];
                 Self::builtin(
                     &spec.name,
                     Target::Http(Box::new(HttpUpstream {
                         url: http.url.clone(),
                         base_path: http.base_path.clone(),
                         pool: Pool::new(
-                            connector,
+                            connectors,
+                            http.settings.prior_knowledge,
                             http.scheme.clone(),
                             http.authority.clone(),
                             http.settings.idle_timeout,
@@ -177,6 +181,29 @@ impl HttpUpstream {
     }
 }
 
+impl HttpUpstream {
+    /// Sends a WebSocket upgrade request on a connection of its own (see
+    /// [`Pool::send_upgrade`]), within the upstream's `timeout` for the answer's head. The
+    /// answer comes back as the upstream sent it: when it is a `101`, its connection is the
+    /// tunnel's to take.
+    pub async fn send_upgrade(
+        &self,
+        mut parts: request::Parts,
+    ) -> Result<Response<hyper::body::Incoming>, Refusal> {
+        parts.uri = self.uri_for(&parts.uri)?;
+        let request = Request::from_parts(parts, crate::error::full_body(bytes::Bytes::new()));
+        match tokio::time::timeout(self.settings.timeout, self.pool.send_upgrade(request)).await {
+            Err(_elapsed) => Err(Refusal::UpstreamTimeout {
+                timeout: self.settings.timeout,
+            }),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(Refusal::UpstreamUnavailable {
+                source: Some(Box::new(error)),
+            }),
+        }
+    }
+}
+
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -189,7 +216,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// response instead of ending it cleanly. A `101 Switching Protocols` is refused: the client
 /// asked for no upgrade (upgrade headers never reach the upstream), so nothing would be
 /// tunnelled and the connection would die.
-fn into_client_response(
+pub fn into_client_response(
     response: Response<hyper::body::Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {

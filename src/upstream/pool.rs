@@ -74,6 +74,11 @@ impl Idle {
 
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
+    /// The same, offering only HTTP/1.1 in ALPN: for WebSocket upgrades, which HTTP/2
+    /// cannot carry as HTTP/1.1 does.
+    h1_connector: HttpsConnector<HttpConnector>,
+    /// HTTP/2 from the first byte on plain TCP (h2c), without negotiation.
+    prior_knowledge: bool,
     scheme: Scheme,
     authority: Authority,
     /// `Host` of HTTP/1.1 requests: the upstream's authority.
@@ -84,16 +89,20 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connectors: [HttpsConnector<HttpConnector>; 2],
+        prior_knowledge: bool,
         scheme: Scheme,
         authority: Authority,
         idle_timeout: Duration,
     ) -> Self {
+        let [connector, h1_connector] = connectors;
         // An authority is visible ASCII, so it is a valid header value.
         let host = http::HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"));
         Self {
             connector,
+            h1_connector,
+            prior_knowledge,
             scheme,
             authority,
             host,
@@ -203,15 +212,47 @@ impl Pool {
         }
     }
 
-    /// A new connection on this thread: HTTP/2 when TLS negotiated it, else HTTP/1.1.
-    async fn connect(&self) -> Result<Sender, BoxError> {
-        let uri = Uri::builder()
+    /// Sends a WebSocket upgrade request on a connection of its own, HTTP/1.1 whatever the
+    /// upstream offers, never pooled: if the upstream answers `101`, the connection becomes
+    /// the tunnel's (through `hyper::upgrade::on` of the response).
+    pub async fn send_upgrade(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let io = Box::pin(self.h1_connector.clone().oneshot(self.root()?))
+            .await
+            .map_err(SendError::Connect)?;
+        let (mut sender, connection) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream upgrade connection ended with an error");
+            }
+        });
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Request)
+    }
+
+    fn root(&self) -> Result<Uri, SendError> {
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query("/")
-            .build()?;
-        let io = self.connector.clone().oneshot(uri).await?;
-        if io.connected().is_negotiated_h2() {
+            .build()
+            .map_err(|e| SendError::Connect(e.into()))
+    }
+
+    /// A new connection on this thread: HTTP/2 when TLS negotiated it or the upstream is
+    /// known to speak it (h2c), else HTTP/1.1.
+    async fn connect(&self) -> Result<Sender, BoxError> {
+        let io = self.connector.clone().oneshot(self.root()?).await?;
+        if self.prior_knowledge || io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)

@@ -134,6 +134,7 @@ fn route(name: &str, path: &str) -> Route {
         policy: Arc::new(Policy::public("public")),
         strip_prefix: false,
         body_bytes: 1,
+        websocket: None,
         line: 1,
         metrics: Default::default(),
     }

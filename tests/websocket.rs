@@ -57,6 +57,8 @@ impl WsServer {
             while let Ok((stream, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
+                    // The handshake callback's shape is tungstenite's (its error is a response).
+                    #[allow(clippy::result_large_err)]
                     let record = |request: &WsRequest, response: WsResponse| {
                         seen.lock().unwrap().push(request.headers().clone());
                         Ok(response)
@@ -69,10 +71,10 @@ impl WsServer {
                         if message.is_close() {
                             break;
                         }
-                        if message.is_text() || message.is_binary() {
-                            if socket.send(message).await.is_err() {
-                                break;
-                            }
+                        if (message.is_text() || message.is_binary())
+                            && socket.send(message).await.is_err()
+                        {
+                            break;
                         }
                     }
                 });

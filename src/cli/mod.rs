@@ -395,6 +395,15 @@ fn explain(
                 None => println!("forwards:  {method} {forwarded}"),
             }
             println!("body limit: {}", config::format_size(route.body_bytes));
+            if let Some(on_expiry) = route.websocket {
+                let on_expiry = match on_expiry {
+                    config::OnTokenExpiry::Close => "closed when its step-up token expires",
+                    config::OnTokenExpiry::Keep => "kept open when its step-up token expires",
+                };
+                println!(
+                    "websocket: upgrades tunnelled after the checks above; a tunnel is {on_expiry}"
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(Miss::NoPath) => {

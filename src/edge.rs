@@ -29,11 +29,24 @@ pub struct ProtocolLimits;
 impl<B> Guard<B> for ProtocolLimits {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
         // A reverse proxy tunnels nothing on CONNECT (hyper would hand over the connection
-        // after any 2xx answer to one): refused before anything reads it.
+        // after any 2xx answer to one): refused before anything reads it, but for HTTP/2's
+        // extended CONNECT of a WebSocket (RFC 8441), the HTTP/2 form of the upgrade.
         if request.method() == http::Method::CONNECT {
-            return Err(Refusal::BadRequest(
-                "CONNECT is not served: this gateway is a reverse proxy, not a forward proxy",
-            ));
+            match request.extensions().get::<hyper::ext::Protocol>() {
+                Some(protocol) if protocol.as_str().eq_ignore_ascii_case("websocket") => {
+                    Context::of_mut(request)?.websocket = true;
+                }
+                Some(_) => {
+                    return Err(Refusal::BadRequest(
+                        "an extended CONNECT is served for `:protocol websocket` only",
+                    ));
+                }
+                None => {
+                    return Err(Refusal::BadRequest(
+                        "CONNECT is not served: this gateway is a reverse proxy, not a forward proxy",
+                    ));
+                }
+            }
         }
         let snapshot = Snapshot::of(request)?;
         let limits = &snapshot.limits;

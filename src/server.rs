@@ -590,7 +590,8 @@ impl Connection {
         });
         let builder = builder(&self.limits);
         // With upgrades: a WebSocket route's `101` hands the connection to its tunnel (see
-        // `proxy::tunnel`); hyper upgrades nothing else (CONNECT is refused before routing).
+        // `proxy::tunnel`); hyper upgrades nothing else (other CONNECTs are refused before
+        // routing).
         let connection =
             builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
         tokio::pin!(connection);
@@ -668,7 +669,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(
             u32::try_from(head_bytes + 32 * limits.header_count).unwrap_or(u32::MAX),
         )
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // WebSocket over HTTP/2 (RFC 8441): refused before routing on any other route.
+        .enable_connect_protocol();
     builder
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{
@@ -150,7 +151,10 @@ fn refused_status(result: Result<(Socket, http::HeaderMap), WsError>) -> (u16, S
     }
 }
 
-async fn echo(socket: &mut Socket, message: Message) -> Message {
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    message: Message,
+) -> Message {
     socket.send(message).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), socket.next())
         .await
@@ -160,7 +164,10 @@ async fn echo(socket: &mut Socket, message: Message) -> Message {
 }
 
 /// Waits until the socket ends (the gateway closed it); panics if it stays up for `within`.
-async fn ends_within(socket: &mut Socket, within: Duration) {
+async fn ends_within<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    within: Duration,
+) {
     let ended = tokio::time::timeout(within, async {
         loop {
             match socket.next().await {
@@ -505,4 +512,116 @@ async fn an_open_tunnel_is_cut_at_the_drain_deadline() {
         started.elapsed()
     );
     ends_within(&mut socket, Duration::from_secs(5)).await;
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<BoxBody>;
+
+/// An HTTP/2 connection to the gateway (h2c), once the gateway's SETTINGS (which allow the
+/// extended CONNECT) have arrived.
+async fn h2_connection(t: &TwoFactor) -> H2Sender {
+    let stream = TcpStream::connect(t.addr()).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let warm = http::Request::get("http://api.example.com/nowhere")
+        .body(empty())
+        .unwrap();
+    sender.send_request(warm).await.unwrap();
+    sender
+}
+
+type H2Socket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// RFC 8441: a WebSocket on one stream of the connection (extended CONNECT); the refusal's
+/// status and body when it is not answered 200.
+async fn open_h2(
+    sender: &mut H2Sender,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<H2Socket, (u16, String)> {
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://api.example.com{path}"))
+        .header("sec-websocket-version", "13");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut request = request.body(empty()).unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = sender.send_request(request).await.unwrap();
+    if response.status() != 200 {
+        let status = response.status().as_u16();
+        return Err((status, read_resp(response).await.text()));
+    }
+    let stream = hyper::upgrade::on(&mut response).await.unwrap();
+    Ok(WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await)
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_is_one_stream_authorised_and_tunnelled_alike() {
+    let s = setup("30s").await;
+    let t = &s.t;
+    let alice = t.consumer("alice", &[]).await;
+    let e = t.enrol("alice").await;
+    let token = t.earn_token(&alice.key, &e).await;
+    let mut h2 = h2_connection(t).await;
+
+    let Err((status, body)) = open_h2(&mut h2, "/ws", &[]).await else {
+        panic!("an upgrade without a key was not refused");
+    };
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("api_key_missing"), "{body}");
+    assert!(s.ws.handshakes().is_empty());
+
+    let mut socket = open_h2(
+        &mut h2,
+        "/ws",
+        &[("x-api-key", &alice.key), ("x-step-up-token", &token)],
+    )
+    .await
+    .expect("the extended CONNECT is answered 200");
+    assert_eq!(
+        echo(&mut socket, Message::text("over h2")).await,
+        Message::text("over h2")
+    );
+    let big: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let back = echo(&mut socket, Message::binary(big.clone())).await;
+    assert_eq!(back.into_data().as_ref(), &big[..]);
+    // The upstream got an HTTP/1.1 upgrade with a key of the gateway's, and no credentials.
+    let h = &s.ws.handshakes()[0];
+    assert!(h.get("sec-websocket-key").is_some(), "{h:?}");
+    assert_eq!(h.get("x-consumer-name").unwrap(), "alice");
+    for secret in ["x-api-key", "x-step-up-token"] {
+        assert!(h.get(secret).is_none(), "{secret} reached the upstream");
+    }
+    // The connection goes on serving other streams meanwhile.
+    let other = http::Request::get("http://api.example.com/plain/x")
+        .header("x-api-key", &alice.key)
+        .header("x-step-up-token", &token)
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2.send_request(other).await.unwrap().status(), 200);
+    assert_eq!(
+        echo(&mut socket, Message::text("still")).await,
+        Message::text("still")
+    );
+
+    // And the stream lives by its token like any tunnel.
+    t.advance(15 * 60);
+    ends_within(&mut socket, Duration::from_secs(5)).await;
+    wait_for_metric(
+        t,
+        r#"stepgate_websocket_tunnels_closed_total{route="ws",reason="token_expired"} 1"#,
+    )
+    .await;
 }

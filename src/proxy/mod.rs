@@ -89,13 +89,18 @@ where
     // HTTP.
     let upgrade = match (websocket, route.websocket) {
         (true, Some(on_token_expiry)) => {
-            tunnel::check_request(
+            let form = tunnel::form_of(
                 request.method(),
                 request.version(),
                 !request.body().is_end_stream(),
             )?;
             let grant = request.extensions_mut().remove::<StepUpGrant>();
-            Some((hyper::upgrade::on(&mut request), grant, on_token_expiry))
+            Some((
+                form,
+                hyper::upgrade::on(&mut request),
+                grant,
+                on_token_expiry,
+            ))
         }
         _ => None,
     };
@@ -138,7 +143,7 @@ where
     let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
     let start = tokio::time::Instant::now();
     let result = match (&route.upstream.target, upgrade) {
-        (Target::Http(http), Some((client_side, grant, on_token_expiry))) => {
+        (Target::Http(http), Some((form, client_side, grant, on_token_expiry))) => {
             let tunnel = tunnel::Tunnel {
                 route: route.label.clone(),
                 on_token_expiry,
@@ -147,7 +152,7 @@ where
                 accounts: &accounts,
                 metrics: &metrics,
             };
-            tunnel.open(parts, client_side, grant, http).await
+            tunnel.open(parts, form, client_side, grant, http).await
         }
         (Target::Http(http), None) => http.send(parts, body).await,
         (Target::Echo, _) => Box::pin(echo::respond(Request::from_parts(parts, body))).await,

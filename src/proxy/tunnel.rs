@@ -1,10 +1,14 @@
-//! WebSocket tunnels (RFC 6455 over HTTP/1.1) on routes with `websocket: true`.
+//! WebSocket tunnels on routes with `websocket: true`: RFC 6455 over HTTP/1.1 (a `GET` with
+//! `Upgrade: websocket`), and RFC 8441 over HTTP/2 (an extended `CONNECT` with `:protocol
+//! websocket`, one stream of a connection that goes on serving others).
 //!
 //! The upgrade request has been through the whole stack like any request (API key, second
 //! factor or step-up token, failure limiter, roles; its credentials removed). Only then is it
-//! forwarded: on an HTTP/1.1 connection of its own to the upstream, with the upgrade headers
-//! the client-headers pass removed put back. The upstream's `101` is relayed, and the two
-//! connections are joined byte for byte until one of these ends the tunnel:
+//! forwarded: always as the HTTP/1.1 upgrade, on a connection of its own to the upstream, with
+//! the upgrade headers the client-headers pass removed put back (for an HTTP/2 client, with a
+//! `Sec-WebSocket-Key` of the gateway's: RFC 8441 has none). The upstream's `101` is relayed
+//! (to an HTTP/2 client as the `200` that opens its stream), and the two sides are joined byte
+//! for byte until one of these ends the tunnel:
 //!
 //! - either side closes (`closed`), or a connection fails (`error`);
 //! - nothing moves either way for `limits.idle_timeout` (`idle`);
@@ -17,12 +21,15 @@
 //! The gateway reads no frame, so it ends a tunnel by closing both connections: the peers see
 //! the socket end without a close frame (code 1006).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Response, StatusCode, Version, header, request};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::accounts::Accounts;
 use crate::auth::second_factor::StepUpGrant;
@@ -48,15 +55,26 @@ pub struct Tunnel<'a> {
     pub metrics: &'a Arc<Metrics>,
 }
 
-/// Whether an upgrade request can be tunnelled at all: a GET over HTTP/1.1 without a body
-/// (RFC 6455 §4.1).
-pub fn check_request(method: &Method, version: Version, has_body: bool) -> Result<(), Refusal> {
-    if *method != Method::GET || version != Version::HTTP_11 || has_body {
-        return Err(Refusal::BadRequest(
-            "a WebSocket upgrade is an HTTP/1.1 GET without a body",
-        ));
+/// The two forms of a WebSocket opening handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// RFC 6455: an HTTP/1.1 `GET` with `Upgrade: websocket`, answered `101`; the connection
+    /// becomes the tunnel.
+    Http1,
+    /// RFC 8441: an HTTP/2 extended `CONNECT`, answered `200`; its stream becomes the tunnel.
+    Http2,
+}
+
+/// The form of an upgrade request that can be tunnelled at all: an HTTP/1.1 GET without a body
+/// (RFC 6455 §4.1), or an HTTP/2 extended CONNECT (whose body is the tunnel).
+pub fn form_of(method: &Method, version: Version, has_body: bool) -> Result<Form, Refusal> {
+    match (method, version) {
+        (&Method::GET, Version::HTTP_11) if !has_body => Ok(Form::Http1),
+        (&Method::CONNECT, Version::HTTP_2) => Ok(Form::Http2),
+        _ => Err(Refusal::BadRequest(
+            "a WebSocket upgrade is an HTTP/1.1 GET without a body, or an HTTP/2 extended CONNECT",
+        )),
     }
-    Ok(())
 }
 
 impl Tunnel<'_> {
@@ -66,13 +84,21 @@ impl Tunnel<'_> {
     pub async fn open(
         self,
         mut parts: request::Parts,
+        form: Form,
         client: OnUpgrade,
         grant: Option<StepUpGrant>,
         upstream: &HttpUpstream,
     ) -> Result<Response<Body>, Refusal> {
+        parts.method = Method::GET;
         let headers = &mut parts.headers;
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if form == Form::Http2 {
+            headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key()?);
+            headers
+                .entry(header::SEC_WEBSOCKET_VERSION)
+                .or_insert(HeaderValue::from_static("13"));
+        }
         let mut answer = upstream.send_upgrade(parts).await?;
         if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
             return into_client_response(answer);
@@ -89,10 +115,19 @@ impl Tunnel<'_> {
         let upstream_side = hyper::upgrade::on(&mut answer);
         let (mut head, _) = answer.into_parts();
         strip_hop_by_hop(&mut head.headers);
-        head.headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        head.headers
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        match form {
+            Form::Http1 => {
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                head.headers
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            Form::Http2 => {
+                // The accept value answers the gateway's key, not anything the client sent.
+                head.status = StatusCode::OK;
+                head.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+            }
+        }
 
         let watch = match (self.on_token_expiry, grant) {
             (OnTokenExpiry::Close, Some(grant)) => Some(TokenWatch {
@@ -103,11 +138,10 @@ impl Tunnel<'_> {
         };
         let open = Open::new(self.metrics.clone(), self.route);
         let idle_timeout = self.idle_timeout;
-        let activity = self.conn.activity.clone();
-        self.conn.hand_over(Box::pin(async move {
+        let tunnel = Box::pin(async move {
             let reason = match tokio::try_join!(client, upstream_side) {
                 Ok((client, upstream)) => {
-                    join(client, upstream, &activity, idle_timeout, watch.as_ref()).await
+                    join(client, upstream, idle_timeout, watch.as_ref()).await
                 }
                 Err(error) => {
                     tracing::debug!(%error, "WebSocket upgrade did not complete");
@@ -115,20 +149,39 @@ impl Tunnel<'_> {
                 }
             };
             open.end(reason);
-        }));
+        });
+        match form {
+            // The connection's own task runs it once hyper hands the connection over.
+            Form::Http1 => self.conn.hand_over(tunnel),
+            // One stream of a connection that goes on: the connection ends it if it goes.
+            Form::Http2 => drop(tokio::spawn(tunnel)),
+        }
         Ok(Response::from_parts(head, full_body(bytes::Bytes::new())))
     }
+}
+
+/// A fresh `Sec-WebSocket-Key` (RFC 6455 §4.1: 16 random bytes, base64).
+fn websocket_key() -> Result<HeaderValue, Refusal> {
+    use base64::Engine as _;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|_| Refusal::Internal("no randomness for a key"))?;
+    HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(nonce))
+        .map_err(|_| Refusal::Internal("base64 is a header value"))
 }
 
 /// Copies both ways until a side closes or the watch ends the tunnel; why it ended.
 async fn join(
     client: Upgraded,
     upstream: Upgraded,
-    activity: &Activity,
     idle_timeout: Duration,
     watch: Option<&TokenWatch>,
 ) -> &'static str {
-    let mut client = TokioIo::new(client);
+    // Every byte of both directions passes the client side (read from it, or written to it).
+    let activity = Activity::default();
+    let mut client = Watched {
+        inner: TokioIo::new(client),
+        activity: &activity,
+    };
     let mut upstream = TokioIo::new(upstream);
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
@@ -136,9 +189,6 @@ async fn join(
         .min(idle_timeout / 4)
         .max(Duration::from_millis(10));
     let mut quiet = Duration::ZERO;
-    // The client side's I/O is the connection's, so its reads and writes (every byte of both
-    // directions passes there) mark the connection's activity.
-    activity.take();
     loop {
         tokio::select! {
             biased;
@@ -163,6 +213,54 @@ async fn join(
                 }
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The tunnel's client side, marking the tunnel's own activity on every read and write
+    /// (on HTTP/2 the connection's is shared by its other streams).
+    struct Watched<'a, T> {
+        #[pin]
+        inner: T,
+        activity: &'a Activity,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let result = this.inner.poll_read(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderMap, Request, Response, header};
+use http::{HeaderMap, Method, Request, Response, header};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -80,6 +80,13 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
     let snapshot = &context.snapshot;
     let host = context.host.as_ref().map(crate::host::Host::name_bytes);
     let path = request.uri().path();
+    // An HTTP/2 WebSocket (extended CONNECT) is routed as the GET upgrade it stands for, so
+    // that one route (and its `methods`) serves both forms.
+    let method = if context.websocket && request.method() == Method::CONNECT {
+        &Method::GET
+    } else {
+        request.method()
+    };
     // The gateway's own endpoints first: validation keeps routes out of the prefix, and a
     // catch-all route must not swallow the security page.
     let route = match snapshot.self_service.strip(path) {
@@ -87,7 +94,7 @@ fn select<B>(request: &Request<B>) -> Result<Arc<Route>, Refused> {
         Some(rest) => self_service_route(snapshot, rest)?,
         None => snapshot
             .routes
-            .find(host, request.method(), path)
+            .find(host, method, path)
             .ok_or_else(|| Refusal::NoRoute)?,
     };
     if let Some(length) = content_length(request.headers())?

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::clock::rfc3339;
 use crate::config::Config;
-use crate::config::{Policy, Requirement, RolloutMode};
+use crate::config::{Policy, RolloutMode};
 use crate::directory::Consumer;
 use crate::views::ConsumerView;
 
@@ -50,7 +50,7 @@ pub fn policies_for<'a>(
     snapshot
         .policies
         .values()
-        .filter(|p| p.second_factor == Requirement::Required)
+        .filter(|p| p.asks_second_factor())
         .filter(|p| used.contains(p.name.as_str()))
         .filter(|p| p.roles.allows(&consumer.roles))
         .map(|policy| PolicyStanding {

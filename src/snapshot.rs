@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{Config, Policy, Requirement, RouteSpec, SelfServiceSpec};
+use crate::config::{Config, Policy, RouteSpec, SelfServiceSpec};
 use crate::routing::{Route, RouteTable};
 use crate::upstream::{Target, Upstream};
 
@@ -144,7 +144,7 @@ fn step_up_routes(
     let upstream = Arc::new(Upstream::builtin("stepgate", Target::StepUp));
     policies
         .iter()
-        .filter(|(_, p)| p.second_factor == Requirement::Required && !p.step_up.ttl.is_zero())
+        .filter(|(_, p)| p.asks_second_factor() && !p.step_up.ttl.is_zero())
         .map(|(name, policy)| {
             let route = builtin_route(
                 &format!("_stepgate/step-up:{name}"),

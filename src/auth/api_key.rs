@@ -65,7 +65,7 @@ impl<B> Guard<B> for ApiKeyGuard {
         let policy = &Context::route_of(request)
             .ok_or_else(|| Refusal::Internal("API-key check before routing"))?
             .policy;
-        let factor_required = policy.second_factor == Requirement::Required;
+        let factor_required = policy.second_factor_for(request.method());
         if policy.api_key != Requirement::Required {
             request.headers_mut().remove(&X_API_KEY);
             return Ok(());

@@ -22,7 +22,7 @@ use super::api_key::{X_STEPGATE_AUTH, single_value};
 use super::failures::SecondFactorPassed;
 use crate::accounts::{Accounts, CodeFailure};
 use crate::clock::rfc3339;
-use crate::config::{Policy, Requirement, RolloutMode};
+use crate::config::{Policy, RolloutMode};
 use crate::context::Context as RequestContext;
 use crate::directory::KeyEntry;
 use crate::error::{Body, Refusal};
@@ -86,7 +86,7 @@ where
             Err(_) => (None, None, false),
         };
         let (route, entry) = match (route, entry) {
-            (Some(route), Some(entry)) if route.policy.second_factor == Requirement::Required => {
+            (Some(route), Some(entry)) if route.policy.second_factor_for(request.method()) => {
                 (route, entry)
             }
             _ => {

@@ -221,9 +221,9 @@ fn man(out: Option<&Path>) -> ExitCode {
     }
 }
 
-/// What a caller must present on a route with `policy`, for a consumer with `roles` (or for
-/// anyone when no role is given).
-fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
+/// What a caller must present on a route with `policy` for a request of `method`, for a
+/// consumer with `roles` (or for anyone when no role is given).
+fn requirements(policy: &Policy, method: &http::Method, roles: &[String]) -> Vec<String> {
     let mut lines = Vec::new();
     if policy.api_key == Requirement::Off {
         lines.push("caller must present: nothing (public route)".to_owned());
@@ -245,8 +245,13 @@ fn requirements(policy: &Policy, roles: &[String]) -> Vec<String> {
         lines.push(format!("for roles [{}]: {outcome}", roles.join(", ")));
         return lines;
     }
-    if policy.second_factor == Requirement::Off {
+    if !policy.second_factor_for(method) {
         lines.push("caller must present: an API key (X-Api-Key)".to_owned());
+        if policy.second_factor == Requirement::Writes {
+            lines.push(format!(
+                "  (second_factor: writes: {method} is safe; POST, PUT, PATCH and DELETE need a code too)"
+            ));
+        }
         return lines;
     }
     let mut factors = Vec::new();
@@ -387,7 +392,7 @@ fn explain(
                 "policy:    {} (api_key: {}, second_factor: {})",
                 route.policy.name, route.policy.api_key, route.policy.second_factor
             );
-            for line in requirements(&route.policy, roles) {
+            for line in requirements(&route.policy, &method, roles) {
                 println!("{line}");
             }
             match query {

@@ -336,6 +336,22 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether the policy asks for a second factor on any request (`required` or `writes`):
+    /// its consumers must enrol, and codes earn tokens on it.
+    pub fn asks_second_factor(&self) -> bool {
+        self.second_factor != Requirement::Off
+    }
+
+    /// Whether a request of this method needs a second factor: every one under `required`,
+    /// the unsafe ones (RFC 9110 §9.2.1) under `writes`.
+    pub fn second_factor_for(&self, method: &http::Method) -> bool {
+        match self.second_factor {
+            Requirement::Required => true,
+            Requirement::Writes => !method.is_safe(),
+            Requirement::Off => false,
+        }
+    }
+
     /// A policy that asks for nothing: the base of the built-in self-service policies, and
     /// for tests and examples.
     pub fn public(name: &str) -> Self {

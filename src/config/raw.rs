@@ -270,6 +270,9 @@ pub struct Rollout {
 #[serde(rename_all = "snake_case")]
 pub enum Requirement {
     Required,
+    /// `second_factor` only: a code on unsafe methods (POST, PUT, PATCH, DELETE…), the key
+    /// alone on the safe ones (GET, HEAD, OPTIONS, TRACE).
+    Writes,
     Off,
 }
 
@@ -277,6 +280,7 @@ impl fmt::Display for Requirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Requirement::Required => "required",
+            Requirement::Writes => "writes",
             Requirement::Off => "off",
         })
     }

@@ -525,13 +525,20 @@ impl Loader<'_> {
                 return None;
             }
         };
-        if raw.second_factor.value == Requirement::Required && raw.api_key.value == Requirement::Off
-        {
+        if raw.api_key.value == Requirement::Writes {
+            self.errors.0.push(ConfigError::new(
+                file,
+                raw.api_key.referenced.line(),
+                raw.api_key.referenced.column(),
+                "api_key: `writes` applies to second_factor only; api_key is `required` or `off`",
+            ));
+        }
+        if raw.second_factor.value != Requirement::Off && raw.api_key.value == Requirement::Off {
             self.errors.0.push(ConfigError::new(
                 file,
                 raw.second_factor.referenced.line(),
                 raw.second_factor.referenced.column(),
-                "second_factor: `required` needs `api_key: required` (the code is checked against the key's consumer)",
+                "second_factor: `required` and `writes` need `api_key: required` (the code is checked against the key's consumer)",
             ));
         }
         let mut e = PolicyErrors {
@@ -570,7 +577,7 @@ impl Loader<'_> {
                         ),
                     }
                 }
-                if factors.names().is_empty() && raw.second_factor.value == Requirement::Required {
+                if factors.names().is_empty() && raw.second_factor.value != Requirement::Off {
                     e.at(
                         &list.referenced,
                         "factors: a policy that requires a second factor must accept at least one"

@@ -28,7 +28,7 @@ use stepgate::metrics::Metrics;
 use stepgate::secrets::MasterKey;
 use stepgate::stack::{self, Shared};
 use stepgate::store::sqlite::SqliteStore;
-use stepgate::tokens::{LocalTokens, TokenStore};
+use stepgate::tokens::{LocalTokens, NewToken, TokenStore};
 use tower::{Service, ServiceExt};
 
 /// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
@@ -136,10 +136,14 @@ fn fixture() -> Fixture {
             let (token, _) = accounts
                 .tokens()
                 .issue(
-                    &entry.consumer.shared_id,
-                    &policy,
-                    Scope::Policy,
-                    Duration::from_secs(3600),
+                    NewToken {
+                        consumer_id: &entry.consumer.shared_id,
+                        policy: &policy,
+                        scope: Scope::Policy,
+                        ttl: Duration::from_secs(3600),
+                        uses: None,
+                        earned_from: std::net::Ipv4Addr::LOCALHOST.into(),
+                    },
                     NOW,
                 )
                 .await

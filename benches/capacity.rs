@@ -14,7 +14,7 @@ use stepgate::credentials::api_key;
 use stepgate::secrets::MasterKey;
 use stepgate::store::sqlite::SqliteStore;
 use stepgate::store::{ConsumerRecord, KeyRecord, Store};
-use stepgate::tokens::{LocalTokens, TokenStore};
+use stepgate::tokens::{LocalTokens, NewToken, TokenStore};
 
 /// The binary's allocator (src/main.rs), so that these numbers are the gateway's.
 #[global_allocator]
@@ -116,10 +116,14 @@ fn main() {
     let started = Instant::now();
     for i in 0..tokens {
         tokens_held.issue(
-            &ids[i % ids.len()],
-            &policy,
-            Scope::Policy,
-            Duration::from_secs(3600),
+            NewToken {
+                consumer_id: &ids[i % ids.len()],
+                policy: &policy,
+                scope: Scope::Policy,
+                ttl: Duration::from_secs(3600),
+                uses: None,
+                earned_from: std::net::Ipv4Addr::LOCALHOST.into(),
+            },
             NOW,
         );
     }

@@ -66,6 +66,13 @@ pub enum Refusal {
     OtpInvalid { by: Attempt },
     #[error("the step-up token is not valid")]
     StepUpInvalid { by: Attempt },
+    /// A valid token whose code is older than the route policy's `step_up.max_age` (seconds):
+    /// not a failed attempt, just not fresh enough here.
+    #[error(
+        "this route needs a second factor presented within the last {max_age} seconds; the \
+         step-up token's is older: send X-OTP"
+    )]
+    StepUpTooOld { max_age: u64 },
     /// `page`: where the consumer enrols (the security page's path), `None` when
     /// self-service is off.
     #[error("this route needs a second factor and none is enrolled; {}", match page {
@@ -145,6 +152,7 @@ impl Refusal {
                 (StatusCode::UNAUTHORIZED, "otp_invalid")
             }
             Refusal::StepUpInvalid { .. } => (StatusCode::UNAUTHORIZED, "step_up_invalid"),
+            Refusal::StepUpTooOld { .. } => (StatusCode::UNAUTHORIZED, "step_up_too_old"),
             Refusal::EnrollmentRequired { .. } => (StatusCode::FORBIDDEN, "enrollment_required"),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Refusal::TooManyAttempts { .. } | Refusal::SendLimited { .. } => {
@@ -190,6 +198,12 @@ impl Refusal {
             Refusal::OtpRequired => otp("otp_required"),
             Refusal::OtpInvalid { .. } => otp("otp_invalid"),
             Refusal::StepUpInvalid { .. } => otp("step_up_invalid"),
+            // RFC 9470's vocabulary: the authentication is too old for this resource.
+            Refusal::StepUpTooOld { max_age } => HeaderValue::from_str(&format!(
+                r#"OTP realm="stepgate", error="insufficient_user_authentication", max_age={max_age}, methods="{}""#,
+                route_methods.unwrap_or("totp recovery_code")
+            ))
+            .ok(),
             // A change names the factors that prove it on this account, not the route's.
             Refusal::ChangeOtpRequired { needs } => {
                 challenge("otp_required", needs.challenge_methods())

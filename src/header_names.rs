@@ -14,6 +14,9 @@ pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 pub static X_CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
 pub static X_CONSUMER_ROLES: HeaderName = HeaderName::from_static("x-consumer-roles");
 pub static X_STEPGATE_AUTH: HeaderName = HeaderName::from_static("x-stepgate-auth");
+/// To the upstream: when the last second factor was presented (RFC 3339), for a request that
+/// passed with a code or a step-up token.
+pub static X_STEPGATE_AUTH_TIME: HeaderName = HeaderName::from_static("x-stepgate-auth-time");
 
 // Facts about the connection the gateway vouches for to upstreams.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -8,6 +8,7 @@
 //! rollout every refusal of this layer is audited and the request forwarded instead.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,8 +28,11 @@ use crate::context::Context as RequestContext;
 use crate::directory::KeyEntry;
 use crate::error::{Body, Refusal};
 use crate::metrics::Metrics;
+use crate::tokens::{NewToken, TokenInfo, TokenRejection};
 
-pub use crate::header_names::{X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_WARNING};
+pub use crate::header_names::{
+    X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_AUTH_TIME, X_STEPGATE_WARNING,
+};
 
 #[derive(Clone)]
 pub struct SecondFactorLayer {
@@ -77,13 +81,19 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let (route, entry, websocket) = match RequestContext::of(&request) {
+        let (route, entry, websocket, client) = match RequestContext::of(&request) {
             Ok(context) => (
                 context.route.clone(),
                 context.entry.clone(),
                 context.websocket,
+                context.client.map_or(context.conn.peer.ip(), |c| c.ip),
             ),
-            Err(_) => (None, None, false),
+            Err(_) => (
+                None,
+                None,
+                false,
+                IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            ),
         };
         let (route, entry) = match (route, entry) {
             (Some(route), Some(entry)) if route.policy.second_factor_for(request.method()) => {
@@ -108,6 +118,7 @@ where
             &route.policy,
             &entry,
             websocket,
+            client,
             &mut request,
         ) {
             return Either::Left(self.inner.call(request));
@@ -118,15 +129,30 @@ where
         let accounts = self.accounts.clone();
         let metrics = self.metrics.clone();
         Either::Right(Box::pin(async move {
-            let decision = decide(&accounts, &metrics, &route.policy, &entry, &mut request).await?;
-            let auth = match &decision {
-                Decision::Token { .. } => "key+step_up",
-                Decision::Proved { method, .. } => *method,
-                Decision::Unproved { .. } => "key",
+            let decision = decide(
+                &accounts,
+                &metrics,
+                &route.policy,
+                &entry,
+                client,
+                &mut request,
+            )
+            .await?;
+            let (auth, auth_time) = match &decision {
+                Decision::Token { auth_time, .. } => ("key+step_up", Some(*auth_time)),
+                Decision::Proved { method, .. } => (*method, Some(accounts.now())),
+                Decision::Unproved { .. } => ("key", None),
             };
+            if let Some(auth_time) = auth_time {
+                request
+                    .headers_mut()
+                    .insert(X_STEPGATE_AUTH_TIME.clone(), auth_time_header(auth_time));
+            }
             if websocket {
                 let token = match &decision {
-                    Decision::Token { token, expires_at }
+                    Decision::Token {
+                        token, expires_at, ..
+                    }
                     | Decision::Proved {
                         token: Some((token, expires_at)),
                         ..
@@ -198,6 +224,7 @@ fn valid_step_up<B>(
     policy: &Policy,
     entry: &KeyEntry,
     websocket: bool,
+    client: IpAddr,
     request: &mut Request<B>,
 ) -> bool {
     let headers = request.headers();
@@ -214,13 +241,18 @@ fn valid_step_up<B>(
     }
     let consumer = &entry.consumer;
     // Only a verdict this node has at hand: anything else goes the long way.
-    let Some(Ok(info)) =
-        accounts
-            .tokens()
-            .check_cached(token, &consumer.id, &policy.name, accounts.now())
+    let now = accounts.now();
+    let Some(Ok(info)) = accounts
+        .tokens()
+        .check_cached(token, &consumer.id, &policy.name, now)
     else {
         return false;
     };
+    // Counted in uses, too old or from elsewhere for this policy: the long way spends the
+    // use, or says why not.
+    if info.uses.is_some() || fits(policy, &info, client, now).is_err() {
+        return false;
+    }
     if websocket {
         let grant = StepUpGrant {
             token: token.to_owned(),
@@ -240,7 +272,46 @@ fn valid_step_up<B>(
         X_STEPGATE_AUTH.clone(),
         HeaderValue::from_static("key+step_up"),
     );
+    headers.insert(
+        X_STEPGATE_AUTH_TIME.clone(),
+        auth_time_header(info.auth_time),
+    );
     true
+}
+
+/// Whether a token the store accepted does for this policy, from this client, now: its code
+/// recent enough (`step_up.max_age`), and presented from where it was earned (`bind`).
+fn fits(policy: &Policy, info: &TokenInfo, client: IpAddr, now: u64) -> Result<(), TokenRejection> {
+    if let Some(max_age) = policy.step_up.max_age
+        && now.saturating_sub(info.auth_time) > max_age.as_secs()
+    {
+        return Err(TokenRejection::TooOld);
+    }
+    match policy.step_up.bind {
+        Some(bind) if !bind.holds(info.earned_from, client) => Err(TokenRejection::OtherAddress),
+        _ => Ok(()),
+    }
+}
+
+/// `X-Stepgate-Auth-Time` of a time, formatted once per thread for a run of requests with the
+/// same one (a token's requests).
+fn auth_time_header(time: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((at, value)) = last.as_ref()
+            && *at == time
+        {
+            return value.clone();
+        }
+        let value = HeaderValue::from_str(&rfc3339(time))
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        *last = Some((time, value.clone()));
+        value
+    })
 }
 
 /// The step-up token a WebSocket upgrade passed with, presented or just earned by its code:
@@ -275,7 +346,12 @@ pub struct IssuedToken {
 enum Decision {
     /// A valid step-up token, and when it expires: a second factor proved earlier (the
     /// failure count stays).
-    Token { token: String, expires_at: u64 },
+    Token {
+        token: String,
+        expires_at: u64,
+        /// When the token's code was presented.
+        auth_time: u64,
+    },
     /// A code proved a second factor; `token` is a newly issued step-up token.
     Proved {
         method: &'static str,
@@ -290,6 +366,7 @@ async fn decide<B>(
     metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
+    client: IpAddr,
     request: &mut Request<B>,
 ) -> Result<Decision, Refusal> {
     let headers = request.headers_mut();
@@ -338,16 +415,12 @@ async fn decide<B>(
             }
         }
     } else {
-        prove(
-            accounts,
-            metrics,
-            policy,
-            entry,
-            token.as_deref(),
-            code.as_deref(),
-            now,
-        )
-        .await
+        let presented = Presented {
+            token: token.as_deref(),
+            code: code.as_deref(),
+            client,
+        };
+        prove(accounts, metrics, policy, entry, presented, now).await
     };
 
     let report_only = policy.rollout.mode == RolloutMode::ReportOnly;
@@ -368,15 +441,26 @@ async fn decide<B>(
     }
 }
 
+/// What a request presents for its second factor, and from where.
+struct Presented<'a> {
+    token: Option<&'a str>,
+    code: Option<&'a str>,
+    client: IpAddr,
+}
+
 async fn prove(
     accounts: &Accounts,
     metrics: &Metrics,
     policy: &Policy,
     entry: &Arc<KeyEntry>,
-    token: Option<&str>,
-    code: Option<&str>,
+    presented: Presented<'_>,
     now: u64,
 ) -> Result<Decision, Refusal> {
+    let Presented {
+        token,
+        code,
+        client,
+    } = presented;
     let consumer = &entry.consumer;
     let audit = |kind: &str, detail: serde_json::Value| {
         accounts
@@ -384,19 +468,39 @@ async fn prove(
             .event(kind, Some(consumer.who()), Some(&entry.prefix), detail);
     };
     if let Some(token) = token {
-        match accounts
-            .tokens()
-            .check(token, &consumer.id, &policy.name, now)
-            .await
-        {
+        let tokens = accounts.tokens();
+        // The store's verdict, then this policy's (age, address), then a use spent: a token
+        // refused here keeps its uses.
+        let verdict = match tokens.check(token, &consumer.id, &policy.name, now).await {
+            Ok(info) => match fits(policy, &info, client, now) {
+                Ok(()) => tokens.spend(token, &info).await.map(|()| info),
+                Err(unfit) => Err(unfit),
+            },
+            Err(rejection) => Err(rejection),
+        };
+        match verdict {
             Ok(info) => {
                 metrics.factor("step_up", "accepted");
                 return Ok(Decision::Token {
                     token: token.to_owned(),
                     expires_at: info.expires_at,
+                    auth_time: info.auth_time,
                 });
             }
-            Err(crate::tokens::TokenRejection::Unavailable) => {
+            Err(TokenRejection::TooOld) => {
+                metrics.factor("step_up", "too_old");
+                audit(
+                    "step_up_rejected",
+                    json!({"reason": "too_old", "policy": policy.name}),
+                );
+                // Not a failed attempt: the token is good, just not fresh enough here; a code
+                // beside it decides.
+                if code.is_none() {
+                    let max_age = policy.step_up.max_age.map_or(0, |m| m.as_secs());
+                    return Err(Refusal::StepUpTooOld { max_age });
+                }
+            }
+            Err(TokenRejection::Unavailable) => {
                 // Fail closed, and not as the caller's failure: the token may be good.
                 tracing::error!("step-up token check failed closed: token store unavailable");
                 return Err(Refusal::Unavailable);
@@ -438,10 +542,14 @@ async fn prove(
                 let issued = accounts
                     .tokens()
                     .issue(
-                        &consumer.shared_id,
-                        &policy.shared_name,
-                        policy.step_up.scope,
-                        policy.step_up.ttl,
+                        NewToken {
+                            consumer_id: &consumer.shared_id,
+                            policy: &policy.shared_name,
+                            scope: policy.step_up.scope,
+                            ttl: policy.step_up.ttl,
+                            uses: policy.step_up.uses,
+                            earned_from: client,
+                        },
                         now,
                     )
                     .await

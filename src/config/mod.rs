@@ -370,6 +370,9 @@ impl Policy {
             step_up: StepUp {
                 ttl: Duration::from_secs(15 * 60),
                 scope: Scope::Policy,
+                max_age: None,
+                bind: None,
+                uses: None,
             },
             roles: Roles::default(),
             failures: Failures::default(),
@@ -387,6 +390,34 @@ pub struct StepUp {
     /// Zero: no tokens are issued; every call needs a code.
     pub ttl: Duration,
     pub scope: Scope,
+    /// A token passes only if the code behind it was presented at most this long ago (the
+    /// token's own policy or another's, under `scope: global`).
+    pub max_age: Option<Duration>,
+    /// `bind: client_ip`: a token passes only from the network it was earned from.
+    pub bind: Option<Bind>,
+    /// Tokens issued here work this many times (`1`: one-shot).
+    pub uses: Option<u32>,
+}
+
+/// `bind: client_ip`, compared by these prefix lengths (defaults /32 and /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind {
+    pub ipv4: u8,
+    pub ipv6: u8,
+}
+
+impl Bind {
+    /// Whether `client` is in the network `earned_from` was in.
+    pub fn holds(&self, earned_from: std::net::IpAddr, client: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let net = match earned_from {
+            IpAddr::V4(_) => ipnet::IpNet::new(earned_from, self.ipv4),
+            IpAddr::V6(_) => ipnet::IpNet::new(earned_from, self.ipv6),
+        };
+        // An IPv4 client seen as IPv4-mapped IPv6 (or the other way round) is the same client.
+        net.is_ok_and(|net| net.contains(&client.to_canonical()))
+            && earned_from.to_canonical().is_ipv4() == client.to_canonical().is_ipv4()
+    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -233,6 +233,21 @@ pub struct Policy {
 pub struct StepUp {
     pub ttl: Option<Spanned<Scalar>>,
     pub scope: Option<Spanned<String>>,
+    /// A token passes this policy only if its code was presented at most this long ago.
+    pub max_age: Option<Spanned<Scalar>>,
+    /// `client_ip`: a token passes only from the address (prefix) it was earned from.
+    pub bind: Option<Spanned<String>>,
+    pub bind_prefix: Option<BindPrefix>,
+    /// Tokens this policy issues work this many times.
+    pub uses: Option<Spanned<u32>>,
+}
+
+/// The prefix lengths `bind: client_ip` compares addresses by.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindPrefix {
+    pub ipv4: Option<Spanned<u8>>,
+    pub ipv6: Option<Spanned<u8>>,
 }
 
 #[derive(Debug, Deserialize)]

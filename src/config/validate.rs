@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::raw::{self, Requirement, Scalar};
 use super::units::{parse_duration, parse_size};
 use super::{
-    Config, ConfigError, ConfigErrors, Factors, Failures, HttpSettings, HttpSpec, Limits,
+    Bind, Config, ConfigError, ConfigErrors, Factors, Failures, HttpSettings, HttpSpec, Limits,
     OnTokenExpiry, Policy, Rate, Roles, Rollout, RolloutMode, RouteSpec, Scope, SelfServiceSpec,
     StepUp, StoreSettings, Target, Underscores, UpstreamSpec,
 };
@@ -643,6 +643,66 @@ impl Loader<'_> {
             },
         };
 
+        let max_age = raw_step_up
+            .and_then(|s| s.max_age.as_ref())
+            .map(|m| e.duration("step_up.max_age", Some(m), Duration::from_secs(60), false));
+        let bind = match raw_step_up.and_then(|s| s.bind.as_ref()) {
+            None => None,
+            Some(b) if b.value == "client_ip" => {
+                let prefix = raw_step_up.and_then(|s| s.bind_prefix.as_ref());
+                let mut length = |raw: Option<&Spanned<u8>>, default: u8, max: u8, family: &str| {
+                    match raw {
+                        None => default,
+                        Some(p) if (8..=max).contains(&p.value) => p.value,
+                        Some(p) => {
+                            e.at(
+                                &p.referenced,
+                                format!("step_up.bind_prefix.{family}: /{} is not between /8 and /{max}", p.value),
+                            );
+                            default
+                        }
+                    }
+                };
+                let ipv4 = length(prefix.and_then(|p| p.ipv4.as_ref()), 32, 32, "ipv4");
+                let ipv6 = length(prefix.and_then(|p| p.ipv6.as_ref()), 64, 128, "ipv6");
+                Some(Bind { ipv4, ipv6 })
+            }
+            Some(b) => {
+                e.at(
+                    &b.referenced,
+                    format!(
+                        "step_up.bind: `{}` is not a binding: the one binding is `client_ip`",
+                        b.value
+                    ),
+                );
+                None
+            }
+        };
+        if bind.is_none()
+            && let Some(p) = raw_step_up.and_then(|s| s.bind_prefix.as_ref())
+            && let Some(at) = p
+                .ipv4
+                .as_ref()
+                .map(|p| p.referenced)
+                .or(p.ipv6.as_ref().map(|p| p.referenced))
+        {
+            e.at(
+                &at,
+                "step_up.bind_prefix: applies with `bind: client_ip` only".to_owned(),
+            );
+        }
+        let uses = raw_step_up.and_then(|s| s.uses.as_ref()).and_then(|u| {
+            if u.value == 0 {
+                e.at(
+                    &u.referenced,
+                    "step_up.uses: must be at least 1 (use `ttl: 0s` for no tokens)".to_owned(),
+                );
+                None
+            } else {
+                Some(u.value)
+            }
+        });
+
         let roles = raw.roles.as_ref().map_or_else(Roles::default, |r| Roles {
             only: r.only.clone(),
             except: r.except.clone(),
@@ -703,7 +763,13 @@ impl Loader<'_> {
             api_key: raw.api_key.value,
             second_factor: raw.second_factor.value,
             factors,
-            step_up: StepUp { ttl, scope },
+            step_up: StepUp {
+                ttl,
+                scope,
+                max_age,
+                bind,
+                uses,
+            },
             roles,
             failures: Failures {
                 per_consumer,

@@ -6,13 +6,12 @@
 //! expired entries are swept periodically, and the total is capped.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use async_trait::async_trait;
 
-use super::{PREFIX, Scope, TokenInfo, TokenRejection, TokenStore};
+use super::{NewToken, PREFIX, Scope, TokenInfo, TokenRejection, TokenStore};
 use crate::secrets::{DigestMap, hex, random_bytes};
 use crate::store::StoreError;
 /// Live tokens kept at most; beyond it the least useful are evicted (their holders simply
@@ -52,6 +51,21 @@ pub(super) fn well_formed(token: &str) -> bool {
         && token[PREFIX.len()..]
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// What is kept of a token issued `now`.
+pub(super) fn info_of(new: NewToken<'_>, now: u64) -> TokenInfo {
+    TokenInfo {
+        consumer_id: new.consumer_id.clone(),
+        policy: new.policy.clone(),
+        scope: new.scope,
+        expires_at: now.saturating_add(new.ttl.as_secs()),
+        auth_time: now,
+        earned_from: new.earned_from,
+        uses: new
+            .uses
+            .map(|n| Arc::new(std::sync::atomic::AtomicU32::new(n))),
+    }
 }
 
 /// The verdict on a known token for `consumer_id` on a route of `policy` at `now`.
@@ -98,21 +112,9 @@ impl LocalTokens {
 
     /// Issues a token; returns it (shown once) with its expiry, or `None` when the store is
     /// full of live tokens (the caller proved its code; it just gets no token this time).
-    pub fn issue(
-        &self,
-        consumer_id: &Arc<str>,
-        policy: &Arc<str>,
-        scope: Scope,
-        ttl: Duration,
-        now: u64,
-    ) -> Option<(String, u64)> {
+    pub fn issue(&self, new: NewToken<'_>, now: u64) -> Option<(String, u64)> {
         let (token, key) = mint();
-        let info = TokenInfo {
-            consumer_id: consumer_id.clone(),
-            policy: policy.clone(),
-            scope,
-            expires_at: now.saturating_add(ttl.as_secs()),
-        };
+        let info = info_of(new, now);
         let expires_at = info.expires_at;
         if !self.hold(key, info, now) {
             tracing::warn!("step-up token store full; a code was accepted without issuing a token");
@@ -215,20 +217,24 @@ impl TokenStore for LocalTokens {
 
     async fn issue(
         &self,
-        consumer_id: &Arc<str>,
-        policy: &Arc<str>,
-        scope: Scope,
-        ttl: Duration,
+        new: NewToken<'_>,
         now: u64,
     ) -> Result<Option<(String, u64)>, StoreError> {
-        Ok(LocalTokens::issue(
-            self,
-            consumer_id,
-            policy,
-            scope,
-            ttl,
-            now,
-        ))
+        Ok(LocalTokens::issue(self, new, now))
+    }
+
+    async fn spend(&self, token: &str, info: &TokenInfo) -> Result<(), TokenRejection> {
+        if info.uses.is_none() {
+            return Ok(());
+        }
+        // Every use of this node's tokens comes here; the count is the held entry's, looked
+        // up again so that a token revoked since its check has no use left.
+        let key = digest(token);
+        match read(self.shard(&key)).get(&key) {
+            None => Err(TokenRejection::Unknown),
+            Some(held) if held.take_use() => Ok(()),
+            Some(_) => Err(TokenRejection::UsedUp),
+        }
     }
 
     async fn revoke_consumer(&self, consumer_id: &str) -> Result<(), StoreError> {
@@ -248,13 +254,33 @@ impl TokenStore for LocalTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn new<'a>(
+        consumer_id: &'a Arc<str>,
+        policy: &'a Arc<str>,
+        scope: Scope,
+        ttl: Duration,
+    ) -> NewToken<'a> {
+        NewToken {
+            consumer_id,
+            policy,
+            scope,
+            ttl,
+            uses: None,
+            earned_from: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
 
     #[test]
     fn tokens_are_bound_to_consumer_scope_and_time() {
         let tokens = LocalTokens::new();
         let (c1, policy): (Arc<str>, Arc<str>) = ("c1".into(), "step-up".into());
         let (token, expires) = tokens
-            .issue(&c1, &policy, Scope::Policy, Duration::from_secs(900), 1000)
+            .issue(
+                new(&c1, &policy, Scope::Policy, Duration::from_secs(900)),
+                1000,
+            )
             .unwrap();
         assert_eq!(expires, 1900);
         assert!(token.starts_with("sgt_") && token.len() == 68);
@@ -276,16 +302,25 @@ mod tests {
             TokenRejection::Malformed
         );
         let (global, _) = tokens
-            .issue(&c1, &policy, Scope::Global, Duration::from_secs(900), 1000)
+            .issue(
+                new(&c1, &policy, Scope::Global, Duration::from_secs(900)),
+                1000,
+            )
             .unwrap();
         assert!(tokens.check(&global, "c1", "admin", 1000).is_ok());
         assert_eq!(tokens.len(), 2);
         assert_eq!(tokens.sweep(1900), 0, "both expired at 1900");
         let (token, _) = tokens
-            .issue(&c1, &policy, Scope::Policy, Duration::from_secs(900), 1000)
+            .issue(
+                new(&c1, &policy, Scope::Policy, Duration::from_secs(900)),
+                1000,
+            )
             .unwrap();
         let (global, _) = tokens
-            .issue(&c1, &policy, Scope::Global, Duration::from_secs(900), 1000)
+            .issue(
+                new(&c1, &policy, Scope::Global, Duration::from_secs(900)),
+                1000,
+            )
             .unwrap();
         tokens.revoke_consumer("c1");
         assert_eq!(

@@ -10,27 +10,28 @@
 
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use redis::Script;
 
-use super::local::{digest, mint, verdict, well_formed};
-use super::{LocalTokens, Scope, TokenInfo, TokenRejection, TokenStore};
+use super::local::{digest, info_of, mint, verdict, well_formed};
+use super::{LocalTokens, NewToken, Scope, TokenInfo, TokenRejection, TokenStore};
 use crate::secrets::hex;
 use crate::store::redis::Redis;
 use crate::store::redis::events::Notice;
 use crate::store::{FeedEvent, Freshness, StoreError};
 
-/// KEYS: token, index. ARGV: digest, value, expires_at, now. Stores the token and indexes it
-/// (dropping the index's expired entries); the index lives as long as its last token. The
-/// TTLs count from the gateway's clock, which decides expiry (Redis's only collects garbage).
+/// KEYS: token, index, uses. ARGV: digest, value, expires_at, now, uses (empty: unlimited).
+/// Stores the token (and its count of uses) and indexes it (dropping the index's expired
+/// entries); the index lives as long as its last token. The TTLs count from the gateway's
+/// clock, which decides expiry (Redis's only collects garbage).
 static ISSUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local ttl = math.max(tonumber(ARGV[3]) - tonumber(ARGV[4]), 1)
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
+if ARGV[5] ~= '' then redis.call('SET', KEYS[3], ARGV[5], 'EX', ttl) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
@@ -46,11 +47,24 @@ static REVOKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 for _, digest in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  redis.call('DEL', ARGV[1] .. digest)
+  redis.call('DEL', ARGV[1] .. digest, ARGV[1] .. digest .. ':uses')
 end
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[3], 't ' .. ARGV[2])
 return 1
+"#,
+    )
+});
+
+/// KEYS: uses. Takes one use of a counted token: the uses left, or -1 when none (or the token
+/// is gone). One script on one key, so two nodes never spend the same last use.
+static SPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local left = redis.call('DECR', KEYS[1])
+if left < 0 then return -1 end
+return left
 "#,
     )
 });
@@ -110,21 +124,47 @@ impl RedisTokens {
     }
 }
 
+/// A token's value in Redis: `v2 <auth_time> <address> <uses|-> <scope> <expires_at>
+/// <policy>` (the policy last: its name is whatever remains).
+fn value_of(info: &TokenInfo, uses: Option<u32>) -> String {
+    let scope = match info.scope {
+        Scope::Policy => "policy",
+        Scope::Global => "global",
+    };
+    let uses = uses.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    format!(
+        "v2 {} {} {uses} {scope} {} {}",
+        info.auth_time, info.earned_from, info.expires_at, info.policy
+    )
+}
+
 fn parse(consumer_id: &str, value: &str) -> Option<TokenInfo> {
-    // From the end: a policy's name is whatever comes before.
-    let mut words = value.rsplitn(3, ' ');
-    let expires_at = words.next()?.parse().ok()?;
+    let mut words = value.splitn(7, ' ');
+    if words.next()? != "v2" {
+        return None;
+    }
+    let auth_time = words.next()?.parse().ok()?;
+    let earned_from = words.next()?.parse().ok()?;
+    let uses = match words.next()? {
+        "-" => None,
+        // The count itself is Redis's; this copy only says the token is a counted one.
+        n => Some(Arc::new(AtomicU32::new(n.parse().ok()?))),
+    };
     let scope = match words.next()? {
         "policy" => Scope::Policy,
         "global" => Scope::Global,
         _ => return None,
     };
+    let expires_at = words.next()?.parse().ok()?;
     let policy = words.next()?;
     Some(TokenInfo {
         consumer_id: Arc::from(consumer_id),
         policy: Arc::from(policy),
         scope,
         expires_at,
+        auth_time,
+        earned_from,
+        uses,
     })
 }
 
@@ -142,6 +182,8 @@ impl TokenStore for RedisTokens {
         }
         match self.cache.check(token, consumer_id, policy, now) {
             Err(TokenRejection::Unknown) => None, // maybe issued on another node
+            // Its uses are counted in Redis, by every node.
+            Ok(info) if info.uses.is_some() => None,
             verdict => Some(verdict),
         }
     }
@@ -177,38 +219,52 @@ impl TokenStore for RedisTokens {
 
     async fn issue(
         &self,
-        consumer_id: &Arc<str>,
-        policy: &Arc<str>,
-        scope: Scope,
-        ttl: Duration,
+        new: NewToken<'_>,
         now: u64,
     ) -> Result<Option<(String, u64)>, StoreError> {
         let (token, key) = mint();
-        let expires_at = now.saturating_add(ttl.as_secs());
-        let scope_name = match scope {
-            Scope::Policy => "policy",
-            Scope::Global => "global",
-        };
+        let info = info_of(new, now);
+        let expires_at = info.expires_at;
         let digest_hex = hex(&key);
+        let token_key = self.redis.keys.token(new.consumer_id, &digest_hex);
         let _: i64 = ISSUE
-            .key(self.redis.keys.token(consumer_id, &digest_hex))
-            .key(self.redis.keys.tokens(consumer_id))
+            .key(&token_key)
+            .key(self.redis.keys.tokens(new.consumer_id))
+            .key(format!("{token_key}:uses"))
             .arg(&digest_hex)
-            .arg(format!("{policy} {scope_name} {expires_at}"))
+            .arg(value_of(&info, new.uses))
             .arg(expires_at)
             .arg(now)
+            .arg(new.uses.map_or_else(String::new, |n| n.to_string()))
             .invoke_async(&mut self.redis.conn.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let info = TokenInfo {
-            consumer_id: consumer_id.clone(),
-            policy: policy.clone(),
-            scope,
-            expires_at,
-        };
         // A full cache only means this node will fetch the token when it is presented.
         self.cache.hold(key, info, now);
         Ok(Some((token, expires_at)))
+    }
+
+    async fn spend(&self, token: &str, info: &TokenInfo) -> Result<(), TokenRejection> {
+        if info.uses.is_none() {
+            return Ok(());
+        }
+        let token_key = self
+            .redis
+            .keys
+            .token(&info.consumer_id, &hex(&digest(token)));
+        let left: i64 = SPEND
+            .key(format!("{token_key}:uses"))
+            .invoke_async(&mut self.redis.conn.clone())
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "cannot spend a use of a step-up token with Redis");
+                TokenRejection::Unavailable
+            })?;
+        if left < 0 {
+            Err(TokenRejection::UsedUp)
+        } else {
+            Ok(())
+        }
     }
 
     async fn revoke_consumer(&self, consumer_id: &str) -> Result<(), StoreError> {

@@ -75,6 +75,7 @@ mod local_tokens {
             revoking_a_consumer_ends_all_its_tokens_and_only_its,
             expired_tokens_are_swept,
             the_cached_verdict_agrees_with_the_full_check,
+            a_counted_token_works_that_many_times,
         ]
     );
 }
@@ -209,6 +210,8 @@ mod redis_tokens {
             revoking_a_consumer_ends_all_its_tokens_and_only_its,
             expired_tokens_are_swept,
             the_cached_verdict_agrees_with_the_full_check,
+            a_counted_token_works_that_many_times,
+            nodes_share_a_tokens_uses,
         ]
     );
 }

@@ -6,17 +6,36 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stepgate::tokens::{Scope, TokenRejection, TokenStore};
+use std::net::IpAddr;
+
+use stepgate::tokens::{NewToken, Scope, TokenRejection, TokenStore};
 
 const NOW: u64 = 1_800_000_000;
 const TTL: Duration = Duration::from_secs(900);
 
+const FROM: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7));
+
 async fn issue(store: &dyn TokenStore, consumer: &str, policy: &str, scope: Scope) -> String {
-    let (token, expires_at) = store
-        .issue(&Arc::from(consumer), &Arc::from(policy), scope, TTL, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    issue_counted(store, consumer, policy, scope, None).await
+}
+
+async fn issue_counted(
+    store: &dyn TokenStore,
+    consumer: &str,
+    policy: &str,
+    scope: Scope,
+    uses: Option<u32>,
+) -> String {
+    let (consumer, policy) = (Arc::from(consumer), Arc::from(policy));
+    let new = NewToken {
+        consumer_id: &consumer,
+        policy: &policy,
+        scope,
+        ttl: TTL,
+        uses,
+        earned_from: FROM,
+    };
+    let (token, expires_at) = store.issue(new, NOW).await.unwrap().unwrap();
     assert_eq!(expires_at, NOW + TTL.as_secs());
     assert!(token.starts_with("sgt_") && token.len() == 68, "{token}");
     token
@@ -63,6 +82,66 @@ where
     let info = store.check(&token, "c1", "payments", NOW).await.unwrap();
     assert_eq!(&*info.consumer_id, "c1");
     assert_eq!(info.expires_at, NOW + 900);
+    // What the accepting policy judges by: when the code was presented, and from where.
+    assert_eq!(info.auth_time, NOW);
+    assert_eq!(info.earned_from, FROM);
+    assert!(info.uses.is_none());
+    assert_eq!(
+        store.spend(&token, &info).await,
+        Ok(()),
+        "an uncounted token spends nothing"
+    );
+}
+
+/// A token issued for N uses works N times; the uses are spent only when asked to, and a
+/// copy of the store (another node's, on a shared store) shares the count.
+pub async fn a_counted_token_works_that_many_times<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn TokenStore>>,
+{
+    let store = make().await;
+    let token = issue_counted(store.as_ref(), "c1", "p", Scope::Policy, Some(2)).await;
+    // Checking spends nothing.
+    for _ in 0..3 {
+        let info = store.check(&token, "c1", "p", NOW).await.unwrap();
+        assert!(info.uses.is_some());
+    }
+    // Never vouched for without the store that counts.
+    if let Some(Ok(info)) = store.check_cached(&token, "c1", "p", NOW) {
+        assert!(info.uses.is_some());
+    }
+    let info = store.check(&token, "c1", "p", NOW).await.unwrap();
+    assert_eq!(store.spend(&token, &info).await, Ok(()));
+    let info = store.check(&token, "c1", "p", NOW).await.unwrap();
+    assert_eq!(store.spend(&token, &info).await, Ok(()));
+    let info = store.check(&token, "c1", "p", NOW).await.unwrap();
+    assert_eq!(
+        store.spend(&token, &info).await,
+        Err(TokenRejection::UsedUp)
+    );
+    // Revoked: no uses either.
+    let other = issue_counted(store.as_ref(), "c1", "p", Scope::Policy, Some(5)).await;
+    let info = store.check(&other, "c1", "p", NOW).await.unwrap();
+    store.revoke_consumer("c1").await.unwrap();
+    assert!(store.spend(&other, &info).await.is_err());
+}
+
+/// On a store shared by several nodes, two nodes spend from one count: a one-shot token
+/// passes once in all.
+pub async fn nodes_share_a_tokens_uses<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn TokenStore>>,
+{
+    let (a, b) = (make().await, make().await);
+    let token = issue_counted(a.as_ref(), "c9", "p", Scope::Policy, Some(1)).await;
+    let on_b = b.check(&token, "c9", "p", NOW).await.unwrap();
+    assert_eq!(on_b.auth_time, NOW);
+    assert_eq!(on_b.earned_from, FROM);
+    let on_a = a.check(&token, "c9", "p", NOW).await.unwrap();
+    assert_eq!(b.spend(&token, &on_b).await, Ok(()));
+    assert_eq!(a.spend(&token, &on_a).await, Err(TokenRejection::UsedUp));
 }
 
 pub async fn revoking_a_consumer_ends_all_its_tokens_and_only_its<F, Fut>(make: F)

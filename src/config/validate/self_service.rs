@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_saphyr::Spanned;
 
 use super::Loader;
-use crate::config::{Factors, Policy, Requirement, Scope, SelfServiceSpec, StepUp, raw};
+use crate::config::{Factors, Policy, Requirement, SelfServiceSpec, StepUp, raw};
 
 impl Loader<'_> {
     pub(super) fn self_service(
@@ -92,7 +92,7 @@ fn builtin_policy(name: &str, api_key: Requirement, sms: bool) -> Policy {
         factors,
         step_up: StepUp {
             ttl: std::time::Duration::ZERO,
-            scope: Scope::Policy,
+            ..Policy::public(name).step_up
         },
         challenge_methods: Arc::from(factors.names().join(" ")),
         // Everything else (roles, failures, rollout) as a policy that asks for nothing.

@@ -410,13 +410,14 @@ impl Bind {
     /// Whether `client` is in the network `earned_from` was in.
     pub fn holds(&self, earned_from: std::net::IpAddr, client: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
+        // An IPv4 client seen as IPv4-mapped IPv6 is the same client.
+        let (earned_from, client) = (earned_from.to_canonical(), client.to_canonical());
         let net = match earned_from {
             IpAddr::V4(_) => ipnet::IpNet::new(earned_from, self.ipv4),
             IpAddr::V6(_) => ipnet::IpNet::new(earned_from, self.ipv6),
         };
-        // An IPv4 client seen as IPv4-mapped IPv6 (or the other way round) is the same client.
-        net.is_ok_and(|net| net.contains(&client.to_canonical()))
-            && earned_from.to_canonical().is_ipv4() == client.to_canonical().is_ipv4()
+        // `contains` is false across families.
+        net.is_ok_and(|net| net.contains(&client))
     }
 }
 

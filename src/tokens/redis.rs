@@ -124,6 +124,29 @@ impl RedisTokens {
     }
 }
 
+/// A token written by an earlier version (`<policy> <scope> <expires_at>`), during a rolling
+/// upgrade: it knows neither when its code was presented nor from where, so it passes no
+/// policy with `max_age` or `bind` (fail closed), and any other as before.
+fn parse_v1(consumer_id: &str, value: &str) -> Option<TokenInfo> {
+    let mut words = value.rsplitn(3, ' ');
+    let expires_at = words.next()?.parse().ok()?;
+    let scope = match words.next()? {
+        "policy" => Scope::Policy,
+        "global" => Scope::Global,
+        _ => return None,
+    };
+    let policy = words.next()?;
+    Some(TokenInfo {
+        consumer_id: Arc::from(consumer_id),
+        policy: Arc::from(policy),
+        scope,
+        expires_at,
+        auth_time: 0,
+        earned_from: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        uses: None,
+    })
+}
+
 /// A token's value in Redis: `v2 <auth_time> <address> <uses|-> <scope> <expires_at>
 /// <policy>` (the policy last: its name is whatever remains).
 fn value_of(info: &TokenInfo, uses: Option<u32>) -> String {
@@ -141,7 +164,7 @@ fn value_of(info: &TokenInfo, uses: Option<u32>) -> String {
 fn parse(consumer_id: &str, value: &str) -> Option<TokenInfo> {
     let mut words = value.splitn(7, ' ');
     if words.next()? != "v2" {
-        return None;
+        return parse_v1(consumer_id, value);
     }
     let auth_time = words.next()?.parse().ok()?;
     let earned_from = words.next()?.parse().ok()?;
@@ -288,5 +311,42 @@ impl TokenStore for RedisTokens {
 
     fn held(&self) -> u64 {
         self.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_back_and_earlier_ones_still_parse() {
+        let info = TokenInfo {
+            consumer_id: Arc::from("c1"),
+            policy: Arc::from("pay ments"),
+            scope: Scope::Global,
+            expires_at: 1900,
+            auth_time: 1000,
+            earned_from: "2001:db8::7".parse().unwrap(),
+            uses: None,
+        };
+        let back = parse("c1", &value_of(&info, Some(3))).unwrap();
+        assert_eq!(
+            (
+                &*back.policy,
+                back.scope,
+                back.expires_at,
+                back.auth_time,
+                back.earned_from
+            ),
+            ("pay ments", Scope::Global, 1900, 1000, info.earned_from)
+        );
+        assert!(back.uses.is_some());
+        assert!(parse("c1", &value_of(&info, None)).unwrap().uses.is_none());
+        let old = parse("c1", "step-up policy 1900").unwrap();
+        assert_eq!(
+            (&*old.policy, old.expires_at, old.auth_time),
+            ("step-up", 1900, 0)
+        );
+        assert!(old.earned_from.is_unspecified());
     }
 }

@@ -153,11 +153,19 @@ fn fixture() -> Fixture {
         }
         tokens
     });
+    let metrics = Metrics::new();
+    let approvals = Arc::new(stepgate::approvals::Approvals::new(
+        Arc::new(stepgate::approvals::LocalApprovals::new()),
+        accounts.audit_log().clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
     let shared = Shared {
         accounts: accounts.clone(),
         limiter: Arc::new(LocalLimiter::new(clock)),
-        metrics: Metrics::new(),
+        metrics,
         sends: Arc::new(stepgate::sms::LocalSendBudget::new()),
+        approvals,
     };
     Fixture {
         _dir: dir,

@@ -82,6 +82,35 @@ pub enum Refusal {
     EnrollmentRequired { page: Option<Arc<str>> },
     #[error("this consumer's role may not call this route")]
     Forbidden,
+    /// A request a person must approve: nothing was forwarded; its id, the page where it is
+    /// approved and the URL its requester polls (answered with them as members).
+    #[error(
+        "this request needs a person's approval: repeat it unchanged with X-Approval once it is approved"
+    )]
+    ApprovalRequired {
+        id: String,
+        page: String,
+        status: String,
+        expires_at: u64,
+    },
+    #[error("the request is still waiting for its approval")]
+    ApprovalPending { expires_at: u64 },
+    #[error("the request was denied")]
+    ApprovalDenied,
+    /// The repeat differs from the approved request (a changed byte): the approval is spent.
+    #[error("this request is not the one that was approved; ask for a new approval")]
+    ApprovalMismatch { by: Attempt },
+    /// Unknown, another consumer's, expired or already used.
+    #[error("the approval is unknown, expired or already used")]
+    ApprovalInvalid { by: Attempt },
+    #[error("too many requests waiting for approval; try again in {retry_after} seconds")]
+    TooManyApprovals { retry_after: u64 },
+    /// A request for approval that does not exist (or is not the caller's to see).
+    #[error("no such request for approval")]
+    UnknownApproval,
+    /// An approver who may not decide this request (`{0}` says why).
+    #[error("{0}")]
+    NotApprover(&'static str),
     #[error("too many failed attempts; try again in {retry_after} seconds")]
     TooManyAttempts { retry_after: u64 },
     /// Self-service: the SMS send limits (not failed attempts: nothing is counted or banned).
@@ -155,6 +184,16 @@ impl Refusal {
             Refusal::StepUpTooOld { .. } => (StatusCode::UNAUTHORIZED, "step_up_too_old"),
             Refusal::EnrollmentRequired { .. } => (StatusCode::FORBIDDEN, "enrollment_required"),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Refusal::ApprovalRequired { .. } => (StatusCode::UNAUTHORIZED, "approval_required"),
+            Refusal::ApprovalPending { .. } => (StatusCode::UNAUTHORIZED, "approval_pending"),
+            Refusal::ApprovalDenied => (StatusCode::FORBIDDEN, "approval_denied"),
+            Refusal::ApprovalMismatch { .. } => (StatusCode::UNAUTHORIZED, "approval_mismatch"),
+            Refusal::ApprovalInvalid { .. } => (StatusCode::UNAUTHORIZED, "approval_invalid"),
+            Refusal::TooManyApprovals { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_approvals")
+            }
+            Refusal::UnknownApproval => (StatusCode::NOT_FOUND, "approval_unknown"),
+            Refusal::NotApprover(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Refusal::TooManyAttempts { .. } | Refusal::SendLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
             }
@@ -196,6 +235,7 @@ impl Refusal {
                 Some(HeaderValue::from_static(r#"ApiKey realm="stepgate""#))
             }
             Refusal::OtpRequired => otp("otp_required"),
+            Refusal::ApprovalRequired { .. } => otp("approval_required"),
             Refusal::OtpInvalid { .. } => otp("otp_invalid"),
             Refusal::StepUpInvalid { .. } => otp("step_up_invalid"),
             // RFC 9470's vocabulary: the authentication is too old for this resource.
@@ -222,6 +262,8 @@ impl Refusal {
             Refusal::ApiKeyInvalid => Some(None),
             Refusal::OtpInvalid { by }
             | Refusal::StepUpInvalid { by }
+            | Refusal::ApprovalMismatch { by }
+            | Refusal::ApprovalInvalid { by }
             | Refusal::ChangeOtpInvalid { by, .. } => Some(Some(by)),
             _ => None,
         }
@@ -283,12 +325,41 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
         &refusal.to_string(),
         request_id.and_then(|v| v.to_str().ok()),
     );
+    if let Refusal::ApprovalRequired {
+        id,
+        page,
+        status: status_url,
+        expires_at,
+    } = &refusal
+    {
+        // Members beside the problem's own (RFC 9457 §3.2), so a client needs no parsing of
+        // the detail: the id to repeat with, and where to look.
+        let mut body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "code": code,
+            "detail": refusal.to_string(),
+            "approval_id": id,
+            "approval_url": page,
+            "status_url": status_url,
+            "expires_at": crate::clock::rfc3339(*expires_at),
+        });
+        if let (Some(id), serde_json::Value::Object(map)) =
+            (request_id.and_then(|v| v.to_str().ok()), &mut body)
+        {
+            map.insert("request_id".into(), id.into());
+        }
+        *response.body_mut() = full_body(body.to_string());
+    }
     if let Some(challenge) = refusal.challenge(challenge_methods.as_deref()) {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, challenge);
     }
-    if let Refusal::TooManyAttempts { retry_after } | Refusal::SendLimited { retry_after } = refusal
+    if let Refusal::TooManyAttempts { retry_after }
+    | Refusal::SendLimited { retry_after }
+    | Refusal::TooManyApprovals { retry_after } = refusal
     {
         response
             .headers_mut()

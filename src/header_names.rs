@@ -8,6 +8,8 @@ use http::HeaderName;
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub static X_OTP: HeaderName = HeaderName::from_static("x-otp");
 pub static X_STEP_UP_TOKEN: HeaderName = HeaderName::from_static("x-step-up-token");
+/// The id of a request a person approved, presented with its repeat.
+pub static X_APPROVAL: HeaderName = HeaderName::from_static("x-approval");
 
 // Identity the gateway vouches for to upstreams.
 pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
@@ -38,7 +40,10 @@ pub fn is_identity(name: &str) -> bool {
 
 /// Is `name` (lower case, `-` separated) a credential the gateway reads?
 pub fn is_gateway_credential(name: &str) -> bool {
-    matches!(name, "x-api-key" | "x-otp" | "x-step-up-token")
+    matches!(
+        name,
+        "x-api-key" | "x-otp" | "x-step-up-token" | "x-approval"
+    )
 }
 
 /// Is `name` (lower case, `-` separated) a fact about the connection that the gateway

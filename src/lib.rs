@@ -38,10 +38,10 @@
 //!
 //! | layer | modules | what they are |
 //! |---|---|---|
-//! | 1 | `clock`, `secrets`, `header_names`, `host`, `path`, `client_headers`, `credentials`, `error` | leaves: values and pure rules |
+//! | 1 | `clock`, `secrets`, `header_names`, `host`, `path`, `client_headers`, `credentials`, `json_path`, `error` | leaves: values and pure rules |
 //! | 2 | `store`, `tls`, `sms`, `audit`, `tokens`, `config` | the durable store, its records, settings |
 //! | 3 | `limiter`, `directory`, `metrics` | state the request path reads |
-//! | 4 | `accounts`, `views`, `enrollment` | operations on that state |
+//! | 4 | `accounts`, `views`, `enrollment`, `approvals` | operations on that state |
 //! | 5 | `upstream` | upstream targets and their pools |
 //! | 6 | `routing` | the route table |
 //! | 7 | `snapshot` | a configuration ready to serve |
@@ -58,6 +58,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod cli;
@@ -74,6 +75,7 @@ pub mod error;
 pub mod guard;
 pub mod header_names;
 pub mod host;
+pub mod json_path;
 pub mod limiter;
 pub mod metrics;
 pub mod observe;

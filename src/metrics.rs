@@ -65,6 +65,11 @@ pub struct TunnelEnd {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -97,6 +102,8 @@ pub struct Metrics {
     /// WebSocket tunnels open now, and the ones that ended, by route and why.
     pub tunnels_open: Gauge,
     pub tunnels_closed: Family<TunnelEnd, Counter>,
+    /// Requests for approval, by what became of them.
+    pub approvals: Family<OutcomeLabel, Counter>,
 }
 
 /// The `factor` and `outcome` label values of `second_factor` (others are counted too, just
@@ -157,6 +164,12 @@ impl Metrics {
         let config_last_reload_ok = Gauge::default();
         let tunnels_open = Gauge::default();
         let tunnels_closed = Family::<TunnelEnd, Counter>::default();
+        let approvals = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "approvals",
+            "Requests for approval: requested, approved, denied, used, mismatched, expired, reused, unknown, limited",
+            approvals.clone(),
+        );
         registry.register(
             "websocket_tunnels_open",
             "WebSocket tunnels open",
@@ -251,7 +264,14 @@ impl Metrics {
             config_last_reload_ok,
             tunnels_open,
             tunnels_closed,
+            approvals,
         })
+    }
+
+    pub fn approval(&self, outcome: &'static str) {
+        self.approvals
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn factor(&self, factor: &'static str, outcome: &'static str) {

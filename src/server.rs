@@ -27,6 +27,7 @@ use tower::ServiceExt;
 
 use crate::accounts::Accounts;
 use crate::admin::{self, Admin};
+use crate::approvals::{ApprovalStore, Approvals, LocalApprovals, RedisApprovals};
 use crate::audit::{Audit, AuditLog};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Limits, StoreSettings};
@@ -59,6 +60,7 @@ pub struct Gateway {
     limiter: Arc<dyn AttemptLimiter>,
     limiter_writer: LimiterWriter,
     sends: Arc<dyn SendBudget>,
+    approvals: Arc<Approvals>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     watcher: Option<crate::reload::Watcher>,
@@ -100,16 +102,23 @@ impl Gateway {
             AuditLog::start(store.clone(), snapshot.audit_sink.clone()),
             clock.clone(),
         );
-        let (tokens, sends): (Arc<dyn TokenStore>, Arc<dyn SendBudget>) = match &redis {
+        let (tokens, sends, approval_store): (
+            Arc<dyn TokenStore>,
+            Arc<dyn SendBudget>,
+            Arc<dyn ApprovalStore>,
+        ) = match &redis {
             Some(redis) => (
                 Arc::new(RedisTokens::start(redis.clone())),
                 Arc::new(RedisSendBudget::new(redis.clone())),
+                Arc::new(RedisApprovals::new(redis.clone())),
             ),
             None => (
                 Arc::new(LocalTokens::new()),
                 Arc::new(LocalSendBudget::new()),
+                Arc::new(LocalApprovals::new()),
             ),
         };
+        let approval_audit = audit.clone();
         let accounts = Arc::new(
             Accounts::open(
                 store.clone(),
@@ -132,6 +141,12 @@ impl Gateway {
             }
         };
         let metrics = Metrics::new();
+        let approvals = Arc::new(Approvals::new(
+            approval_store,
+            approval_audit,
+            clock.clone(),
+            metrics.clone(),
+        ));
 
         let addr = snapshot.listen;
         let listener = TcpListener::bind(addr)
@@ -158,6 +173,7 @@ impl Gateway {
             limiter,
             limiter_writer,
             sends,
+            approvals,
             metrics,
             reloader,
             watcher,
@@ -229,6 +245,7 @@ impl Gateway {
             limiter,
             limiter_writer,
             sends,
+            approvals,
             metrics,
             reloader,
             watcher,
@@ -243,6 +260,7 @@ impl Gateway {
         if let Some(admin_listener) = admin_listener {
             let admin = Arc::new(Admin {
                 accounts: accounts.clone(),
+                approvals: approvals.clone(),
                 limiter: limiter.clone(),
                 metrics: metrics.clone(),
                 reloader: reloader.clone(),
@@ -268,6 +286,7 @@ impl Gateway {
             limiter: limiter.clone(),
             metrics: metrics.clone(),
             sends,
+            approvals: approvals.clone(),
         });
         let shared = Arc::new(WorkerShared {
             config: config.clone(),

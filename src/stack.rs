@@ -10,6 +10,7 @@ use tower::{Service, ServiceBuilder};
 use std::sync::Arc;
 
 use crate::accounts::Accounts;
+use crate::approvals::Approvals;
 use crate::auth::api_key::ApiKeyGuard;
 use crate::auth::client_ip::ClientAddr;
 use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
@@ -37,6 +38,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The SMS send budgets (shared by every node on a shared store).
     pub sends: Arc<dyn SendBudget>,
+    /// Requests for a person's approval (shared by every node on a shared store).
+    pub approvals: Arc<Approvals>,
 }
 
 /// The service every connection serves: the stack in front of [`Forward`]. Cloned per
@@ -47,7 +50,11 @@ pub fn build(
 + Clone
 + Send
 + 'static {
-    let forward = Forward::new(shared.metrics.clone(), shared.accounts.clone());
+    let forward = Forward::new(
+        shared.metrics.clone(),
+        shared.accounts.clone(),
+        shared.approvals.clone(),
+    );
     build_with(shared, forward)
 }
 
@@ -143,6 +150,7 @@ where
             accounts.clone(),
             shared.metrics.clone(),
             shared.sends,
+            shared.approvals,
         ))
         // Second factor: step-up token or X-OTP; issues a token after a code.
         .layer(SecondFactorLayer::new(accounts, shared.metrics))

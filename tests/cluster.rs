@@ -659,3 +659,73 @@ async fn a_gateway_needs_only_the_commands_the_documented_acl_user_allows() {
     assert_eq!(c.redis.cli(&["ACL", "LOG"]), "", "commands were denied");
     assert!(!node.log().contains("NOPERM"), "{}", node.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_asked_on_one_node_is_approved_on_a_second_and_used_once_on_a_third() {
+    let c = Cluster::start(3).await;
+    let bot = c
+        .node(0)
+        .ok("POST", "/consumers", Some(json!({"name": "bot"})), 201)
+        .await;
+    let bot_key = bot["api_key"].as_str().unwrap().to_owned();
+    let oncall = c.enrolled("oncall").await;
+    c.node(0)
+        .ok(
+            "PATCH",
+            "/consumers/oncall",
+            Some(json!({"roles": ["ops"]})),
+            200,
+        )
+        .await;
+    let body = json!({"version": "2.0.0"});
+    let asked = c
+        .node(0)
+        .request_json(
+            "POST",
+            "/deploy/web",
+            &[("x-api-key", &bot_key)],
+            body.clone(),
+        )
+        .await;
+    let id = asked.assert_problem(401, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Node 1 lists it for the approver (its roles reach every node first) and takes the decision.
+    until(
+        c.node(1),
+        "/_stepgate/approvals",
+        &[("x-api-key", &oncall.key)],
+        |r| r.status == 200 && r.text().contains(&id),
+    )
+    .await;
+    let code = oncall.next_code();
+    let r = c
+        .node(1)
+        .request(
+            "POST",
+            &format!("/_stepgate/approvals/{id}/approve"),
+            &[("x-api-key", &oncall.key), ("x-otp", &code)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Node 2 lets the exact repeat through once; node 0 then refuses it.
+    let repeat = |node: usize| {
+        let (key, id, body) = (bot_key.clone(), id.clone(), body.clone());
+        let c = &c;
+        async move {
+            c.node(node)
+                .request_json(
+                    "POST",
+                    "/deploy/web",
+                    &[("x-api-key", &key), ("x-approval", &id)],
+                    body,
+                )
+                .await
+        }
+    };
+    let r = repeat(2).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    repeat(0).await.assert_problem(401, "approval_invalid");
+    repeat(1).await.assert_problem(401, "approval_invalid");
+}

@@ -17,6 +17,7 @@
   let status = null;      // the last GET 2fa answer
   let codes = [];         // recovery codes on screen (shown once)
   let downloadUrl = null; // object URL of the recovery-code file, revoked when no longer needed
+  let chosen = null;      // the request for approval being decided
 
   const FACTOR_NAMES = { totp: 'authenticator app', recovery_code: 'recovery code', sms: 'text message' };
 
@@ -33,9 +34,12 @@
     sms_failed: 'The text message could not be sent.',
     sms_not_enrolled: 'No phone number is set up for text messages yet.',
     bad_request: 'The gateway could not use what was entered.',
+    approval_unknown: 'That request for approval is gone: it expired, or it was decided.',
+    forbidden: 'You may not decide this request.',
+    conflict: 'This request was already decided.',
     unavailable: 'The gateway cannot check codes right now. Try again in a minute.',
   };
-  const SHOW_DETAIL = new Set(['bad_request', 'sms_failed']);
+  const SHOW_DETAIL = new Set(['bad_request', 'sms_failed', 'forbidden']);
 
   class Problem extends Error {}
 
@@ -180,7 +184,49 @@
     $('account').hidden = false;
   }
 
-  const refresh = async () => render(await api('GET', '2fa'));
+  // The requests this consumer may approve: what, by whom, and the fields their policy shows.
+  function renderApprovals(list) {
+    const ul = $('approval-list');
+    ul.replaceChildren();
+    for (const a of list) {
+      const li = el('li', undefined, 'approval');
+      li.dataset.id = a.id;
+      li.append(el('strong', `${a.method} ${a.path}${a.query ? '?' + a.query : ''}`), ' ');
+      li.append(el('span', `asked by ${a.requester}, until ${clock(a.expires_at)}`, 'hint'));
+      const dl = el('dl', undefined, 'fields');
+      for (const [path, value] of Object.entries(a.fields || {})) {
+        dl.append(el('dt', path.replace(/^\$\./, '')), el('dd', typeof value === 'string' ? value : JSON.stringify(value)));
+      }
+      dl.append(el('dt', 'body'), el('dd', `${a.body_bytes} bytes, SHA-256 ${a.body_sha256.slice(0, 16)}…`));
+      li.append(dl);
+      const pick = el('button', 'Decide', 'small');
+      pick.type = 'button';
+      pick.addEventListener('click', () => {
+        chosen = a.id;
+        $('approval-chosen').textContent = `${a.method} ${a.path}, asked by ${a.requester}.`;
+        $('approval-form').hidden = false;
+        $('approval-otp').focus();
+      });
+      li.append(pick);
+      ul.append(li);
+    }
+    $('approvals').hidden = list.length === 0;
+    if (!list.some((a) => a.id === chosen)) { chosen = null; $('approval-form').hidden = true; }
+  }
+
+  const refresh = async () => {
+    render(await api('GET', '2fa'));
+    renderApprovals((await api('GET', 'approvals')).approvals || []);
+  };
+
+  async function decide(verb) {
+    if (!chosen) throw new Problem('Choose a request first.');
+    const id = chosen;
+    await api('POST', `approvals/${encodeURIComponent(id)}/${verb}`, { otp: take('approval-otp') });
+    chosen = null;
+    await refresh();
+    say(verb === 'approve' ? 'Approved: its requester may now repeat it, once.' : 'Denied.', 'ok');
+  }
 
   // Reads a code field and empties it: a used code is worthless, and retyping is clearer.
   function take(id) {
@@ -348,6 +394,9 @@
     say('Your phone is set up for text-message codes.' +
       (r.recovery_codes ? ' Store your recovery codes now.' : ''), 'ok');
   }));
+
+  on('approval-form', 'submit', () => act($('approval-approve'), () => decide('approve')));
+  on('approval-deny', 'click', () => act($('approval-deny'), () => decide('deny')));
 
   on('sms-send', 'click', () => act($('sms-send'), async () => {
     const r = await api('POST', 'sms/send');

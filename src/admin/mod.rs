@@ -22,6 +22,7 @@ use crate::snapshot::ConfigHandle;
 /// What the admin handlers work on.
 pub struct Admin {
     pub accounts: Arc<Accounts>,
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub limiter: Arc<dyn crate::limiter::AttemptLimiter>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub reloader: Arc<crate::reload::Reloader>,

@@ -28,6 +28,8 @@ pub async fn route(admin: &Admin, request: Request<Incoming>) -> Response<Body> 
 enum Failure {
     BadRequest(String),
     NotFound(String),
+    Forbidden(String),
+    Conflict(String),
     Unavailable(String),
     Accounts(AccountError),
 }
@@ -43,6 +45,8 @@ impl Failure {
         let (status, code, detail) = match self {
             Failure::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             Failure::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
+            Failure::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d),
+            Failure::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
             Failure::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", d),
             Failure::Accounts(e) => {
                 let detail = e.to_string();
@@ -364,6 +368,85 @@ async fn dispatch(admin: &Admin, request: Request<Incoming>) -> Result<Response<
                 })
                 .collect();
             Ok(json_response(StatusCode::OK, &json!({"bans": bans})))
+        }
+        (&Method::GET, ["approvals"]) => {
+            let pending = admin
+                .approvals
+                .pending_for(None)
+                .await
+                .map_err(|e| Failure::Unavailable(e.to_string()))?;
+            let pending: Vec<Value> = pending
+                .iter()
+                .map(|a| crate::approvals::view(a, &crate::approvals::State::Pending))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"approvals": pending}),
+            ))
+        }
+        (&Method::POST, ["approvals", id, decision @ ("approve" | "deny")]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Decision {
+                approver: String,
+                #[serde(default)]
+                code: Option<String>,
+            }
+            let approve = *decision == "approve";
+            let body: Decision = read_json(request, false).await?;
+            let approver = accounts
+                .directory()
+                .get(&body.approver)
+                .ok_or_else(|| Failure::NotFound(format!("no consumer `{}`", body.approver)))?;
+            // An approval is the approver's own: their code, checked like any (a denial
+            // needs none: it lets nothing through).
+            if approve {
+                let needs = approver.assurance();
+                if needs == crate::credentials::assurance::Assurance::KeyOnly {
+                    return Err(Failure::Conflict(format!(
+                        "`{}` has no second factor to approve with",
+                        approver.name
+                    )));
+                }
+                let code = body.code.as_deref().ok_or_else(|| {
+                    Failure::BadRequest("approving needs the approver's `code`".into())
+                })?;
+                if accounts
+                    .verify_code(&approver, needs.proofs(), code, accounts.now())
+                    .await
+                    .is_err()
+                {
+                    accounts.audit_log().event(
+                        "otp_rejected",
+                        Some(approver.who()),
+                        None,
+                        json!({"endpoint": "admin approvals"}),
+                    );
+                    return Err(Failure::BadRequest(
+                        "the approver's code is not valid".into(),
+                    ));
+                }
+            }
+            let who = crate::approvals::Approver {
+                id: &approver.id,
+                name: &approver.name,
+                roles: &approver.roles,
+            };
+            let approval = admin
+                .approvals
+                .decide(id, who, approve)
+                .await
+                .map_err(|e| match e {
+                    crate::approvals::DecideError::NotFound => Failure::NotFound(e.to_string()),
+                    crate::approvals::DecideError::Decided(_) => Failure::Conflict(e.to_string()),
+                    crate::approvals::DecideError::Unavailable => {
+                        Failure::Unavailable(e.to_string())
+                    }
+                    _ => Failure::Forbidden(e.to_string()),
+                })?;
+            let mut answer = crate::approvals::view(&approval, &crate::approvals::State::Pending);
+            answer["state"] = json!(if approve { "approved" } else { "denied" });
+            Ok(json_response(StatusCode::OK, &answer))
         }
         (&Method::DELETE, ["consumers", name, "step-up-tokens"]) => {
             accounts.revoke_step_up_tokens(name).await?;

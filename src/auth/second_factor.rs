@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::tokens::{NewToken, TokenInfo, TokenRejection};
 
 pub use crate::header_names::{
-    X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_AUTH_TIME, X_STEPGATE_WARNING,
+    X_APPROVAL, X_OTP, X_STEP_UP_EXPIRES, X_STEP_UP_TOKEN, X_STEPGATE_AUTH_TIME, X_STEPGATE_WARNING,
 };
 
 #[derive(Clone)]
@@ -104,6 +104,7 @@ where
                 let headers = request.headers_mut();
                 headers.remove(&X_OTP);
                 headers.remove(&X_STEP_UP_TOKEN);
+                headers.remove(&X_APPROVAL);
                 return Either::Left(self.inner.call(request));
             }
         };
@@ -142,7 +143,16 @@ where
                 Decision::Token { auth_time, .. } => ("key+step_up", Some(*auth_time)),
                 Decision::Proved { method, .. } => (*method, Some(accounts.now())),
                 Decision::Unproved { .. } => ("key", None),
+                Decision::Approval { .. } => ("key+approval", None),
             };
+            if let Decision::Approval { claim } = &decision {
+                // Settled by forwarding, which reads the body the approval is bound to.
+                request.extensions_mut().insert(ApprovalCheck {
+                    claim: claim.clone(),
+                    rule: route.policy.clone(),
+                    requester: entry.attempt.clone(),
+                });
+            }
             if let Some(auth_time) = auth_time {
                 request
                     .headers_mut()
@@ -208,7 +218,9 @@ where
                         .headers_mut()
                         .insert(X_STEPGATE_WARNING.clone(), warning);
                 }
-                Decision::Token { .. } | Decision::Unproved { warning: None } => {}
+                Decision::Token { .. }
+                | Decision::Unproved { warning: None }
+                | Decision::Approval { .. } => {}
             }
             Ok(response)
         }))
@@ -235,6 +247,10 @@ fn valid_step_up<B>(
     let Ok(code) = single_value(headers, &X_OTP, "") else {
         return false;
     };
+    // An X-Approval beside the token: the long way removes it before forwarding.
+    if headers.contains_key(&X_APPROVAL) {
+        return false;
+    }
     let has_code = code.is_some();
     if !entry.consumer.enrolled_for(policy.factors) {
         return false;
@@ -336,6 +352,17 @@ impl std::fmt::Debug for StepUpGrant {
     }
 }
 
+/// A request on its way through a person's approval (see [`crate::approvals`]), settled by
+/// forwarding once the body it is bound to has been read.
+#[derive(Clone)]
+pub struct ApprovalCheck {
+    /// `X-Approval`: the approved request this one repeats; `None`: ask for an approval.
+    pub claim: Option<String>,
+    /// The route's policy (its `approval` rule).
+    pub rule: Arc<Policy>,
+    pub requester: crate::error::Attempt,
+}
+
 /// A step-up token issued for this request (read by the built-in step-up endpoint).
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -359,6 +386,9 @@ enum Decision {
     },
     /// Passed without one: grace period (with a warning) or report-only rollout.
     Unproved { warning: Option<HeaderValue> },
+    /// No code, on a policy a person's approval satisfies: the repeat of an approved request
+    /// (`claim`, its id), or a request to be approved. Forwarding settles it.
+    Approval { claim: Option<String> },
 }
 
 async fn decide<B>(
@@ -382,8 +412,15 @@ async fn decide<B>(
         "exactly one X-OTP header of visible ASCII is allowed",
     )?
     .map(str::to_owned);
+    let approval = single_value(
+        headers,
+        &X_APPROVAL,
+        "exactly one X-Approval header of visible ASCII is allowed",
+    )?
+    .map(str::to_owned);
     headers.remove(&X_OTP);
     headers.remove(&X_STEP_UP_TOKEN);
+    headers.remove(&X_APPROVAL);
 
     let consumer = &entry.consumer;
     let now = accounts.now();
@@ -393,7 +430,10 @@ async fn decide<B>(
             .event(kind, Some(consumer.who()), Some(&entry.prefix), detail);
     };
 
-    let outcome = if !consumer.enrolled_for(policy.factors) {
+    // A person's approval stands in for the caller's code: a caller without a factor of its
+    // own (a deploy bot) needs none.
+    let by_approval = policy.approval.is_some() && code.is_none();
+    let outcome = if !consumer.enrolled_for(policy.factors) && !by_approval {
         match policy.rollout.grace_until {
             Some(until) if now < until => {
                 metrics.factor("none", "grace");
@@ -418,6 +458,7 @@ async fn decide<B>(
         let presented = Presented {
             token: token.as_deref(),
             code: code.as_deref(),
+            approval: approval.as_deref(),
             client,
         };
         prove(accounts, metrics, policy, entry, presented, now).await
@@ -445,6 +486,8 @@ async fn decide<B>(
 struct Presented<'a> {
     token: Option<&'a str>,
     code: Option<&'a str>,
+    /// `X-Approval`: the id of an approved request this one repeats.
+    approval: Option<&'a str>,
     client: IpAddr,
 }
 
@@ -459,6 +502,7 @@ async fn prove(
     let Presented {
         token,
         code,
+        approval,
         client,
     } = presented;
     let consumer = &entry.consumer;
@@ -520,6 +564,11 @@ async fn prove(
         }
     }
     let Some(code) = code else {
+        if policy.approval.is_some() {
+            return Ok(Decision::Approval {
+                claim: approval.map(str::to_owned),
+            });
+        }
         metrics.factor("none", "missing");
         return Err(Refusal::OtpRequired);
     };

@@ -45,6 +45,9 @@ config's `admin.listen` and `<data_dir>/admin.token`, or --admin-url / --admin-t
   stepgate consumer unlock alice               lift alice's ban for failed attempts
   stepgate step-up revoke alice                alice's next call needs a code again
   stepgate bans list                           bans in force
+  stepgate approvals list                      requests waiting for a person's approval
+  stepgate approvals approve apr_… --as bob --code 123456   bob approves with his own code
+  stepgate approvals deny apr_… --as bob
   stepgate config show | reload                the configuration in force; read it again
   stepgate report enrollment                   who is not enrolled for which policy, and until when
   stepgate audit --consumer alice --since 2025-01-01T00:00:00Z
@@ -134,6 +137,9 @@ enum Command {
     /// The failure limiter's bans (admin API).
     #[command(subcommand)]
     Bans(ops::BansCommand),
+    /// Requests waiting for a person's approval, and their decisions (admin API).
+    #[command(subcommand)]
+    Approvals(ops::ApprovalsCommand),
     /// The configuration the running gateway serves (admin API).
     #[command(subcommand)]
     Config(ops::ConfigCommand),
@@ -186,6 +192,7 @@ pub fn main() -> ExitCode {
         Command::Health => ops::run(&cli.config, &cli.admin, ops::Operation::Health),
         Command::StepUp(c) => ops::run(&cli.config, &cli.admin, ops::Operation::StepUp(c)),
         Command::Bans(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Bans(c)),
+        Command::Approvals(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Approvals(c)),
         Command::Config(c) => ops::run(&cli.config, &cli.admin, ops::Operation::Config(c)),
         Command::Reload => ops::run(&cli.config, &cli.admin, ops::Operation::Reload),
         Command::Completions { shell } => {

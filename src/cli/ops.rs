@@ -70,6 +70,7 @@ pub enum Operation {
     Audit(AuditArgs),
     StepUp(StepUpCommand),
     Bans(BansCommand),
+    Approvals(ApprovalsCommand),
     Config(ConfigCommand),
     /// `POST /reload`: read the configuration again.
     Reload,
@@ -87,6 +88,28 @@ pub enum StepUpCommand {
 pub enum BansCommand {
     /// The bans in force (consumers and client addresses), newest first.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// The requests waiting for a decision: who asked, what, and the fields shown.
+    List,
+    /// Approve a request as an approver, with the approver's own code.
+    Approve {
+        id: String,
+        /// The approving consumer (needs one of the policy's approver roles).
+        #[arg(long = "as")]
+        approver: String,
+        /// The approver's current code (TOTP, or what their strongest factor sends).
+        #[arg(long)]
+        code: String,
+    },
+    /// Deny a request as an approver.
+    Deny {
+        id: String,
+        #[arg(long = "as")]
+        approver: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -503,6 +526,34 @@ async fn execute(
             Ok(())
         }
         Operation::Bans(BansCommand::List) => bans(client, out).await,
+        Operation::Approvals(ApprovalsCommand::List) => approvals(client, out).await,
+        Operation::Approvals(ApprovalsCommand::Approve { id, approver, code }) => {
+            let body = json!({"approver": approver, "code": code});
+            let answer = client
+                .call(
+                    Method::POST,
+                    &format!("/approvals/{id}/approve"),
+                    Some(&body),
+                )
+                .await?;
+            if out.take(&answer)?.is_some() {
+                say!(
+                    out,
+                    "Approved {id} as {approver}: its requester may now repeat it, once."
+                );
+            }
+            Ok(())
+        }
+        Operation::Approvals(ApprovalsCommand::Deny { id, approver }) => {
+            let body = json!({"approver": approver});
+            let answer = client
+                .call(Method::POST, &format!("/approvals/{id}/deny"), Some(&body))
+                .await?;
+            if out.take(&answer)?.is_some() {
+                say!(out, "Denied {id} as {approver}.");
+            }
+            Ok(())
+        }
         Operation::Config(ConfigCommand::Show) => {
             let answer = client.call(Method::GET, "/config", None).await?;
             if let Some(body) = out.take(&answer)? {
@@ -666,6 +717,45 @@ async fn consumer(
             }
         }
     }
+    Ok(())
+}
+
+async fn approvals(client: &AdminClient, out: &Output) -> Result<(), CallError> {
+    let answer = client.call(Method::GET, "/approvals", None).await?;
+    let Some(body) = out.take(&answer)? else {
+        return Ok(());
+    };
+    let pending = body["approvals"].as_array().cloned().unwrap_or_default();
+    if pending.is_empty() {
+        say!(out, "No request is waiting for approval.");
+        return Ok(());
+    }
+    let mut rows = vec![vec![
+        "ID".to_owned(),
+        "REQUESTER".to_owned(),
+        "REQUEST".to_owned(),
+        "FIELDS".to_owned(),
+        "EXPIRES".to_owned(),
+    ]];
+    for a in &pending {
+        let fields = a["fields"]
+            .as_object()
+            .map(|f| {
+                f.iter()
+                    .map(|(k, v)| format!("{}={v}", k.trim_start_matches("$.")))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        rows.push(vec![
+            text(&a["id"]),
+            text(&a["requester"]),
+            format!("{} {}", text(&a["method"]), text(&a["path"])),
+            fields,
+            text(&a["expires_at"]),
+        ]);
+    }
+    print_table(out, &rows);
     Ok(())
 }
 

@@ -57,6 +57,41 @@ pub struct Config {
     pub self_service: SelfServiceSpec,
     /// The SMS factor; `None` (the default) when `gateway.yaml` has no `sms` section.
     pub sms: Option<Arc<crate::sms::SmsSettings>>,
+    /// How requests for approval are announced and bounded.
+    pub approvals: ApprovalSettings,
+}
+
+/// `approvals:` in `gateway.yaml`.
+#[derive(Debug, Clone)]
+pub struct ApprovalSettings {
+    /// Requests for approval a consumer may have waiting at once (default 5).
+    pub max_pending: u32,
+    pub notify: Option<Arc<NotifySettings>>,
+}
+
+impl Default for ApprovalSettings {
+    fn default() -> Self {
+        Self {
+            max_pending: 5,
+            notify: None,
+        }
+    }
+}
+
+/// The webhook told of each request for approval.
+pub struct NotifySettings {
+    pub url: http::Uri,
+    /// The HMAC-SHA256 key of its `X-Stepgate-Signature`, from `secret_file`.
+    pub secret: Vec<u8>,
+    pub tls: rustls::ClientConfig,
+}
+
+impl fmt::Debug for NotifySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifySettings")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A validated upstream.
@@ -333,6 +368,21 @@ pub struct Policy {
     pub rollout: Rollout,
     /// `methods="…"` of the `WWW-Authenticate: OTP` challenge, from `factors`.
     pub challenge_methods: Arc<str>,
+    /// `approval` in `factors`: a person may approve a request in place of the caller's code.
+    pub approval: Option<ApprovalRule>,
+}
+
+/// A policy's `approval:` section.
+#[derive(Debug, Clone)]
+pub struct ApprovalRule {
+    /// An approver needs one of these roles.
+    pub roles: Vec<String>,
+    /// The requester may approve their own request.
+    pub self_approval: bool,
+    /// How long a request waits for its decision, and an approval for its use.
+    pub ttl: Duration,
+    /// JSON paths (`$.a.b`) of the body fields shown to approvers.
+    pub show: Vec<String>,
 }
 
 impl Policy {
@@ -381,6 +431,7 @@ impl Policy {
                 grace_until: None,
             },
             challenge_methods: Arc::from("totp recovery_code"),
+            approval: None,
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct Gateway {
     pub self_service: Option<Spanned<SelfService>>,
     #[serde(default)]
     pub sms: Option<Spanned<Sms>>,
+    #[serde(default)]
+    pub approvals: Option<Spanned<Approvals>>,
     pub upstreams: BTreeMap<String, Spanned<Upstream>>,
     pub routes: Vec<Spanned<Route>>,
 }
@@ -88,6 +90,40 @@ pub struct SelfService {
     pub enabled: Option<Spanned<bool>>,
     /// The gateway's name on the security page (the operator's, e.g. "Acme API").
     pub title: Option<Spanned<String>>,
+}
+
+/// `approvals: { notify: {...}, max_pending }`: how requests for approval are announced.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvals {
+    pub notify: Option<Spanned<Notify>>,
+    pub max_pending: Option<Spanned<u32>>,
+}
+
+/// A webhook told of each request for approval, signed with the key in `secret_file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    pub url: Spanned<String>,
+    pub secret_file: Spanned<String>,
+}
+
+/// A policy's `approval:`: who may approve a request in place of the caller's own code.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub approvers: Spanned<Approvers>,
+    #[serde(rename = "self", default)]
+    pub self_approval: Option<Spanned<bool>>,
+    pub ttl: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub show: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvers {
+    pub roles: Vec<Spanned<String>>,
 }
 
 /// `sms: { twilio: {...}, code_ttl }`: the SMS factor; absent means off.
@@ -226,6 +262,8 @@ pub struct Policy {
     pub failures: Option<Failures>,
     #[serde(default)]
     pub rollout: Option<Rollout>,
+    #[serde(default)]
+    pub approval: Option<Spanned<Approval>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! instead of stopping at the first, so `stepgate check` shows an operator everything at once.
 //! The `sms` and `self_service` sections are in their own files.
 
+mod approvals;
 mod redis;
 mod self_service;
 mod sms;
@@ -94,6 +95,7 @@ impl Loader<'_> {
         // SMS first: whether policies may list `sms` depends on it. A broken `sms` section
         // still counts as present, so its own errors are not repeated for every policy.
         let sms = raw.sms.as_ref().and_then(|s| self.sms(s));
+        let approvals = self.approvals(raw.approvals.as_ref());
         let policies = self.policies(raw.policies_dir.as_ref(), raw.sms.is_some());
         let self_service = self.self_service(raw.self_service.as_ref(), sms.is_some());
         let listen = self.address("listen", &raw.listen);
@@ -211,6 +213,7 @@ impl Loader<'_> {
             routes,
             self_service,
             sms,
+            approvals,
         })
     }
 
@@ -546,6 +549,7 @@ impl Loader<'_> {
             errors: Vec::new(),
         };
 
+        let mut approval_listed = None;
         let factors = match &raw.factors {
             None => Factors {
                 totp: true,
@@ -560,6 +564,7 @@ impl Loader<'_> {
                 };
                 for factor in &list.value {
                     match factor.value.as_str() {
+                        "approval" => approval_listed = Some(factor.referenced),
                         "totp" => factors.totp = true,
                         "recovery_code" => factors.recovery_code = true,
                         "sms" if sms_configured => factors.sms = true,
@@ -572,12 +577,15 @@ impl Loader<'_> {
                         other => e.at(
                             &factor.referenced,
                             format!(
-                                "factors: unknown factor `{other}` (use totp, recovery_code, sms)"
+                                "factors: unknown factor `{other}` (use totp, recovery_code, sms, approval)"
                             ),
                         ),
                     }
                 }
-                if factors.names().is_empty() && raw.second_factor.value != Requirement::Off {
+                if factors.names().is_empty()
+                    && approval_listed.is_none()
+                    && raw.second_factor.value != Requirement::Off
+                {
                     e.at(
                         &list.referenced,
                         "factors: a policy that requires a second factor must accept at least one"
@@ -739,7 +747,40 @@ impl Loader<'_> {
                 parsed
             });
 
-        let methods = factors.names();
+        let approval = match (&raw.approval, approval_listed) {
+            (Some(section), Some(_)) => {
+                let mut errors = Vec::new();
+                let rule = approvals::rule(
+                    section,
+                    &mut |t| e.duration("approval.ttl", Some(t), Duration::from_secs(300), false),
+                    &mut |at, message| errors.push((*at, message)),
+                );
+                for (at, message) in errors {
+                    e.at(&at, message);
+                }
+                Some(rule)
+            }
+            (None, Some(at)) => {
+                e.at(
+                    &at,
+                    "factors: `approval` needs an `approval:` section (who approves: `approvers: { roles: [...] }`)"
+                        .into(),
+                );
+                None
+            }
+            (Some(section), None) => {
+                e.at(
+                    &section.referenced,
+                    "approval: applies when `factors` lists `approval`".into(),
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let mut methods = factors.names();
+        if approval.is_some() {
+            methods.push("approval");
+        }
         let description =
             raw.description
                 .as_ref()
@@ -778,6 +819,7 @@ impl Loader<'_> {
             },
             rollout: Rollout { mode, grace_until },
             challenge_methods: Arc::from(methods.join(" ")),
+            approval,
         })
     }
 

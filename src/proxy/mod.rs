@@ -2,6 +2,7 @@
 //! (canonical path after `strip_prefix`, query untouched, `X-Forwarded-*`, `X-Real-IP` and
 //! `Forwarded` set) and streams it to the route's upstream.
 
+mod approval;
 pub mod headers;
 pub mod tunnel;
 
@@ -17,7 +18,8 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::accounts::Accounts;
-use crate::auth::second_factor::StepUpGrant;
+use crate::approvals::Approvals;
+use crate::auth::second_factor::{ApprovalCheck, StepUpGrant};
 use crate::context::Context as RequestContext;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
@@ -30,11 +32,17 @@ pub struct Forward {
     metrics: Arc<Metrics>,
     /// For WebSocket tunnels, which check their step-up token while they live.
     accounts: Arc<Accounts>,
+    /// For requests on their way through a person's approval.
+    approvals: Arc<Approvals>,
 }
 
 impl Forward {
-    pub fn new(metrics: Arc<Metrics>, accounts: Arc<Accounts>) -> Self {
-        Self { metrics, accounts }
+    pub fn new(metrics: Arc<Metrics>, accounts: Arc<Accounts>, approvals: Arc<Approvals>) -> Self {
+        Self {
+            metrics,
+            accounts,
+            approvals,
+        }
     }
 }
 
@@ -56,6 +64,7 @@ where
             request,
             self.metrics.clone(),
             self.accounts.clone(),
+            self.approvals.clone(),
         ))
     }
 }
@@ -64,6 +73,7 @@ async fn forward<B>(
     mut request: Request<B>,
     metrics: Arc<Metrics>,
     accounts: Arc<Accounts>,
+    approvals: Arc<Approvals>,
 ) -> Result<Response<Body>, Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -79,6 +89,7 @@ where
     let host = context.host.as_ref().map(|h| h.value().clone());
     let websocket = context.websocket;
     let idle_timeout = context.snapshot.limits.idle_timeout;
+    let snapshot = context.snapshot.clone();
 
     if let Target::StepUp = route.upstream.target {
         return step_up_answer(&request);
@@ -104,7 +115,12 @@ where
         }
         _ => None,
     };
+    let approval = request.extensions_mut().remove::<ApprovalCheck>();
     let (mut parts, body) = request.into_parts();
+    let routed = approval.as_ref().map(|_| approval::Target {
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+    });
     // The upstream gets its own authority as Host (set by the pool); the canonical host the
     // request was routed by goes in X-Forwarded-Host and Forwarded.
     parts.headers.remove(header::HOST);
@@ -140,7 +156,19 @@ where
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
 
-    let body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
+    let mut body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
+    if let (Some(check), Some(routed)) = (approval, routed) {
+        body = approval::settle(
+            &approvals,
+            check,
+            &snapshot,
+            &route.name,
+            &parts,
+            &routed,
+            body,
+        )
+        .await?;
+    }
     let start = tokio::time::Instant::now();
     let result = match (&route.upstream.target, upgrade) {
         (Target::Http(http), Some((form, client_side, grant, on_token_expiry))) => {

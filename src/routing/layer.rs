@@ -120,7 +120,8 @@ fn self_service_route<'a>(snapshot: &'a Snapshot, rest: &str) -> Result<&'a Arc<
     }
     match rest {
         "" | "/" | "/app.js" | "/app.css" => Ok(&service.page_route),
-        "/2fa" | "/sms/send" => Ok(&service.api_route),
+        "/2fa" | "/sms/send" | "/approvals" => Ok(&service.api_route),
+        _ if rest.starts_with("/approvals/") => Ok(&service.api_route),
         _ if rest.starts_with("/2fa/") => Ok(&service.api_route),
         _ => Err(Refusal::NoRoute),
     }

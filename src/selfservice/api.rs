@@ -35,12 +35,12 @@ use crate::views::{SmsView, TotpView};
 const POLICY: &str = "stepgate/self-service";
 
 /// The caller, as the API-key layer vouched for it, and the code it sent.
-struct Caller {
-    entry: Arc<KeyEntry>,
+pub(super) struct Caller {
+    pub(super) entry: Arc<KeyEntry>,
     code: Option<String>,
 }
 
-fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
+pub(super) fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
     let entry = crate::context::Context::entry_of(request)
         .cloned()
         .ok_or(Refusal::Internal("self-service API without an API key"))?;
@@ -57,7 +57,7 @@ fn caller<B>(request: &mut Request<B>) -> Result<Caller, Refusal> {
 /// What proved a change: the account's level it was proved at (`KeyOnly` when the consumer
 /// has no confirmed factor, so nothing could be asked). The code that proved it is spent.
 #[derive(Debug, Clone, Copy)]
-struct Proof {
+pub(super) struct Proof {
     level: Assurance,
 }
 
@@ -87,7 +87,12 @@ impl Endpoints {
     /// The code is spent here, before the change is made, whatever its kind: a change is never
     /// started on a proof that might still turn out unspendable (used elsewhere meanwhile, or
     /// the store failing), since undoing it could fail too.
-    async fn prove(&self, caller: &Caller, always: bool, endpoint: &str) -> Result<Proof, Refusal> {
+    pub(super) async fn prove(
+        &self,
+        caller: &Caller,
+        always: bool,
+        endpoint: &str,
+    ) -> Result<Proof, Refusal> {
         let consumer = &caller.entry.consumer;
         let needs = consumer.assurance();
         if needs == Assurance::KeyOnly {
@@ -272,7 +277,7 @@ fn refusal(error: AccountError, entry: &Arc<KeyEntry>) -> Refusal {
     }
 }
 
-fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {
+pub(super) fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(full_body(value.to_string()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -286,7 +291,11 @@ fn json_answer(status: StatusCode, value: &Value) -> Response<Body> {
 
 /// An answer to a call a code of an existing factor proved: the failure limiter forgets the
 /// consumer's earlier failures, as after any successful second factor.
-fn proved(mut response: Response<Body>, proof: &Proof, caller: &Caller) -> Response<Body> {
+pub(super) fn proved(
+    mut response: Response<Body>,
+    proof: &Proof,
+    caller: &Caller,
+) -> Response<Body> {
     if proof.proved() {
         response.extensions_mut().insert(SecondFactorPassed {
             consumer_id: caller.entry.consumer.shared_id.clone(),
@@ -334,7 +343,7 @@ where
 }
 
 /// For calls without a body: nothing, or an empty JSON object.
-async fn no_body<B>(request: Request<B>) -> Result<(), Refusal>
+pub(super) async fn no_body<B>(request: Request<B>) -> Result<(), Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

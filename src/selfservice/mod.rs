@@ -14,6 +14,7 @@
 //! the code of the factor being added. Nothing under the prefix is ever forwarded.
 
 pub mod api;
+pub mod approvals;
 pub mod page;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ use tower::{Layer, Service};
 pub use page::SecurityHeadersLayer;
 
 use crate::accounts::Accounts;
+use crate::approvals::Approvals;
 use crate::error::{Body, BoxError, Refusal};
 use crate::metrics::Metrics;
 use crate::sms::SendBudget;
@@ -40,6 +42,7 @@ pub struct Endpoints {
     pub accounts: Arc<Accounts>,
     pub metrics: Arc<Metrics>,
     pub sends: Arc<dyn SendBudget>,
+    pub approvals: Arc<Approvals>,
 }
 
 #[derive(Clone)]
@@ -48,12 +51,18 @@ pub struct SelfServiceLayer {
 }
 
 impl SelfServiceLayer {
-    pub fn new(accounts: Arc<Accounts>, metrics: Arc<Metrics>, sends: Arc<dyn SendBudget>) -> Self {
+    pub fn new(
+        accounts: Arc<Accounts>,
+        metrics: Arc<Metrics>,
+        sends: Arc<dyn SendBudget>,
+        approvals: Arc<Approvals>,
+    ) -> Self {
         Self {
             endpoints: Arc::new(Endpoints {
                 accounts,
                 metrics,
                 sends,
+                approvals,
             }),
         }
     }
@@ -132,6 +141,11 @@ where
         (&Method::POST, "/2fa/sms/confirm") => api::confirm_sms(endpoints, request).await,
         (&Method::DELETE, "/2fa/sms") => api::remove_sms(endpoints, request).await,
         (&Method::POST, "/sms/send") => api::send_login_code(endpoints, &snapshot, request).await,
+        (&Method::GET, "/approvals") => approvals::list(endpoints, request).await,
+        (_, rest) if rest.starts_with("/approvals/") => {
+            let rest = rest.trim_start_matches("/approvals/").to_owned();
+            approvals::one(endpoints, &method, &rest, request).await
+        }
         _ => Err(Refusal::NoRoute),
     }
 }

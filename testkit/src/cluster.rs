@@ -48,6 +48,7 @@ routes:
   - { name: keyed, match: { path: /keyed }, upstream: app, policy: api-key }
   - { name: secure, match: { path: /secure }, upstream: app, policy: step-up }
   - { name: sms, match: { path: /sms }, upstream: app, policy: sms }
+  - { name: deploy, match: { path: /deploy }, upstream: app, policy: deploy }
 "#;
 
 const FAILURES: &str = "failures:
@@ -139,6 +140,10 @@ impl Node {
                     &format!(
                         "api_key: required\nsecond_factor: required\nfactors: [totp, recovery_code]\nstep_up: {{ ttl: 15m, scope: policy }}\n{FAILURES}"
                     ),
+                ),
+                (
+                    "policies/deploy.yaml",
+                    "api_key: required\nsecond_factor: required\nfactors: [totp, approval]\napproval: { approvers: { roles: [ops] }, ttl: 5m, show: [\"$.version\"] }\n",
                 ),
                 (
                     "policies/sms.yaml",

@@ -153,6 +153,17 @@ impl Keys {
     pub fn bans(&self) -> String {
         format!("{}bans", self.prefix)
     }
+    /// A request for approval (JSON), and its state (one line), in the request's own slot.
+    pub fn approval(&self, id: &str) -> String {
+        format!("{}{{a:{id}}}:approval", self.prefix)
+    }
+    pub fn approval_state(&self, id: &str) -> String {
+        format!("{}{{a:{id}}}:state", self.prefix)
+    }
+    /// The pending requests for approval (sorted set: id by expiry).
+    pub fn approvals_pending(&self) -> String {
+        format!("{}approvals:pending", self.prefix)
+    }
 }
 
 /// The connection to Redis every Redis-backed port shares: a connection manager

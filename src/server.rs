@@ -269,7 +269,11 @@ impl Gateway {
             });
             background.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
         }
-        background.spawn(housekeeping(accounts.clone(), shutdown.clone()));
+        background.spawn(housekeeping(
+            accounts.clone(),
+            approvals.clone(),
+            shutdown.clone(),
+        ));
         // Changes made by other nodes sharing the store (and this node's own, already applied).
         background.spawn(
             accounts
@@ -520,7 +524,11 @@ async fn accept_loop<S: GatewayService>(listener: TcpListener, shared: &WorkerSh
 
 /// Housekeeping off the request path: writes API-key "last used" times in batches (and once
 /// more at shutdown) and sweeps expired step-up tokens.
-async fn housekeeping(accounts: Arc<Accounts>, shutdown: CancellationToken) {
+async fn housekeeping(
+    accounts: Arc<Accounts>,
+    approvals: Arc<Approvals>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stop = tokio::select! {
             () = tokio::time::sleep(HOUSEKEEPING) => false,
@@ -530,6 +538,9 @@ async fn housekeeping(accounts: Arc<Accounts>, shutdown: CancellationToken) {
             tracing::warn!(%error, "could not record API key use");
         }
         accounts.tokens().sweep(accounts.now());
+        if let Err(error) = approvals.expire().await {
+            tracing::warn!(%error, "could not expire requests for approval");
+        }
         if stop {
             return;
         }

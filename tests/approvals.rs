@@ -31,7 +31,8 @@ const SELFISH: &str = "api_key: required\nsecond_factor: required\nfactors: [tot
 approval: { approvers: { roles: [ops] }, self: true }\n";
 const SECRET: &str = "a-webhook-key-of-thirty-two-char";
 
-/// What the webhook received: (timestamp, signature, body).
+/// What the webhook received: (timestamp, signature, body). It answers the first call 503, so
+/// that the gateway has to try again.
 type Hooks = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 
 async fn webhook() -> (String, Hooks) {
@@ -64,8 +65,12 @@ async fn webhook() -> (String, Hooks) {
                                 .unwrap()
                                 .to_bytes()
                                 .to_vec();
-                            seen.lock().unwrap().push((timestamp, signature, body));
-                            Ok::<_, Infallible>(Response::new(empty()))
+                            let mut seen = seen.lock().unwrap();
+                            seen.push((timestamp, signature, body));
+                            let status = if seen.len() == 1 { 503 } else { 200 };
+                            Ok::<_, Infallible>(
+                                Response::builder().status(status).body(empty()).unwrap(),
+                            )
                         }
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -140,16 +145,19 @@ async fn a_bot_asks_a_person_approves_with_their_code_and_the_exact_repeat_passe
     assert!(r.header("www-authenticate").unwrap().contains("approval"));
     assert!(t.up.requests().is_empty(), "nothing reaches the upstream");
 
-    // The webhook hears of it, signed, with the shown fields and nothing secret.
-    let mut hook = None;
+    // The webhook hears of it, signed, with the shown fields and nothing secret; refused once
+    // (503), it is told again after a backoff.
+    let mut hooks = Vec::new();
     for _ in 0..50 {
-        if let Some(h) = s.hooks.lock().unwrap().first().cloned() {
-            hook = Some(h);
+        hooks = s.hooks.lock().unwrap().clone();
+        if hooks.len() >= 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let (timestamp, signature, body) = hook.expect("the webhook was called");
+    assert_eq!(hooks.len(), 2, "one refused call, one taken");
+    assert_eq!(hooks[0].2, hooks[1].2, "the same summary again");
+    let (timestamp, signature, body) = hooks[1].clone();
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.").as_bytes());
     mac.update(&body);

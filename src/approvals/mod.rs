@@ -81,6 +81,10 @@ pub enum State {
     Mismatched {
         at: u64,
     },
+    /// Nobody decided it in time.
+    Expired {
+        at: u64,
+    },
 }
 
 /// The kinds of [`State`] a transition starts from.
@@ -109,6 +113,7 @@ impl State {
             State::Denied { at, by } => format!("denied {at} {by}"),
             State::Used { at } => format!("used {at}"),
             State::Mismatched { at } => format!("mismatched {at}"),
+            State::Expired { at } => format!("expired {at}"),
         }
     }
 
@@ -130,6 +135,7 @@ impl State {
             },
             "used" => State::Used { at },
             "mismatched" => State::Mismatched { at },
+            "expired" => State::Expired { at },
             _ => return None,
         })
     }
@@ -146,6 +152,7 @@ impl State {
             State::Denied { .. } => "denied",
             State::Used { .. } => "used",
             State::Mismatched { .. } => "mismatched",
+            State::Expired { .. } => "expired",
         }
     }
 }
@@ -348,13 +355,28 @@ impl Approvals {
             return Err(invalid());
         }
         if now >= approval.expires_at && matches!(state, State::Pending | State::Approved { .. }) {
-            self.metrics.approval("expired");
-            self.audit(
-                "approval_expired",
-                who,
-                &approval,
-                json!({"state": state.name()}),
-            );
+            let from = if state == State::Pending {
+                From::Pending
+            } else {
+                From::Approved
+            };
+            let to = State::Expired { at: now };
+            // Once, whoever gets there first (the housekeeping sweep, or another node).
+            if self
+                .store
+                .transition(id, from, &to)
+                .await
+                .map_err(Self::unavailable)?
+                .is_ok()
+            {
+                self.metrics.approval("expired");
+                self.audit(
+                    "approval_expired",
+                    who,
+                    &approval,
+                    json!({"state": state.name()}),
+                );
+            }
             return Err(invalid());
         }
         match state {
@@ -364,6 +386,10 @@ impl Approvals {
             State::Denied { by, .. } => {
                 self.audit("approval_refused", who, &approval, json!({"denied_by": by}));
                 Err(Refusal::ApprovalDenied)
+            }
+            State::Expired { .. } => {
+                self.metrics.approval("reused");
+                Err(invalid())
             }
             State::Used { .. } | State::Mismatched { .. } => {
                 self.metrics.approval("reused");
@@ -411,6 +437,37 @@ impl Approvals {
                 }
             }
         }
+    }
+
+    /// Marks the pending requests past their time as expired, once each (on a shared store,
+    /// whichever node gets there first), with their audit event: run now and then.
+    pub async fn expire(&self) -> Result<(), StoreError> {
+        let now = self.now();
+        for approval in self.store.pending().await? {
+            if approval.expires_at > now {
+                continue;
+            }
+            let to = State::Expired { at: now };
+            if self
+                .store
+                .transition(&approval.id, From::Pending, &to)
+                .await?
+                .is_ok()
+            {
+                self.metrics.approval("expired");
+                let who = Who {
+                    id: &approval.requester_id,
+                    name: &approval.requester,
+                };
+                self.audit(
+                    "approval_expired",
+                    who,
+                    &approval,
+                    json!({"state": "pending"}),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// An approver's decision on a pending request (their code was checked by the caller).
@@ -642,6 +699,7 @@ mod tests {
             },
             State::Used { at: 7 },
             State::Mismatched { at: 8 },
+            State::Expired { at: 9 },
         ] {
             assert_eq!(State::decode(&state.encode()), Some(state));
         }

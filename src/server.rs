@@ -27,7 +27,7 @@ use tower::ServiceExt;
 
 use crate::accounts::Accounts;
 use crate::admin::{self, Admin};
-use crate::approvals::{ApprovalStore, Approvals, LocalApprovals, RedisApprovals};
+use crate::approvals::{ApprovalStore, Approvals, LocalApprovals, RedisApprovals, SqliteApprovals};
 use crate::audit::{Audit, AuditLog};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Limits, StoreSettings};
@@ -81,6 +81,10 @@ impl Gateway {
         let data_dir = snapshot.data_dir.clone();
         let master = MasterKey::load_or_create(&data_dir)?;
         let admin_token = AdminToken::load_or_create(&data_dir)?;
+        let sqlite_path = match &snapshot.store {
+            StoreSettings::Sqlite { path } => Some(path.clone()),
+            StoreSettings::Redis(_) => None,
+        };
         let (store, redis): (Arc<dyn Store>, Option<Redis>) = match snapshot.store.clone() {
             StoreSettings::Sqlite { path } => (
                 Arc::new(
@@ -115,7 +119,14 @@ impl Gateway {
             None => (
                 Arc::new(LocalTokens::new()),
                 Arc::new(LocalSendBudget::new()),
-                Arc::new(LocalApprovals::new()),
+                match sqlite_path {
+                    Some(path) => Arc::new(
+                        tokio::task::spawn_blocking(move || SqliteApprovals::open(&path))
+                            .await
+                            .map_err(|e| Error::Io(std::io::Error::other(e)))??,
+                    ),
+                    None => Arc::new(LocalApprovals::new()),
+                },
             ),
         };
         let approval_audit = audit.clone();

@@ -650,3 +650,47 @@ async fn an_approver_approves_on_the_security_page_in_chromium() {
     .await
     .assert_problem(401, "approval_invalid");
 }
+
+/// On one node the requests live in the SQLite database: a restart loses neither a pending
+/// request nor a granted approval, and a spent one stays spent.
+#[tokio::test]
+async fn requests_and_approvals_survive_a_restart() {
+    let mut s = setup().await;
+    let bot = s.t.consumer("deploy-bot", &["ci"]).await;
+    let oncall = s.t.consumer("oncall", &["ops"]).await;
+    let e = s.t.enrol("oncall").await;
+    let id = post(&s.t, "/deploy/web", BODY, &[("x-api-key", &bot.key)])
+        .await
+        .json()["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.t.restart().await;
+    let code = totp_at(&e.secret, s.t.now());
+    let r = own(
+        &s.t,
+        "POST",
+        &format!("/approvals/{id}/approve"),
+        &[("x-api-key", &oncall.key), ("x-otp", &code)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.t.restart().await;
+    let r = post(
+        &s.t,
+        "/deploy/web",
+        BODY,
+        &[("x-api-key", &bot.key), ("x-approval", &id)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.t.restart().await;
+    post(
+        &s.t,
+        "/deploy/web",
+        BODY,
+        &[("x-api-key", &bot.key), ("x-approval", &id)],
+    )
+    .await
+    .assert_problem(401, "approval_invalid");
+}

@@ -1,5 +1,5 @@
-//! Requests for approval in this node's memory (one node; a restart forgets them, and their
-//! requesters ask again).
+//! Requests for approval in memory: for tests and benchmarks (a gateway on one node keeps
+//! them in its SQLite database).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

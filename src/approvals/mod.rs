@@ -9,14 +9,16 @@
 //! `X-Approval: <id>`: it passes once if its digest matches; any other byte is
 //! `approval_mismatch`, and the approval is spent either way.
 //!
-//! The requests live behind the [`ApprovalStore`] port: in this node's memory ([`local`]), or
-//! in Redis with the rest of the shared state ([`redis`]), so that a request made on one node
-//! is approved on a second and used on a third. State changes are single atomic steps
+//! The requests live behind the [`ApprovalStore`] port: in a table of the gateway's SQLite
+//! database ([`sqlite`], one node; kept across restarts), in memory ([`local`], for tests and
+//! benchmarks), or in Redis with the rest of the shared state ([`redis`]), so that a request
+//! made on one node is approved on a second and used on a third. State changes are single atomic steps
 //! (pending → approved | denied, approved → used | mismatched): one approval passes once.
 
 pub mod local;
 mod notify;
 pub mod redis;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +39,7 @@ use crate::store::StoreError;
 
 pub use local::LocalApprovals;
 pub use redis::RedisApprovals;
+pub use sqlite::SqliteApprovals;
 
 /// A request waiting for, or past, its decision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -3,6 +3,7 @@
 //! a factory; `contract!` instantiates it for one backend. The one-node backends (SQLite,
 //! the in-memory token store, the local limiter) run them here.
 
+mod approvals;
 mod limiter;
 mod sends;
 mod store;
@@ -20,6 +21,51 @@ macro_rules! contract {
             )+
         }
     };
+}
+
+mod memory_approvals {
+    use std::sync::Arc;
+
+    use stepgate::approvals::{ApprovalStore, LocalApprovals};
+
+    pub async fn make() -> Arc<dyn ApprovalStore> {
+        Arc::new(LocalApprovals::new())
+    }
+
+    contract!(
+        local,
+        approvals,
+        super::make,
+        [
+            a_request_reads_back_and_moves_once,
+            one_approval_passes_once_under_concurrent_callers,
+            the_pending_list_holds_the_undecided_only,
+        ]
+    );
+}
+
+mod sqlite_approvals {
+    use std::sync::Arc;
+
+    use stepgate::approvals::{ApprovalStore, SqliteApprovals};
+
+    pub async fn make() -> Arc<dyn ApprovalStore> {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let store = SqliteApprovals::open(&dir.path().join("approvals.db")).unwrap();
+        let _ = dir.keep();
+        Arc::new(store)
+    }
+
+    contract!(
+        sqlite,
+        approvals,
+        super::make,
+        [
+            a_request_reads_back_and_moves_once,
+            one_approval_passes_once_under_concurrent_callers,
+            the_pending_list_holds_the_undecided_only,
+        ]
+    );
 }
 
 mod sqlite_store {
@@ -281,6 +327,37 @@ mod redis_sends {
             sends_are_limited_per_consumer_and_per_number,
             a_reservation_not_committed_is_given_back,
             a_send_refused_by_the_number_is_not_counted_for_the_consumer,
+        ]
+    );
+}
+
+mod redis_approvals {
+    use std::sync::Arc;
+
+    use stepgate::approvals::{ApprovalStore, RedisApprovals};
+    use stepgate::config::RedisSettings;
+    use stepgate::store::redis::Redis;
+
+    pub fn make(settings: RedisSettings) -> impl Fn() -> crate::Made<dyn ApprovalStore> {
+        move || {
+            let settings = settings.clone();
+            Box::pin(async move {
+                let store: Arc<dyn ApprovalStore> = Arc::new(RedisApprovals::new(
+                    Redis::connect(&settings).await.unwrap(),
+                ));
+                store
+            })
+        }
+    }
+
+    contract_on_redis!(
+        redis,
+        approvals,
+        super::make,
+        [
+            a_request_reads_back_and_moves_once,
+            one_approval_passes_once_under_concurrent_callers,
+            the_pending_list_holds_the_undecided_only,
         ]
     );
 }

@@ -184,42 +184,9 @@ read -r FIRST_TKEY FIRST_TOKEN <"$DATA/tokens.txt"
 
 # ---------------------------------------------------------------- (b) nginx with a key map
 
-proxy_conf() {
-    local dir="$1" port="$2" n max
-    n="$(wc -l <"$DATA/keys.txt")"
-    max=1024
-    while ((max < 4 * n)); do max=$((max * 2)); done
-    nginx_conf_head "$dir"
-    echo "http {"
-    nginx_http_common "$dir"
-    cat <<EOF
-    map_hash_max_size $max;
-    map_hash_bucket_size 128;     # keys are 76 characters
-    map \$http_x_api_key \$key_ok {
-        default 0;
-        include $dir/keys.map;
-    }
-    upstream backend {
-        server 127.0.0.1:$UPSTREAM_PORT;
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$port;
-        location / {
-            if (\$key_ok = 0) { return 401; }
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Api-Key "";   # like stepgate: the key is not forwarded
-        }
-    }
-}
-EOF
-}
-
 mkdir -p "$WORK/proxy"
 sed 's/.*/        "&" 1;/' "$DATA/keys.txt" >"$WORK/proxy/keys.map"
-start_nginx_with "nginx proxy" "$WORK/proxy" proxy_conf /direct-key 200 "X-Api-Key: $FIRST_KEY"
+start_nginx_with "nginx proxy" "$WORK/proxy" nginx_keymap_conf /direct-key 200 "X-Api-Key: $FIRST_KEY"
 PROXY_PID="$NGINX_STARTED_PID"
 PROXY_PORT="$NGINX_STARTED_PORT"
 log "nginx key-map proxy (pid $PROXY_PID) on 127.0.0.1:$PROXY_PORT"

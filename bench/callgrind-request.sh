@@ -3,8 +3,9 @@
 # stack, forwarding, the upstream connection), wrk -t1 -c8 for 10 s, against the same nginx
 # `return 200` upstream as the other benchmarks. Deterministic, so two builds compare on a
 # machine whose nanoseconds drift; prints the API-key route, the key + step-up token route,
-# the refusal of a banned consumer (429, nothing forwarded) and the bare hyper proxy
-# (examples/bare_proxy.rs) for reference.
+# the refusal of a banned consumer (429, nothing forwarded), nginx doing the same key check
+# with a `map` (one process, one worker: like for like) and the bare hyper proxy
+# (examples/bare_proxy.rs) for reference, with each one's ratio to nginx.
 #
 #   bench/callgrind-request.sh          # needs valgrind (apt-get install valgrind)
 #   BENCH_STORE=redis bench/callgrind-request.sh   # the gateway as a cluster node, on Redis
@@ -132,6 +133,20 @@ callgrind_run refused-banned "$GATEWAY_PID" "$GATEWAY_PORT" /two-factor \
     "X-Api-Key: $KEY"
 stop_pid "$GATEWAY_PID"
 
+# nginx doing the same key check (a `map` of the one key), one process (master_process off,
+# one worker) under callgrind like the gateway: the like-for-like reference.
+KEYMAP_DIR="$WORK/keymap"
+mkdir -p "$KEYMAP_DIR/tmp" "$KEYMAP_DIR/logs"
+printf '        "%s" 1;\n' "$KEY" >"$KEYMAP_DIR/keys.map"
+KEYMAP_PORT="$(free_port)"
+nginx_keymap_conf "$KEYMAP_DIR" "$KEYMAP_PORT" >"$KEYMAP_DIR/nginx.conf"
+log "nginx key map under callgrind"
+start_under_callgrind nginx-keymap "$KEYMAP_PORT" /key 401 \
+    "$NGINX_BIN" -p "$KEYMAP_DIR" -c "$KEYMAP_DIR/nginx.conf" -e "$KEYMAP_DIR/logs/error.log"
+for _ in 1 2 3 4 5; do http_status "$KEYMAP_PORT" /key "X-Api-Key: $KEY" >/dev/null; done
+callgrind_run nginx-keymap "$STARTED_PID" "$KEYMAP_PORT" /key "X-Api-Key: $KEY"
+stop_pid "$STARTED_PID"
+
 BARE_PORT="$(free_port)"
 log "bare hyper proxy under callgrind"
 start_under_callgrind bare "$BARE_PORT" /key 200 "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UPSTREAM_PORT" 2
@@ -147,10 +162,12 @@ REPORT="$RESULTS_DIR/$(date -u +%Y%m%dT%H%M%SZ)-callgrind-request-$STORE.md"
     echo "- store: $STORE"
     echo "- wrk -t1 -c8 -d$DURATION; nginx \`return 200\` upstream; SHA-256 in software under valgrind"
     echo
-    echo "| target | instructions / request | requests | non-2xx |"
-    echo "|---|---:|---:|---:|"
+    nginx="$(awk -F'\t' '$1 == "nginx-keymap" { print $2 }' "$WORK/counts")"
+    echo "| target | instructions / request | × nginx key map | requests | non-2xx |"
+    echo "|---|---:|---:|---:|---:|"
     while IFS=$'\t' read -r name per requests non; do
-        echo "| $name | $per | $requests | $non |"
+        ratio="$(awk -v a="$per" -v b="$nginx" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
+        echo "| $name | $per | $ratio | $requests | $non |"
     done <"$WORK/counts"
 } >"$REPORT"
 cat "$REPORT"

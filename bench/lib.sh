@@ -378,6 +378,42 @@ upstream_conf() {
 EOF
 }
 
+# nginx_keymap_conf DIR PORT: nginx doing an API-key check with a `map` of the keys in
+# DIR/keys.map (`"KEY" 1;` lines), proxying to the upstream on keep-alive connections: the
+# closest nginx comes to the gateway's API-key route.
+nginx_keymap_conf() {
+    local dir="$1" port="$2" n max
+    n="$(wc -l <"$dir/keys.map")"
+    max=1024
+    while ((max < 4 * n)); do max=$((max * 2)); done
+    nginx_conf_head "$dir"
+    echo "http {"
+    nginx_http_common "$dir"
+    cat <<EOF
+    map_hash_max_size $max;
+    map_hash_bucket_size 128;     # keys are 76 characters
+    map \$http_x_api_key \$key_ok {
+        default 0;
+        include $dir/keys.map;
+    }
+    upstream backend {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            if (\$key_ok = 0) { return 401; }
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Api-Key "";   # like stepgate: the key is not forwarded
+        }
+    }
+}
+EOF
+}
+
 # start_upstream: the nginx `return 200` upstream; sets NGINX_PID and UPSTREAM_PORT.
 start_upstream() {
     start_nginx_with nginx "$WORK/nginx" upstream_conf / 200

@@ -127,6 +127,22 @@ async fn own(t: &TwoFactor, method: &str, path: &str, headers: &[(&str, &str)]) 
     t.send(method, &format!("/_stepgate{path}"), headers).await
 }
 
+/// An approver's decision on the security page's API, with their code.
+async fn decide(t: &TwoFactor, id: &str, verb: &str, key: &str, code: &str) -> Resp {
+    own(
+        t,
+        "POST",
+        &format!("/approvals/{id}/{verb}"),
+        &[("x-api-key", key), ("x-otp", code)],
+    )
+    .await
+}
+
+/// The requester's repeat of `BODY` on `path` with `X-Approval: id`.
+async fn repeat(t: &TwoFactor, path: &str, key: &str, id: &str) -> Resp {
+    post(t, path, BODY, &[("x-api-key", key), ("x-approval", id)]).await
+}
+
 #[tokio::test]
 async fn a_bot_asks_a_person_approves_with_their_code_and_the_exact_repeat_passes_once() {
     let s = setup().await;
@@ -208,13 +224,7 @@ async fn a_bot_asks_a_person_approves_with_their_code_and_the_exact_repeat_passe
     .await;
     r.assert_problem(401, "otp_required");
     let code = totp_at(&e.secret, t.now());
-    let r = own(
-        t,
-        "POST",
-        &format!("/approvals/{id}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(t, &id, "approve", &oncall.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "approved");
     let polled = waiting.await.unwrap();
@@ -223,26 +233,14 @@ async fn a_bot_asks_a_person_approves_with_their_code_and_the_exact_repeat_passe
     assert_eq!(polled.json()["decided_by"], "oncall");
 
     // The exact repeat passes, once.
-    let r = post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(t, "/deploy/web", &bot.key, &id).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = t.up.only_request();
     assert_eq!(seen.body_bytes, BODY.len() as u64);
     assert_eq!(seen.header("x-stepgate-auth"), Some("key+approval"));
     assert_eq!(seen.header("x-consumer-name"), Some("deploy-bot"));
     assert!(seen.header("x-approval").is_none() && seen.header("x-api-key").is_none());
-    let r = post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(t, "/deploy/web", &bot.key, &id).await;
     r.assert_problem(401, "approval_invalid");
     assert_eq!(t.up.requests().len(), 1);
 
@@ -286,13 +284,7 @@ async fn one_changed_byte_is_refused_and_spends_the_approval() {
         .unwrap()
         .to_owned();
     let code = totp_at(&e.secret, t.now());
-    let r = own(
-        t,
-        "POST",
-        &format!("/approvals/{id}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(t, &id, "approve", &oncall.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let changed = BODY.replace("1.4.2", "1.4.3");
     let r = post(
@@ -304,13 +296,7 @@ async fn one_changed_byte_is_refused_and_spends_the_approval() {
     .await;
     r.assert_problem(401, "approval_mismatch");
     // The path and the query count as much as the body.
-    let r = post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(t, "/deploy/web", &bot.key, &id).await;
     r.assert_problem(401, "approval_invalid");
     assert!(t.up.requests().is_empty());
     assert!(
@@ -344,25 +330,14 @@ async fn who_may_approve_and_when() {
         .json();
     assert!(list["approvals"].as_array().unwrap().is_empty(), "{list}");
     let code = totp_at(&d.secret, t.now());
-    own(
-        t,
-        "POST",
-        &format!("/approvals/{id}/approve"),
-        &[("x-api-key", &dev.key), ("x-otp", &code)],
-    )
-    .await
-    .assert_problem(403, "forbidden");
+    decide(t, &id, "approve", &dev.key, &code)
+        .await
+        .assert_problem(403, "forbidden");
 
     // The requester may not approve their own request under `self: false`...
     let mine = ask("/deploy/b", oncall.key.clone()).await;
     let code = totp_at(&e.secret, t.now());
-    let r = own(
-        t,
-        "POST",
-        &format!("/approvals/{mine}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(t, &mine, "approve", &oncall.key, &code).await;
     let problem = r.assert_problem(403, "forbidden");
     assert!(
         problem["detail"].as_str().unwrap().contains("own request"),
@@ -372,74 +347,37 @@ async fn who_may_approve_and_when() {
     t.advance(30);
     let selfish = ask("/selfish/x", oncall.key.clone()).await;
     let code = totp_at(&e.secret, t.now());
-    let r = own(
-        t,
-        "POST",
-        &format!("/approvals/{selfish}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(t, &selfish, "approve", &oncall.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
 
     // Denied: the repeat is refused as such.
     t.advance(30);
     let code = totp_at(&e.secret, t.now());
-    let r = own(
-        t,
-        "POST",
-        &format!("/approvals/{id}/deny"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(t, &id, "deny", &oncall.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    post(
-        t,
-        "/deploy/a",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await
-    .assert_problem(403, "approval_denied");
+    repeat(t, "/deploy/a", &bot.key, &id)
+        .await
+        .assert_problem(403, "approval_denied");
 
     // Still pending: the repeat says so; past its ttl it is gone for everyone.
     let late = ask("/deploy/c", bot.key.clone()).await;
-    post(
-        t,
-        "/deploy/c",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &late)],
-    )
-    .await
-    .assert_problem(401, "approval_pending");
+    repeat(t, "/deploy/c", &bot.key, &late)
+        .await
+        .assert_problem(401, "approval_pending");
     t.advance(5 * 60);
     t.advance(30);
     let code = totp_at(&e.secret, t.now());
-    own(
-        t,
-        "POST",
-        &format!("/approvals/{late}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await
-    .assert_problem(404, "approval_unknown");
-    post(
-        t,
-        "/deploy/c",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &late)],
-    )
-    .await
-    .assert_problem(401, "approval_invalid");
+    decide(t, &late, "approve", &oncall.key, &code)
+        .await
+        .assert_problem(404, "approval_unknown");
+    repeat(t, "/deploy/c", &bot.key, &late)
+        .await
+        .assert_problem(401, "approval_invalid");
     // Another consumer's id is as good as none.
     let other = ask("/deploy/d", bot.key.clone()).await;
-    post(
-        t,
-        "/deploy/d",
-        BODY,
-        &[("x-api-key", &dev.key), ("x-approval", &other)],
-    )
-    .await
-    .assert_problem(401, "approval_invalid");
+    repeat(t, "/deploy/d", &dev.key, &other)
+        .await
+        .assert_problem(401, "approval_invalid");
     own(
         t,
         "GET",
@@ -515,13 +453,7 @@ async fn operators_decide_through_the_admin_api_and_the_cli() {
     ];
     let (code, out, err) = run_cli_async(&[&approve[..], &admin[..]].concat(), &[]).await;
     assert_eq!(code, 0, "{out}{err}");
-    let r = post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(t, "/deploy/web", &bot.key, &id).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -633,22 +565,11 @@ async fn an_approver_approves_on_the_security_page_in_chromium() {
     )
     .await;
 
-    let r = post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(t, "/deploy/web", &bot.key, &id).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    post(
-        t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await
-    .assert_problem(401, "approval_invalid");
+    repeat(t, "/deploy/web", &bot.key, &id)
+        .await
+        .assert_problem(401, "approval_invalid");
 }
 
 /// On one node the requests live in the SQLite database: a restart loses neither a pending
@@ -667,30 +588,13 @@ async fn requests_and_approvals_survive_a_restart() {
         .to_owned();
     s.t.restart().await;
     let code = totp_at(&e.secret, s.t.now());
-    let r = own(
-        &s.t,
-        "POST",
-        &format!("/approvals/{id}/approve"),
-        &[("x-api-key", &oncall.key), ("x-otp", &code)],
-    )
-    .await;
+    let r = decide(&s.t, &id, "approve", &oncall.key, &code).await;
     assert_eq!(r.status, 200, "{}", r.text());
     s.t.restart().await;
-    let r = post(
-        &s.t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await;
+    let r = repeat(&s.t, "/deploy/web", &bot.key, &id).await;
     assert_eq!(r.status, 200, "{}", r.text());
     s.t.restart().await;
-    post(
-        &s.t,
-        "/deploy/web",
-        BODY,
-        &[("x-api-key", &bot.key), ("x-approval", &id)],
-    )
-    .await
-    .assert_problem(401, "approval_invalid");
+    repeat(&s.t, "/deploy/web", &bot.key, &id)
+        .await
+        .assert_problem(401, "approval_invalid");
 }

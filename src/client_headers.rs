@@ -71,19 +71,59 @@ pub enum Underscores {
     Allow,
 }
 
+/// Which of the gateway's credential headers a request carries, found by the cleaning pass so
+/// that the layers after it look up only the ones that are there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials(u8);
+
+impl Credentials {
+    /// Not looked at (a request that did not pass the cleaning): every one may be there.
+    pub const UNKNOWN: Credentials = Credentials(u8::MAX);
+    const OTP: u8 = 1;
+    const STEP_UP_TOKEN: u8 = 2;
+    const APPROVAL: u8 = 4;
+
+    pub fn otp(self) -> bool {
+        self.0 & Self::OTP != 0
+    }
+    pub fn step_up_token(self) -> bool {
+        self.0 & Self::STEP_UP_TOKEN != 0
+    }
+    pub fn approval(self) -> bool {
+        self.0 & Self::APPROVAL != 0
+    }
+
+    fn of(name: &str) -> u8 {
+        match name {
+            "x-otp" => Self::OTP,
+            "x-step-up-token" => Self::STEP_UP_TOKEN,
+            "x-approval" => Self::APPROVAL,
+            _ => 0,
+        }
+    }
+}
+
+/// What the cleaning pass found.
+#[derive(Debug, Clone, Copy)]
+pub struct Cleaned {
+    /// The client asked to upgrade the connection to WebSocket (`Upgrade: websocket` named by
+    /// `Connection`); both headers are gone either way.
+    pub websocket: bool,
+    pub credentials: Credentials,
+}
+
 /// The pass itself (see the module doc). `trusted_peer`: the peer is a trusted proxy, whose
-/// `Forwarded` and `X-Real-IP` are kept for forwarding to extend or replace. True when the
-/// client asked to upgrade the connection to WebSocket (`Upgrade: websocket` named by
-/// `Connection`); both headers are gone either way.
+/// `Forwarded` and `X-Real-IP` are kept for forwarding to extend or replace.
 pub fn clean(
     headers: &mut HeaderMap,
     underscores: Underscores,
     trusted_peer: bool,
-) -> Result<bool, Refusal> {
+) -> Result<Cleaned, Refusal> {
     // Room for what the gateway adds, made once: hyper sizes the map for the headers it
     // parsed, and growing it rehashes every entry. A map at its size limit grows later.
     let _ = headers.try_reserve(ADDED_HEADERS);
     let mut hop_by_hop_here = [false; HOP_BY_HOP.len()];
+    let mut credentials = 0;
     // Collected only when there is something to remove: the common request has nothing.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
@@ -104,6 +144,8 @@ pub fn clean(
         } else if is_identity(text) || (!trusted_peer && matches!(text, "forwarded" | "x-real-ip"))
         {
             doomed.push(name.clone());
+        } else {
+            credentials |= Credentials::of(text);
         }
     }
     if hop_by_hop_here[TRANSFER_ENCODING] {
@@ -126,7 +168,10 @@ pub fn clean(
     {
         headers.remove(name);
     }
-    Ok(websocket)
+    Ok(Cleaned {
+        websocket,
+        credentials: Credentials(credentials),
+    })
 }
 
 /// `Upgrade` offers `websocket` (RFC 6455 §4.1) and `Connection` names `upgrade`: an upgrade
@@ -267,7 +312,7 @@ mod tests {
         names
     }
 
-    fn bad(result: Result<bool, Refusal>) -> String {
+    fn bad(result: Result<Cleaned, Refusal>) -> String {
         match result {
             Err(refusal) => {
                 assert_eq!(refusal.status_code().0, 400, "{refusal}");
@@ -359,6 +404,22 @@ mod tests {
     }
 
     #[test]
+    fn the_credential_headers_present_are_reported() {
+        let mut h = map(&[
+            ("x-otp", "123456"),
+            ("x-approval", "apr_1"),
+            ("accept", "*/*"),
+        ]);
+        let found = clean(&mut h, Underscores::Drop, false).unwrap().credentials;
+        assert!(found.otp() && found.approval() && !found.step_up_token());
+        let mut h = map(&[("x-step-up-token", "sgt_x")]);
+        let found = clean(&mut h, Underscores::Drop, false).unwrap().credentials;
+        assert!(!found.otp() && !found.approval() && found.step_up_token());
+        let unknown = Credentials::UNKNOWN;
+        assert!(unknown.otp() && unknown.approval() && unknown.step_up_token());
+    }
+
+    #[test]
     fn te_trailers_stays_and_any_other_te_goes() {
         let mut h = map(&[("te", "Trailers"), ("connection", "te")]);
         clean(&mut h, Underscores::Drop, false).unwrap();
@@ -383,7 +444,7 @@ mod tests {
                 "sec-websocket-key",
                 "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
             );
-            let got = clean(&mut h, Underscores::Drop, false).unwrap();
+            let got = clean(&mut h, Underscores::Drop, false).unwrap().websocket;
             assert_eq!(got, asked, "{upgrade} / {connection}");
             assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
             assert!(

@@ -30,6 +30,8 @@ pub struct Context {
     /// The client asked to upgrade to WebSocket (set by the client-headers guard, which
     /// removed the upgrade headers: only a route that tunnels WebSocket puts them back).
     pub websocket: bool,
+    /// The credential headers the request carries (set by the client-headers guard).
+    pub credentials: crate::client_headers::Credentials,
 }
 
 impl Context {
@@ -42,6 +44,7 @@ impl Context {
             client: None,
             entry: None,
             websocket: false,
+            credentials: crate::client_headers::Credentials::UNKNOWN,
         }
     }
 

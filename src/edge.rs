@@ -153,9 +153,10 @@ impl<B> Guard<B> for ClientHeaders {
                 "Content-Length and Transfer-Encoding together are ambiguous",
             ));
         }
-        if client_headers::clean(request.headers_mut(), underscores, trusted_peer)? {
-            Context::of_mut(request)?.websocket = true;
-        }
+        let cleaned = client_headers::clean(request.headers_mut(), underscores, trusted_peer)?;
+        let context = Context::of_mut(request)?;
+        context.websocket |= cleaned.websocket;
+        context.credentials = cleaned.credentials;
         Ok(())
     }
 }

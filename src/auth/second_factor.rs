@@ -22,6 +22,7 @@ use tower::{Layer, Service};
 use super::api_key::{X_STEPGATE_AUTH, single_value};
 use super::failures::SecondFactorPassed;
 use crate::accounts::{Accounts, CodeFailure};
+use crate::client_headers::Credentials;
 use crate::clock::rfc3339;
 use crate::config::{Policy, RolloutMode};
 use crate::context::Context as RequestContext;
@@ -81,30 +82,48 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let (route, entry, websocket, client) = match RequestContext::of(&request) {
+        let (route, entry, facts) = match RequestContext::of(&request) {
             Ok(context) => (
                 context.route.clone(),
                 context.entry.clone(),
-                context.websocket,
-                context.client.map_or(context.conn.peer.ip(), |c| c.ip),
+                Facts {
+                    websocket: context.websocket,
+                    client: context.client.map_or(context.conn.peer.ip(), |c| c.ip),
+                    credentials: context.credentials,
+                },
             ),
             Err(_) => (
                 None,
                 None,
-                false,
-                IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                Facts {
+                    websocket: false,
+                    client: IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                    credentials: Credentials::UNKNOWN,
+                },
             ),
         };
+        let Facts {
+            websocket,
+            client,
+            credentials,
+        } = facts;
         let (route, entry) = match (route, entry) {
             (Some(route), Some(entry)) if route.policy.second_factor_for(request.method()) => {
                 (route, entry)
             }
             _ => {
-                // No second factor on this route: codes and tokens are ignored, and dropped.
+                // No second factor on this route: codes and tokens are ignored, and dropped
+                // (those the request carries: looking up an absent one costs a hash).
                 let headers = request.headers_mut();
-                headers.remove(&X_OTP);
-                headers.remove(&X_STEP_UP_TOKEN);
-                headers.remove(&X_APPROVAL);
+                if credentials.otp() {
+                    headers.remove(&X_OTP);
+                }
+                if credentials.step_up_token() {
+                    headers.remove(&X_STEP_UP_TOKEN);
+                }
+                if credentials.approval() {
+                    headers.remove(&X_APPROVAL);
+                }
                 return Either::Left(self.inner.call(request));
             }
         };
@@ -118,8 +137,7 @@ where
             &self.metrics,
             &route.policy,
             &entry,
-            websocket,
-            client,
+            facts,
             &mut request,
         ) {
             return Either::Left(self.inner.call(request));
@@ -235,23 +253,29 @@ fn valid_step_up<B>(
     metrics: &Metrics,
     policy: &Policy,
     entry: &KeyEntry,
-    websocket: bool,
-    client: IpAddr,
+    facts: Facts,
     request: &mut Request<B>,
 ) -> bool {
+    let Facts {
+        websocket,
+        client,
+        credentials,
+    } = facts;
+    // An X-Approval beside a token: the long way removes it before forwarding.
+    if !credentials.step_up_token() || credentials.approval() {
+        return false;
+    }
     let headers = request.headers();
     let Ok(Some(token)) = single_value(headers, &X_STEP_UP_TOKEN, "") else {
         return false;
     };
     // A malformed or repeated X-OTP is a 400 even beside a good token: leave that to decide.
-    let Ok(code) = single_value(headers, &X_OTP, "") else {
-        return false;
+    let has_code = credentials.otp() && {
+        let Ok(code) = single_value(headers, &X_OTP, "") else {
+            return false;
+        };
+        code.is_some()
     };
-    // An X-Approval beside the token: the long way removes it before forwarding.
-    if headers.contains_key(&X_APPROVAL) {
-        return false;
-    }
-    let has_code = code.is_some();
     if !entry.consumer.enrolled_for(policy.factors) {
         return false;
     }
@@ -293,6 +317,16 @@ fn valid_step_up<B>(
         auth_time_header(info.auth_time),
     );
     true
+}
+
+/// What the request's context says that the second factor needs.
+#[derive(Clone, Copy)]
+struct Facts {
+    /// A WebSocket upgrade: its tunnel lives by the token it passed with.
+    websocket: bool,
+    client: IpAddr,
+    /// The credential headers present.
+    credentials: Credentials,
 }
 
 /// Whether a token the store accepted does for this policy, from this client, now: its code

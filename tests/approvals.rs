@@ -598,3 +598,27 @@ async fn requests_and_approvals_survive_a_restart() {
         .await
         .assert_problem(401, "approval_invalid");
 }
+
+/// Under `rollout: { mode: report_only }` nobody is asked for an approval yet: the call is
+/// forwarded and the refusal it would have met is audited.
+#[tokio::test]
+async fn report_only_asks_for_no_approval_and_audits_it() {
+    let t = TwoFactor::start_custom(CustomConfig {
+        template: "listen: 127.0.0.1:0\nadmin: { listen: \"127.0.0.1:0\" }\ndata_dir: \"${data_dir}\"\nupstreams:\n  app: { url: \"${app}\" }\nroutes:\n  - { name: deploy, match: { path: /deploy }, upstream: app, policy: trial }\n".into(),
+        policies: vec![(
+            "policies/trial.yaml".into(),
+            format!("{DEPLOY}rollout: {{ mode: report_only }}\n"),
+        )],
+    })
+    .await;
+    let bot = t.consumer("deploy-bot", &["ci"]).await;
+    let r = post(&t, "/deploy/web", BODY, &[("x-api-key", &bot.key)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(t.up.only_request().header("x-stepgate-auth"), Some("key"));
+    assert!(
+        t.audit("deploy-bot")
+            .await
+            .iter()
+            .any(|e| e["kind"] == "would_refuse" && e["detail"]["code"] == "approval_required")
+    );
+}

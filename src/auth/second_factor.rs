@@ -500,6 +500,15 @@ async fn decide<B>(
 
     let report_only = policy.rollout.mode == RolloutMode::ReportOnly;
     match outcome {
+        // Under report_only a request for approval is not asked for: it would refuse the call.
+        Ok(Decision::Approval { claim: None }) if report_only => {
+            metrics.factor("none", "would_refuse");
+            audit(
+                "would_refuse",
+                json!({"code": "approval_required", "policy": policy.name}),
+            );
+            Ok(Decision::Unproved { warning: None })
+        }
         Ok(decision) => Ok(decision),
         Err(
             refusal @ (Refusal::OtpRequired

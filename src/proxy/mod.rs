@@ -89,7 +89,9 @@ where
     let host = context.host.as_ref().map(|h| h.value().clone());
     let websocket = context.websocket;
     let idle_timeout = context.snapshot.limits.idle_timeout;
-    let snapshot = context.snapshot.clone();
+    // Only a policy a person's approval satisfies needs these (kept off the common path).
+    let by_approval = route.policy.approval.is_some();
+    let snapshot = by_approval.then(|| context.snapshot.clone());
 
     if let Target::StepUp = route.upstream.target {
         return step_up_answer(&request);
@@ -115,7 +117,11 @@ where
         }
         _ => None,
     };
-    let approval = request.extensions_mut().remove::<ApprovalCheck>();
+    let approval = if by_approval {
+        request.extensions_mut().remove::<ApprovalCheck>()
+    } else {
+        None
+    };
     let (mut parts, body) = request.into_parts();
     let routed = approval.as_ref().map(|_| approval::Target {
         path: parts.uri.path().to_owned(),
@@ -157,11 +163,11 @@ where
     parts.extensions = http::Extensions::new();
 
     let mut body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
-    if let (Some(check), Some(routed)) = (approval, routed) {
+    if let (Some(check), Some(routed), Some(snapshot)) = (approval, routed, &snapshot) {
         body = approval::settle(
             &approvals,
             check,
-            &snapshot,
+            snapshot,
             &route.name,
             &parts,
             &routed,

@@ -197,7 +197,7 @@
       for (const [path, value] of Object.entries(a.fields || {})) {
         dl.append(el('dt', path.replace(/^\$\./, '')), el('dd', typeof value === 'string' ? value : JSON.stringify(value)));
       }
-      dl.append(el('dt', 'body'), el('dd', `${a.body_bytes} bytes, SHA-256 ${a.body_sha256.slice(0, 16)}…`));
+      dl.append(el('dt', 'body'), el('dd', `${a.body_bytes} bytes`), el('dt', 'request SHA-256'), el('dd', `${a.request_sha256.slice(0, 16)}…`));
       li.append(dl);
       const pick = el('button', 'Decide', 'small');
       pick.type = 'button';

@@ -642,7 +642,7 @@ pub fn view(approval: &Approval, state: &State) -> Value {
         "path": approval.path,
         "query": approval.query,
         "body_bytes": approval.body_bytes,
-        "body_sha256": approval.digest,
+        "request_sha256": approval.digest,
         "fields": approval.fields,
         "created_at": rfc3339(approval.created_at),
         "expires_at": rfc3339(approval.expires_at),

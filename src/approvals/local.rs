@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Approval, ApprovalStore, From, State};
+use super::{Approval, ApprovalStore, Stage, State};
 use crate::store::StoreError;
 
 /// Requests kept at most; the oldest expired ones go first when full.
@@ -51,7 +51,7 @@ impl ApprovalStore for LocalApprovals {
     async fn transition(
         &self,
         id: &str,
-        from: From,
+        from: Stage,
         to: &State,
     ) -> Result<Result<(), Option<State>>, StoreError> {
         let mut held = self.held();

@@ -92,16 +92,16 @@ pub enum State {
 
 /// The kinds of [`State`] a transition starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum From {
+pub enum Stage {
     Pending,
     Approved,
 }
 
-impl From {
+impl Stage {
     fn prefix(self) -> &'static str {
         match self {
-            From::Pending => "pending",
-            From::Approved => "approved ",
+            Stage::Pending => "pending",
+            Stage::Approved => "approved ",
         }
     }
 }
@@ -143,7 +143,7 @@ impl State {
         })
     }
 
-    fn starts_from(&self, from: From) -> bool {
+    fn starts_from(&self, from: Stage) -> bool {
         self.encode().starts_with(from.prefix())
     }
 
@@ -173,7 +173,7 @@ pub trait ApprovalStore: Send + Sync + 'static {
     async fn transition(
         &self,
         id: &str,
-        from: From,
+        from: Stage,
         to: &State,
     ) -> Result<Result<(), Option<State>>, StoreError>;
 
@@ -359,9 +359,9 @@ impl Approvals {
         }
         if now >= approval.expires_at && matches!(state, State::Pending | State::Approved { .. }) {
             let from = if state == State::Pending {
-                From::Pending
+                Stage::Pending
             } else {
-                From::Approved
+                Stage::Approved
             };
             let to = State::Expired { at: now };
             // Once, whoever gets there first (the housekeeping sweep, or another node).
@@ -411,7 +411,7 @@ impl Approvals {
                 };
                 match self
                     .store
-                    .transition(id, From::Approved, &to)
+                    .transition(id, Stage::Approved, &to)
                     .await
                     .map_err(Self::unavailable)?
                 {
@@ -453,7 +453,7 @@ impl Approvals {
             let to = State::Expired { at: now };
             if self
                 .store
-                .transition(&approval.id, From::Pending, &to)
+                .transition(&approval.id, Stage::Pending, &to)
                 .await?
                 .is_ok()
             {
@@ -507,7 +507,7 @@ impl Approvals {
         };
         match self
             .store
-            .transition(id, From::Pending, &to)
+            .transition(id, Stage::Pending, &to)
             .await
             .map_err(|_| DecideError::Unavailable)?
         {

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use async_trait::async_trait;
 use redis::Script;
 
-use super::{Approval, ApprovalStore, From, State, keep_for};
+use super::{Approval, ApprovalStore, Stage, State, keep_for};
 use crate::store::StoreError;
 use crate::store::redis::Redis;
 
@@ -103,7 +103,7 @@ impl ApprovalStore for RedisApprovals {
     async fn transition(
         &self,
         id: &str,
-        from: From,
+        from: Stage,
         to: &State,
     ) -> Result<Result<(), Option<State>>, StoreError> {
         let keys = &self.redis.keys;
@@ -118,7 +118,7 @@ impl ApprovalStore for RedisApprovals {
         Ok(match moved {
             None => Err(None),
             Some((1, _)) => {
-                if from == From::Pending {
+                if from == Stage::Pending {
                     let _: Result<(), _> = redis::cmd("ZREM")
                         .arg(keys.approvals_pending())
                         .arg(id)

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Approval, ApprovalStore, From, State, keep_for};
+use super::{Approval, ApprovalStore, Stage, State, keep_for};
 use crate::store::StoreError;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -104,7 +104,7 @@ impl ApprovalStore for SqliteApprovals {
     async fn transition(
         &self,
         id: &str,
-        from: From,
+        from: Stage,
         to: &State,
     ) -> Result<Result<(), Option<State>>, StoreError> {
         let (id, to) = (id.to_owned(), to.encode());

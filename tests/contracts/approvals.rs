@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use stepgate::approvals::{Approval, ApprovalStore, From, State};
+use stepgate::approvals::{Approval, ApprovalStore, Stage, State};
 
 fn request(id: &str, requester: &str) -> Approval {
     Approval {
@@ -48,7 +48,7 @@ where
     };
     assert_eq!(
         store
-            .transition("apr_1", From::Pending, &approved)
+            .transition("apr_1", Stage::Pending, &approved)
             .await
             .unwrap(),
         Ok(())
@@ -60,7 +60,7 @@ where
     };
     assert_eq!(
         store
-            .transition("apr_1", From::Pending, &denied)
+            .transition("apr_1", Stage::Pending, &denied)
             .await
             .unwrap(),
         Err(Some(approved.clone()))
@@ -69,21 +69,21 @@ where
     let used = State::Used { at: 1_800_000_020 };
     assert_eq!(
         store
-            .transition("apr_1", From::Approved, &used)
+            .transition("apr_1", Stage::Approved, &used)
             .await
             .unwrap(),
         Ok(())
     );
     assert_eq!(
         store
-            .transition("apr_1", From::Approved, &used)
+            .transition("apr_1", Stage::Approved, &used)
             .await
             .unwrap(),
         Err(Some(used.clone()))
     );
     assert_eq!(
         store
-            .transition("apr_nope", From::Pending, &approved)
+            .transition("apr_nope", Stage::Pending, &approved)
             .await
             .unwrap(),
         Err(None)
@@ -102,7 +102,7 @@ where
         by: "b".into(),
     };
     store
-        .transition("apr_2", From::Pending, &approved)
+        .transition("apr_2", Stage::Pending, &approved)
         .await
         .unwrap()
         .unwrap();
@@ -110,7 +110,7 @@ where
         let store = store.clone();
         async move {
             store
-                .transition("apr_2", From::Approved, &State::Used { at: i })
+                .transition("apr_2", Stage::Approved, &State::Used { at: i })
                 .await
                 .unwrap()
                 .is_ok()
@@ -136,7 +136,7 @@ where
     store
         .transition(
             "apr_b",
-            From::Pending,
+            Stage::Pending,
             &State::Denied {
                 at: 1,
                 by: "x".into(),

@@ -8,6 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
+use pin_project_lite::pin_project;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Facts about the connection a request arrived on, shared by its requests' contexts.
 #[derive(Debug)]
@@ -208,6 +212,97 @@ impl Awaiting {
 impl Drop for Awaiting {
     fn drop(&mut self) {
         self.0.awaiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// An IO stream that records activity on every successful read or write: a client
+    /// connection's (which also keeps its request heads, see [`Activity::keep_head`]), or a
+    /// tunnel's own (on HTTP/2 the connection's is shared by its other streams).
+    pub struct Tracked<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+        keep_heads: bool,
+    }
+}
+
+impl<I> Tracked<I> {
+    /// A client connection's I/O.
+    pub fn connection(inner: I, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            keep_heads: true,
+        }
+    }
+
+    /// Any other stream whose bytes moving is all that is watched.
+    pub fn watching(inner: I, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            keep_heads: false,
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Tracked<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.inner.poll_read(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+            if *this.keep_heads {
+                this.activity.keep_head(&buf.filled()[before..]);
+            }
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write(cx, buf);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write_vectored(cx, bufs);
+        if result.is_ready() {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

@@ -4,10 +4,8 @@
 //! requests finish up to `limits.drain_timeout`, then cuts what is left.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,8 +14,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -31,7 +29,7 @@ use crate::approvals::{ApprovalStore, Approvals, LocalApprovals, RedisApprovals,
 use crate::audit::{Audit, AuditLog};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, Limits, StoreSettings};
-use crate::connection::{Activity, Awaiting, ConnInfo};
+use crate::connection::{Activity, Awaiting, ConnInfo, Tracked};
 use crate::context::Context as RequestContext;
 use crate::limiter::{AttemptLimiter, LimiterWriter, LocalLimiter, RedisLimiter};
 use crate::metrics::Metrics;
@@ -625,10 +623,7 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: GatewayService,
     {
-        let io = TokioIo::new(Tracked {
-            inner: io,
-            activity: activity.clone(),
-        });
+        let io = TokioIo::new(Tracked::connection(io, activity.clone()));
         let builder = builder(&self.limits);
         // With upgrades: a WebSocket route's `101` hands the connection to its tunnel (see
         // `proxy::tunnel`); hyper upgrades nothing else (other CONNECTs are refused before
@@ -720,69 +715,3 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// `idle_timeout` and `idle_timeout * (1 + 1 / IDLE_TICKS)` after its last byte, and cut one
 /// quiet tick later if it has not closed by then.
 const IDLE_TICKS: u32 = 4;
-
-pin_project! {
-    /// An IO stream that records activity on every successful read or write.
-    struct Tracked<I> {
-        #[pin]
-        inner: I,
-        activity: Arc<Activity>,
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for Tracked<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let result = this.inner.poll_read(cx, buf);
-        if result.is_ready() {
-            this.activity.touch();
-            this.activity.keep_head(&buf.filled()[before..]);
-        }
-        result
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for Tracked<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let result = this.inner.poll_write(cx, buf);
-        if result.is_ready() {
-            this.activity.touch();
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let result = this.inner.poll_write_vectored(cx, bufs);
-        if result.is_ready() {
-            this.activity.touch();
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}

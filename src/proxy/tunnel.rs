@@ -21,21 +21,18 @@
 //! The gateway reads no frame, so it ends a tunnel by closing both connections: the peers see
 //! the socket end without a close frame (code 1006).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Response, StatusCode, Version, header, request};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::accounts::Accounts;
 use crate::auth::second_factor::StepUpGrant;
 use crate::client_headers::strip_hop_by_hop;
 use crate::config::OnTokenExpiry;
-use crate::connection::{Activity, ConnInfo};
+use crate::connection::{Activity, ConnInfo, Tracked};
 use crate::error::{Body, Refusal, full_body};
 use crate::metrics::{Metrics, TunnelEnd};
 use crate::tokens::TokenRejection;
@@ -176,12 +173,10 @@ async fn join(
     idle_timeout: Duration,
     watch: Option<&TokenWatch>,
 ) -> &'static str {
-    // Every byte of both directions passes the client side (read from it, or written to it).
-    let activity = Activity::default();
-    let mut client = Watched {
-        inner: TokioIo::new(client),
-        activity: &activity,
-    };
+    // Every byte of both directions passes the client side (read from it, or written to it);
+    // the tunnel watches its own (on HTTP/2 the connection's is shared by other streams).
+    let activity = Arc::new(Activity::default());
+    let mut client = Tracked::watching(TokioIo::new(client), activity.clone());
     let mut upstream = TokioIo::new(upstream);
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
@@ -213,54 +208,6 @@ async fn join(
                 }
             }
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The tunnel's client side, marking the tunnel's own activity on every read and write
-    /// (on HTTP/2 the connection's is shared by its other streams).
-    struct Watched<'a, T> {
-        #[pin]
-        inner: T,
-        activity: &'a Activity,
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Watched<'_, T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let result = this.inner.poll_read(cx, buf);
-        if result.is_ready() {
-            this.activity.touch();
-        }
-        result
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Watched<'_, T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let result = this.inner.poll_write(cx, buf);
-        if result.is_ready() {
-            this.activity.touch();
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Approval, ApprovalStore, Stage, State, keep_for};
 use crate::store::StoreError;
+use crate::store::sqlite::{blocking, connect};
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -30,12 +31,7 @@ pub struct SqliteApprovals {
 
 impl SqliteApprovals {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn =
-            Connection::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
+        let conn = connect(path)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -47,15 +43,7 @@ impl SqliteApprovals {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| unavailable("approvals lock poisoned"))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(unavailable)?
+        blocking(&self.conn, f).await
     }
 }
 

@@ -180,15 +180,8 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let mut conn =
-            Connection::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
+        let mut conn = connect(path)?;
         conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(unavailable)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         migrate(&mut conn)?;
         Ok(Self {
@@ -233,16 +226,39 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| unavailable("store lock poisoned"))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(unavailable)?
+        blocking(&self.conn, f).await
     }
+}
+
+/// A connection to the database file as the gateway uses it (WAL, `synchronous = NORMAL`, a
+/// 5 s busy timeout), for the store and for the tables that live beside its own.
+pub fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn =
+        Connection::open(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+/// Runs `f` on a shared connection on tokio's blocking pool (SQLite calls block).
+pub async fn blocking<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = conn
+            .lock()
+            .map_err(|_| unavailable("store lock poisoned"))?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(unavailable)?
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

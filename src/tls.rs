@@ -64,31 +64,25 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
-/// The connector of outgoing http(s) connections (upstreams, the SMS provider): TCP with
-/// `TCP_NODELAY` and a connect timeout, then TLS with `tls` for https URLs, offering HTTP/2
-/// and HTTP/1.1 by ALPN.
+/// The connector of outgoing http(s) connections (upstreams, the SMS provider, the approval
+/// webhook): TCP with `TCP_NODELAY` and a connect timeout, then TLS with `tls` for https
+/// URLs, offering HTTP/1.1 by ALPN, and HTTP/2 too when `offer_http2` (not for a WebSocket
+/// upgrade, which HTTP/2 cannot carry as HTTP/1.1 does).
 pub fn https_connector(
     tls: rustls::ClientConfig,
     connect_timeout: std::time::Duration,
+    offer_http2: bool,
 ) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
-    hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(tcp_connector(connect_timeout))
-}
-
-/// The same connector offering HTTP/1.1 only (ALPN `http/1.1`): for WebSocket upgrades.
-pub fn http1_connector(
-    tls: rustls::ClientConfig,
-    connect_timeout: std::time::Duration,
-) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp_connector(connect_timeout))
+        .enable_http1();
+    let tcp = tcp_connector(connect_timeout);
+    if offer_http2 {
+        builder.enable_http2().wrap_connector(tcp)
+    } else {
+        builder.wrap_connector(tcp)
+    }
 }
 
 fn tcp_connector(

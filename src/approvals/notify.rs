@@ -48,7 +48,7 @@ pub fn announce(settings: Arc<NotifySettings>, approval: &Approval, approval_url
     let body = Bytes::from(summary.to_string());
     let id = approval.id.clone();
     tokio::spawn(async move {
-        let connector = crate::tls::https_connector(settings.tls.clone(), TIMEOUT);
+        let connector = crate::tls::https_connector(settings.tls.clone(), TIMEOUT, true);
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

@@ -153,7 +153,7 @@ impl Twilio {
         authorization.set_sensitive(true);
 
         let tls = crate::tls::client_config(None)?;
-        let connector = crate::tls::https_connector(tls, timeout);
+        let connector = crate::tls::https_connector(tls, timeout, true);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

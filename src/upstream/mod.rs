@@ -85,8 +85,8 @@ impl Upstream {
             SpecTarget::Http(http) => {
                 let timeout = http.settings.connect_timeout;
                 let connectors = [
-                    crate::tls::https_connector(http.tls.clone(), timeout),
-                    crate::tls::http1_connector(http.tls.clone(), timeout),
+                    crate::tls::https_connector(http.tls.clone(), timeout, true),
+                    crate::tls::https_connector(http.tls.clone(), timeout, false),
                 ];
                 Self::builtin(
                     &spec.name,

@@ -79,6 +79,27 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The `N` bytes spelt by exactly `2N` lowercase hex digits (step-up tokens), else `None`.
+/// Decoding checks the digits too, so a token is read in one pass.
+pub fn unhex_lower<const N: usize>(text: &str) -> Option<[u8; N]> {
+    fn nibble(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        }
+    }
+    let text = text.as_bytes();
+    if text.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let text = text.trim();
     if text.len() != N * 2 {
@@ -372,6 +393,15 @@ mod tests {
             MasterKey::from_bytes([8; 32]).decrypt(&sealed, b"consumer-1"),
             None
         );
+    }
+
+    #[test]
+    fn lowercase_hex_decodes_and_anything_else_is_refused() {
+        assert_eq!(unhex_lower::<2>("0aff"), Some([0x0a, 0xff]));
+        assert_eq!(hex(&unhex_lower::<3>("09afbe").unwrap()), "09afbe");
+        for bad in ["0AFF", "0af", "0affe", "0ag0", "0a f", "+0ff", ""] {
+            assert_eq!(unhex_lower::<2>(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

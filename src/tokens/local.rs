@@ -33,24 +33,28 @@ impl Default for LocalTokens {
     }
 }
 
-pub(super) fn digest(token: &str) -> [u8; 32] {
+/// The key a token is held by in memory: SHA-256 over its 256 random bits, or `None` when it
+/// is not `sgt_` and 64 lowercase hex digits. Hashing the 32 bytes rather than the 68 of the
+/// text is one SHA-256 block instead of two, on every request that carries a token. (A
+/// shared store names tokens by [`text_digest`].)
+pub(super) fn digest(token: &str) -> Option<[u8; 32]> {
+    let secret = token
+        .strip_prefix(PREFIX)
+        .and_then(crate::secrets::unhex_lower::<32>)?;
+    Some(Sha256::digest(secret).into())
+}
+
+/// SHA-256 over a token's text: the name a shared store keeps it by (as every version has,
+/// so tokens stay valid across a rolling upgrade).
+pub(super) fn text_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A new token and its digest.
+/// A new token and the key it is held by.
 pub(super) fn mint() -> (String, [u8; 32]) {
-    let token = format!("{PREFIX}{}", hex(&random_bytes::<32>()));
-    let key = digest(&token);
-    (token, key)
-}
-
-/// `sgt_` and 64 lowercase hex digits.
-pub(super) fn well_formed(token: &str) -> bool {
-    token.len() == PREFIX.len() + 64
-        && token.starts_with(PREFIX)
-        && token[PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    let secret = random_bytes::<32>();
+    let token = format!("{PREFIX}{}", hex(&secret));
+    (token, Sha256::digest(secret).into())
 }
 
 /// What is kept of a token issued `now`.
@@ -144,11 +148,8 @@ impl LocalTokens {
         policy: &str,
         now: u64,
     ) -> Result<TokenInfo, TokenRejection> {
-        if !well_formed(token) {
-            return Err(TokenRejection::Malformed);
-        }
         // The key is a hash of 256 random bits: looking it up leaks nothing useful by timing.
-        let key = digest(token);
+        let key = digest(token).ok_or(TokenRejection::Malformed)?;
         let info = read(self.shard(&key))
             .get(&key)
             .cloned()
@@ -229,7 +230,7 @@ impl TokenStore for LocalTokens {
         }
         // Every use of this node's tokens comes here; the count is the held entry's, looked
         // up again so that a token revoked since its check has no use left.
-        let key = digest(token);
+        let key = digest(token).ok_or(TokenRejection::Malformed)?;
         match read(self.shard(&key)).get(&key) {
             None => Err(TokenRejection::Unknown),
             Some(held) if held.take_use() => Ok(()),

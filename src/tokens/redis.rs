@@ -1,7 +1,8 @@
 //! Step-up tokens shared by several nodes on Redis, with a near-cache on each node.
 //!
-//! A token lives in Redis under its consumer's hash tag, by its digest, with the token's own
-//! expiry as the key's TTL; the consumer's index of tokens lets one script revoke them all and
+//! A token lives in Redis under its consumer's hash tag, by the digest of its text (the
+//! node's cache holds it by the digest of its bits), with the token's own expiry as the key's
+//! TTL; the consumer's index of tokens lets one script revoke them all and
 //! announce it. Each node keeps the tokens it issued or has seen in a [`LocalTokens`] cache,
 //! so the request path's common case (a known token) makes no network call; a token issued
 //! on another node is fetched once. A revocation reaches every node's cache through the
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use async_trait::async_trait;
 use redis::Script;
 
-use super::local::{digest, info_of, mint, verdict, well_formed};
+use super::local::{digest, info_of, mint, text_digest, verdict};
 use super::{LocalTokens, NewToken, Scope, TokenInfo, TokenRejection, TokenStore};
 use crate::secrets::hex;
 use crate::store::redis::Redis;
@@ -221,12 +222,9 @@ impl TokenStore for RedisTokens {
         if let Some(verdict) = self.check_cached(token, consumer_id, policy, now) {
             return verdict;
         }
-        if !well_formed(token) {
-            return Err(TokenRejection::Malformed);
-        }
-        let key = digest(token);
+        let key = digest(token).ok_or(TokenRejection::Malformed)?;
         let before = self.revocations.load(Ordering::Acquire);
-        let info = match self.fetch(consumer_id, &key).await {
+        let info = match self.fetch(consumer_id, &text_digest(token)).await {
             Ok(Some(info)) => info,
             Ok(None) => return Err(TokenRejection::Unknown),
             Err(error) => {
@@ -248,7 +246,7 @@ impl TokenStore for RedisTokens {
         let (token, key) = mint();
         let info = info_of(new, now);
         let expires_at = info.expires_at;
-        let digest_hex = hex(&key);
+        let digest_hex = hex(&text_digest(&token));
         let token_key = self.redis.keys.token(new.consumer_id, &digest_hex);
         let _: i64 = ISSUE
             .key(&token_key)
@@ -274,7 +272,7 @@ impl TokenStore for RedisTokens {
         let token_key = self
             .redis
             .keys
-            .token(&info.consumer_id, &hex(&digest(token)));
+            .token(&info.consumer_id, &hex(&text_digest(token)));
         let left: i64 = SPEND
             .key(format!("{token_key}:uses"))
             .invoke_async(&mut self.redis.conn.clone())

@@ -8,8 +8,9 @@
 //!   limits, idle and header-read timeouts, graceful drain; each request gets its
 //!   [`context`] (the [`snapshot`] it runs on, its [`connection`]'s facts).
 //! - [`stack`]: the tower stack, assembled in one function, in request order:
-//!   - [`sensitive`], [`observe`], [`rescue`]: credentials marked sensitive; request id and
-//!     access log; refusals ([`error::Refusal`]) become problem+json, in one place;
+//!   - [`sensitive`], [`observe`]: credentials marked sensitive; the answer: request id,
+//!     refusals ([`error::Refusal`]) made problem+json in one place, the
+//!     [`security_headers`], the access log;
 //!   - [`edge`]: the guards before routing: limits, the canonical [`host`] and [`path`], the
 //!     client's address, the client's headers cleaned ([`client_headers`]);
 //!   - [`routing`]: the route table and the routing layer;
@@ -47,7 +48,7 @@
 //! | 7 | `snapshot` | a configuration ready to serve |
 //! | 8 | `connection` | a client connection's facts |
 //! | 9 | `context` | a request's facts |
-//! | 10 | `guard`, `sensitive`, `observe`, `rescue` | tower plumbing |
+//! | 10 | `guard`, `sensitive`, `observe`, `security_headers` | tower plumbing |
 //! | 11 | `edge`, `routing::layer` | the guards before routing, and routing |
 //! | 12 | `auth` | the credential layers |
 //! | 13 | `selfservice` | the gateway's own endpoints |
@@ -82,9 +83,9 @@ pub mod observe;
 pub mod path;
 pub mod proxy;
 pub mod reload;
-pub mod rescue;
 pub mod routing;
 pub mod secrets;
+pub mod security_headers;
 pub mod selfservice;
 pub mod sensitive;
 pub mod server;

@@ -1,21 +1,28 @@
-//! Gives each request its id, and writes one access event per request when the response head
-//! is ready (target `stepgate::access`). Only method, path (never the query), route, upstream,
-//! status, problem code, duration and request id are logged: no header value, so no
-//! credential, can reach the log.
+//! The answer to every request: its id, the refusals of the layers below rendered (as
+//! problem+json, or in gRPC's terms to a gRPC request), the security headers under the
+//! self-service prefix, and one access event per request when the response head is ready
+//! (target `stepgate::access`). One layer and one future for the four, which each need the
+//! request's id or the response (one layer each moved the request and the response through
+//! four futures). Above this layer the stack cannot fail.
+//!
+//! Only method, path (never the query), route, upstream, status, problem code, duration and
+//! request id are logged: no header value, so no credential, can reach the log.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use futures_util::future::{Either, Ready};
 use http::{HeaderValue, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::error::ProblemCode;
+use crate::error::{Body, ProblemCode, Refused, grpc_problem, is_grpc, problem};
 use crate::metrics::Metrics;
 use crate::routing::Route;
+use crate::security_headers;
 
 pub use crate::header_names::X_REQUEST_ID;
 
@@ -36,26 +43,41 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             metrics: self.metrics.clone(),
             inner,
+            not_ready: None,
         }
     }
 }
 
-#[derive(Clone)]
 pub struct Observe<S> {
     metrics: Arc<Metrics>,
     inner: S,
+    /// A readiness error, answered by the next `call` (this layer itself cannot fail).
+    not_ready: Option<Refused>,
 }
 
-impl<S, B, R> Service<Request<B>> for Observe<S>
+impl<S: Clone> Clone for Observe<S> {
+    fn clone(&self) -> Self {
+        Self {
+            metrics: self.metrics.clone(),
+            inner: self.inner.clone(),
+            not_ready: None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for Observe<S>
 where
-    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
+    S: Service<Request<B>, Response = Response<Body>, Error = Refused>,
 {
-    type Response = Response<R>;
+    type Response = Response<Body>;
     type Error = Infallible;
     type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+        if let Err(refused) = ready!(self.inner.poll_ready(cx)) {
+            self.not_ready = Some(refused);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
@@ -64,19 +86,50 @@ where
             Some(id) if is_sane_request_id(id) => id.clone(),
             _ => generate_request_id(),
         };
-        request
-            .headers_mut()
-            .insert(X_REQUEST_ID.clone(), id.clone());
+        let headers = request.headers_mut();
+        // The layers below add up to a dozen headers (identity, `X-Stepgate-*`, the
+        // forwarding facts, `Host`): room for them now is one allocation, not the map growing
+        // (and rehashing) twice on the way.
+        headers.reserve(12);
+        headers.insert(X_REQUEST_ID.clone(), id.clone());
+        let answer = Answer {
+            grpc: is_grpc(request.headers()),
+            // By the raw path (refusals before routing, e.g. 404 under the prefix); the
+            // route is looked at too, when the answer comes.
+            under_prefix: security_headers::under_prefix(&request),
+        };
         let method = request.method().clone();
         // A clone of the URI shares its bytes: no allocation on the request path.
         let uri = request.uri().clone();
+        let inner = match self.not_ready.take() {
+            None => Either::Left(self.inner.call(request)),
+            Some(refused) => Either::Right(futures_util::future::ready(Err(refused))),
+        };
         ObserveFuture {
-            inner: self.inner.call(request),
+            inner,
             metrics: self.metrics.clone(),
             start,
             method,
             uri,
             id,
+            answer,
+        }
+    }
+}
+
+/// How a request is answered besides its response: in gRPC's terms when refused, with the
+/// security headers.
+struct Answer {
+    grpc: bool,
+    under_prefix: bool,
+}
+
+impl Answer {
+    fn refuse(&self, refused: Refused, id: &HeaderValue) -> Response<Body> {
+        if self.grpc {
+            grpc_problem(refused, Some(id))
+        } else {
+            problem(refused, Some(id))
         }
     }
 }
@@ -112,24 +165,33 @@ fn generate_request_id() -> HeaderValue {
 pin_project! {
     pub struct ObserveFuture<F> {
         #[pin]
-        inner: F,
+        inner: Either<F, Ready<Result<Response<Body>, Refused>>>,
         metrics: Arc<Metrics>,
         start: Instant,
         method: Method,
         uri: http::Uri,
         id: HeaderValue,
+        answer: Answer,
     }
 }
 
-impl<F, R> Future for ObserveFuture<F>
+impl<F> Future for ObserveFuture<F>
 where
-    F: Future<Output = Result<Response<R>, Infallible>>,
+    F: Future<Output = Result<Response<Body>, Refused>>,
 {
-    type Output = Result<Response<R>, Infallible>;
+    type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let mut response = match ready!(this.inner.poll(cx)) {
+            Ok(response) => response,
+            Err(refused) => this.answer.refuse(refused, this.id),
+        };
+        if this.answer.under_prefix
+            || (response.extensions().get::<Arc<Route>>()).is_some_and(security_headers::builtin)
+        {
+            security_headers::add(response.headers_mut());
+        }
         let route = response.extensions().get::<Arc<Route>>();
         let problem = response.extensions().get::<ProblemCode>();
         // A refusal's own status, also when it went out in gRPC's terms (as a 200).

@@ -23,9 +23,8 @@ use crate::limiter::AttemptLimiter;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::proxy::Forward;
-use crate::rescue::RescueLayer;
 use crate::routing::layer::RouteLayer;
-use crate::selfservice::{SecurityHeadersLayer, SelfServiceLayer};
+use crate::selfservice::SelfServiceLayer;
 use crate::sensitive::SensitiveHeadersLayer;
 use crate::sms::SendBudget;
 
@@ -78,14 +77,11 @@ where
         // First of all, mark credentials sensitive so that no Debug output anywhere below
         // (a log line, a panic message) can print them.
         .layer(SensitiveHeadersLayer)
-        // Request id next, so that every answer, including every refusal below, is logged
-        // once with its id, route and status.
+        // The answer next: the request's id; each refusal from below made its problem+json
+        // (or gRPC) response; strict CSP, nosniff, no framing on everything under the
+        // self-service prefix, refusals included; every answer logged once with its id,
+        // route and status. Above it the stack cannot fail.
         .layer(ObserveLayer::new(shared.metrics.clone()))
-        // Strict CSP, nosniff, no framing on everything under the self-service prefix, the
-        // refusals of the layers below included (so above the rescue).
-        .layer(SecurityHeadersLayer)
-        // One rescue: each refusal from below becomes its problem+json response here.
-        .layer(RescueLayer)
         .layer(GuardLayer((
             // Cheap protocol guards before any parsing that depends on routes.
             ProtocolLimits,
@@ -104,8 +100,8 @@ where
 }
 
 /// The auth decision, from routing down (it continues [`build_with`], which puts the layers
-/// above it: credentials marked sensitive, request id and access log, refusals rescued, the
-/// protocol and path guards). Its own function so that a benchmark can time the decision
+/// above it: credentials marked sensitive, the answer (request id, refusals rendered, access
+/// log), the protocol and path guards). Its own function so that a benchmark can time the decision
 /// itself; nothing but [`build_with`] serves requests through it.
 pub fn decision_with<B, S>(
     shared: Shared,

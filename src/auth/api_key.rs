@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use http::Request;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Requirement;
 use crate::context::Context;
@@ -48,6 +48,32 @@ pub fn single_value<'a>(
     if values.next().is_some() {
         return Err(Refusal::BadRequest(what));
     }
+    visible(value, what).map(Some)
+}
+
+/// [`single_value`], removing the header in the same lookup: its one value, owned.
+pub fn take_single(
+    headers: &mut HeaderMap,
+    name: &HeaderName,
+    what: &'static str,
+) -> Result<Option<HeaderValue>, Refusal> {
+    let Entry::Occupied(entry) = headers.entry(name) else {
+        return Ok(None);
+    };
+    let mut values = entry.remove_entry_mult().1;
+    let value = values.next();
+    if values.next().is_some() {
+        return Err(Refusal::BadRequest(what));
+    }
+    drop(values);
+    if let Some(value) = &value {
+        visible(value, what)?;
+    }
+    Ok(value)
+}
+
+/// A credential's value as text: visible ASCII, 1 to 256 bytes, else 400.
+pub fn visible<'a>(value: &'a HeaderValue, what: &'static str) -> Result<&'a str, Refusal> {
     let bytes = value.as_bytes();
     // `fold` with `&` rather than `all`: without the early exit the check compiles to a few
     // vector compares instead of a branch per byte (keys and tokens are 68 to 76 bytes).
@@ -57,7 +83,7 @@ pub fn single_value<'a>(
     }
     // Visible ASCII is valid UTF-8; `from_utf8` checks it a word at a time, where
     // `HeaderValue::to_str` would walk the bytes once more one by one.
-    Ok(std::str::from_utf8(bytes).ok())
+    std::str::from_utf8(bytes).map_err(|_| Refusal::BadRequest(what))
 }
 
 impl<B> Guard<B> for ApiKeyGuard {
@@ -70,23 +96,22 @@ impl<B> Guard<B> for ApiKeyGuard {
             request.headers_mut().remove(&X_API_KEY);
             return Ok(());
         }
-        let entry = {
-            let presented = single_value(
-                request.headers(),
-                &X_API_KEY,
-                "exactly one X-Api-Key header of visible ASCII is allowed",
-            )?
-            .ok_or_else(|| Refusal::ApiKeyMissing)?;
-            // A node out of touch with a shared store may hold a key revoked elsewhere.
-            if !self.directory.is_current() {
-                return Err(Refusal::Unavailable);
-            }
-            self.directory
-                .authenticate(presented)
-                .ok_or_else(|| Refusal::ApiKeyInvalid)?
-        };
         let headers = request.headers_mut();
-        headers.remove(&X_API_KEY);
+        let presented = take_single(
+            headers,
+            &X_API_KEY,
+            "exactly one X-Api-Key header of visible ASCII is allowed",
+        )?
+        .ok_or_else(|| Refusal::ApiKeyMissing)?;
+        // A node out of touch with a shared store may hold a key revoked elsewhere.
+        if !self.directory.is_current() {
+            return Err(Refusal::Unavailable);
+        }
+        let entry = self
+            .directory
+            // Visible ASCII, checked by `take_single`: valid UTF-8.
+            .authenticate(std::str::from_utf8(presented.as_bytes()).unwrap_or_default())
+            .ok_or_else(|| Refusal::ApiKeyInvalid)?;
         let identity = &entry.consumer.headers;
         headers.insert(X_CONSUMER_ID.clone(), identity.id.clone());
         headers.insert(X_CONSUMER_NAME.clone(), identity.name.clone());

@@ -37,11 +37,13 @@ pub fn well_formed(key: &str) -> bool {
 /// checked. Enough in front of the index: only generated keys are in it, so a key with a bad
 /// checksum is refused by the lookup anyway, and the checksum would cost as much as the HMAC.
 pub fn has_shape(key: &str) -> bool {
+    // `fold` with `&` rather than `all`: without the early exit the 72 digits are checked by
+    // a few vector compares instead of a branch per byte (on every request with a key).
     key.len() == LEN
         && key.starts_with(PREFIX)
-        && key[PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && key[PREFIX.len()..].bytes().fold(true, |ok, b| {
+            ok & (b.is_ascii_digit() | (b'a'..=b'f').contains(&b))
+        })
 }
 
 /// The part of a key operators see and revoke by.

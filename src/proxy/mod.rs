@@ -127,9 +127,8 @@ where
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
     });
-    // The upstream gets its own authority as Host (set by the pool); the canonical host the
-    // request was routed by goes in X-Forwarded-Host and Forwarded.
-    parts.headers.remove(header::HOST);
+    // The upstream gets its own authority as Host (the pool sets it, replacing the client's);
+    // the canonical host the request was routed by goes in X-Forwarded-Host and Forwarded.
     let path = parts.uri.path();
     let forwarded = route.forward_path(path);
     let target = match (parts.uri.path_and_query(), forwarded.len() == path.len()) {
@@ -189,7 +188,10 @@ where
             tunnel.open(parts, form, client_side, grant, http).await
         }
         (Target::Http(http), None) => http.send(parts, body).await,
-        (Target::Echo, _) => Box::pin(echo::respond(Request::from_parts(parts, body))).await,
+        (Target::Echo, _) => {
+            parts.headers.remove(header::HOST);
+            Box::pin(echo::respond(Request::from_parts(parts, body))).await
+        }
         (Target::StepUp, _) => Err(Refusal::Internal("step-up endpoint reached forwarding")),
         (Target::SelfService, _) => Err(Refusal::Internal(
             "self-service endpoint reached forwarding",

@@ -1,8 +1,8 @@
 //! Self-service (DESIGN.md §6, issue 7): under the configured prefix (`/_stepgate` by default)
 //! the gateway answers itself, for a consumer's own second factors:
 //!
-//! - [`page`]: the security page and its assets (no credentials), and the security headers
-//!   every answer under the prefix carries ([`SecurityHeadersLayer`]);
+//! - [`page`]: the security page and its assets (no credentials); every answer under the
+//!   prefix carries the [`crate::security_headers`];
 //! - [`api`]: the enrolment API (TOTP, recovery codes, SMS, login texts), authenticated by the
 //!   consumer's API key, with `X-OTP` to change a factor that exists.
 //!
@@ -26,8 +26,6 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use http::{Request, Response};
 use tower::{Layer, Service};
-
-pub use page::SecurityHeadersLayer;
 
 use crate::accounts::Accounts;
 use crate::approvals::Approvals;

@@ -15,6 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 LUA_DIR="$BENCH_DIR/lua"
 
 THREADS="${BENCH_THREADS:-1}"
+WORKERS="${BENCH_WORKERS:-2}"                       # the gateway's worker threads = nginx (b)'s worker processes
 CONNS_LIST="${BENCH_CONNS:-64 256}"
 DURATION="${BENCH_DURATION:-10s}"
 ROUNDS="${BENCH_ROUNDS:-3}"
@@ -74,6 +75,7 @@ if ((FLOOD_RATE > 0)); then
 fi
 is_uint "$FLOOD_NICE" && ((FLOOD_NICE <= 19)) || die "BENCH_FLOOD_NICE must be 0..19 (got '$FLOOD_NICE')"
 is_uint "$SEED_WORKERS" && ((SEED_WORKERS >= 1 && SEED_WORKERS <= 64)) || die "BENCH_SEED_WORKERS must be 1..64"
+is_uint "$WORKERS" && ((WORKERS >= 1 && WORKERS <= 64)) || die "BENCH_WORKERS must be 1..64"
 [[ "$PICK" == rr || "$PICK" == random ]] || die "BENCH_PICK must be rr or random (got '$PICK')"
 # (e)'s codes are valid for at least 30 s after they are computed (seed.py codes).
 E_DURATION_S=$((DURATION_S < 25 ? DURATION_S : 25))
@@ -114,6 +116,7 @@ EOF
         { gateway_yaml_head "$dir"; cat <<EOF; } >"$dir/gateway.yaml"
 # The flood's X-Forwarded-For names fake client addresses; legitimate traffic sends none.
 trusted_proxies: [127.0.0.1/32]
+limits: { workers: $WORKERS }
 upstreams:
   nginx: { url: "http://127.0.0.1:$UPSTREAM_PORT", connect_timeout: 2s, timeout: 30s }
 routes:
@@ -186,7 +189,8 @@ read -r FIRST_TKEY FIRST_TOKEN <"$DATA/tokens.txt"
 
 mkdir -p "$WORK/proxy"
 sed 's/.*/        "&" 1;/' "$DATA/keys.txt" >"$WORK/proxy/keys.map"
-start_nginx_with "nginx proxy" "$WORK/proxy" nginx_keymap_conf /direct-key 200 "X-Api-Key: $FIRST_KEY"
+# As many nginx worker processes as the gateway has worker threads: like for like.
+NGINX_KEYMAP_WORKERS="$WORKERS" start_nginx_with "nginx proxy" "$WORK/proxy" nginx_keymap_conf /direct-key 200 "X-Api-Key: $FIRST_KEY"
 PROXY_PID="$NGINX_STARTED_PID"
 PROXY_PORT="$NGINX_STARTED_PORT"
 log "nginx key-map proxy (pid $PROXY_PID) on 127.0.0.1:$PROXY_PORT"

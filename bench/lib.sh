@@ -268,11 +268,15 @@ wait_ready() {
 
 # cpu_ticks PID: utime + stime (all threads) in clock ticks.
 cpu_ticks() {
-    local stat rest f
-    stat="$(<"/proc/$1/stat")"
-    rest="${stat##*) }"          # drop "pid (comm) ", comm may contain spaces
-    read -ra f <<<"$rest"        # f[0] is field 3 (state): utime=14, stime=15
-    echo $((f[11] + f[12]))
+    local stat rest f total=0 pid
+    # The process and its children (an nginx master's workers; the gateway has none).
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        stat="$(<"/proc/$pid/stat")" || continue
+        rest="${stat##*) }"      # drop "pid (comm) ", comm may contain spaces
+        read -ra f <<<"$rest"    # f[0] is field 3 (state): utime=14, stime=15
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
 }
 
 vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
@@ -309,14 +313,16 @@ build_gateway() {
 
 # ---------------------------------------------------------------- nginx
 
-# nginx_conf_head DIR: the top of an nginx.conf for one process (master_process off: a
-# single process that is the worker, so its PID is the one whose CPU time we read).
+# nginx_conf_head DIR [WORKERS]: the top of an nginx.conf, in the foreground. One worker
+# (the default): one process (master_process off). More: a master and WORKERS worker
+# processes, as many as the gateway's worker threads for a like-for-like run (cpu_ticks
+# counts the master's children).
 nginx_conf_head() {
-    local dir="$1"
+    local dir="$1" workers="${2:-1}"
     cat <<EOF
 daemon off;
-master_process off;
-worker_processes 1;
+master_process $( ((workers > 1)) && echo on || echo off);
+worker_processes $workers;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
 events { worker_connections 8192; }
@@ -386,7 +392,7 @@ nginx_keymap_conf() {
     n="$(wc -l <"$dir/keys.map")"
     max=1024
     while ((max < 4 * n)); do max=$((max * 2)); done
-    nginx_conf_head "$dir"
+    nginx_conf_head "$dir" "${NGINX_KEYMAP_WORKERS:-1}"
     echo "http {"
     nginx_http_common "$dir"
     cat <<EOF

@@ -279,15 +279,13 @@ pub struct Attempt {
     pub key_prefix: Arc<str>,
 }
 
-/// A refusal with what the layers it passed on the way out know: the OTP challenge of the
-/// route's policy, and extensions for the response (the route, for the access log).
+/// A refusal with what the outermost layer knows of the request: the OTP challenge of the
+/// route's policy.
 #[derive(Debug)]
 pub struct Refused {
     pub refusal: Refusal,
     /// `methods="…"` of the route policy's `WWW-Authenticate: OTP` challenge.
     pub challenge_methods: Option<Arc<str>>,
-    /// Moved into the problem response.
-    pub extensions: http::Extensions,
 }
 
 impl From<Refusal> for Refused {
@@ -295,7 +293,6 @@ impl From<Refusal> for Refused {
         Self {
             refusal,
             challenge_methods: None,
-            extensions: http::Extensions::new(),
         }
     }
 }
@@ -313,7 +310,6 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
     let Refused {
         refusal,
         challenge_methods,
-        extensions,
     } = refused;
     let (status, code) = refusal.status_code();
     if let Refusal::Internal(what) = &refusal {
@@ -371,7 +367,6 @@ pub fn problem(refused: Refused, request_id: Option<&HeaderValue>) -> Response<B
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    response.extensions_mut().extend(extensions);
     response
 }
 

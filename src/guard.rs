@@ -33,6 +33,7 @@ guard_tuple!(G1.0, G2.1);
 guard_tuple!(G1.0, G2.1, G3.2);
 guard_tuple!(G1.0, G2.1, G3.2, G4.3);
 guard_tuple!(G1.0, G2.1, G3.2, G4.3, G5.4);
+guard_tuple!(G1.0, G2.1, G3.2, G4.3, G5.4, G6.5);
 
 /// Wraps a service so that `G` runs before it.
 #[derive(Clone)]

@@ -8,12 +8,12 @@
 //!   limits, idle and header-read timeouts, graceful drain; each request gets its
 //!   [`context`] (the [`snapshot`] it runs on, its [`connection`]'s facts).
 //! - [`stack`]: the tower stack, assembled in one function, in request order:
-//!   - [`sensitive`], [`observe`]: credentials marked sensitive; the answer: request id,
+//!   - [`sensitive`], [`observe`]: credentials marked sensitive; the front: request id,
 //!     refusals ([`error::Refusal`]) made problem+json in one place, the
-//!     [`security_headers`], the access log;
+//!     [`security_headers`], the access log, and the guards it runs:
 //!   - [`edge`]: the guards before routing: limits, the canonical [`host`] and [`path`], the
 //!     client's address, the client's headers cleaned ([`client_headers`]);
-//!   - [`routing`]: the route table and the routing layer;
+//!   - [`routing`]: the route table and the routing guard;
 //!   - [`auth`]: failure limiter, API key, consumer ban, roles, second factor;
 //!   - [`selfservice`]: the consumers' own security page and enrolment API, answered by the
 //!     gateway under its prefix (never forwarded);
@@ -49,7 +49,7 @@
 //! | 8 | `connection` | a client connection's facts |
 //! | 9 | `context` | a request's facts |
 //! | 10 | `guard`, `sensitive`, `observe`, `security_headers` | tower plumbing |
-//! | 11 | `edge`, `routing::layer` | the guards before routing, and routing |
+//! | 11 | `edge`, `routing::guard` | the guards before routing, and routing |
 //! | 12 | `auth` | the credential layers |
 //! | 13 | `selfservice` | the gateway's own endpoints |
 //! | 14 | `proxy` | forwarding |

@@ -1,9 +1,12 @@
-//! The answer to every request: its id, the refusals of the layers below rendered (as
-//! problem+json, or in gRPC's terms to a gRPC request), the security headers under the
-//! self-service prefix, and one access event per request when the response head is ready
-//! (target `stepgate::access`). One layer and one future for the four, which each need the
-//! request's id or the response (one layer each moved the request and the response through
-//! four futures). Above this layer the stack cannot fail.
+//! The front of the stack and the answer to every request: the request's id; the guards
+//! before the decision (protocol limits, canonical host and path, client address, client
+//! headers, routing), run here in `call` so that this layer knows the route of every answer;
+//! the refusals of the guards and of the layers below rendered (as problem+json with the
+//! route policy's challenge, or in gRPC's terms to a gRPC request); the security headers under
+//! the self-service prefix; and one access event per request when the response head is ready
+//! (target `stepgate::access`). One layer and one future for all of it (a layer each moved the
+//! request and the response through six futures, and the route travelled back in the
+//! response's extensions). Above this layer the stack cannot fail.
 //!
 //! Only method, path (never the query), route, upstream, status, problem code, duration and
 //! request id are logged: no header value, so no credential, can reach the log.
@@ -19,63 +22,72 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::error::{Body, ProblemCode, Refused, grpc_problem, is_grpc, problem};
+use crate::context::Context as RequestContext;
+use crate::error::{Body, ProblemCode, Refusal, Refused, grpc_problem, is_grpc, problem};
+use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::routing::Route;
 use crate::security_headers;
 
 pub use crate::header_names::X_REQUEST_ID;
 
+/// The front layer, running `guards` (the checks before the decision, routing last) before
+/// the layers below.
 #[derive(Clone)]
-pub struct ObserveLayer {
+pub struct ObserveLayer<G> {
     metrics: Arc<Metrics>,
+    guards: G,
 }
 
-impl ObserveLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+impl<G> ObserveLayer<G> {
+    pub fn new(metrics: Arc<Metrics>, guards: G) -> Self {
+        Self { metrics, guards }
     }
 }
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+impl<G: Clone, S> Layer<S> for ObserveLayer<G> {
+    type Service = Observe<G, S>;
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             metrics: self.metrics.clone(),
+            guards: self.guards.clone(),
             inner,
             not_ready: None,
         }
     }
 }
 
-pub struct Observe<S> {
+pub struct Observe<G, S> {
     metrics: Arc<Metrics>,
+    guards: G,
     inner: S,
     /// A readiness error, answered by the next `call` (this layer itself cannot fail).
-    not_ready: Option<Refused>,
+    not_ready: Option<Refusal>,
 }
 
-impl<S: Clone> Clone for Observe<S> {
+impl<G: Clone, S: Clone> Clone for Observe<G, S> {
     fn clone(&self) -> Self {
         Self {
             metrics: self.metrics.clone(),
+            guards: self.guards.clone(),
             inner: self.inner.clone(),
             not_ready: None,
         }
     }
 }
 
-impl<S, B> Service<Request<B>> for Observe<S>
+impl<G, S, B> Service<Request<B>> for Observe<G, S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = Refused>,
+    G: Guard<B>,
+    S: Service<Request<B>, Response = Response<Body>, Error = Refusal>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = ObserveFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        if let Err(refused) = ready!(self.inner.poll_ready(cx)) {
-            self.not_ready = Some(refused);
+        if let Err(refusal) = ready!(self.inner.poll_ready(cx)) {
+            self.not_ready = Some(refusal);
         }
         Poll::Ready(Ok(()))
     }
@@ -101,9 +113,14 @@ where
         let method = request.method().clone();
         // A clone of the URI shares its bytes: no allocation on the request path.
         let uri = request.uri().clone();
-        let inner = match self.not_ready.take() {
-            None => Either::Left(self.inner.call(request)),
-            Some(refused) => Either::Right(futures_util::future::ready(Err(refused))),
+        let checked = self.guards.check(&mut request);
+        // Recorded by routing, also when a check after it refused the request.
+        let route = RequestContext::route_of(&request).cloned();
+        let inner = match (self.not_ready.take(), checked) {
+            (None, Ok(())) => Either::Left(self.inner.call(request)),
+            (Some(refusal), _) | (None, Err(refusal)) => {
+                Either::Right(futures_util::future::ready(Err(refusal)))
+            }
         };
         ObserveFuture {
             inner,
@@ -113,6 +130,7 @@ where
             uri,
             id,
             answer,
+            route,
         }
     }
 }
@@ -125,7 +143,16 @@ struct Answer {
 }
 
 impl Answer {
-    fn refuse(&self, refused: Refused, id: &HeaderValue) -> Response<Body> {
+    fn refuse(
+        &self,
+        refusal: Refusal,
+        route: Option<&Arc<Route>>,
+        id: &HeaderValue,
+    ) -> Response<Body> {
+        let refused = Refused {
+            refusal,
+            challenge_methods: route.map(|r| r.policy.challenge_methods.clone()),
+        };
         if self.grpc {
             grpc_problem(refused, Some(id))
         } else {
@@ -165,34 +192,34 @@ fn generate_request_id() -> HeaderValue {
 pin_project! {
     pub struct ObserveFuture<F> {
         #[pin]
-        inner: Either<F, Ready<Result<Response<Body>, Refused>>>,
+        inner: Either<F, Ready<Result<Response<Body>, Refusal>>>,
         metrics: Arc<Metrics>,
         start: Instant,
         method: Method,
         uri: http::Uri,
         id: HeaderValue,
         answer: Answer,
+        route: Option<Arc<Route>>,
     }
 }
 
 impl<F> Future for ObserveFuture<F>
 where
-    F: Future<Output = Result<Response<Body>, Refused>>,
+    F: Future<Output = Result<Response<Body>, Refusal>>,
 {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let route = this.route.as_ref();
         let mut response = match ready!(this.inner.poll(cx)) {
             Ok(response) => response,
-            Err(refused) => this.answer.refuse(refused, this.id),
+            Err(refusal) => this.answer.refuse(refusal, route, this.id),
         };
-        if this.answer.under_prefix
-            || (response.extensions().get::<Arc<Route>>()).is_some_and(security_headers::builtin)
-        {
+        // By the route too: a path that only its canonical form puts under the prefix.
+        if this.answer.under_prefix || route.is_some_and(security_headers::builtin) {
             security_headers::add(response.headers_mut());
         }
-        let route = response.extensions().get::<Arc<Route>>();
         let problem = response.extensions().get::<ProblemCode>();
         // A refusal's own status, also when it went out in gRPC's terms (as a 200).
         let status = problem.map_or(response.status(), |p| p.status).as_u16();

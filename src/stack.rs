@@ -17,13 +17,13 @@ use crate::auth::failures::{ConsumerBan, FailureLimitLayer};
 use crate::auth::roles::RoleCheck;
 use crate::auth::second_factor::SecondFactorLayer;
 use crate::edge::{CanonicalHost, ClientHeaders, NormalizePath, ProtocolLimits};
-use crate::error::{Body, Refusal, Refused};
+use crate::error::{Body, Refusal};
 use crate::guard::GuardLayer;
 use crate::limiter::AttemptLimiter;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::proxy::Forward;
-use crate::routing::layer::RouteLayer;
+use crate::routing::guard::RouteGuard;
 use crate::selfservice::SelfServiceLayer;
 use crate::sensitive::SensitiveHeadersLayer;
 use crate::sms::SendBudget;
@@ -77,36 +77,62 @@ where
         // First of all, mark credentials sensitive so that no Debug output anywhere below
         // (a log line, a panic message) can print them.
         .layer(SensitiveHeadersLayer)
-        // The answer next: the request's id; each refusal from below made its problem+json
-        // (or gRPC) response; strict CSP, nosniff, no framing on everything under the
-        // self-service prefix, refusals included; every answer logged once with its id,
-        // route and status. Above it the stack cannot fail.
-        .layer(ObserveLayer::new(shared.metrics.clone()))
-        .layer(GuardLayer((
-            // Cheap protocol guards before any parsing that depends on routes.
-            ProtocolLimits,
-            // Canonicalise the host and the path before routing, so the host and path routed
-            // (and later authorised) are the ones forwarded; ambiguous forms are refused here.
-            CanonicalHost,
-            NormalizePath,
-            // Who the client is: the socket peer, or the client a trusted proxy names.
-            ClientAddr,
-            // The client's headers cleaned in one pass before anything is added: look-alikes
-            // of credential and identity headers refused, client identity headers and
-            // hop-by-hop headers (with what `Connection` names) removed, two framings refused.
-            ClientHeaders,
-        )))
-        .service(decision_with(shared, inner))
+        // The front next: the request's id; each refusal, here or from below, made its
+        // problem+json (or gRPC) response; strict CSP, nosniff, no framing on everything
+        // under the self-service prefix, refusals included; every answer logged once with its
+        // id, route and status. Above it the stack cannot fail. It runs the guards before the
+        // decision itself, in this order, so that it knows the route of every answer:
+        .layer(ObserveLayer::new(
+            shared.metrics.clone(),
+            (
+                // Cheap protocol guards before any parsing that depends on routes.
+                ProtocolLimits,
+                // Canonicalise the host and the path before routing, so the host and path
+                // routed (and later authorised) are the ones forwarded; ambiguous forms are
+                // refused here.
+                CanonicalHost,
+                NormalizePath,
+                // Who the client is: the socket peer, or the client a trusted proxy names.
+                ClientAddr,
+                // The client's headers cleaned in one pass before anything is added:
+                // look-alikes of credential and identity headers refused, client identity
+                // headers and hop-by-hop headers (with what `Connection` names) removed, two
+                // framings refused.
+                ClientHeaders,
+                // Pick the route: 404 when none, the route's body limit on Content-Length.
+                RouteGuard,
+            ),
+        ))
+        .service(auth_with(shared, inner))
 }
 
-/// The auth decision, from routing down (it continues [`build_with`], which puts the layers
-/// above it: credentials marked sensitive, the answer (request id, refusals rendered, access
-/// log), the protocol and path guards). Its own function so that a benchmark can time the decision
-/// itself; nothing but [`build_with`] serves requests through it.
+/// The auth decision, from routing down: [`build_with`]'s front layer routes, then
+/// [`auth_with`] decides. Its own function so that a benchmark can time the decision itself;
+/// nothing but [`build_with`] serves requests through it.
 pub fn decision_with<B, S>(
     shared: Shared,
     inner: S,
-) -> impl Service<Request<B>, Response = Response<Body>, Error = Refused, Future: Send>
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Refusal, Future: Send>
++ Clone
++ Send
++ 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::error::BoxError>,
+    S: Service<Request<B>, Response = Response<Body>, Error = Refusal> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    ServiceBuilder::new()
+        .layer(GuardLayer(RouteGuard))
+        .service(auth_with(shared, inner))
+}
+
+/// The auth decision once the request is routed (it continues [`build_with`], which puts the
+/// front above it: credentials marked sensitive, the answer, the guards and routing).
+fn auth_with<B, S>(
+    shared: Shared,
+    inner: S,
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Refusal, Future: Send>
 + Clone
 + Send
 + 'static
@@ -121,8 +147,6 @@ where
     let audit = accounts.audit_log().clone();
     let limiter = shared.limiter.clone();
     ServiceBuilder::new()
-        // Pick the route: 404 when none, route body limit on Content-Length.
-        .layer(RouteLayer)
         // The failure limiter wraps every credential check below: a banned IP is refused
         // before any credential is looked at, and every failed attempt below is counted.
         .layer(FailureLimitLayer::new(

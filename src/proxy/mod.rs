@@ -187,7 +187,7 @@ where
             };
             tunnel.open(parts, form, client_side, grant, http).await
         }
-        (Target::Http(http), None) => http.send(parts, body).await,
+        (Target::Http(http), None) => http.send(parts, body, start).await,
         (Target::Echo, _) => {
             parts.headers.remove(header::HOST);
             Box::pin(echo::respond(Request::from_parts(parts, body))).await

@@ -4,7 +4,7 @@
 //! `path` (more segments); then a route with `methods` beats one without; then file order. The
 //! table is sorted once at load time, so matching is the first hit of a linear scan.
 
-pub mod layer;
+pub mod guard;
 
 use std::sync::Arc;
 

@@ -133,15 +133,17 @@ impl HttpUpstream {
             .map_err(|_| Refusal::BadRequest("the request target cannot be forwarded"))
     }
 
-    /// Sends the request and returns the upstream's response head with its body streaming.
-    /// `parts.uri` holds the path and query to forward.
+    /// Sends the request and returns the upstream's response head with its body streaming,
+    /// within the upstream's timeout from `start` (when forwarding began). `parts.uri` holds
+    /// the path and query to forward.
     pub async fn send(
         &self,
         mut parts: request::Parts,
         body: Body,
+        start: Instant,
     ) -> Result<Response<Body>, Refusal> {
         parts.uri = self.uri_for(&parts.uri)?;
-        let deadline = Instant::now() + self.settings.timeout;
+        let deadline = start + self.settings.timeout;
         // A connect failure means the request never left, so it is safe to try again (the
         // pool hands it back untouched), but only when nothing else could go wrong twice: an
         // idempotent method with no body.
@@ -152,7 +154,7 @@ impl HttpUpstream {
         };
         let mut request = Request::from_parts(parts, body);
         loop {
-            let result = timeout_at(deadline, self.pool.send(request)).await;
+            let result = timeout_at(deadline, self.pool.send(request, start)).await;
             let (error, unsent) = match result {
                 Err(_elapsed) => {
                     return Err(Refusal::UpstreamTimeout {

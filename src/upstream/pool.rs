@@ -115,13 +115,18 @@ impl Pool {
     /// A pooled connection that turns out to be closing before the request went out is
     /// dropped and the next one tried; only a fresh connection's failure is final. When no
     /// connection could be made the request comes back untouched, for the caller to retry.
+    /// `now`: the time the caller read as the request set off (one clock read per request
+    /// serves the deadline, the metrics and the pool).
     pub async fn send(
         &self,
         mut request: Request<Body>,
+        now: Instant,
     ) -> Result<Response<Incoming>, (SendError, Option<Request<Body>>)> {
         for _ in 0..POOLED_TRIES {
-            let Some(sender) = self.checkout() else { break };
-            match self.try_send(sender, request).await {
+            let Some(sender) = self.checkout(now) else {
+                break;
+            };
+            match self.try_send(sender, request, now).await {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
@@ -135,7 +140,7 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err((SendError::Connect(error), Some(request))),
         };
-        self.try_send(sender, request)
+        self.try_send(sender, request, Instant::now())
             .await
             .map_err(|error| (SendError::Request(error.into_error()), None))
     }
@@ -144,6 +149,7 @@ impl Pool {
         &self,
         sender: Sender,
         mut request: Request<Body>,
+        now: Instant,
     ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
         match sender {
             Sender::H1(mut sender) => {
@@ -153,7 +159,7 @@ impl Pool {
                 let response = sender.try_send_request(request);
                 // Back in the pool at once: it is taken again only when `is_ready` says the
                 // response (head and body) is through.
-                self.put(Sender::H1(sender));
+                self.put(Sender::H1(sender), now);
                 response.await
             }
             Sender::H2(mut sender) => {
@@ -175,40 +181,42 @@ impl Pool {
             .retain(|entry| !entry.spent(now, self.idle_timeout));
     }
 
-    /// This thread's newest usable idle connection; closed and expired ones are dropped on the
-    /// way. HTTP/1.1 connections still busy with a response stay for later.
-    fn checkout(&self) -> Option<Sender> {
-        let now = Instant::now();
+    /// This thread's newest usable idle connection; closed ones are dropped on the way, and
+    /// so is a ready one idle past the timeout. HTTP/1.1 connections still busy with a
+    /// response stay for later, their age unlooked at (only a candidate's is: one clock
+    /// comparison per request, not one per pooled connection).
+    fn checkout(&self, now: Instant) -> Option<Sender> {
         let mut idle = self.idle.get_or_default().borrow_mut();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
             let entry = &mut idle[i];
-            if entry.spent(now, self.idle_timeout) {
+            let ready = match &entry.sender {
+                Sender::H1(sender) => sender.is_ready(),
+                Sender::H2(sender) => sender.is_ready(),
+            };
+            if entry.sender.is_closed() || (ready && entry.spent(now, self.idle_timeout)) {
                 idle.swap_remove(i);
                 continue;
             }
+            if !ready {
+                continue;
+            }
             match &entry.sender {
-                Sender::H2(sender) if sender.is_ready() => {
+                Sender::H2(sender) => {
                     entry.since = now;
                     return Some(Sender::H2(sender.clone()));
                 }
-                Sender::H1(sender) if sender.is_ready() => {
-                    return Some(idle.swap_remove(i).sender);
-                }
-                _ => {}
+                Sender::H1(_) => return Some(idle.swap_remove(i).sender),
             }
         }
         None
     }
 
-    fn put(&self, sender: Sender) {
+    fn put(&self, sender: Sender, since: Instant) {
         let mut idle = self.idle.get_or_default().borrow_mut();
         if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(Idle { sender, since });
         }
     }
 
@@ -258,7 +266,7 @@ impl Pool {
                 .handshake(io)
                 .await?;
             drive(connection);
-            self.put(Sender::H2(sender.clone()));
+            self.put(Sender::H2(sender.clone()), Instant::now());
             Ok(Sender::H2(sender))
         } else {
             let (sender, connection) = http1::handshake(io).await?;

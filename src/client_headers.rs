@@ -17,7 +17,7 @@
 //!   coding other than `chunked`, is refused and its connection closed (RFC 9112 §6.3 would
 //!   let a server pick one reading; a gateway in front of unknown upstreams must not).
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::Refusal;
 use crate::header_names::{cgi_spelling, is_gateway_credential, is_identity, is_protected};
@@ -56,9 +56,10 @@ fn hop_by_hop(name: &str) -> Option<usize> {
     })
 }
 
-/// Headers the gateway may add before forwarding: three `X-Consumer-*`, `X-Stepgate-Auth`,
-/// three `X-Forwarded-*`, `X-Real-IP` and `Forwarded`.
-const ADDED_HEADERS: usize = 9;
+/// Headers the gateway may add to a request before forwarding: `X-Request-Id`, three
+/// `X-Consumer-*`, `X-Stepgate-Auth` and `-Auth-Time`, three `X-Forwarded-*`, `X-Real-IP`,
+/// `Forwarded` and `Host`.
+pub const ADDED_HEADERS: usize = 12;
 
 /// `limits.headers_with_underscores`: what becomes of request headers named with `_`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +111,12 @@ pub struct Cleaned {
     /// `Connection`); both headers are gone either way.
     pub websocket: bool,
     pub credentials: Credentials,
+    /// The request carried `Transfer-Encoding` (gone now: the body's framing is hyper's).
+    pub chunked: bool,
+    /// The request carries `Content-Length` (for the route's body limit to read).
+    pub content_length: bool,
+    /// A gRPC request (`Content-Type: application/grpc…`): its refusals go in gRPC's terms.
+    pub grpc: bool,
 }
 
 /// The pass itself (see the module doc). `trusted_peer`: the peer is a trusted proxy, whose
@@ -119,14 +126,15 @@ pub fn clean(
     underscores: Underscores,
     trusted_peer: bool,
 ) -> Result<Cleaned, Refusal> {
-    // Room for what the gateway adds, made once: hyper sizes the map for the headers it
-    // parsed, and growing it rehashes every entry. A map at its size limit grows later.
-    let _ = headers.try_reserve(ADDED_HEADERS);
     let mut hop_by_hop_here = [false; HOP_BY_HOP.len()];
     let mut credentials = 0;
+    let (mut content_length, mut content_type) = (false, false);
     // Collected only when there is something to remove: the common request has nothing.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
+        // Standard names compare as numbers.
+        content_length |= name == header::CONTENT_LENGTH;
+        content_type |= name == header::CONTENT_TYPE;
         let text = name.as_str();
         if let Some(i) = hop_by_hop(text) {
             hop_by_hop_here[i] = true;
@@ -171,6 +179,9 @@ pub fn clean(
     Ok(Cleaned {
         websocket,
         credentials: Credentials(credentials),
+        chunked: hop_by_hop_here[TRANSFER_ENCODING],
+        content_length,
+        grpc: content_type && crate::error::is_grpc(headers),
     })
 }
 
@@ -222,10 +233,16 @@ fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
 /// `keep-alive` or `close` nearly every message carries (splitting those into tokens is
 /// measurable on every request).
 pub fn names_options(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        let value = value.as_bytes();
-        !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(is_option_list)
+}
+
+/// A `Connection` value other than a bare `keep-alive` or `close`.
+fn is_option_list(value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
 }
 
 /// Adds the headers a client's `Connection` names to `doomed`; refuses an option naming a
@@ -264,12 +281,15 @@ fn connection_options(headers: &HeaderMap, doomed: &mut Vec<HeaderName>) -> Resu
 /// `X-Request-Id` is the gateway's own and stays, whatever the upstream names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
+    // `Connection` values read in the same pass (nearly always a bare `keep-alive`).
+    let mut options = false;
+    for (name, value) in headers.iter() {
         if let Some(i) = hop_by_hop(name.as_str()) {
             present[i] = true;
+            options |= i == CONNECTION && is_option_list(value);
         }
     }
-    if present[CONNECTION] && names_options(headers) {
+    if options {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()

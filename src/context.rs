@@ -32,6 +32,10 @@ pub struct Context {
     pub websocket: bool,
     /// The credential headers the request carries (set by the client-headers guard).
     pub credentials: crate::client_headers::Credentials,
+    /// The request may carry `Content-Length` (false once the client-headers guard saw none).
+    pub content_length: bool,
+    /// A gRPC request, once the client-headers guard has looked.
+    pub grpc: Option<bool>,
 }
 
 impl Context {
@@ -45,6 +49,8 @@ impl Context {
             entry: None,
             websocket: false,
             credentials: crate::client_headers::Credentials::UNKNOWN,
+            content_length: true,
+            grpc: None,
         }
     }
 

@@ -145,18 +145,23 @@ impl<B> Guard<B> for ClientHeaders {
         let context = Context::of(request)?;
         let underscores = context.snapshot.limits.headers_with_underscores;
         let trusted_peer = context.client.is_some_and(|c| c.via_trusted_proxy);
+        let cleaned = client_headers::clean(request.headers_mut(), underscores, trusted_peer)?;
+        let context = Context::of_mut(request)?;
         // hyper read a head with both framings as chunked and dropped the length; the
         // connection's I/O kept the head's bytes.
-        let chunked = request.headers().contains_key(header::TRANSFER_ENCODING);
-        if context.conn.activity.head_had_content_length(chunked) {
+        if context
+            .conn
+            .activity
+            .head_had_content_length(cleaned.chunked)
+        {
             return Err(Refusal::BadFraming(
                 "Content-Length and Transfer-Encoding together are ambiguous",
             ));
         }
-        let cleaned = client_headers::clean(request.headers_mut(), underscores, trusted_peer)?;
-        let context = Context::of_mut(request)?;
         context.websocket |= cleaned.websocket;
         context.credentials = cleaned.credentials;
+        context.content_length = cleaned.content_length;
+        context.grpc = Some(cleaned.grpc);
         Ok(())
     }
 }

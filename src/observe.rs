@@ -99,23 +99,28 @@ where
             _ => generate_request_id(),
         };
         let headers = request.headers_mut();
-        // The layers below add up to a dozen headers (identity, `X-Stepgate-*`, the
-        // forwarding facts, `Host`): room for them now is one allocation, not the map growing
-        // (and rehashing) twice on the way.
-        headers.reserve(12);
+        // Room for what the gateway adds on the way, made once before the first: hyper sizes
+        // the map for the headers it parsed, and growing it rehashes every entry. (A map at
+        // its size limit grows later.)
+        let _ = headers.try_reserve(crate::client_headers::ADDED_HEADERS);
         headers.insert(X_REQUEST_ID.clone(), id.clone());
-        let answer = Answer {
-            grpc: is_grpc(request.headers()),
-            // By the raw path (refusals before routing, e.g. 404 under the prefix); the
-            // route is looked at too, when the answer comes.
-            under_prefix: security_headers::under_prefix(&request),
-        };
+        // By the raw path (refusals before routing, e.g. 404 under the prefix); the route is
+        // looked at too, when the answer comes.
+        let under_prefix = security_headers::under_prefix(&request);
         let method = request.method().clone();
         // A clone of the URI shares its bytes: no allocation on the request path.
         let uri = request.uri().clone();
         let checked = self.guards.check(&mut request);
-        // Recorded by routing, also when a check after it refused the request.
-        let route = RequestContext::route_of(&request).cloned();
+        // Recorded by routing, also when a check after it refused the request; gRPC or not
+        // by the client-headers pass, unless the request was refused before it.
+        let (route, grpc) = match RequestContext::of(&request) {
+            Ok(context) => (context.route.clone(), context.grpc),
+            Err(_) => (None, None),
+        };
+        let answer = Answer {
+            grpc: grpc.unwrap_or_else(|| is_grpc(request.headers())),
+            under_prefix,
+        };
         let inner = match (self.not_ready.take(), checked) {
             (None, Ok(())) => Either::Left(self.inner.call(request)),
             (Some(refusal), _) | (None, Err(refusal)) => {

@@ -51,7 +51,8 @@ pub fn single_value<'a>(
     visible(value, what).map(Some)
 }
 
-/// [`single_value`], removing the header in the same lookup: its one value, owned.
+/// The one value of `name`, removed in the same lookup (owned, to be checked with
+/// [`visible`]): `Ok(None)` when absent, 400 when repeated.
 pub fn take_single(
     headers: &mut HeaderMap,
     name: &HeaderName,
@@ -64,10 +65,6 @@ pub fn take_single(
     let value = values.next();
     if values.next().is_some() {
         return Err(Refusal::BadRequest(what));
-    }
-    drop(values);
-    if let Some(value) = &value {
-        visible(value, what)?;
     }
     Ok(value)
 }
@@ -96,22 +93,18 @@ impl<B> Guard<B> for ApiKeyGuard {
             request.headers_mut().remove(&X_API_KEY);
             return Ok(());
         }
+        const WHAT: &str = "exactly one X-Api-Key header of visible ASCII is allowed";
         let headers = request.headers_mut();
-        let presented = take_single(
-            headers,
-            &X_API_KEY,
-            "exactly one X-Api-Key header of visible ASCII is allowed",
-        )?
-        .ok_or_else(|| Refusal::ApiKeyMissing)?;
+        let presented = take_single(headers, &X_API_KEY, WHAT)?.ok_or(Refusal::ApiKeyMissing)?;
+        let presented = visible(&presented, WHAT)?;
         // A node out of touch with a shared store may hold a key revoked elsewhere.
         if !self.directory.is_current() {
             return Err(Refusal::Unavailable);
         }
         let entry = self
             .directory
-            // Visible ASCII, checked by `take_single`: valid UTF-8.
-            .authenticate(std::str::from_utf8(presented.as_bytes()).unwrap_or_default())
-            .ok_or_else(|| Refusal::ApiKeyInvalid)?;
+            .authenticate(presented)
+            .ok_or(Refusal::ApiKeyInvalid)?;
         let identity = &entry.consumer.headers;
         headers.insert(X_CONSUMER_ID.clone(), identity.id.clone());
         headers.insert(X_CONSUMER_NAME.clone(), identity.name.clone());

@@ -163,7 +163,9 @@ where
 
     let mut body: Body = body::Limited::new(body, route.body_bytes).boxed_unsync();
     if let (Some(check), Some(routed), Some(snapshot)) = (approval, routed, &snapshot) {
-        body = approval::settle(
+        // Boxed, like the tunnel and the echo below: the rare paths' futures would otherwise
+        // make the one every request allocates (and moves) larger.
+        body = Box::pin(approval::settle(
             &approvals,
             check,
             snapshot,
@@ -171,7 +173,7 @@ where
             &parts,
             &routed,
             body,
-        )
+        ))
         .await?;
     }
     let start = tokio::time::Instant::now();
@@ -185,7 +187,7 @@ where
                 accounts: &accounts,
                 metrics: &metrics,
             };
-            tunnel.open(parts, form, client_side, grant, http).await
+            Box::pin(tunnel.open(parts, form, client_side, grant, http)).await
         }
         (Target::Http(http), None) => http.send(parts, body, start).await,
         (Target::Echo, _) => {

@@ -20,9 +20,12 @@ impl<B> Guard<B> for RouteGuard {
     fn check(&self, request: &mut Request<B>) -> Result<(), Refusal> {
         let route = select(request)?.clone();
         let body_bytes = route.body_bytes;
-        RequestContext::of_mut(request)?.route = Some(route);
+        let context = RequestContext::of_mut(request)?;
+        context.route = Some(route);
+        let declared = context.content_length;
         // After the route is recorded: a refusal for the body is logged under its route.
-        if let Some(length) = content_length(request.headers())?
+        if declared
+            && let Some(length) = content_length(request.headers())?
             && length > body_bytes
         {
             return Err(Refusal::BodyTooLarge { limit: body_bytes });

@@ -37,6 +37,9 @@ pub struct ConnInfo {
     /// tunnel): run by the connection's own task, so that it counts against
     /// `limits.max_connections` and the drain like the connection it was.
     tunnel: HandedOver,
+    /// The timer of its requests' upstream timeouts, kept between them (see
+    /// [`deadline`](crate::upstream::deadline)).
+    pub upstream_timer: crate::upstream::deadline::Timer,
 }
 
 /// A tunnel to run when the connection's HTTP ends.
@@ -65,6 +68,7 @@ impl ConnInfo {
             forwarded: std::sync::Mutex::new(None),
             host: std::sync::Mutex::new(None),
             tunnel: HandedOver::default(),
+            upstream_timer: crate::upstream::deadline::Timer::default(),
         }
     }
 

@@ -126,6 +126,47 @@ async fn silent_upstream_is_504_after_timeout() {
     );
 }
 
+/// The timeout holds for every request of a keep-alive connection, however its requests
+/// before it went: answered, timed out, or answered after one that timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_connection_gets_its_own_timeout() {
+    // Answers `GET /fast` at once, on any connection, as often as asked; never answers
+    // anything else.
+    let up = RawUpstream::start(|mut s| async move {
+        loop {
+            let head = read_head(&mut s).await;
+            if head.is_empty() {
+                return;
+            }
+            if !head.starts_with(b"GET /fast ") {
+                std::future::pending::<()>().await;
+            }
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = gateway_for(&up.url()).await;
+    let mut conn = ops::KeepAlive::connect(gw.addr).await;
+    for round in 0..2 {
+        assert_eq!(conn.get("/fast", &[]).await.status, 200, "round {round}");
+        let t0 = Instant::now();
+        conn.get("/slow", &[])
+            .await
+            .assert_problem(504, "upstream_timeout");
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "round {round}: the timeout took {took:?}, not ~300ms"
+        );
+    }
+    assert_eq!(conn.get("/fast", &[]).await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_answers_head_slowly_is_504() {
     // Accepts and reads the request, then waits longer than `timeout` before answering.

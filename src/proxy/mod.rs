@@ -189,7 +189,7 @@ where
             };
             Box::pin(tunnel.open(parts, form, client_side, grant, http)).await
         }
-        (Target::Http(http), None) => http.send(parts, body, start).await,
+        (Target::Http(http), None) => http.send(parts, body, start, &conn.upstream_timer).await,
         (Target::Echo, _) => {
             parts.headers.remove(header::HOST);
             Box::pin(echo::respond(Request::from_parts(parts, body))).await

@@ -3,6 +3,7 @@
 //! ([`body`]).
 
 pub mod body;
+pub mod deadline;
 pub mod echo;
 pub mod pool;
 
@@ -14,7 +15,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, request};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 use crate::client_headers::strip_hop_by_hop;
 pub use crate::config::HttpSettings;
@@ -134,13 +135,14 @@ impl HttpUpstream {
     }
 
     /// Sends the request and returns the upstream's response head with its body streaming,
-    /// within the upstream's timeout from `start` (when forwarding began). `parts.uri` holds
-    /// the path and query to forward.
+    /// within the upstream's timeout from `start` (when forwarding began), kept by the client
+    /// connection's `timer`. `parts.uri` holds the path and query to forward.
     pub async fn send(
         &self,
         mut parts: request::Parts,
         body: Body,
         start: Instant,
+        timer: &deadline::Timer,
     ) -> Result<Response<Body>, Refusal> {
         parts.uri = self.uri_for(&parts.uri)?;
         let deadline = start + self.settings.timeout;
@@ -154,9 +156,9 @@ impl HttpUpstream {
         };
         let mut request = Request::from_parts(parts, body);
         loop {
-            let result = timeout_at(deadline, self.pool.send(request, start)).await;
+            let result = timer.within(deadline, self.pool.send(request, start)).await;
             let (error, unsent) = match result {
-                Err(_elapsed) => {
+                Err(deadline::Elapsed) => {
                     return Err(Refusal::UpstreamTimeout {
                         timeout: self.settings.timeout,
                     });

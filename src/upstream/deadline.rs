@@ -10,9 +10,11 @@
 //! at once) arms one of its own, and the timeout holds for each request either way.
 
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::Poll;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
 
 use tokio::time::{Instant, Sleep, sleep_until};
 
@@ -27,26 +29,14 @@ pub struct Elapsed;
 impl Timer {
     /// Runs `work` until `deadline`, like [`tokio::time::timeout_at`]: the work is polled
     /// first, so an answer that is ready when the deadline passes still counts.
-    pub async fn within<F: Future>(
-        &self,
-        deadline: Instant,
-        work: F,
-    ) -> Result<F::Output, Elapsed> {
-        let mut lease = Lease {
-            sleep: Some(self.lend(deadline)),
-            home: self,
-        };
-        let mut work = pin!(work);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = work.as_mut().poll(cx) {
-                return Poll::Ready(Ok(output));
-            }
-            match lease.sleep.as_mut() {
-                Some(sleep) => sleep.as_mut().poll(cx).map(|()| Err(Elapsed)),
-                None => Poll::Ready(Err(Elapsed)),
-            }
-        })
-        .await
+    pub fn within<F: Future>(&self, deadline: Instant, work: F) -> Within<'_, F> {
+        Within {
+            work,
+            lease: Lease {
+                sleep: Some(self.lend(deadline)),
+                home: self,
+            },
+        }
     }
 
     /// The connection's timer set to `deadline`, or a new one while it is lent.
@@ -62,9 +52,36 @@ impl Timer {
     }
 }
 
+pin_project! {
+    /// The future of [`Timer::within`]: the work, held in place (the request's future is
+    /// large, and moving it again would cost more than the timer saves), and the timer lent
+    /// to it.
+    pub struct Within<'a, F> {
+        #[pin]
+        work: F,
+        lease: Lease<'a>,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.work.poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        match this.lease.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx).map(|()| Err(Elapsed)),
+            None => Poll::Ready(Err(Elapsed)),
+        }
+    }
+}
+
 /// A timer on loan to one request; back to its connection when the request is done (or
 /// dropped), unless another request's timer went back first.
 struct Lease<'a> {
+    /// Always `Some` until dropped.
     sleep: Option<Pin<Box<Sleep>>>,
     home: &'a Timer,
 }

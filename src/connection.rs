@@ -38,8 +38,8 @@ pub struct ConnInfo {
     /// `limits.max_connections` and the drain like the connection it was.
     tunnel: HandedOver,
     /// The timer of its requests' upstream timeouts, kept between them (see
-    /// [`deadline`](crate::upstream::deadline)).
-    pub upstream_timer: crate::upstream::deadline::Timer,
+    /// [`timer`](crate::timer)).
+    pub upstream_timer: crate::timer::Timer,
 }
 
 /// A tunnel to run when the connection's HTTP ends.
@@ -68,7 +68,7 @@ impl ConnInfo {
             forwarded: std::sync::Mutex::new(None),
             host: std::sync::Mutex::new(None),
             tunnel: HandedOver::default(),
-            upstream_timer: crate::upstream::deadline::Timer::default(),
+            upstream_timer: crate::timer::Timer::default(),
         }
     }
 

@@ -28,7 +28,7 @@
 //!   [`accounts`]: every write operation (admin and self-service) and the code check;
 //!   [`views`]: consumers as the admin API shows them;
 //! - [`config`]: YAML to a validated [`config::Config`]; [`audit`], [`metrics`], [`sms`],
-//!   [`enrollment`], [`credentials`], [`secrets`], [`tls`], [`clock`];
+//!   [`enrollment`], [`credentials`], [`secrets`], [`tls`], [`clock`], [`timer`];
 //! - [`admin`], [`reload`], [`cli`], [`startup`].
 //!
 //! ## Layers
@@ -39,7 +39,7 @@
 //!
 //! | layer | modules | what they are |
 //! |---|---|---|
-//! | 1 | `clock`, `secrets`, `header_names`, `host`, `path`, `client_headers`, `credentials`, `json_path`, `error` | leaves: values and pure rules |
+//! | 1 | `clock`, `timer`, `secrets`, `header_names`, `host`, `path`, `client_headers`, `credentials`, `json_path`, `error` | leaves: values and pure rules (and a connection's kept timers) |
 //! | 2 | `store`, `tls`, `sms`, `audit`, `tokens`, `config` | the durable store, its records, settings |
 //! | 3 | `limiter`, `directory`, `metrics` | state the request path reads |
 //! | 4 | `accounts`, `views`, `enrollment`, `approvals` | operations on that state |
@@ -94,6 +94,7 @@ pub mod snapshot;
 pub mod stack;
 pub mod startup;
 pub mod store;
+pub mod timer;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;

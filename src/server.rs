@@ -695,7 +695,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         limits.uri_bytes.max(HYPER_MAX_URI) + limits.header_bytes + 4 * limits.header_count + 1024;
     builder
         .http1()
-        .timer(TokioTimer::new())
+        // The connection's own: it keeps one timer for the header-read timeout of every
+        // request head, instead of hyper arming and dropping one per head.
+        .timer(crate::timer::HeaderReadTimer::default())
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(limits.header_count + 16)
         .max_buf_size(head_bytes.max(8192));

@@ -316,6 +316,51 @@ async fn slowloris_is_cut_off_by_header_read_timeout() {
     assert_eq!(get(gw.addr, "/after", "h").await.status, 200);
 }
 
+/// The header-read timeout holds for every head of a keep-alive connection, however long the
+/// heads before it waited: waits shorter than the timeout pass, one longer is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_head_on_a_keep_alive_connection_gets_the_header_read_timeout() {
+    let (gw, up) = setup().await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    for i in 0..3 {
+        // Each wait is two thirds of the timeout: only a deadline moved on per head lets
+        // them all through.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(format!("GET /k{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = read_raw_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, 200, "request {i} on the connection");
+    }
+    let t0 = Instant::now();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n")
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let dripper = tokio::spawn(async move {
+        for i in 0..60 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if wr
+                .write_all(format!("X-Drip-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let buf = closed_between(&mut rd, t0, 250, 2000, "header_read_timeout: 300ms").await;
+    dripper.abort();
+    if !buf.is_empty() {
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "unexpected answer: {text}"
+        );
+    }
+    assert_eq!(up.requests().len(), 3);
+}
+
 /// `limits.idle_timeout`: a keep-alive connection that moves no byte for that long is closed
 /// (between the timeout and a quarter more); one in use stays open past it. (Waiting for the
 /// next request head also counts against `header_read_timeout`, made longer here.)

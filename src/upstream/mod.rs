@@ -3,7 +3,6 @@
 //! ([`body`]).
 
 pub mod body;
-pub mod deadline;
 pub mod echo;
 pub mod pool;
 
@@ -142,7 +141,7 @@ impl HttpUpstream {
         mut parts: request::Parts,
         body: Body,
         start: Instant,
-        timer: &deadline::Timer,
+        timer: &crate::timer::Timer,
     ) -> Result<Response<Body>, Refusal> {
         parts.uri = self.uri_for(&parts.uri)?;
         let deadline = start + self.settings.timeout;
@@ -158,7 +157,7 @@ impl HttpUpstream {
         loop {
             let result = timer.within(deadline, self.pool.send(request, start)).await;
             let (error, unsent) = match result {
-                Err(deadline::Elapsed) => {
+                Err(crate::timer::Elapsed) => {
                     return Err(Refusal::UpstreamTimeout {
                         timeout: self.settings.timeout,
                     });

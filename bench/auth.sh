@@ -384,6 +384,7 @@ python3 "$BENCH_DIR/auth_report.py" \
     --meta "date=$(date -u '+%Y-%m-%d %H:%M:%S UTC')" \
     --meta "commit=$(commit_desc)" \
     --meta "nproc=$(nproc)" \
+    --meta "workers=$WORKERS" \
     --meta "kernel=$(uname -sr)" \
     --meta "wrk=-t$THREADS -c{$CONNS_LIST} -d$DURATION --latency, $ROUNDS rounds, warm-up $WARMUP, consumers picked $PICK" \
     --meta "flood=legit (d) traffic -c$LEGIT_CONNS paced with ${LEGIT_DELAY_MS} ms per connection before each request (target ~$LEGIT_RATE req/s; 0 = flat out) + flood -c$FLOOD_CONNS paced with ${FLOOD_DELAY_MS} ms per connection before each request (target ~$FLOOD_RATE req/s; 0 = flat out) by a wrk at nice $FLOOD_NICE, $FLOOD_CONSUMERS flood consumers, random X-Forwarded-For in 10.0.0.0/8" \

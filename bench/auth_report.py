@@ -231,9 +231,11 @@ def main() -> None:
     for key in ("commit", "nproc", "kernel", "wrk", "consumers", "seed", "flood", "nginx", "rustc"):
         if key in meta:
             out.append(f"- {key}: {meta[key]}")
+    workers = meta.get("workers", "1")
     out += [
-        "- (a) nginx `return 200` (1 process); (b) a second nginx (1 process) with a `map` over the "
-        "same keys, `return 401` on a miss, keepalive upstream; (c)–(f) stepgate → the same (a) nginx",
+        f"- (a) nginx `return 200` (1 process); (b) a second nginx ({workers} worker processes, "
+        f"as many as stepgate's worker threads) with a `map` over the same keys, `return 401` on "
+        "a miss, keepalive upstream; (c)–(f) stepgate → the same (a) nginx",
         "- CPU µs/req: utime+stime of the process under test (a: the upstream nginx; b: the proxy "
         "nginx; c–f: stepgate) during the run ÷ requests. (e): ÷ codes sent; flood: stepgate's CPU "
         "during the flood run (legit + flood) ÷ flood requests; control flood: nginx (b)'s CPU ÷ "

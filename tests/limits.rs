@@ -329,9 +329,9 @@ async fn every_head_on_a_keep_alive_connection_gets_the_header_read_timeout() {
     let (gw, up) = setup().await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     for i in 0..3 {
-        // Each wait is two thirds of the timeout: only a deadline moved on per head lets
-        // them all through.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Each wait is half the timeout and together they outlast it: only a deadline
+        // moved on for every head lets them all through.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         s.write_all(format!("GET /k{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
             .await
             .unwrap();

@@ -9,6 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The gateways' command timeout in tests (see [`RedisServer::store_yaml`]).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
@@ -50,11 +53,14 @@ impl RedisServer {
     }
 
     /// The `store:` section of a gateway on this server (with a short staleness bound, so
-    /// that outage tests are quick).
+    /// that outage tests are quick). The command timeout is not short: this server fsyncs
+    /// every write, and with the whole suite writing to the same disk an fsync can take half
+    /// a second; a stopped server refuses connections at once whatever the timeout.
     pub fn store_yaml(&self) -> String {
         format!(
-            "store:\n  redis:\n    url: {}\n    stale_for: 1s\n    connect_timeout: 500ms\n    command_timeout: 500ms\n",
-            self.url()
+            "store:\n  redis:\n    url: {}\n    stale_for: 1s\n    connect_timeout: 500ms\n    command_timeout: {}ms\n",
+            self.url(),
+            COMMAND_TIMEOUT.as_millis()
         )
     }
 
@@ -64,7 +70,7 @@ impl RedisServer {
         let mut settings = stepgate::config::RedisSettings::new(&self.url());
         settings.stale_for = Duration::from_secs(1);
         settings.connect_timeout = Duration::from_millis(500);
-        settings.command_timeout = Duration::from_millis(500);
+        settings.command_timeout = COMMAND_TIMEOUT;
         settings
     }
 

@@ -142,9 +142,8 @@ impl<H: Deref<Target = Timer>> Lease<H> {
     }
 
     fn reset(&mut self, deadline: Instant) {
-        match self.sleep.as_mut() {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            None => self.sleep = Some(self.home.lend(deadline)),
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(deadline);
         }
     }
 
@@ -167,7 +166,6 @@ impl<H: Deref<Target = Timer>> Drop for Lease<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn answers_in_time_and_times_out_with_one_kept_timer() {
